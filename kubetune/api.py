@@ -1,0 +1,634 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): the one typed source of the spec for the CRD, operator, trainer and CLI."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+# Patterns shared with the CRD schema so that the API server and `kubetune validate` refuse the same strings.
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|\./.*|[A-Za-z0-9_.\-][^:]*)$"
+S3_OR_PATH_HELP = "an s3://bucket/prefix URI or a local path (absolute, or relative to the working directory)"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+HF_MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$"
+URL_PATTERN = r"^https?://[^\s]+$"
+
+ShortText = Annotated[str, Field(max_length=253)]
+LongText = Annotated[str, Field(max_length=8192)]
+Uri = Annotated[str, Field(max_length=1024, pattern=URI_PATTERN)]
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as it appears in a manifest: camelCase keys, unset optional fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry; the CRD generator copies these into the schema verbatim."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def immutable(name: str) -> dict[str, str]:
+    """A transition rule refusing any change to a field after creation."""
+    return cel("self == oldSelf", f"{name} is immutable after creation")
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the job's namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="Name of the Secret.")
+    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key inside the Secret.")
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune: a hub id or a URI, never both."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.name) != has(self.uri)", "exactly one of model.name or model.uri must be set"),
+            ]
+        }
+    )
+
+    name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=HF_MODEL_ID_PATTERN,
+        description="Hugging Face hub id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct. Resolved from the offline cache "
+        "when HF_HUB_OFFLINE is set.",
+    )
+    uri: Uri | None = Field(
+        default=None, description=f"Where the model files (config, tokenizer, safetensors) are: {S3_OR_PATH_HELP}."
+    )
+    revision: str | None = Field(
+        default=None, max_length=128, description="Hub revision (branch, tag or commit) when name is set."
+    )
+
+
+DatasetFormat = Literal[
+    "auto", "messages", "prompt-completion", "instruction", "question-answer", "text", "classification"
+]
+
+
+class DatasetSpec(ApiModel):
+    """Training data and how to read it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(has(self.validation) && has(self.validationSplit))",
+                    "set dataset.validation or dataset.validationSplit, not both",
+                ),
+            ]
+        }
+    )
+
+    train: Uri = Field(description=f"Training file (JSONL, JSON, CSV or Parquet): {S3_OR_PATH_HELP}.")
+    validation: Uri | None = Field(
+        default=None, description="Held-out file used for evaluation. When absent, validationSplit of train is held out."
+    )
+    validation_split: float | None = Field(
+        default=None,
+        gt=0,
+        lt=0.5,
+        description="Share of train held out (deterministically, by seed) when no validation file is given. "
+        "Default 0.1.",
+    )
+    format: DatasetFormat = Field(
+        default="auto",
+        description="Row format. auto detects it from the columns: messages; prompt/completion; "
+        "instruction/input/output (alpaca); question/answer; text; text/label (classification).",
+    )
+    columns: dict[str, Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Maps the format's column names to the file's, e.g. {text: sentence, label: intent}.",
+    )
+    labels: list[Annotated[str, Field(max_length=128)]] | None = Field(
+        default=None,
+        max_length=1024,
+        description="classification: the label set, in order. Default: the sorted distinct labels of train.",
+    )
+    template: LongText | None = Field(
+        default=None,
+        description="Prompt template with {column} placeholders, e.g. '### Question:\\n{question}\\n\\n### Answer:'. "
+        "When absent the model's chat template is used.",
+    )
+    system_prompt: LongText | None = Field(default=None, description="System message put before every prompt.")
+    max_length: int = Field(
+        default=512, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted)."
+    )
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter shape."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (the update is scaled by alpha/r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt; all-linear adapts every linear layer except the output head.",
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """bitsandbytes quantization of the frozen base (qlora only)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="Bits per base weight; qlora requires 4.")
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too (saves memory).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="dtype of the matmuls on dequantized weights."
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(self.packing && self.objective == 'sequence-classification')",
+                    "training.packing applies to objective causal-lm only",
+                ),
+            ]
+        }
+    )
+
+    objective: Literal["causal-lm", "sequence-classification"] = Field(
+        default="causal-lm",
+        description="causal-lm: supervised fine-tuning on completions. sequence-classification: a label head on the "
+        "base (LoRA task SEQ_CLS), for classification data.",
+    )
+    epochs: float = Field(default=1.0, gt=0, le=100, description="Passes over train; ignored when maxSteps is set.")
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Total optimizer steps.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Steps accumulated per update.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(default=10, ge=0, le=100_000, description="Linear warmup steps.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1000, description="Gradient clipping norm.")
+    packing: bool = Field(default=False, description="Pack short examples into full-length rows (causal-lm).")
+    completion_only_loss: bool = Field(default=True, description="Train on the completion tokens only, not the prompt.")
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order, splits and initialisation.")
+    checkpoint_every: int = Field(
+        default=50, ge=1, le=1_000_000, description="Save a resumable checkpoint to output.uri every N steps."
+    )
+    logging_steps: int = Field(default=5, ge=1, le=10_000, description="Report loss every N steps.")
+
+
+EvaluationMetric = Literal["loss", "accuracy", "f1", "exactMatch", "json", "rougeL", "judge"]
+BaselineName = Literal["zeroShot", "fewShot"]
+
+
+class JudgeSpec(ApiModel):
+    """An OpenAI-compatible model that grades outputs 0-100."""
+
+    base_url: str | None = Field(
+        default=None, max_length=1024, pattern=URL_PATTERN, description="OpenAI-compatible base URL; default OpenAI."
+    )
+    model: str = Field(max_length=253, description="Judge model name.")
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the API key.")
+    rubric: LongText | None = Field(default=None, description="What a good answer is; the judge sees it with each case.")
+    concurrency: int = Field(default=4, ge=1, le=64, description="Requests in flight.")
+    max_retries: int = Field(default=3, ge=0, le=10, description="Retries per case on malformed replies or 429/5xx.")
+
+
+class GateSpec(ApiModel):
+    """A pass/fail rule on the evaluation, reported as the EvalPassed condition."""
+
+    metric: str = Field(max_length=64, description="Metric name, e.g. accuracy, macroF1, judge, rougeL.")
+    threshold: float | None = Field(default=None, description="The tuned model's metric must reach this value.")
+    must_beat: list[BaselineName] = Field(
+        default_factory=list, max_length=2, description="Baselines the tuned model must beat on metric."
+    )
+    fail_job: bool = Field(
+        default=False, description="Mark the job Failed when the gate fails (artifacts are kept either way)."
+    )
+
+
+class EvaluationSpec(ApiModel):
+    """How the tuned adapter is compared with prompting the base model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!('judge' in self.metrics) || has(self.judge)", "evaluation.metrics has judge: set evaluation.judge"),
+            ]
+        }
+    )
+
+    enabled: bool = Field(default=True, description="Run the evaluation after training.")
+    metrics: list[EvaluationMetric] = Field(
+        default_factory=list, max_length=8, description="Metrics to compute; empty infers them from the format."
+    )
+    baselines: list[BaselineName] = Field(
+        default_factory=lambda: ["zeroShot", "fewShot"],
+        max_length=2,
+        description="Prompting baselines scored on the same samples.",
+    )
+    few_shot_k: int = Field(default=5, ge=1, le=64, description="Examples (from train) in the few-shot prompt.")
+    max_samples: int = Field(default=200, ge=1, le=100_000, description="Validation rows scored.")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=8192, description="Generation cap; default from the reference lengths."
+    )
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Prompts generated per batch.")
+    judge: JudgeSpec | None = Field(default=None, description="LLM judge, required when metrics has judge.")
+    gate: GateSpec | None = Field(default=None, description="Pass/fail rule.")
+
+
+class OutputSpec(ApiModel):
+    """Where everything a run produces goes."""
+
+    uri: Uri = Field(
+        description=f"Prefix for adapter/, checkpoints/, eval/ and manifest.json: {S3_OR_PATH_HELP}.",
+        json_schema_extra={"x-kubernetes-validations": [immutable("output.uri")]},
+    )
+    merge_adapter: bool = Field(default=False, description="Also write the base with the adapter merged in.")
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration."""
+
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=253)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(ApiModel):
+    """What the trainer pod asks for and where it may run."""
+
+    gpus: int = Field(
+        default=1, ge=0, le=64, description="GPUs (nvidia.com/gpu). Above 1 the trainer runs one process per GPU."
+    )
+    cpu: str | None = Field(default=None, max_length=64, pattern=QUANTITY_PATTERN, description="CPU request, e.g. 4.")
+    memory: str | None = Field(default=None, max_length=64, pattern=QUANTITY_PATTERN, description="Memory, e.g. 32Gi.")
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32, description="Node labels the pod requires."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Taints the pod tolerates.")
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="PriorityClass of the pod."
+    )
+
+
+class S3Spec(ApiModel):
+    """The S3 endpoint and credentials the trainer uses."""
+
+    endpoint: str | None = Field(
+        default=None, max_length=1024, pattern=URL_PATTERN, description="Endpoint URL for S3-compatible stores."
+    )
+    region: str | None = Field(default=None, max_length=64, description="Region, e.g. us-east-1.")
+    credentials_secret_ref: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (passed by reference, never copied).",
+    )
+
+
+class RunPolicy(ApiModel):
+    """Retries, deadlines and suspension of the trainer Job."""
+
+    backoff_limit: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="Pod retries; a retried pod resumes from the newest checkpoint.",
+        json_schema_extra={"x-kubernetes-validations": [immutable("runPolicy.backoffLimit")]},
+    )
+    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Wall-clock limit of the trainer Job.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished trainer Job (not the FineTuneJob) after this long."
+    )
+    suspend: bool = Field(default=False, description="Pause the job (pods stop; resumes from checkpoint). Mutable.")
+
+
+class OpenAIHyperparameters(ApiModel):
+    """Hosted fine-tuning hyperparameters; absent means auto."""
+
+    n_epochs: int | None = Field(default=None, ge=1, le=50, description="Epochs; absent = auto.")
+    batch_size: int | None = Field(default=None, ge=1, le=256, description="Batch size; absent = auto.")
+    learning_rate_multiplier: float | None = Field(default=None, gt=0, le=100, description="Absent = auto.")
+
+
+class OpenAISpec(ApiModel):
+    """backend openai: hosted fine-tuning through the OpenAI API (or a compatible service)."""
+
+    model: str = Field(max_length=253, description="Hosted base model, e.g. gpt-4o-mini-2024-07-18.")
+    base_url: str | None = Field(default=None, max_length=1024, pattern=URL_PATTERN, description="API base URL.")
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the API key.")
+    suffix: str | None = Field(default=None, max_length=64, description="Suffix of the fine-tuned model name.")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Seed of the hosted job.")
+    hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
+
+
+def _spec_rules() -> list[dict[str, str]]:
+    return [
+        cel(
+            "self.method != 'qlora' || !has(self.quantization) || self.quantization.bits == 4",
+            "method qlora requires quantization.bits 4",
+            ".quantization.bits",
+        ),
+        cel(
+            "self.method == 'qlora' || !has(self.quantization)",
+            "quantization applies to method qlora only",
+            ".quantization",
+        ),
+        cel("self.backend != 'openai' || has(self.openai)", "backend openai requires spec.openai", ".openai"),
+        cel("self.backend == 'openai' || !has(self.openai)", "spec.openai requires backend openai", ".openai"),
+        cel(
+            "self.training.objective != 'sequence-classification' || "
+            "self.dataset.format in ['classification', 'auto']",
+            "training.objective sequence-classification requires dataset.format classification (or auto)",
+            ".training.objective",
+        ),
+        cel(
+            "self.method != 'full' || !has(self.lora) ",
+            "lora settings apply to methods lora and qlora only",
+            ".lora",
+        ),
+    ]
+
+
+def _immutable_field(description: str, name: str, **kwargs: Any) -> Any:
+    return Field(description=description, json_schema_extra={"x-kubernetes-validations": [immutable(name)]}, **kwargs)
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on what, how, and where the results go. Immutable after creation except runPolicy.suspend."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _spec_rules()})
+
+    model: ModelSpec = _immutable_field("The base model.", "model")
+    dataset: DatasetSpec = _immutable_field("Training data and its format.", "dataset")
+    method: Literal["qlora", "lora", "full"] = _immutable_field(
+        "qlora: LoRA on a 4-bit base; lora: LoRA on a 16-bit base; full: every weight.", "method", default="qlora"
+    )
+    lora: LoraSpec | None = _immutable_field("LoRA shape (lora and qlora).", "lora", default=None)
+    quantization: QuantizationSpec | None = _immutable_field(
+        "Base quantization (qlora; defaults to 4-bit nf4 with double quantization).", "quantization", default=None
+    )
+    training: TrainingSpec = _immutable_field("Optimisation settings.", "training", default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = _immutable_field(
+        "Comparison with prompting baselines.", "evaluation", default_factory=EvaluationSpec
+    )
+    output: OutputSpec = Field(description="Where artifacts go.")
+    resources: ResourcesSpec = _immutable_field(
+        "Pod resources and placement.", "resources", default_factory=ResourcesSpec
+    )
+    image: str | None = _immutable_field(
+        "Trainer image; default from the operator's settings.", "image", default=None, max_length=512
+    )
+    s3: S3Spec | None = _immutable_field("S3 endpoint and credentials.", "s3", default=None)
+    queue_name: str | None = _immutable_field(
+        "Kueue LocalQueue; the trainer Job is created suspended for Kueue to admit.",
+        "queueName",
+        default=None,
+        max_length=63,
+        pattern=DNS_LABEL_PATTERN,
+    )
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspension.")
+    backend: Literal["local", "openai"] = _immutable_field(
+        "local: trainer pods on this cluster; openai: hosted fine-tuning.", "backend", default="local"
+    )
+    openai: OpenAISpec | None = _immutable_field("Hosted fine-tuning settings (backend openai).", "openai", default=None)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> FineTuneJobSpec:
+        # Mirrors the CEL rules so that `kubetune validate` and `kubetune train` refuse the same specs offline.
+        errors = cross_field_errors(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def resolved_quantization(self) -> QuantizationSpec | None:
+        """The quantization in effect: the spec's, the qlora default, or none."""
+        if self.method != "qlora":
+            return None
+        return self.quantization or QuantizationSpec()
+
+    def resolved_lora(self) -> LoraSpec | None:
+        """The LoRA shape in effect: the spec's, the default, or none for full fine-tuning."""
+        if self.method == "full":
+            return None
+        return self.lora or LoraSpec()
+
+
+def cross_field_errors(spec: FineTuneJobSpec) -> list[str]:
+    """Messages for every cross-field rule the spec breaks (the same rules as the CRD's CEL)."""
+    errors = []
+    if (spec.model.name is None) == (spec.model.uri is None):
+        errors.append("exactly one of model.name or model.uri must be set")
+    if spec.dataset.validation is not None and spec.dataset.validation_split is not None:
+        errors.append("set dataset.validation or dataset.validationSplit, not both")
+    if spec.method == "qlora" and spec.quantization is not None and spec.quantization.bits != 4:
+        errors.append("method qlora requires quantization.bits 4")
+    if spec.method != "qlora" and spec.quantization is not None:
+        errors.append("quantization applies to method qlora only")
+    if spec.method == "full" and spec.lora is not None:
+        errors.append("lora settings apply to methods lora and qlora only")
+    if spec.backend == "openai" and spec.openai is None:
+        errors.append("backend openai requires spec.openai")
+    if spec.backend != "openai" and spec.openai is not None:
+        errors.append("spec.openai requires backend openai")
+    if spec.training.objective == "sequence-classification" and spec.dataset.format not in ("classification", "auto"):
+        errors.append("training.objective sequence-classification requires dataset.format classification (or auto)")
+    if spec.training.packing and spec.training.objective == "sequence-classification":
+        errors.append("training.packing applies to objective causal-lm only")
+    if "judge" in spec.evaluation.metrics and spec.evaluation.judge is None:
+        errors.append("evaluation.metrics has judge: set evaluation.judge")
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Status: written by the operator (phase, conditions, artifacts) and the trainer (progress, results).
+
+Phase = Literal["Pending", "Validating", "Queued", "Running", "Evaluating", "Succeeded", "Failed", "Cancelled"]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
+
+
+class Condition(ApiModel):
+    """A metav1.Condition."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Running, Succeeded, EvalPassed.")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=1024, description="CamelCase cause, e.g. BackoffLimitExceeded.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="metadata.generation this reflects.")
+
+
+class ProgressStatus(ApiModel):
+    """Live training progress, reported by the trainer at a bounded rate."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    stage: str | None = Field(default=None, description="Trainer stage: data, model, train, evaluate, publish.")
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: float | None = Field(default=None, description="Training progress 0-100.")
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = Field(default=None, description="Real (non-pad) tokens per second.")
+    eta_seconds: int | None = None
+    updated_at: str | None = None
+
+
+class TokenLengths(ApiModel):
+    """Token-length percentiles of the training rows."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    p50: int | None = None
+    p95: int | None = None
+    max: int | None = None
+
+
+class DatasetStatus(ApiModel):
+    """What pre-flight found in the data."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: str | None = None
+    train_rows: int | None = None
+    validation_rows: int | None = None
+    sha256: str | None = None
+    token_lengths: TokenLengths | None = None
+    truncated_fraction: float | None = None
+
+
+class GateStatus(ApiModel):
+    """The result of evaluation.gate."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    passed: bool | None = None
+    message: str | None = None
+
+
+class EvaluationStatus(ApiModel):
+    """Tuned adapter vs prompting baselines on the same held-out samples."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    metric: str | None = Field(default=None, description="Headline metric, e.g. accuracy.")
+    tuned: float | None = Field(default=None, description="Tuned adapter's headline score.")
+    baselines: dict[str, float] = Field(default_factory=dict, description="Headline score of each baseline.")
+    lift: dict[str, float] = Field(default_factory=dict, description="tuned minus each baseline.")
+    samples: int | None = None
+    gate: GateStatus | None = None
+
+
+class ArtifactsStatus(ApiModel):
+    """Where the results are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    adapter: str | None = None
+    checkpoint: str | None = None
+    report: str | None = None
+    manifest: str | None = None
+    merged_model: str | None = None
+
+
+class UsageStatus(ApiModel):
+    """What the run consumed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    trained_tokens: int | None = None
+    gpu_seconds: float | None = None
+    wall_seconds: float | None = None
+
+
+class TrainerStatus(ApiModel):
+    """The trainer Job."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_name: str | None = None
+    attempts: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state of a FineTuneJob."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    phase: Phase | None = None
+    message: str | None = Field(default=None, description="The latest human-readable word on the job.")
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    progress: ProgressStatus | None = None
+    dataset: DatasetStatus | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, description="Final training and evaluation metrics.")
+    evaluation: EvaluationStatus | None = None
+    artifacts: ArtifactsStatus | None = None
+    usage: UsageStatus | None = None
+    trainer: TrainerStatus | None = None
+    fine_tuned_model: str | None = Field(default=None, description="backend openai: the hosted model's name.")
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata a manifest needs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    namespace: str | None = Field(default=None, max_length=63, pattern=DNS_LABEL_PATTERN)
+
+
+class FineTuneJob(BaseModel):
+    """A whole FineTuneJob manifest."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
