@@ -1,0 +1,50 @@
+"""Condition types, reasons and the trainer's failure reasons shared by the operator and the trainer."""
+
+from __future__ import annotations
+
+# Condition types on FineTuneJob.status.conditions (metav1.Condition keyed by type).
+CONDITION_VALIDATED = "Validated"
+CONDITION_QUEUED = "Queued"
+CONDITION_RUNNING = "Running"
+CONDITION_SUSPENDED = "Suspended"
+CONDITION_SUCCEEDED = "Succeeded"
+CONDITION_FAILED = "Failed"
+CONDITION_EVAL_PASSED = "EvalPassed"
+
+# Reasons the operator derives from the trainer Job and its Pod.
+REASON_JOB_CREATED = "JobCreated"
+REASON_WAITING_FOR_QUEUE = "WaitingForQueue"
+REASON_UNSCHEDULABLE = "Unschedulable"
+REASON_IMAGE_PULL_BACKOFF = "ImagePullBackOff"
+REASON_OOM_KILLED = "OOMKilled"
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
+REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+REASON_TRAINING = "Training"
+REASON_EVALUATING = "Evaluating"
+REASON_COMPLETED = "Completed"
+REASON_SUSPENDED_BY_USER = "SuspendedByUser"
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_GATE_PASSED = "GatePassed"
+REASON_GATE_FAILED = "GateFailed"
+
+# Reasons the trainer reports in its summary when it fails (status.conditions[Failed].reason).
+TRAINER_REASON_CONFIG_ERROR = "ConfigError"
+TRAINER_REASON_DATA_ERROR = "DataError"
+TRAINER_REASON_MODEL_ERROR = "ModelError"
+TRAINER_REASON_STORAGE_ERROR = "StorageError"
+TRAINER_REASON_OUT_OF_MEMORY = "OutOfMemory"
+TRAINER_REASON_TRAINING_DIVERGED = "TrainingDiverged"
+TRAINER_REASON_EVALUATION_ERROR = "EvaluationError"
+TRAINER_REASON_INTERNAL_ERROR = "InternalError"
+TRAINER_FAILURE_REASONS = frozenset(
+    {
+        TRAINER_REASON_CONFIG_ERROR,
+        TRAINER_REASON_DATA_ERROR,
+        TRAINER_REASON_MODEL_ERROR,
+        TRAINER_REASON_STORAGE_ERROR,
+        TRAINER_REASON_OUT_OF_MEMORY,
+        TRAINER_REASON_TRAINING_DIVERGED,
+        TRAINER_REASON_EVALUATION_ERROR,
+        TRAINER_REASON_INTERNAL_ERROR,
+    }
+)

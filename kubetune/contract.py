@@ -1,0 +1,60 @@
+"""The contract between the operator and the trainer pod: environment variables and the final summary."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kubetune.api import ArtifactsStatus, DatasetStatus, EvaluationStatus, UsageStatus
+
+# Environment the operator sets on the trainer container.
+ENV_JOB_MANIFEST = "KUBETUNE_JOB_MANIFEST"  # the FineTuneJob (YAML), from the job's ConfigMap
+ENV_JOB_NAME = "KUBETUNE_JOB_NAME"  # FineTuneJob name, for status.progress patches
+ENV_JOB_NAMESPACE = "KUBETUNE_JOB_NAMESPACE"
+ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"  # the trainer's Prometheus endpoint; unset or 0 = off
+ENV_TERMINATION_MESSAGE_PATH = "KUBETUNE_TERMINATION_MESSAGE_PATH"  # default /dev/termination-log
+ENV_JUDGE_API_KEY = "KUBETUNE_JUDGE_API_KEY"  # from evaluation.judge.apiKeySecretRef
+ENV_OPENAI_API_KEY = "OPENAI_API_KEY"  # from openai.apiKeySecretRef
+ENV_PROGRESS_INTERVAL = "KUBETUNE_PROGRESS_INTERVAL_SECONDS"  # least seconds between status.progress patches
+# S3: the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT_BYTES = 4096
+
+
+class TrainerSummary(BaseModel):
+    """What the trainer leaves in its termination message (<= 4 KB) and the operator copies into status."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    outcome: Literal["Succeeded", "Failed"]
+    reason: str = Field(default="Completed", description="Completed, or a TRAINER_REASON_* constant on failure.")
+    message: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    dataset: DatasetStatus | None = None
+    evaluation: EvaluationStatus | None = None
+    artifacts: ArtifactsStatus | None = None
+    usage: UsageStatus | None = None
+
+    def to_termination_message(self) -> str:
+        """Compact JSON that fits the kubelet's 4 KB limit: the message is cut first, then metrics dropped."""
+        data = self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        text = json.dumps(data, separators=(",", ":"))
+        if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT_BYTES:
+            return text
+        data["message"] = data.get("message", "")[:512]
+        text = json.dumps(data, separators=(",", ":"))
+        if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT_BYTES:
+            return text
+        data["metrics"] = {}
+        return json.dumps(data, separators=(",", ":"))[:TERMINATION_MESSAGE_LIMIT_BYTES]
+
+    @classmethod
+    def from_termination_message(cls, text: str) -> TrainerSummary | None:
+        """Parse a termination message; None when it is not a summary (e.g. the log tail of a crash)."""
+        try:
+            return cls.model_validate_json(text)
+        except ValueError:
+            return None
