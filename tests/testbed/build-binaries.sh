@@ -13,8 +13,9 @@ bin="$cache/bin"
 stamp="$bin/.versions"
 want="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
 tools="etcd kube-apiserver kube-controller-manager kube-scheduler kwok kwokctl helm"
+files="kwok-stages.yaml"
 
-all_present() { for t in $tools; do [ -x "$bin/$t" ] || return 1; done; }
+all_present() { for t in $tools; do [ -x "$bin/$t" ] || return 1; done; for f in $files; do [ -s "$bin/$f" ] || return 1; done; }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && all_present; then
   echo "test-bed binaries up to date ($want)"; exit 0
 fi
@@ -36,7 +37,7 @@ build_kubernetes() {
   go mod edit -go="$(awk '/^go /{print $2; exit}' "$kdir/go.mod")" -require="k8s.io/kubernetes@$K8S_VERSION"
   awk '/^godebug/{print}' "$kdir/go.mod" >>go.mod
   # Every staging module is listed in the real go.mod as `k8s.io/X v0.0.0`; derive the list from it.
-  grep -oE '^\s*k8s\.io/[a-z0-9-]+ v0\.0\.0' "$kdir/go.mod" | awk '{print $1}' | sort -u | while read -r m; do
+  awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$kdir/go.mod" | sort -u | while read -r m; do
     go mod edit -replace="$m=$m@$staging_version"
   done
   cat >tools.go <<'GO'
@@ -71,6 +72,14 @@ build_etcd() {
 build_kwok() {
   GOBIN="$bin" go install -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" \
     "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+  # The kwok controller needs Stage objects to move fake nodes and pods along; take kwok's own "fast" set.
+  local kwok_dir; kwok_dir=$(go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | jq -r .Dir)
+  {
+    for f in "$kwok_dir"/kustomize/stage/node/fast/*.yaml "$kwok_dir"/kustomize/stage/pod/fast/*.yaml; do
+      [ "$(basename "$f")" = kustomization.yaml ] && continue
+      printf -- '---\n'; cat "$f"
+    done
+  } >"$bin/kwok-stages.yaml"
 }
 
 build_helm() {

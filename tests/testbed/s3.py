@@ -1,0 +1,60 @@
+"""moto's S3 server over HTTP on loopback, used through real boto3 clients."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
+
+# moto accepts any credentials; these exist so that the code under test goes through its normal credential path.
+ACCESS_KEY_ID = "testbed-access-key"
+SECRET_ACCESS_KEY = "testbed-secret-key"  # noqa: S105 - loopback-only test credential
+REGION = "us-east-1"
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server process; `env` is what a client needs to reach it."""
+
+    log_dir: Path
+    port: int = field(default_factory=free_port)
+    process: ManagedProcess | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+            "AWS_REGION": REGION,
+            "AWS_DEFAULT_REGION": REGION,
+        }
+
+    def start(self) -> S3Server:
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = ManagedProcess("moto-s3", argv, self.log_dir).start()
+        process = self.process
+        wait_for(lambda: process.assert_running() or http_ok(f"{self.endpoint}/moto-api/"), 60, "moto S3 server")
+        return self
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY_ID,
+            aws_secret_access_key=SECRET_ACCESS_KEY,
+            region_name=REGION,
+        )
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
