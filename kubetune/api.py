@@ -286,11 +286,21 @@ class OutputSpec(ApiModel):
 class Toleration(ApiModel):
     """A core/v1 Toleration."""
 
-    key: str | None = Field(default=None, max_length=316)
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(default=None, max_length=253)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    key: str | None = Field(
+        default=None,
+        max_length=316,
+        description="Taint key the toleration matches; empty with operator Exists matches every taint.",
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists matches any value; Equal (the default) matches value."
+    )
+    value: str | None = Field(default=None, max_length=253, description="Taint value the toleration matches.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches every effect."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated before eviction; absent = forever."
+    )
 
 
 class ResourcesSpec(ApiModel):
@@ -492,7 +502,7 @@ class Condition(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
     type: str = Field(max_length=316, description="Condition type, e.g. Running, Succeeded, EvalPassed.")
-    status: Literal["True", "False", "Unknown"]
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase cause, e.g. BackoffLimitExceeded.")
     message: str = Field(default="", max_length=32768, description="Human-readable detail.")
     last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
@@ -505,15 +515,15 @@ class ProgressStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
     stage: str | None = Field(default=None, description="Trainer stage: data, model, train, evaluate, publish.")
-    step: int | None = None
-    total_steps: int | None = None
-    epoch: float | None = None
+    step: int | None = Field(default=None, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, description="Fractional epoch reached.")
     percent: float | None = Field(default=None, description="Training progress 0-100.")
-    loss: float | None = None
-    learning_rate: float | None = None
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, description="Real (non-pad) tokens per second.")
-    eta_seconds: int | None = None
-    updated_at: str | None = None
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds until training ends.")
+    updated_at: str | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
 
 
 class TokenLengths(ApiModel):
@@ -521,9 +531,9 @@ class TokenLengths(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    p50: int | None = None
-    p95: int | None = None
-    max: int | None = None
+    p50: int | None = Field(default=None, description="Median tokens per row.")
+    p95: int | None = Field(default=None, description="95th percentile of tokens per row.")
+    max: int | None = Field(default=None, description="Longest row in tokens.")
 
 
 class DatasetStatus(ApiModel):
@@ -531,12 +541,12 @@ class DatasetStatus(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    format: str | None = None
-    train_rows: int | None = None
-    validation_rows: int | None = None
-    sha256: str | None = None
+    format: str | None = Field(default=None, description="Row format in effect (detected when auto).")
+    train_rows: int | None = Field(default=None, description="Rows trained on.")
+    validation_rows: int | None = Field(default=None, description="Held-out rows.")
+    sha256: str | None = Field(default=None, description="SHA-256 of the training file(s).")
     token_lengths: TokenLengths | None = None
-    truncated_fraction: float | None = None
+    truncated_fraction: float | None = Field(default=None, description="Share of rows longer than maxLength.")
 
 
 class GateStatus(ApiModel):
@@ -544,8 +554,8 @@ class GateStatus(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    passed: bool | None = None
-    message: str | None = None
+    passed: bool | None = Field(default=None, description="Whether the tuned adapter met evaluation.gate.")
+    message: str | None = Field(default=None, description="Why the gate passed or failed.")
 
 
 class EvaluationStatus(ApiModel):
@@ -557,7 +567,7 @@ class EvaluationStatus(ApiModel):
     tuned: float | None = Field(default=None, description="Tuned adapter's headline score.")
     baselines: dict[str, float] = Field(default_factory=dict, description="Headline score of each baseline.")
     lift: dict[str, float] = Field(default_factory=dict, description="tuned minus each baseline.")
-    samples: int | None = None
+    samples: int | None = Field(default=None, description="Validation rows scored.")
     gate: GateStatus | None = None
 
 
@@ -566,11 +576,11 @@ class ArtifactsStatus(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    adapter: str | None = None
-    checkpoint: str | None = None
-    report: str | None = None
-    manifest: str | None = None
-    merged_model: str | None = None
+    adapter: str | None = Field(default=None, description="URI of the trained adapter.")
+    checkpoint: str | None = Field(default=None, description="URI of the newest resumable checkpoint.")
+    report: str | None = Field(default=None, description="URI of the evaluation report.")
+    manifest: str | None = Field(default=None, description="URI of manifest.json (spec, versions, hashes).")
+    merged_model: str | None = Field(default=None, description="URI of the merged model (output.mergeAdapter).")
 
 
 class UsageStatus(ApiModel):
@@ -578,9 +588,9 @@ class UsageStatus(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    trained_tokens: int | None = None
-    gpu_seconds: float | None = None
-    wall_seconds: float | None = None
+    trained_tokens: int | None = Field(default=None, description="Real (non-pad) tokens trained on.")
+    gpu_seconds: float | None = Field(default=None, description="GPU time, summed over GPUs.")
+    wall_seconds: float | None = Field(default=None, description="Wall-clock seconds of the run.")
 
 
 class TrainerStatus(ApiModel):
@@ -588,10 +598,10 @@ class TrainerStatus(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    job_name: str | None = None
-    attempts: int | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
+    job_name: str | None = Field(default=None, description="Name of the trainer Job.")
+    attempts: int | None = Field(default=None, description="Trainer pods started so far.")
+    start_time: str | None = Field(default=None, description="When the trainer Job started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the trainer Job finished (RFC 3339).")
 
 
 class FineTuneJobStatus(ApiModel):
@@ -599,10 +609,12 @@ class FineTuneJobStatus(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    phase: Phase | None = None
+    phase: Phase | None = Field(
+        default=None, description="Pending, Validating, Queued, Running, Evaluating, Succeeded, Failed or Cancelled."
+    )
     message: str | None = Field(default=None, description="The latest human-readable word on the job.")
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = Field(default=None, description="metadata.generation the status reflects.")
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations, one per type.")
     progress: ProgressStatus | None = None
     dataset: DatasetStatus | None = None
     metrics: dict[str, float] = Field(default_factory=dict, description="Final training and evaluation metrics.")

@@ -1,0 +1,354 @@
+"""FineTuneJob manifests, valid and invalid, shared by the offline validator tests and the kube-apiserver tests."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+
+import yaml
+
+ERROR_MARK = "# <- error"
+
+MODEL = "model:\n  name: HuggingFaceTB/SmolLM2-135M-Instruct\n"
+DATASET = "dataset:\n  train: s3://kubetune-data/ag_news/train.jsonl\n"
+OUTPUT = "output:\n  uri: s3://kubetune-out/ag-news\n"
+BASE_SPEC = MODEL + DATASET + OUTPUT
+
+
+def job(spec: str, *, name: str = "bad-job", kind: str = "FineTuneJob", spec_mark: bool = False) -> str:
+    """A FineTuneJob manifest with the given spec body; spec_mark marks the `spec:` line as the error line."""
+    spec_line = f"spec:  {ERROR_MARK}" if spec_mark else "spec:"
+    body = textwrap.indent(textwrap.dedent(spec).strip("\n") + "\n", "  ")
+    return f"apiVersion: kubetune.io/v1alpha1\nkind: {kind}\nmetadata:\n  name: {name}\n{spec_line}\n{body}"
+
+
+@dataclass(frozen=True)
+class InvalidManifest:
+    """A manifest with one defect: what `kubetune validate` and the API server must each say about it."""
+
+    name: str
+    text: str  # the line the offline validator must point at ends with ERROR_MARK
+    field: str  # wire path named by `kubetune validate`
+    message: str  # part of the offline message
+    server_field: str  # field path named by the kube-apiserver
+    server_message: str  # part of the kube-apiserver's message
+
+    @property
+    def error_line(self) -> int:
+        """1-based line of the marked line."""
+        lines = [number for number, line in enumerate(self.text.splitlines(), 1) if line.endswith(ERROR_MARK)]
+        assert len(lines) == 1, f"{self.name}: mark exactly one line with {ERROR_MARK!r}"
+        return lines[0]
+
+    @property
+    def data(self) -> dict[str, object]:
+        """The manifest as a dict, as a client sends it."""
+        loaded = yaml.safe_load(self.text)
+        assert isinstance(loaded, dict)
+        return loaded
+
+
+INVALID_MANIFESTS: list[InvalidManifest] = [
+    InvalidManifest(
+        "bad-method-enum",
+        job(BASE_SPEC + f"method: qlora4  {ERROR_MARK}"),
+        "spec.method",
+        "Input should be 'qlora', 'lora' or 'full'",
+        "spec.method",
+        'Unsupported value: "qlora4"',
+    ),
+    InvalidManifest(
+        "learning-rate-above-one",
+        job(BASE_SPEC + f"training:\n  learningRate: 5  {ERROR_MARK}"),
+        "spec.training.learningRate",
+        "less than or equal to 1",
+        "spec.training.learningRate",
+        "less than or equal to 1",
+    ),
+    InvalidManifest(
+        "zero-epochs",
+        job(BASE_SPEC + f"training:\n  epochs: 0  {ERROR_MARK}"),
+        "spec.training.epochs",
+        "greater than 0",
+        "spec.training.epochs",
+        "greater than 0",
+    ),
+    InvalidManifest(
+        "batch-size-not-a-number",
+        job(BASE_SPEC + f"training:\n  batchSize: eight  {ERROR_MARK}"),
+        "spec.training.batchSize",
+        "valid integer",
+        "spec.training.batchSize",
+        "must be of type integer",
+    ),
+    InvalidManifest(
+        "bad-s3-uri",
+        job(MODEL + OUTPUT + f"dataset:\n  train: s3://Bad_Bucket/train.jsonl  {ERROR_MARK}"),
+        "spec.dataset.train",
+        "should match pattern",
+        "spec.dataset.train",
+        "should match",
+    ),
+    InvalidManifest(
+        "bad-memory-quantity",
+        job(BASE_SPEC + f"resources:\n  memory: 32 GiB  {ERROR_MARK}"),
+        "spec.resources.memory",
+        "should match pattern",
+        "spec.resources.memory",
+        "should match",
+    ),
+    InvalidManifest(
+        "too-many-gpus",
+        job(BASE_SPEC + f"resources:\n  gpus: 65  {ERROR_MARK}"),
+        "spec.resources.gpus",
+        "less than or equal to 64",
+        "spec.resources.gpus",
+        "less than or equal to 64",
+    ),
+    InvalidManifest(
+        "bad-toleration-effect",
+        job(BASE_SPEC + f"resources:\n  tolerations:\n    - key: gpu\n      effect: Never  {ERROR_MARK}"),
+        "spec.resources.tolerations[0].effect",
+        "Input should be 'NoSchedule'",
+        "spec.resources.tolerations[0].effect",
+        'Unsupported value: "Never"',
+    ),
+    InvalidManifest(
+        "model-name-and-uri",
+        job(
+            "model:\n  name: HuggingFaceTB/SmolLM2-135M-Instruct\n  uri: s3://kubetune-models/smollm2\n"
+            + DATASET
+            + OUTPUT,
+            spec_mark=True,
+        ),
+        "spec",
+        "exactly one of model.name or model.uri must be set",
+        "spec.model",
+        "exactly one of model.name or model.uri must be set",
+    ),
+    InvalidManifest(
+        "model-neither-name-nor-uri",
+        job("model:\n  revision: main\n" + DATASET + OUTPUT, spec_mark=True),
+        "spec",
+        "exactly one of model.name or model.uri must be set",
+        "spec.model",
+        "exactly one of model.name or model.uri must be set",
+    ),
+    InvalidManifest(
+        "qlora-with-8-bits",
+        job(BASE_SPEC + "method: qlora\nquantization:\n  bits: 8", spec_mark=True),
+        "spec",
+        "method qlora requires quantization.bits 4",
+        "spec.quantization.bits",
+        "method qlora requires quantization.bits 4",
+    ),
+    InvalidManifest(
+        "quantization-with-lora",
+        job(BASE_SPEC + "method: lora\nquantization:\n  bits: 4", spec_mark=True),
+        "spec",
+        "quantization applies to method qlora only",
+        "spec.quantization",
+        "quantization applies to method qlora only",
+    ),
+    InvalidManifest(
+        "full-with-lora-settings",
+        job(BASE_SPEC + "method: full\nlora:\n  r: 8", spec_mark=True),
+        "spec",
+        "lora settings apply to methods lora and qlora only",
+        "spec.lora",
+        "lora settings apply to methods lora and qlora only",
+    ),
+    InvalidManifest(
+        "lora-rank-zero",
+        job(BASE_SPEC + f"lora:\n  r: 0  {ERROR_MARK}"),
+        "spec.lora.r",
+        "greater than or equal to 1",
+        "spec.lora.r",
+        "greater than or equal to 1",
+    ),
+    InvalidManifest(
+        "validation-split-too-large",
+        job(
+            MODEL + OUTPUT + f"dataset:\n  train: s3://kubetune-data/train.jsonl\n  validationSplit: 0.7  {ERROR_MARK}"
+        ),
+        "spec.dataset.validationSplit",
+        "less than 0.5",
+        "spec.dataset.validationSplit",
+        "less than 0.5",
+    ),
+    InvalidManifest(
+        "validation-file-and-split",
+        job(
+            MODEL
+            + OUTPUT
+            + "dataset:\n  train: s3://kubetune-data/train.jsonl\n  validation: s3://kubetune-data/test.jsonl\n"
+            + "  validationSplit: 0.1",
+            spec_mark=True,
+        ),
+        "spec",
+        "set dataset.validation or dataset.validationSplit, not both",
+        "spec.dataset",
+        "set dataset.validation or dataset.validationSplit, not both",
+    ),
+    InvalidManifest(
+        "openai-backend-without-openai-block",
+        job(BASE_SPEC + "backend: openai", spec_mark=True),
+        "spec",
+        "backend openai requires spec.openai",
+        "spec.openai",
+        "backend openai requires spec.openai",
+    ),
+    InvalidManifest(
+        "judge-metric-without-judge",
+        job(BASE_SPEC + "evaluation:\n  metrics: [accuracy, judge]", spec_mark=True),
+        "spec",
+        "evaluation.metrics has judge: set evaluation.judge",
+        "spec.evaluation",
+        "evaluation.metrics has judge: set evaluation.judge",
+    ),
+    InvalidManifest(
+        "sequence-classification-with-messages",
+        job(
+            MODEL
+            + OUTPUT
+            + "dataset:\n  train: s3://kubetune-data/chat.jsonl\n  format: messages\n"
+            + "training:\n  objective: sequence-classification",
+            spec_mark=True,
+        ),
+        "spec",
+        "training.objective sequence-classification requires dataset.format classification",
+        "spec.training.objective",
+        "training.objective sequence-classification requires dataset.format classification",
+    ),
+    InvalidManifest(
+        "packing-with-sequence-classification",
+        job(BASE_SPEC + "training:\n  objective: sequence-classification\n  packing: true", spec_mark=True),
+        "spec",
+        "training.packing applies to objective causal-lm only",
+        "spec.training",
+        "training.packing applies to objective causal-lm only",
+    ),
+    InvalidManifest(
+        "unknown-field",
+        job(BASE_SPEC + f"training:\n  learningRat: 0.001  {ERROR_MARK}"),
+        "spec.training.learningRat",
+        "Extra inputs are not permitted",
+        "spec.training.learningRat",
+        "unknown field",
+    ),
+    InvalidManifest(
+        "snake-case-field",
+        job(BASE_SPEC + f"training:\n  learning_rate: 0.001  {ERROR_MARK}"),
+        "spec.training.learning_rate",
+        "Extra inputs are not permitted",
+        "spec.training.learning_rate",
+        "unknown field",
+    ),
+    InvalidManifest(
+        "missing-output",
+        job(MODEL + DATASET, spec_mark=True),
+        "spec.output",
+        "Field required",
+        "spec.output",
+        "Required value",
+    ),
+    InvalidManifest(
+        "wrong-kind",
+        job(BASE_SPEC).replace("kind: FineTuneJob", f"kind: FineTuneJobs  {ERROR_MARK}"),
+        "kind",
+        "only FineTuneJob is accepted",
+        "kind",
+        'Invalid value: "FineTuneJobs": must be FineTuneJob',
+    ),
+    InvalidManifest(
+        "bad-name",
+        job(BASE_SPEC, name=f"Bad_Name  {ERROR_MARK}"),
+        "metadata.name",
+        "should match pattern",
+        "metadata.name",
+        'Invalid value: "Bad_Name": a lowercase RFC 1123',
+    ),
+    InvalidManifest(
+        "name-longer-than-a-dns-label",
+        job(BASE_SPEC, name="a" * 64 + f"  {ERROR_MARK}"),
+        "metadata.name",
+        "at most 63 characters",
+        "metadata.name",
+        "Too long: may not be more than 63",
+    ),
+]
+
+VALID_MANIFESTS: dict[str, str] = {
+    "minimal": job(BASE_SPEC, name="minimal"),
+    "everything": job(
+        """
+        model:
+          uri: s3://kubetune-models/smollm2-135m
+        dataset:
+          train: s3://kubetune-data/banking77/train.jsonl
+          validation: s3://kubetune-data/banking77/test.jsonl
+          format: classification
+          columns: {text: sentence, label: intent}
+          labels: [card_arrival, card_linking]
+          systemPrompt: Classify the banking intent.
+          maxLength: 256
+        method: qlora
+        lora: {r: 8, alpha: 16, dropout: 0.1, targetModules: [q_proj, v_proj]}
+        quantization: {bits: 4, type: nf4, doubleQuant: true, computeDtype: bfloat16}
+        training:
+          objective: causal-lm
+          maxSteps: 100
+          batchSize: 4
+          gradientAccumulationSteps: 2
+          learningRate: 3.0e-4
+          scheduler: linear
+          warmupSteps: 8
+          checkpointEvery: 25
+        evaluation:
+          metrics: [accuracy, f1, judge]
+          baselines: [zeroShot, fewShot]
+          fewShotK: 3
+          maxSamples: 100
+          judge:
+            baseUrl: http://judge.kubetune.svc:8000/v1
+            model: judge-model
+            apiKeySecretRef: {name: judge-key, key: api-key}
+            rubric: The answer names the right intent.
+          gate: {metric: accuracy, threshold: 0.5, mustBeat: [zeroShot, fewShot], failJob: true}
+        output:
+          uri: s3://kubetune-out/banking77
+          mergeAdapter: true
+        resources:
+          gpus: 2
+          cpu: "4"
+          memory: 32Gi
+          nodeSelector: {kubetune.io/gpu: a100}
+          tolerations:
+            - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
+          priorityClassName: training
+        image: ghcr.io/kubetune/trainer:0.1.0
+        s3: {endpoint: "http://minio.storage:9000", region: us-east-1, credentialsSecretRef: s3-credentials}
+        queueName: gpu-queue
+        runPolicy: {backoffLimit: 3, activeDeadlineSeconds: 7200, ttlSecondsAfterFinished: 600, suspend: false}
+        """,
+        name="everything",
+    ),
+    "openai-backend": job(
+        """
+        model:
+          name: gpt-4o-mini-2024-07-18
+        dataset:
+          train: s3://kubetune-data/chat.jsonl
+          format: messages
+        output:
+          uri: s3://kubetune-out/hosted
+        backend: openai
+        openai:
+          model: gpt-4o-mini-2024-07-18
+          apiKeySecretRef: {name: openai, key: api-key}
+          suffix: ag-news
+          hyperparameters: {nEpochs: 2}
+        """,
+        name="openai-backend",
+    ),
+}
