@@ -1,4 +1,4 @@
-"""The FineTuneJob API (kubetune.io/v1alpha1): the one typed source of the spec for the CRD, operator, trainer and CLI."""
+"""The FineTuneJob API (kubetune.io/v1alpha1): the one typed spec behind the CRD, operator, trainer and CLI."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, Any]:
     """One `x-kubernetes-validations` entry; the CRD generator copies these into the schema verbatim."""
-    entry = {"rule": rule, "message": message}
+    entry: dict[str, Any] = {"rule": rule, "message": message}
     if field_path:
         entry["fieldPath"] = field_path
     if reason:
@@ -54,7 +54,7 @@ def cel(rule: str, message: str, field_path: str | None = None, reason: str | No
     return entry
 
 
-def immutable(name: str) -> dict[str, str]:
+def immutable(name: str) -> dict[str, Any]:
     """A transition rule refusing any change to a field after creation."""
     return cel("self == oldSelf", f"{name} is immutable after creation")
 
@@ -113,7 +113,8 @@ class DatasetSpec(ApiModel):
 
     train: Uri = Field(description=f"Training file (JSONL, JSON, CSV or Parquet): {S3_OR_PATH_HELP}.")
     validation: Uri | None = Field(
-        default=None, description="Held-out file used for evaluation. When absent, validationSplit of train is held out."
+        default=None,
+        description="Held-out file used for evaluation. When absent, validationSplit of train is held out.",
     )
     validation_split: float | None = Field(
         default=None,
@@ -215,6 +216,7 @@ class TrainingSpec(ApiModel):
 
 EvaluationMetric = Literal["loss", "accuracy", "f1", "exactMatch", "json", "rougeL", "judge"]
 BaselineName = Literal["zeroShot", "fewShot"]
+DEFAULT_BASELINES: tuple[BaselineName, ...] = ("zeroShot", "fewShot")
 
 
 class JudgeSpec(ApiModel):
@@ -225,7 +227,9 @@ class JudgeSpec(ApiModel):
     )
     model: str = Field(max_length=253, description="Judge model name.")
     api_key_secret_ref: SecretKeyRef = Field(description="Secret key holding the API key.")
-    rubric: LongText | None = Field(default=None, description="What a good answer is; the judge sees it with each case.")
+    rubric: LongText | None = Field(
+        default=None, description="What a good answer is; the judge sees it with each case."
+    )
     concurrency: int = Field(default=4, ge=1, le=64, description="Requests in flight.")
     max_retries: int = Field(default=3, ge=0, le=10, description="Retries per case on malformed replies or 429/5xx.")
 
@@ -249,7 +253,10 @@ class EvaluationSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!('judge' in self.metrics) || has(self.judge)", "evaluation.metrics has judge: set evaluation.judge"),
+                cel(
+                    "!('judge' in self.metrics) || has(self.judge)",
+                    "evaluation.metrics has judge: set evaluation.judge",
+                ),
             ]
         }
     )
@@ -259,7 +266,7 @@ class EvaluationSpec(ApiModel):
         default_factory=list, max_length=8, description="Metrics to compute; empty infers them from the format."
     )
     baselines: list[BaselineName] = Field(
-        default_factory=lambda: ["zeroShot", "fewShot"],
+        default_factory=lambda: list(DEFAULT_BASELINES),
         max_length=2,
         description="Prompting baselines scored on the same samples.",
     )
@@ -276,10 +283,7 @@ class EvaluationSpec(ApiModel):
 class OutputSpec(ApiModel):
     """Where everything a run produces goes."""
 
-    uri: Uri = Field(
-        description=f"Prefix for adapter/, checkpoints/, eval/ and manifest.json: {S3_OR_PATH_HELP}.",
-        json_schema_extra={"x-kubernetes-validations": [immutable("output.uri")]},
-    )
+    uri: Uri = Field(description=f"Prefix for adapter/, checkpoints/, eval/ and manifest.json: {S3_OR_PATH_HELP}.")
     merge_adapter: bool = Field(default=False, description="Also write the base with the adapter merged in.")
 
 
@@ -371,8 +375,12 @@ class OpenAISpec(ApiModel):
     hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
 
 
-def _spec_rules() -> list[dict[str, str]]:
+def _spec_rules() -> list[Any]:
+    # Per-field `self == oldSelf` rules only run when a field exists before and after; adding or removing an
+    # optional field is caught here instead.
+    presence = " && ".join(f"has(self.{name}) == has(oldSelf.{name})" for name in OPTIONAL_SPEC_FIELDS)
     return [
+        {"rule": presence, "message": "optional spec fields cannot be added or removed after creation"},
         cel(
             "self.method != 'qlora' || !has(self.quantization) || self.quantization.bits == 4",
             "method qlora requires quantization.bits 4",
@@ -386,8 +394,7 @@ def _spec_rules() -> list[dict[str, str]]:
         cel("self.backend != 'openai' || has(self.openai)", "backend openai requires spec.openai", ".openai"),
         cel("self.backend == 'openai' || !has(self.openai)", "spec.openai requires backend openai", ".openai"),
         cel(
-            "self.training.objective != 'sequence-classification' || "
-            "self.dataset.format in ['classification', 'auto']",
+            "self.training.objective != 'sequence-classification' || self.dataset.format in ['classification', 'auto']",
             "training.objective sequence-classification requires dataset.format classification (or auto)",
             ".training.objective",
         ),
@@ -397,6 +404,9 @@ def _spec_rules() -> list[dict[str, str]]:
             ".lora",
         ),
     ]
+
+
+OPTIONAL_SPEC_FIELDS = ("lora", "quantization", "image", "s3", "queueName", "openai")
 
 
 def _immutable_field(description: str, name: str, **kwargs: Any) -> Any:
@@ -421,7 +431,7 @@ class FineTuneJobSpec(ApiModel):
     evaluation: EvaluationSpec = _immutable_field(
         "Comparison with prompting baselines.", "evaluation", default_factory=EvaluationSpec
     )
-    output: OutputSpec = Field(description="Where artifacts go.")
+    output: OutputSpec = _immutable_field("Where artifacts go.", "output")
     resources: ResourcesSpec = _immutable_field(
         "Pod resources and placement.", "resources", default_factory=ResourcesSpec
     )
@@ -440,7 +450,9 @@ class FineTuneJobSpec(ApiModel):
     backend: Literal["local", "openai"] = _immutable_field(
         "local: trainer pods on this cluster; openai: hosted fine-tuning.", "backend", default="local"
     )
-    openai: OpenAISpec | None = _immutable_field("Hosted fine-tuning settings (backend openai).", "openai", default=None)
+    openai: OpenAISpec | None = _immutable_field(
+        "Hosted fine-tuning settings (backend openai).", "openai", default=None
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> FineTuneJobSpec:

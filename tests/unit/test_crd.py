@@ -255,8 +255,8 @@ def test_cel_rules_sit_on_the_right_nodes(root: SchemaNode) -> None:
 
     assert spec_rules == declared_validations(api.FineTuneJobSpec.model_config.get("json_schema_extra"))
     assert rules_at(root, "spec.model") == ["has(self.name) != has(self.uri)", "self == oldSelf"]
-    assert rules_at(root, "spec.output.uri") == ["self == oldSelf"]
-    assert rules_at(root, "spec.output") == []
+    assert rules_at(root, "spec.output") == ["self == oldSelf"]
+    assert rules_at(root, "spec.output.uri") == []
     assert rules_at(root, "spec.runPolicy.backoffLimit") == ["self == oldSelf"]
     assert rules_at(root, "spec.runPolicy") == []
     assert rules_at(root, "spec.runPolicy.suspend") == []
