@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,3 +59,41 @@ class TrainerSummary(BaseModel):
             return cls.model_validate_json(text)
         except ValueError:
             return None
+
+
+# The trainer pod's command. One process per GPU above one GPU, started by accelerate's launcher.
+TRAINER_ENTRY = ("-m", "kubetune_trainer", "run")
+# Exit status after SIGTERM once the checkpoint of the last finished step is uploaded (128 + SIGTERM, as a shell
+# reports it): non-zero, so the Job retries the pod, which resumes from that checkpoint.
+EXIT_CODE_PREEMPTED = 143
+
+
+def trainer_command(gpus: int, python: str = "python", entry: Sequence[str] = TRAINER_ENTRY) -> list[str]:
+    """The trainer container's argv: `python -m kubetune_trainer run`, under `accelerate launch` when gpus > 1.
+
+    `entry` is what python (or accelerate) runs: `-m module args...` or `script.py args...`; tests swap in a script.
+    accelerate's `--multi_gpu` launcher is torch.distributed.run underneath: it starts one process per GPU and sets
+    RANK/WORLD_SIZE for each. The same flags start real processes on a CPU-only machine too (gloo), whereas `--cpu`
+    picks accelerate's simple launcher, which starts a single process unless MPI is configured.
+    """
+    if gpus <= 1:
+        return [python, *entry]
+    return [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(gpus),
+        "--num_machines",
+        "1",
+        # The trainer sets bf16/fp16 itself (TrainingArguments override this); passing it silences a warning.
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        # 0 = a free port: nothing else in the pod listens, and tests on one host do not collide.
+        "--main_process_port",
+        "0",
+        *entry,
+    ]

@@ -1,0 +1,37 @@
+"""Entry point of the operator image: `python -m kubetune_operator` runs kopf with the settings from the environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> int:
+    """Refuse bad settings with a message and exit code 2; otherwise run the operator until it is stopped."""
+    import kopf
+
+    from kubetune_operator import handlers
+    from kubetune_operator.settings import OperatorSettings, SettingsError
+
+    try:
+        settings = OperatorSettings.from_env(os.environ)
+    except SettingsError as error:
+        print(f"kubetune-operator: {error}", file=sys.stderr)
+        return 2
+    kopf.configure(log_format=kopf.LogFormat.PLAIN)
+    kopf_settings = kopf.OperatorSettings()
+    handlers.configure_kopf(kopf_settings, settings)
+    kopf.run(
+        settings=kopf_settings,
+        clusterwide=settings.clusterwide,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=settings.liveness_endpoint,
+        # The startup handler takes these instead of reading the environment again (a second `auto` priority
+        # would differ from the one configured above).
+        memo=kopf.Memo(operator_settings=settings),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

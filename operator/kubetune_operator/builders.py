@@ -1,0 +1,341 @@
+"""Pure builders of the objects the operator creates per FineTuneJob: plain dicts, no kopf or API calls."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from kubetune import contract
+from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, FineTuneJob, S3Spec, Toleration
+from kubetune_operator.settings import OperatorSettings
+
+MAX_NAME_LENGTH = 63  # DNS label: the Job name becomes a pod label value
+TRAINER_SUFFIX = "-trainer"
+NAME_HASH_LENGTH = 8
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_JOB_NAME = f"{GROUP}/job-name"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+APP_NAME = "kubetune"
+COMPONENT_TRAINER = "trainer"
+MANAGER = "kubetune"
+
+MANIFEST_KEY = "job.yaml"
+CONTAINER_NAME = "trainer"
+GPU_RESOURCE = "nvidia.com/gpu"
+TRAINER_UID = 1000
+TMP_DIR = "/tmp"
+# Inside /tmp so that a trainer run as a local process (the test bed's kubelet stand-in) can write it too.
+HF_CACHE_DIR = "/tmp/hf-cache"
+SHM_DIR = "/dev/shm"
+# Long enough for the trainer to write a checkpoint to S3 after SIGTERM (suspend, preemption, deletion).
+TERMINATION_GRACE_SECONDS = 120
+AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+
+
+def trainer_resource_name(job_name: str) -> str:
+    """`<job>-trainer`, or a prefix of the job name plus a hash of it when that exceeds 63 characters."""
+    name = f"{job_name}{TRAINER_SUFFIX}"
+    if len(name) <= MAX_NAME_LENGTH:
+        return name
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:NAME_HASH_LENGTH]
+    keep = MAX_NAME_LENGTH - len(TRAINER_SUFFIX) - NAME_HASH_LENGTH - 1
+    return f"{job_name[:keep].rstrip('-')}-{digest}{TRAINER_SUFFIX}"
+
+
+def trainer_labels(job_name: str) -> dict[str, str]:
+    """Labels on every child, by which the operator follows them back to their FineTuneJob."""
+    return {
+        LABEL_NAME: APP_NAME,
+        LABEL_COMPONENT: COMPONENT_TRAINER,
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_JOB_NAME: job_name,
+    }
+
+
+def trainer_image(job: FineTuneJob, settings: OperatorSettings) -> str:
+    """spec.image, or the operator's default trainer image."""
+    return job.spec.image or settings.trainer_image
+
+
+def resolved_s3(job: FineTuneJob, settings: OperatorSettings) -> S3Spec:
+    """The S3 endpoint, region and credentials Secret in effect: the spec's, else the operator's defaults."""
+    spec = job.spec.s3 or S3Spec()
+    return S3Spec(
+        endpoint=spec.endpoint or settings.s3_endpoint,
+        region=spec.region or settings.s3_region,
+        credentials_secret_ref=spec.credentials_secret_ref or settings.s3_credentials_secret,
+    )
+
+
+def resolved_manifest(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The FineTuneJob as the trainer should run it: defaults filled in, image and S3 resolved, no status.
+
+    Secrets appear only as references (names and keys), never values.
+    """
+    spec = job.spec.model_copy(
+        update={
+            "image": trainer_image(job, settings),
+            "s3": resolved_s3(job, settings),
+            "lora": job.spec.resolved_lora(),
+            "quantization": job.spec.resolved_quantization(),
+        }
+    )
+    metadata: dict[str, Any] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
+    extra = job.metadata.model_extra or {}
+    for key in ("uid", "generation"):
+        if key in extra:
+            metadata[key] = extra[key]
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec.to_wire()}
+
+
+def child_metadata(job: FineTuneJob, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Name, namespace and labels shared by all children of one FineTuneJob."""
+    return {
+        "name": trainer_resource_name(job.metadata.name),
+        "namespace": job.metadata.namespace,
+        "labels": {**trainer_labels(job.metadata.name), **(extra_labels or {})},
+    }
+
+
+def build_manifest_config_map(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """ConfigMap holding the resolved FineTuneJob (YAML) that the trainer reads from KUBETUNE_JOB_MANIFEST."""
+    text = yaml.safe_dump(resolved_manifest(job, settings), sort_keys=False)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": child_metadata(job), "data": {MANIFEST_KEY: text}}
+
+
+def build_service_account(job: FineTuneJob) -> dict[str, Any]:
+    """The trainer's own identity, so that its Role can be as narrow as one object's status."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": child_metadata(job)}
+
+
+def build_progress_role(job: FineTuneJob) -> dict[str, Any]:
+    """Role letting the trainer read and patch the status of its own FineTuneJob and nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": child_metadata(job),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [job.metadata.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def build_progress_role_binding(job: FineTuneJob) -> dict[str, Any]:
+    """Binds the progress Role to the trainer's ServiceAccount."""
+    name = trainer_resource_name(job.metadata.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": child_metadata(job),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.metadata.namespace}],
+    }
+
+
+def _value(name: str, value: str) -> dict[str, Any]:
+    return {"name": name, "value": value}
+
+
+def _secret_key(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The trainer container's environment per kubetune.contract; secrets only as secretKeyRef."""
+    s3 = resolved_s3(job, settings)
+    env = [
+        {
+            "name": contract.ENV_JOB_MANIFEST,
+            "valueFrom": {"configMapKeyRef": {"name": trainer_resource_name(job.metadata.name), "key": MANIFEST_KEY}},
+        },
+        _value(contract.ENV_JOB_NAME, job.metadata.name),
+        _value(contract.ENV_JOB_NAMESPACE, job.metadata.namespace or ""),
+        _value(contract.ENV_METRICS_PORT, str(settings.trainer_metrics_port)),
+        _value(contract.ENV_PROGRESS_INTERVAL, f"{settings.progress_interval_seconds:g}"),
+        _value(contract.ENV_TERMINATION_MESSAGE_PATH, contract.DEFAULT_TERMINATION_MESSAGE_PATH),
+        _value("HF_HOME", HF_CACHE_DIR),
+        # Libraries that cache under ~ (torch, triton) need a writable place on a read-only root filesystem.
+        _value("XDG_CACHE_HOME", f"{TMP_DIR}/.cache"),
+    ]
+    if s3.endpoint:
+        env.append(_value("AWS_ENDPOINT_URL", s3.endpoint))
+    if s3.region:
+        env.append(_value("AWS_REGION", s3.region))
+    if s3.credentials_secret_ref:
+        env.append(_secret_key(AWS_ACCESS_KEY_ID, s3.credentials_secret_ref, AWS_ACCESS_KEY_ID))
+        env.append(_secret_key(AWS_SECRET_ACCESS_KEY, s3.credentials_secret_ref, AWS_SECRET_ACCESS_KEY))
+    judge = job.spec.evaluation.judge
+    if judge is not None:
+        ref = judge.api_key_secret_ref
+        env.append(_secret_key(contract.ENV_JUDGE_API_KEY, ref.name, ref.key))
+    if job.spec.openai is not None:
+        ref = job.spec.openai.api_key_secret_ref
+        env.append(_secret_key(contract.ENV_OPENAI_API_KEY, ref.name, ref.key))
+    return env
+
+
+def container_resources(job: FineTuneJob) -> dict[str, Any]:
+    """Requests and limits: GPUs requests=limits (omitted at 0), CPU requested, memory requested and capped."""
+    spec = job.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(spec.gpus)
+    if spec.cpu:
+        requests["cpu"] = spec.cpu
+    if spec.memory:
+        # A limit equal to the request turns memory exhaustion into OOMKilled on this pod, not node pressure.
+        requests["memory"] = limits["memory"] = spec.memory
+    resources: dict[str, Any] = {}
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+    return resources
+
+
+def node_selector(job: FineTuneJob, settings: OperatorSettings) -> dict[str, str]:
+    """The operator's GPU node labels (for GPU jobs) overlaid with the job's own nodeSelector."""
+    defaults = settings.gpu_node_selector if job.spec.resources.gpus > 0 else {}
+    return {**defaults, **job.spec.resources.node_selector}
+
+
+def tolerations(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The job's tolerations plus the operator's GPU tolerations (for GPU jobs), without duplicates."""
+    items: list[Toleration] = list(job.spec.resources.tolerations)
+    if job.spec.resources.gpus > 0:
+        items.extend(settings.gpu_tolerations)
+    unique: list[dict[str, Any]] = []
+    for item in items:
+        wire = item.to_wire()
+        if wire not in unique:
+            unique.append(wire)
+    return unique
+
+
+def is_created_suspended(job: FineTuneJob) -> bool:
+    """The Job starts suspended when the user paused it or when Kueue must admit it first."""
+    return job.spec.run_policy.suspend or job.spec.queue_name is not None
+
+
+def desired_job_suspend(job: FineTuneJob) -> bool | None:
+    """The trainer Job's spec.suspend after a change of runPolicy.suspend; None leaves it to Kueue.
+
+    A queued job is suspended by the user like any other, but only Kueue may unsuspend it (that is its admission).
+    """
+    if job.spec.run_policy.suspend:
+        return True
+    return None if job.spec.queue_name else False
+
+
+def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, {"name": "hf-cache", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": TMP_DIR},
+        {"name": "hf-cache", "mountPath": HF_CACHE_DIR},
+    ]
+    if job.spec.resources.gpus > 1:
+        # NCCL exchanges tensors between the per-GPU processes through shared memory; the default 64 MiB is too small.
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "shm", "mountPath": SHM_DIR})
+    return volumes, mounts
+
+
+def build_trainer_container(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The single trainer container: image, command, env, resources and a locked-down security context."""
+    _, mounts = _volumes(job)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": trainer_image(job, settings),
+        "imagePullPolicy": "IfNotPresent",
+        "command": contract.trainer_command(job.spec.resources.gpus),
+        "env": trainer_env(job, settings),
+        "resources": container_resources(job),
+        "terminationMessagePath": contract.DEFAULT_TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
+    if settings.trainer_metrics_port:
+        container["ports"] = [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}]
+    return container
+
+
+def build_trainer_pod_spec(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The trainer pod: one container, its own ServiceAccount, placement and a hardened pod security context."""
+    volumes, _ = _volumes(job)
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": trainer_resource_name(job.metadata.name),
+        "automountServiceAccountToken": True,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [build_trainer_container(job, settings)],
+        "volumes": volumes,
+    }
+    selector = node_selector(job, settings)
+    if selector:
+        spec["nodeSelector"] = selector
+    tolerated = tolerations(job, settings)
+    if tolerated:
+        spec["tolerations"] = tolerated
+    if job.spec.resources.priority_class_name:
+        spec["priorityClassName"] = job.spec.resources.priority_class_name
+    return spec
+
+
+def build_trainer_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The batch/v1 Job running the trainer once (retried up to backoffLimit, resuming from checkpoints)."""
+    policy = job.spec.run_policy
+    queue_labels = {LABEL_KUEUE_QUEUE: job.spec.queue_name} if job.spec.queue_name else {}
+    spec: dict[str, Any] = {
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": is_created_suspended(job),
+        # Preemption and node drains are not the trainer's fault: they must not use up its retries.
+        "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+        "template": {
+            "metadata": {"labels": trainer_labels(job.metadata.name)},
+            "spec": build_trainer_pod_spec(job, settings),
+        },
+    }
+    if policy.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": child_metadata(job, queue_labels), "spec": spec}
+
+
+def build_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Every child in creation order: the Job last, so its pod never starts before its identity and manifest exist."""
+    return [
+        build_manifest_config_map(job, settings),
+        build_service_account(job),
+        build_progress_role(job),
+        build_progress_role_binding(job),
+        build_trainer_job(job, settings),
+    ]

@@ -1,0 +1,543 @@
+"""kopf glue: create a FineTuneJob's children, follow its trainer Job and pods, write its status, post Events.
+
+Everything here reads the cluster, calls a pure builder or lifecycle function, and writes the result. Handlers on Jobs
+and Pods return None (a returned value would be patched into those objects). There are no delete handlers, hence no
+finalizers: deleting a FineTuneJob never waits for the operator, and its children go by owner-reference GC.
+
+Backends: only `backend: local` jobs are handled here (see `is_local_backend`). `backend: openai` jobs are left alone
+entirely; that backend registers its own handlers with the opposite filter.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
+
+import kopf
+from pydantic import ValidationError
+
+from kubetune.api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, FineTuneJob, FineTuneJobStatus
+from kubetune_operator.builders import (
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+    MANAGER,
+    build_children,
+    desired_job_suspend,
+    trainer_resource_name,
+)
+from kubetune_operator.lifecycle import PhaseTransition, derive_status, invalid_spec_status, job_condition
+from kubetune_operator.metrics import MetricsServer, OperatorMetrics
+from kubetune_operator.rbac import KOPF_PEERING_GROUP
+from kubetune_operator.settings import OperatorSettings, SettingsError
+
+MEMO_KEY = "kubetune"
+BACKEND_LOCAL = "local"
+CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
+DIFFBASE_KEY = "last-handled-configuration"
+MERGE_PATCH = "application/merge-patch+json"
+# Transient API failures inside watch-event handlers are retried here: kopf does not retry event handlers.
+API_ATTEMPTS = 3
+API_RETRY_SECONDS = 1.0
+CONFLICT_RETRY_SECONDS = 10
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class OperatorContext:
+    """What the handlers share: settings, an API client, metrics, and one lock per FineTuneJob."""
+
+    settings: OperatorSettings
+    api_client: Any
+    metrics: OperatorMetrics
+    metrics_server: MetricsServer | None = None
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def job_lock(self, namespace: str, name: str) -> Iterator[None]:
+        """Serialise status derivations of one job: Job, Pod and FineTuneJob events arrive on different threads."""
+        with self._locks_guard:
+            lock = self._locks.setdefault((namespace, name), threading.Lock())
+        with lock:
+            yield
+
+    def drop_lock(self, namespace: str, name: str) -> None:
+        """Forget a deleted job's lock."""
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+
+
+def operator_context(memo: Any) -> OperatorContext:
+    """The context the startup handler put into kopf's memo."""
+    context = memo.get(MEMO_KEY)
+    if not isinstance(context, OperatorContext):
+        raise kopf.PermanentError("the kubetune startup handler has not run")
+    return context
+
+
+def counted(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Count the handler's failures in kubetune_handler_errors_total{handler}."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return function(*args, **kwargs)
+            except Exception:
+                memo: Any = kwargs.get("memo")
+                context = memo.get(MEMO_KEY) if memo is not None else None
+                if isinstance(context, OperatorContext):
+                    context.metrics.record_handler_error(handler)
+                raise
+
+        return wrapper
+
+    return decorate
+
+
+def in_namespace(namespace: str | None) -> str:
+    """The namespace of a namespaced object (FineTuneJobs, Jobs and Pods all are)."""
+    if not namespace:
+        raise kopf.PermanentError("kubetune handles namespaced objects only")
+    return namespace
+
+
+def utc_now() -> str:
+    """Now as RFC 3339 UTC with seconds, the format of metav1.Time."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_local_backend(spec: Mapping[str, Any], **_: Any) -> bool:
+    """kopf `when=` filter: the jobs this module handles."""
+    return (spec.get("backend") or BACKEND_LOCAL) == BACKEND_LOCAL
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """Pydantic errors as `field.path: what is wrong`, one per problem, joined by semicolons."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "spec"
+        problems.append(f"{where}: {item['msg']}")
+    return "invalid FineTuneJob: " + "; ".join(problems)
+
+
+def plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A kopf Body (or any mapping of mappings) as plain dicts and lists, for pydantic and the API client."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: convert(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [convert(item) for item in value]
+        return value
+
+    converted: dict[str, Any] = convert(body)
+    return converted
+
+
+def as_kopf_body(raw: Mapping[str, Any]) -> kopf.Body:
+    """A plain object dict as the kopf.Body that kopf.event and kopf.adopt expect."""
+    return kopf.Body(cast(kopf.RawBody, dict(raw)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# API access (kubernetes sync client; kopf runs sync handlers in threads).
+
+
+def api_error_status(error: Exception) -> int | None:
+    """The HTTP status of a kubernetes ApiException, None for anything else."""
+    from kubernetes.client.exceptions import ApiException
+
+    return error.status if isinstance(error, ApiException) else None
+
+
+def with_retries(call: Callable[[], R]) -> R:
+    """Run an API call, retrying briefly on 429/5xx and connection errors; other errors pass through."""
+    for attempt in range(API_ATTEMPTS):
+        try:
+            return call()
+        except Exception as error:
+            status = api_error_status(error)
+            transient = (status is None and isinstance(error, OSError)) or status in (429, 500, 502, 503, 504)
+            if not transient or attempt == API_ATTEMPTS - 1:
+                raise
+            time.sleep(API_RETRY_SECONDS * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def read_finetunejob(api_client: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    """The FineTuneJob, or None when it is gone."""
+    from kubernetes import client
+
+    try:
+        return with_retries(
+            lambda: client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+        )
+    except Exception as error:
+        if api_error_status(error) == 404:
+            return None
+        raise
+
+
+def read_trainer_job(api_client: Any, namespace: str, job_name: str) -> dict[str, Any] | None:
+    """The trainer Job as a camelCase dict, or None when it does not exist."""
+    from kubernetes import client
+
+    try:
+        job = with_retries(lambda: client.BatchV1Api(api_client).read_namespaced_job(job_name, namespace))
+    except Exception as error:
+        if api_error_status(error) == 404:
+            return None
+        raise
+    plain_job: dict[str, Any] = api_client.sanitize_for_serialization(job)
+    return plain_job
+
+
+def list_trainer_pods(
+    api_client: Any, namespace: str, name: str, trainer_job: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The pods of this job's current trainer Job (not of an earlier Job of the same name)."""
+    from kubernetes import client
+
+    selector = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}={name}"
+    pods = with_retries(
+        lambda: client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=selector).items
+    )
+    plain_pods = [api_client.sanitize_for_serialization(pod) for pod in pods]
+    owner_uid = (trainer_job or {}).get("metadata", {}).get("uid")
+    if owner_uid is None:
+        return plain_pods
+    return [
+        pod
+        for pod in plain_pods
+        if any(ref.get("uid") == owner_uid for ref in pod["metadata"].get("ownerReferences") or [])
+    ]
+
+
+def patch_finetunejob_status(api_client: Any, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """A merge patch through the status subresource."""
+    from kubernetes import client
+
+    with_retries(
+        lambda: client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, patch
+        )
+    )
+
+
+CHILD_CALLS: dict[str, tuple[str, str, str]] = {
+    # kind: (API class, create method, read method)
+    "ConfigMap": ("CoreV1Api", "create_namespaced_config_map", "read_namespaced_config_map"),
+    "ServiceAccount": ("CoreV1Api", "create_namespaced_service_account", "read_namespaced_service_account"),
+    "Role": ("RbacAuthorizationV1Api", "create_namespaced_role", "read_namespaced_role"),
+    "RoleBinding": ("RbacAuthorizationV1Api", "create_namespaced_role_binding", "read_namespaced_role_binding"),
+    "Job": ("BatchV1Api", "create_namespaced_job", "read_namespaced_job"),
+}
+
+
+def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> bool:
+    """Create one child; True when created, False when it already existed and is ours (409 is success).
+
+    An existing object owned by someone else (e.g. a deleted FineTuneJob of the same name whose children GC has not
+    removed yet) is a temporary conflict: retry later rather than adopt it.
+    """
+    from kubernetes import client
+
+    api_name, create, read = CHILD_CALLS[manifest["kind"]]
+    api = getattr(client, api_name)(api_client)
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    try:
+        with_retries(lambda: getattr(api, create)(namespace, manifest))
+        return True
+    except Exception as error:
+        if api_error_status(error) != 409:
+            raise
+    existing = api_client.sanitize_for_serialization(with_retries(lambda: getattr(api, read)(name, namespace)))
+    owners = {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}
+    if owner_uid not in owners:
+        raise kopf.TemporaryError(
+            f"{manifest['kind']} {namespace}/{name} exists but is not owned by this FineTuneJob "
+            f"(uid {owner_uid}); waiting for it to be garbage-collected",
+            delay=CONFLICT_RETRY_SECONDS,
+        )
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reconciling a FineTuneJob's status.
+
+
+def post_transition_events(body: Mapping[str, Any], transitions: tuple[PhaseTransition, ...]) -> None:
+    """One Kubernetes Event per phase transition, on the FineTuneJob."""
+    for transition in transitions:
+        kopf.event(
+            as_kopf_body(body),
+            type="Warning" if transition.is_warning else "Normal",
+            reason=transition.reason,
+            message=f"{transition.from_phase or 'New'} → {transition.to_phase}: {transition.message}",
+        )
+
+
+def apply_status_change(context: OperatorContext, body: Mapping[str, Any], change: Any, gpus: int) -> None:
+    """Write the patch (once), post Events and count transitions, refresh the job's metrics."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    if not change.is_empty:
+        patch_finetunejob_status(context.api_client, namespace, name, change.patch)
+    post_transition_events(body, change.transitions)
+    for transition in change.transitions:
+        context.metrics.record_transition(transition.from_phase, transition.to_phase)
+    context.metrics.observe_job(namespace, name, change.status, gpus, datetime.now(UTC))
+
+
+def reconcile_status(context: OperatorContext, namespace: str, name: str, logger: kopf.Logger) -> None:
+    """Re-read the FineTuneJob, its trainer Job and pods; derive the status; write what changed."""
+    with context.job_lock(namespace, name), context.metrics.timed_reconcile():
+        body = read_finetunejob(context.api_client, namespace, name)
+        if body is None or not is_local_backend(body.get("spec") or {}):
+            return
+        try:
+            job = FineTuneJob.model_validate(body)
+        except ValidationError:
+            return  # the create handler has reported it as InvalidSpec
+        trainer_job = read_trainer_job(context.api_client, namespace, trainer_resource_name(name))
+        pods = list_trainer_pods(context.api_client, namespace, name, trainer_job)
+        change = derive_status(job, trainer_job, pods, utc_now())
+        if change.transitions:
+            logger.info(
+                "phase %s -> %s (%s)",
+                job.status.phase if job.status else None,
+                change.status.phase,
+                change.transitions[0].reason,
+            )
+        apply_status_change(context, body, change, job.spec.resources.gpus)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Operator start and stop.
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    """kopf's settings for kubetune: state in kubetune.io annotations, no dynamic scanning, peering, quiet Events."""
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key=DIFFBASE_KEY)
+    kopf_settings.persistence.finalizer = f"{GROUP}/finalizer"  # unused: no handler needs one; named for clarity
+    # Exact namespaces or cluster-wide only, resolved once at start: no list/watch on namespaces and CRDs needed.
+    kopf_settings.scanning.disabled = True
+    # Server-side filtering: watch only kubetune's trainer Jobs and pods, not every Job and pod in the cluster.
+    kopf_settings.watching.label_selectors["batch/v1", "jobs"] = CHILD_SELECTOR
+    kopf_settings.watching.label_selectors["v1", "pods"] = CHILD_SELECTOR
+    # Our own Events cover phase transitions; kopf's per-handler INFO chatter would drown them.
+    kopf_settings.posting.level = logging.WARNING
+    standalone = kopf_settings.peering.standalone or settings.standalone
+    kopf_settings.peering.standalone = standalone
+    # Mandatory: a missing peering object must stop the start, not silently let two replicas act on one job.
+    kopf_settings.peering.mandatory = not standalone
+    kopf_settings.peering.name = settings.peering_name
+    kopf_settings.peering.priority = settings.peering_priority
+
+
+def ensure_peering_object(api_client: Any, settings: OperatorSettings, logger: kopf.Logger) -> None:
+    """Create the peering object(s) kopf keeps alive in, when the chart has not (409 is success)."""
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(api_client)
+    targets: list[tuple[str | None, str]] = (
+        [(None, "ClusterKopfPeering")] if settings.clusterwide else [(ns, "KopfPeering") for ns in settings.namespaces]
+    )
+    for namespace, kind in targets:
+        body: dict[str, Any] = {
+            "apiVersion": f"{KOPF_PEERING_GROUP}/v1",
+            "kind": kind,
+            "metadata": {"name": settings.peering_name},
+        }
+        try:
+            if namespace is None:
+                api.create_cluster_custom_object(KOPF_PEERING_GROUP, "v1", "clusterkopfpeerings", body)
+            else:
+                api.create_namespaced_custom_object(KOPF_PEERING_GROUP, "v1", namespace, "kopfpeerings", body)
+        except Exception as error:
+            status = api_error_status(error)
+            if status == 409:
+                continue
+            if status == 404:
+                raise kopf.PermanentError(
+                    "the kopf peering CRDs are not installed: apply operator/kubetune_operator/peering.yaml "
+                    "(the Helm chart does), or run a single replica with KUBETUNE_STANDALONE=true"
+                ) from error
+            raise
+        logger.info("created %s %s", kind, settings.peering_name)
+
+
+def new_api_client() -> Any:
+    """A kubernetes ApiClient from the in-cluster service account, else from KUBECONFIG / ~/.kube/config."""
+    from kubernetes import client, config
+
+    try:
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+@kopf.on.startup()
+def start_operator(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """Read and check the settings, configure kopf, serve metrics, make sure peering can work."""
+    try:
+        ours = memo.get("operator_settings") or OperatorSettings.from_env(os.environ)
+    except SettingsError as error:
+        raise kopf.PermanentError(str(error)) from error
+    configure_kopf(settings, ours)
+    api_client = new_api_client()
+    context = OperatorContext(settings=ours, api_client=api_client, metrics=OperatorMetrics())
+    if ours.metrics_port:
+        context.metrics_server = context.metrics.serve(ours.metrics_port, ours.listen_address)
+        logger.info("metrics on %s:%d/metrics", ours.listen_address, context.metrics_server.port)
+    if not settings.peering.standalone:
+        ensure_peering_object(api_client, ours, logger)
+    memo[MEMO_KEY] = context
+
+
+@kopf.on.cleanup()
+def stop_operator(*, memo: kopf.Memo, **_: Any) -> None:
+    """Stop serving metrics."""
+    context = memo.get(MEMO_KEY)
+    if isinstance(context, OperatorContext) and context.metrics_server is not None:
+        context.metrics_server.stop()
+
+
+@kopf.on.probe(id="trackedJobs")
+def tracked_jobs(*, memo: kopf.Memo, **_: Any) -> int:
+    """For /healthz: how many FineTuneJobs this replica has derived a status for."""
+    context = memo.get(MEMO_KEY)
+    return len(context._locks) if isinstance(context, OperatorContext) else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FineTuneJob handlers.
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, when=is_local_backend)
+@kopf.on.create(GROUP, VERSION, PLURAL, when=is_local_backend)
+@counted("ensure_trainer")
+def ensure_trainer(
+    *, body: kopf.Body, namespace: str | None, name: str, uid: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """Create (or find) the ConfigMap, ServiceAccount, Role, RoleBinding and Job, then write the status once."""
+    context = operator_context(memo)
+    raw = plain(body)
+    phase = (raw.get("status") or {}).get("phase")
+    if phase in TERMINAL_PHASES:
+        # A finished run is never restarted: its Job may be gone after ttlSecondsAfterFinished.
+        return
+    try:
+        job = FineTuneJob.model_validate(raw)
+    except ValidationError as error:
+        refuse_invalid_spec(context, raw, format_validation_error(error))
+    created = []
+    for child in build_children(job, context.settings):
+        kopf.adopt(child, owner=as_kopf_body(raw))
+        if create_child(context.api_client, child, uid):
+            created.append(f"{child['kind']} {child['metadata']['name']}")
+    if created:
+        logger.info("created %s", ", ".join(created))
+    reconcile_status(context, in_namespace(namespace), name, logger)
+
+
+def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> NoReturn:
+    """Mark the job Failed/InvalidSpec and stop handling it (what the CRD schema and CEL could not refuse)."""
+    try:
+        current = FineTuneJobStatus.model_validate(raw.get("status") or {})
+    except ValidationError:
+        current = FineTuneJobStatus()
+    change = invalid_spec_status(current, raw["metadata"].get("generation"), message, utc_now())
+    apply_status_change(context, raw, change, gpus=0)
+    raise kopf.PermanentError(message)
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend", when=is_local_backend)
+@counted("apply_suspend")
+def apply_suspend(
+    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend (a Kueue job is unsuspended by Kueue)."""
+    from kubernetes import client
+
+    context = operator_context(memo)
+    try:
+        job = FineTuneJob.model_validate(plain(body))
+    except ValidationError:
+        return  # reported by ensure_trainer
+    trainer_name = trainer_resource_name(name)
+    namespace = in_namespace(namespace)
+    trainer_job = read_trainer_job(context.api_client, namespace, trainer_name)
+    desired = desired_job_suspend(job)
+    if trainer_job is None or desired is None:
+        return  # not created yet (ensure_trainer creates it suspended as needed), or Kueue's to decide
+    if job_condition(trainer_job, "Complete") or job_condition(trainer_job, "Failed"):
+        return
+    if bool((trainer_job.get("spec") or {}).get("suspend")) != desired:
+        with_retries(
+            lambda: client.BatchV1Api(context.api_client).patch_namespaced_job(
+                trainer_name, namespace, {"spec": {"suspend": desired}}, _content_type=MERGE_PATCH
+            )
+        )
+        logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
+    reconcile_status(context, namespace, name, logger)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+@counted("finetunejob_event")
+def finetunejob_event(
+    *,
+    type: str,
+    namespace: str | None,
+    name: str,
+    spec: kopf.Spec,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """Progress reported by the trainer (e.g. stage evaluate) can change the phase; deletion drops the metrics."""
+    context = operator_context(memo)
+    namespace = in_namespace(namespace)
+    if type == "DELETED":
+        context.metrics.forget_job(namespace, name)
+        context.drop_lock(namespace, name)
+        return
+    if is_local_backend(spec):
+        reconcile_status(context, namespace, name, logger)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer Job and Pod handlers: they only trigger a status derivation of the owning FineTuneJob and return None.
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
+@counted("trainer_job_event")
+def trainer_job_event(
+    *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """A trainer Job changed (started, suspended, completed, failed)."""
+    reconcile_status(operator_context(memo), in_namespace(namespace), labels[LABEL_JOB_NAME], logger)
+
+
+@kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
+@counted("trainer_pod_event")
+def trainer_pod_event(
+    *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """A trainer pod changed (scheduled, image pull, running, terminated with its summary)."""
+    reconcile_status(operator_context(memo), in_namespace(namespace), labels[LABEL_JOB_NAME], logger)

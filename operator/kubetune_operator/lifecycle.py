@@ -1,0 +1,574 @@
+"""Pure derivation of a FineTuneJob's status from its trainer Job and that Job's pods: phase, conditions, results."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune import conditions as c
+from kubetune.api import (
+    TERMINAL_PHASES,
+    Condition,
+    FineTuneJob,
+    FineTuneJobStatus,
+    TrainerStatus,
+)
+from kubetune.contract import TrainerSummary
+from kubetune_operator.builders import CONTAINER_NAME, trainer_resource_name
+
+# Reasons for situations kubetune.conditions has no constant for (candidates to move there).
+REASON_TRAINER_JOB_MISSING = "TrainerJobMissing"
+REASON_RESUMING = "Resuming"
+REASON_JOB_FAILED = "JobFailed"
+
+# Conditions whose True status describes where the run is now; one that no longer holds is turned False.
+LIFECYCLE_CONDITIONS = (
+    c.CONDITION_QUEUED,
+    c.CONDITION_RUNNING,
+    c.CONDITION_SUSPENDED,
+    c.CONDITION_SUCCEEDED,
+    c.CONDITION_FAILED,
+)
+IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
+STARTING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
+# metav1.Condition.reason must match this; a trainer that reports anything else is shown as InternalError.
+CONDITION_REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+MESSAGE_LIMIT = 1024
+STAGE_EVALUATE = "evaluate"
+
+
+@dataclass(frozen=True)
+class DesiredCondition:
+    """A condition as this pass sees it, before merging with what the status already holds."""
+
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Where the run is: the phase with its headline reason and message, and the conditions that say so."""
+
+    phase: str
+    reason: str
+    message: str
+    conditions: tuple[DesiredCondition, ...] = ()
+    summary: TrainerSummary | None = None
+
+
+@dataclass(frozen=True)
+class PhaseTransition:
+    """One change of status.phase, for an Event and the transitions counter."""
+
+    from_phase: str | None
+    to_phase: str
+    reason: str
+    message: str
+
+    @property
+    def is_warning(self) -> bool:
+        """Failures are Warning events; everything else is Normal."""
+        return self.to_phase == "Failed"
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """What one pass decided: the merge patch for the status subresource, the phase transitions, the new status."""
+
+    patch: dict[str, Any]
+    transitions: tuple[PhaseTransition, ...]
+    status: FineTuneJobStatus
+    changed_fields: tuple[str, ...] = field(default=())
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to write."""
+        return not self.patch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading the Job and its pods (raw API dicts, camelCase).
+
+
+def job_condition(trainer_job: Mapping[str, Any], condition_type: str) -> Mapping[str, Any] | None:
+    """The Job condition of that type when its status is True."""
+    for condition in (trainer_job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == condition_type and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def pods_newest_first(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Pods ordered by creation, newest first (RFC 3339 UTC timestamps sort as text)."""
+    return sorted(
+        pods,
+        key=lambda pod: (pod["metadata"].get("creationTimestamp") or "", pod["metadata"].get("name") or ""),
+        reverse=True,
+    )
+
+
+def pod_phase(pod: Mapping[str, Any]) -> str:
+    """status.phase, Pending when not yet reported."""
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def is_pod_finished(pod: Mapping[str, Any]) -> bool:
+    """Succeeded or Failed."""
+    return pod_phase(pod) in ("Succeeded", "Failed")
+
+
+def trainer_container_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The trainer container's status (the first one when the name is unknown), or an empty mapping."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for status in statuses:
+        if status.get("name") == CONTAINER_NAME:
+            return status
+    return statuses[0] if statuses else {}
+
+
+def container_state(pod: Mapping[str, Any], state: str) -> Mapping[str, Any] | None:
+    """The trainer container's `waiting`, `running` or `terminated` state, when it is in that state."""
+    value = (trainer_container_status(pod).get("state") or {}).get(state)
+    return value if isinstance(value, Mapping) else None
+
+
+def pod_condition(pod: Mapping[str, Any], condition_type: str) -> Mapping[str, Any] | None:
+    """A pod condition by type, whatever its status."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == condition_type:
+            return condition
+    return None
+
+
+def pod_summary(pod: Mapping[str, Any]) -> TrainerSummary | None:
+    """The trainer's summary from the pod's termination message; None for a log tail or no message."""
+    terminated = container_state(pod, "terminated")
+    if not terminated or not terminated.get("message"):
+        return None
+    return TrainerSummary.from_termination_message(str(terminated["message"]))
+
+
+def shorten(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """At most `limit` characters, keeping the end (where a log tail has the error)."""
+    text = text.strip()
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
+def condition_reason(reason: str, fallback: str = c.TRAINER_REASON_INTERNAL_ERROR) -> str:
+    """`reason` when it is a valid metav1.Condition reason, else the fallback."""
+    return reason if CONDITION_REASON_PATTERN.match(reason) else fallback
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Observations, one per situation of the trainer Job.
+
+
+def observe(job: FineTuneJob, trainer_job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> Observation:
+    """Where the run is, from the trainer Job and its pods."""
+    job_name = trainer_resource_name(job.metadata.name)
+    if trainer_job is None:
+        message = f"trainer Job {job_name} does not exist"
+        return Observation(
+            "Pending",
+            REASON_TRAINER_JOB_MISSING,
+            message,
+            (DesiredCondition(c.CONDITION_RUNNING, "False", REASON_TRAINER_JOB_MISSING, message),),
+        )
+    ordered = pods_newest_first(pods)
+    validated = DesiredCondition(
+        c.CONDITION_VALIDATED, "True", c.REASON_JOB_CREATED, f"spec accepted; trainer Job {job_name} created"
+    )
+    if job_condition(trainer_job, "Complete"):
+        observation = observe_completed(job, ordered)
+    elif failed := job_condition(trainer_job, "Failed"):
+        observation = observe_failed(job, failed, ordered)
+    elif (trainer_job.get("spec") or {}).get("suspend"):
+        observation = observe_suspended(job)
+    else:
+        observation = observe_active(job, job_name, ordered)
+    return Observation(
+        observation.phase,
+        observation.reason,
+        observation.message,
+        (validated, *observation.conditions),
+        observation.summary,
+    )
+
+
+def describe_evaluation(summary: TrainerSummary | None) -> str:
+    """`tuned accuracy 0.880 vs zeroShot 0.080, fewShot 0.310`, or empty without an evaluation."""
+    evaluation = summary.evaluation if summary else None
+    if evaluation is None or evaluation.tuned is None:
+        return ""
+    text = f"tuned {evaluation.metric or 'score'} {evaluation.tuned:.3f}"
+    if evaluation.baselines:
+        text += " vs " + ", ".join(f"{name} {value:.3f}" for name, value in evaluation.baselines.items())
+    return text
+
+
+def gate_condition(job: FineTuneJob, summary: TrainerSummary | None) -> DesiredCondition | None:
+    """EvalPassed from the trainer's gate result, when the spec has a gate and the trainer judged it."""
+    gate = summary.evaluation.gate if summary and summary.evaluation else None
+    if job.spec.evaluation.gate is None or gate is None or gate.passed is None:
+        return None
+    reason = c.REASON_GATE_PASSED if gate.passed else c.REASON_GATE_FAILED
+    default = "the tuned adapter met evaluation.gate" if gate.passed else "the tuned adapter missed evaluation.gate"
+    status = "True" if gate.passed else "False"
+    return DesiredCondition(c.CONDITION_EVAL_PASSED, status, reason, gate.message or default)
+
+
+def observe_completed(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> Observation:
+    """The Job completed: Succeeded, or Failed when the gate failed and gate.failJob is set."""
+    succeeded = [pod for pod in pods if pod_phase(pod) == "Succeeded"]
+    summary = next((s for s in map(pod_summary, succeeded) if s is not None), None)
+    gate = gate_condition(job, summary)
+    spec_gate = job.spec.evaluation.gate
+    extra = (gate,) if gate else ()
+    if gate is not None and gate.status == "False" and spec_gate is not None and spec_gate.fail_job:
+        message = shorten(f"evaluation gate failed: {gate.message}")
+        return Observation(
+            "Failed",
+            c.REASON_GATE_FAILED,
+            message,
+            (
+                DesiredCondition(c.CONDITION_FAILED, "True", c.REASON_GATE_FAILED, message),
+                DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_GATE_FAILED, message),
+                *extra,
+            ),
+            summary,
+        )
+    if summary is None:
+        message = "the trainer finished without a summary in its termination message"
+    else:
+        message = describe_evaluation(summary) or summary.message or "training and evaluation finished"
+    message = shorten(message)
+    return Observation(
+        "Succeeded",
+        c.REASON_COMPLETED,
+        message,
+        (
+            DesiredCondition(c.CONDITION_SUCCEEDED, "True", c.REASON_COMPLETED, message),
+            DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_COMPLETED, message),
+            *extra,
+        ),
+        summary,
+    )
+
+
+def failure_of_pod(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of a failed trainer pod: the trainer's own reason, OOMKilled, or the exit code and log."""
+    summary = pod_summary(pod)
+    if summary is not None and summary.outcome == "Failed":
+        return condition_reason(summary.reason), summary.message or summary.reason
+    terminated = container_state(pod, "terminated")
+    if terminated is None:
+        return None
+    if terminated.get("reason") == c.REASON_OOM_KILLED:
+        return c.REASON_OOM_KILLED, "the trainer ran out of memory (OOMKilled); raise resources.memory"
+    tail = str(terminated.get("message") or "").strip().splitlines()[-3:]
+    detail = f": {' | '.join(tail)}" if tail else ""
+    return REASON_JOB_FAILED, f"the trainer exited with code {terminated.get('exitCode')}{detail}"
+
+
+def observe_failed(
+    job: FineTuneJob, failed_condition: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]
+) -> Observation:
+    """The Job failed: the deadline, else the newest pod's own failure, else the Job's reason."""
+    job_reason = str(failed_condition.get("reason") or REASON_JOB_FAILED)
+    job_message = str(failed_condition.get("message") or "")
+    failed_pods = [pod for pod in pods if pod_phase(pod) == "Failed"]
+    pod_failure = next((f for f in map(failure_of_pod, failed_pods) if f is not None), None)
+    summary = next((s for s in map(pod_summary, failed_pods) if s is not None), None)
+    attempts = len(failed_pods)
+    if job_reason == c.REASON_DEADLINE_EXCEEDED:
+        limit = job.spec.run_policy.active_deadline_seconds
+        reason, message = c.REASON_DEADLINE_EXCEEDED, f"the trainer ran past runPolicy.activeDeadlineSeconds ({limit}s)"
+    elif pod_failure is not None and pod_failure[0] != REASON_JOB_FAILED:
+        reason, message = pod_failure
+        if job_reason == c.REASON_BACKOFF_LIMIT_EXCEEDED:
+            message = f"{message} (after {attempts} attempt{'s' if attempts != 1 else ''})"
+    elif job_reason == c.REASON_BACKOFF_LIMIT_EXCEEDED:
+        last = f"; last: {pod_failure[1]}" if pod_failure else ""
+        reason = c.REASON_BACKOFF_LIMIT_EXCEEDED
+        message = f"the trainer failed {attempts} time{'s' if attempts != 1 else ''} (runPolicy.backoffLimit " + (
+            f"{job.spec.run_policy.backoff_limit}){last}"
+        )
+    else:
+        reason = condition_reason(job_reason, REASON_JOB_FAILED)
+        message = pod_failure[1] if pod_failure else (job_message or "the trainer Job failed")
+    message = shorten(message)
+    return Observation(
+        "Failed",
+        reason,
+        message,
+        (
+            DesiredCondition(c.CONDITION_FAILED, "True", reason, message),
+            DesiredCondition(c.CONDITION_RUNNING, "False", reason, message),
+        ),
+        summary,
+    )
+
+
+def observe_suspended(job: FineTuneJob) -> Observation:
+    """The Job is suspended: by the user (runPolicy.suspend), or waiting for Kueue to admit it."""
+    if job.spec.run_policy.suspend:
+        message = "suspended by spec.runPolicy.suspend; the trainer resumes from its newest checkpoint when unset"
+        return Observation(
+            "Pending",
+            c.REASON_SUSPENDED_BY_USER,
+            message,
+            (
+                DesiredCondition(c.CONDITION_SUSPENDED, "True", c.REASON_SUSPENDED_BY_USER, message),
+                DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_SUSPENDED_BY_USER, message),
+            ),
+        )
+    if job.spec.queue_name:
+        message = f"waiting for Kueue to admit the trainer Job from LocalQueue {job.spec.queue_name}"
+        return Observation(
+            "Queued",
+            c.REASON_WAITING_FOR_QUEUE,
+            message,
+            (
+                DesiredCondition(c.CONDITION_QUEUED, "True", c.REASON_WAITING_FOR_QUEUE, message),
+                DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_WAITING_FOR_QUEUE, message),
+            ),
+        )
+    message = "spec.runPolicy.suspend was unset; resuming the trainer Job"
+    return Observation(
+        "Pending", REASON_RESUMING, message, (DesiredCondition(c.CONDITION_RUNNING, "False", REASON_RESUMING, message),)
+    )
+
+
+def _pending(reason: str, message: str) -> Observation:
+    message = shorten(message)
+    return Observation("Pending", reason, message, (DesiredCondition(c.CONDITION_RUNNING, "False", reason, message),))
+
+
+def observe_active(job: FineTuneJob, job_name: str, pods: Sequence[Mapping[str, Any]]) -> Observation:
+    """The Job runs: the newest live pod says whether it is stuck, starting, training or evaluating."""
+    live = [pod for pod in pods if not is_pod_finished(pod) and not pod["metadata"].get("deletionTimestamp")]
+    failed = [pod for pod in pods if pod_phase(pod) == "Failed"]
+    retry = ""
+    if failed:
+        last_failure = failure_of_pod(failed[0])
+        retry = f" (attempt {len(failed) + 1}; the last one failed: {last_failure[1] if last_failure else 'unknown'})"
+    if not live:
+        return _pending(c.REASON_JOB_CREATED, f"trainer Job {job_name} created; waiting for its pod{retry}")
+    pod = live[0]
+    pod_name = pod["metadata"].get("name")
+    scheduled = pod_condition(pod, "PodScheduled")
+    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == c.REASON_UNSCHEDULABLE:
+        detail = scheduled.get("message") or "no node fits"
+        return _pending(c.REASON_UNSCHEDULABLE, f"trainer pod {pod_name} cannot be scheduled: {detail}")
+    waiting = container_state(pod, "waiting")
+    if waiting and waiting.get("reason") in IMAGE_PULL_REASONS:
+        image = trainer_container_status(pod).get("image") or job.spec.image or "the trainer image"
+        detail = waiting.get("message") or waiting.get("reason")
+        return _pending(c.REASON_IMAGE_PULL_BACKOFF, f"cannot pull {image}: {detail}")
+    if waiting and waiting.get("reason") and waiting.get("reason") not in STARTING_REASONS:
+        reason = condition_reason(str(waiting["reason"]), REASON_JOB_FAILED)
+        return _pending(reason, f"trainer pod {pod_name} cannot start: {waiting.get('message') or reason}")
+    if pod_phase(pod) != "Running":
+        return _pending(c.REASON_JOB_CREATED, f"trainer pod {pod_name} is starting{retry}")
+    progress = job.status.progress if job.status else None
+    if progress is not None and progress.stage == STAGE_EVALUATE:
+        phase, reason, message = "Evaluating", c.REASON_EVALUATING, "evaluating the tuned adapter and the baselines"
+    else:
+        # No step counts here: status.progress has them, and a message that changes every report would double the
+        # status writes.
+        phase, reason, message = "Running", c.REASON_TRAINING, "training"
+    message = shorten(message + retry)
+    return Observation(phase, reason, message, (DesiredCondition(c.CONDITION_RUNNING, "True", reason, message),))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging into the status.
+
+
+def merge_conditions(
+    existing: Sequence[Condition],
+    desired: Sequence[DesiredCondition],
+    observation: Observation,
+    now: str,
+    generation: int | None,
+) -> list[Condition]:
+    """Conditions after this pass: desired ones set (lastTransitionTime kept while the status holds), lifecycle
+    conditions that were True and are no longer desired turned False with the headline reason."""
+    wanted = {condition.type: condition for condition in desired}
+    for old in existing:
+        if old.type in LIFECYCLE_CONDITIONS and old.type not in wanted and old.status == "True":
+            wanted[old.type] = DesiredCondition(old.type, "False", observation.reason, observation.message)
+    merged: list[Condition] = []
+    seen: set[str] = set()
+    for old in existing:
+        seen.add(old.type)
+        new = wanted.get(old.type)
+        if new is None:
+            merged.append(old)
+            continue
+        transition = old.last_transition_time if old.status == new.status and old.last_transition_time else now
+        merged.append(_condition(new, transition, generation))
+    merged.extend(_condition(new, now, generation) for kind, new in wanted.items() if kind not in seen)
+    return merged
+
+
+def _condition(desired: DesiredCondition, transition: str, generation: int | None) -> Condition:
+    return Condition.model_validate(
+        {
+            "type": desired.type,
+            "status": desired.status,
+            "reason": desired.reason,
+            "message": desired.message,
+            "lastTransitionTime": transition,
+            "observedGeneration": generation,
+        }
+    )
+
+
+def trainer_status(
+    job_name: str,
+    trainer_job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    previous: TrainerStatus | None,
+) -> TrainerStatus:
+    """status.trainer: the Job's name, pods started (never decreasing: finished pods may be gone), start and end."""
+    previous = previous or TrainerStatus()
+    job_status: Mapping[str, Any] = (trainer_job or {}).get("status") or {}
+    counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded"))
+    attempts = max(counted, len(pods), previous.attempts or 0)
+    completion = job_status.get("completionTime")
+    if completion is None and trainer_job is not None:
+        failed = job_condition(trainer_job, "Failed")
+        completion = failed.get("lastTransitionTime") if failed else None
+    return TrainerStatus(
+        job_name=job_name,
+        attempts=attempts or None,
+        start_time=job_status.get("startTime") or previous.start_time,
+        completion_time=completion or previous.completion_time,
+    )
+
+
+def _wire(status: FineTuneJobStatus) -> dict[str, Any]:
+    return status.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def status_from_observation(
+    job: FineTuneJob,
+    observation: Observation,
+    trainer: TrainerStatus | None,
+    now: str,
+) -> FineTuneJobStatus:
+    """The whole new status: phase, message, conditions, trainer, and the results the trainer summarised."""
+    current = job.status or FineTuneJobStatus()
+    generation = metadata_generation(job)
+    update: dict[str, Any] = {
+        "phase": observation.phase,
+        "message": observation.message,
+        "observed_generation": generation,
+        "conditions": merge_conditions(current.conditions, observation.conditions, observation, now, generation),
+    }
+    if trainer is not None:
+        update["trainer"] = trainer
+    summary = observation.summary
+    if summary is not None:
+        if summary.metrics:
+            update["metrics"] = {**current.metrics, **summary.metrics}
+        for name in ("dataset", "evaluation", "artifacts", "usage"):
+            value = getattr(summary, name)
+            if value is not None:
+                update[name] = value
+    return current.model_copy(update=update)
+
+
+def metadata_generation(job: FineTuneJob) -> int | None:
+    """metadata.generation, when the API server set it."""
+    value = (job.metadata.model_extra or {}).get("generation")
+    return int(value) if value is not None else None
+
+
+def status_patch(current: FineTuneJobStatus | None, new: FineTuneJobStatus) -> dict[str, Any]:
+    """Merge-patch body for the status subresource with the top-level fields that changed; progress is the
+    trainer's and never written here."""
+    old = _wire(current or FineTuneJobStatus())
+    fresh = _wire(new)
+    changed = {key: value for key, value in fresh.items() if key != "progress" and old.get(key) != value}
+    return {"status": changed} if changed else {}
+
+
+def change_between(current: FineTuneJobStatus | None, new: FineTuneJobStatus) -> StatusChange:
+    """The patch and phase transition from the current status to `new`."""
+    patch = status_patch(current, new)
+    old_phase = current.phase if current else None
+    transitions: tuple[PhaseTransition, ...] = ()
+    if new.phase and new.phase != old_phase:
+        transitions = (PhaseTransition(old_phase, new.phase, _headline_reason(new), new.message or ""),)
+    return StatusChange(patch, transitions, new, tuple(patch.get("status", {})))
+
+
+def _headline_reason(status: FineTuneJobStatus) -> str:
+    """The reason of the condition that explains the phase (Failed, Succeeded, Running...), for the Event."""
+    by_type = {condition.type: condition for condition in status.conditions}
+    preferred = {
+        "Failed": c.CONDITION_FAILED,
+        "Succeeded": c.CONDITION_SUCCEEDED,
+        "Queued": c.CONDITION_QUEUED,
+    }.get(status.phase or "", c.CONDITION_RUNNING)
+    condition = by_type.get(preferred) or by_type.get(c.CONDITION_RUNNING)
+    return condition.reason if condition else (status.phase or "Unknown")
+
+
+def derive_status(
+    job: FineTuneJob,
+    trainer_job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    now: str,
+) -> StatusChange:
+    """The status change one look at the trainer Job and its pods calls for.
+
+    A brand-new job without a trainer Job gets no status yet. A finished FineTuneJob stays finished: once the phase
+    is terminal, only a finished trainer Job can refine it
+    (its Job may be gone after ttlSecondsAfterFinished, or recreated by hand; neither reopens the run).
+    """
+    current = job.status or FineTuneJobStatus()
+    job_name = trainer_resource_name(job.metadata.name)
+    finished = trainer_job is not None and (
+        job_condition(trainer_job, "Complete") is not None or job_condition(trainer_job, "Failed") is not None
+    )
+    if current.phase in TERMINAL_PHASES and not finished:
+        return StatusChange({}, (), current)
+    if trainer_job is None and current.phase is None:
+        # Nothing created yet: the create handler is at work and writes the first status itself.
+        return StatusChange({}, (), current)
+    observation = observe(job, trainer_job, pods)
+    trainer = trainer_status(job_name, trainer_job, pods, current.trainer) if trainer_job is not None else None
+    return change_between(job.status, status_from_observation(job, observation, trainer, now))
+
+
+def invalid_spec_status(
+    current: FineTuneJobStatus | None, generation: int | None, message: str, now: str
+) -> StatusChange:
+    """Failed with Validated=False/InvalidSpec, for a spec the operator refuses (the API server let it through)."""
+    previous = current or FineTuneJobStatus()
+    message = shorten(message)
+    observation = Observation(
+        "Failed",
+        c.REASON_INVALID_SPEC,
+        message,
+        (
+            DesiredCondition(c.CONDITION_VALIDATED, "False", c.REASON_INVALID_SPEC, message),
+            DesiredCondition(c.CONDITION_FAILED, "True", c.REASON_INVALID_SPEC, message),
+        ),
+    )
+    new = previous.model_copy(
+        update={
+            "phase": "Failed",
+            "message": message,
+            "observed_generation": generation,
+            "conditions": merge_conditions(previous.conditions, observation.conditions, observation, now, generation),
+        }
+    )
+    return change_between(current, new)

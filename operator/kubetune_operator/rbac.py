@@ -1,0 +1,46 @@
+"""The least-privilege ClusterRole rules of the operator; the Helm chart's ClusterRole must match them exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.api import GROUP, PLURAL
+
+KOPF_PEERING_GROUP = "kopf.dev"
+
+
+def operator_rbac_rules() -> list[dict[str, Any]]:
+    """ClusterRole rules, one per reason. No Secrets (they are passed by reference), no CRDs or namespaces (kopf's
+    scanning is disabled, see handlers.configure_kopf), no delete (children go by owner-reference GC)."""
+    return [
+        # kopf lists and watches FineTuneJobs; handlers re-read one before deriving its status; kopf patches
+        # metadata.annotations to keep handler progress and the last handled spec (kubetune.io/... annotations).
+        {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+        # phase, conditions and results go through the status subresource. Holding get/patch here is also what lets
+        # the operator create each trainer's Role granting the same verbs (RBAC refuses to grant what one lacks).
+        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+        # kopf.adopt sets blockOwnerDeletion on children; the OwnerReferencesPermissionEnforcement admission plugin
+        # allows that only to who may update the owner's finalizers (the operator never sets finalizers itself).
+        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
+        # The trainer Job: created once, watched for its conditions, patched for spec.suspend.
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+        # Trainer pods are only read: scheduling, image-pull and OOM failures, and the termination-message summary.
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        # The manifest ConfigMap and the trainer's ServiceAccount: created once; get checks who owns an existing one.
+        {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts"], "verbs": ["get", "create"]},
+        # The trainer's progress Role and its binding, same pattern.
+        {
+            "apiGroups": ["rbac.authorization.k8s.io"],
+            "resources": ["roles", "rolebindings"],
+            "verbs": ["get", "create"],
+        },
+        # Events on FineTuneJobs for every phase transition, and kopf's own handler reports.
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        # kopf peering: replicas find each other and keep alive through these objects' status; the operator
+        # creates its peering object at start when the chart did not.
+        {
+            "apiGroups": [KOPF_PEERING_GROUP],
+            "resources": ["clusterkopfpeerings", "kopfpeerings"],
+            "verbs": ["get", "list", "watch", "patch", "create"],
+        },
+    ]

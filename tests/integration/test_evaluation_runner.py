@@ -1,0 +1,304 @@
+"""The evaluation runner on a tiny random Llama with a real LoRA adapter: tuned vs zero-shot and few-shot baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubetune_trainer.evaluation import (
+    EvaluationInputError,
+    completion_loss,
+    completion_token_ids,
+    generate_outputs,
+    pad_id,
+    prompt_token_ids,
+    run_evaluation,
+    select_shots,
+)
+from kubetune_trainer.examples import Example
+from kubetune_trainer.formats import classification_instruction
+from kubetune_trainer.gate import evaluate_gate
+from kubetune_trainer.judge import LlmJudge
+from kubetune_trainer.metrics import parse_label
+from kubetune_trainer.report import evaluation_status, write_report
+
+from kubetune.api import EvaluationSpec, GateSpec, JudgeSpec, SecretKeyRef
+from tests.openai_double import OpenAIDouble, RecordedRequest, Reply, chat_completion
+from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+pytestmark = pytest.mark.integration
+
+LABELS = ["Business", "Sci/Tech", "Sports", "World"]
+TEXTS = [
+    ("Stocks rallied as oil prices fell.", "Business"),
+    ("The team won the championship after a late goal.", "Sports"),
+    ("A new chip doubles battery life in phones.", "Sci/Tech"),
+    ("Leaders met at the summit to discuss the ceasefire.", "World"),
+    ("The central bank raised interest rates again.", "Business"),
+    ("Striker signs a record contract with the club.", "Sports"),
+    ("Researchers map the genome of a rare orchid.", "Sci/Tech"),
+    ("Floods displace thousands in the river delta.", "World"),
+]
+
+
+def chat_example(text: str, label: str, line: int) -> Example:
+    return Example([{"role": "user", "content": classification_instruction(LABELS, text)}], label, text, line)
+
+
+VALIDATION = [chat_example(text, label, line) for line, (text, label) in enumerate(TEXTS[:6], start=1)]
+TRAIN = [chat_example(text, label, 100 + line) for line, (text, label) in enumerate(TEXTS[2:], start=1)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer_dir = build_tiny_tokenizer(root / "tokenizer")
+    return build_tiny_llama(root / "llama", tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def plain_llama(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def peft_model(model_dir: Path) -> Any:
+    """The base with a LoRA adapter whose B matrices are random too, so the adapter changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    return get_peft_model(plain_llama(model_dir), config)
+
+
+@pytest.fixture
+def spec() -> EvaluationSpec:
+    return EvaluationSpec(few_shot_k=2, max_samples=5, batch_size=3, max_new_tokens=6)
+
+
+def test_tuned_and_both_baselines_are_scored_and_reported(
+    peft_model: Any, tokenizer: Any, spec: EvaluationSpec, tmp_path: Path
+) -> None:
+    progress: list[tuple[int, int]] = []
+
+    results = run_evaluation(
+        peft_model,
+        tokenizer,
+        VALIDATION,
+        TRAIN,
+        spec,
+        dataset_format="classification",
+        labels=LABELS,
+        progress=lambda done, total: progress.append((done, total)),
+    )
+
+    assert list(results.models) == ["tuned", "zeroShot", "fewShot"]
+    assert results.headline_metric == "accuracy"
+    assert [sample.line for sample in results.samples] == [1, 2, 3, 4, 5]
+    for name, result in results.models.items():
+        assert len(result.outputs) == 5, name
+        parsed = [parse_label(output, LABELS) for output in result.outputs]
+        correct = sum(label == sample.reference for label, sample in zip(parsed, results.samples, strict=True))
+        assert result.metrics["accuracy"] == pytest.approx(correct / 5), name
+        assert {"macroF1", "weightedF1", "unparsed"} <= set(result.metrics), name
+        assert result.confusion is not None and sum(map(sum, result.confusion.matrix)) == 5
+        assert [score["prediction"] for score in result.sample_scores] == parsed
+    for name in ("tuned", "zeroShot"):
+        loss = results.models[name].metrics["loss"]
+        assert loss > 0
+        assert results.models[name].metrics["perplexity"] == pytest.approx(math.exp(loss))
+    assert "loss" not in results.models["fewShot"].metrics
+    # The random adapter moves the loss: the tuned and base models are really different models here.
+    assert results.models["tuned"].metrics["loss"] != pytest.approx(results.models["zeroShot"].metrics["loss"])
+    assert set(results.seconds) == {"tuned", "zeroShot", "fewShot", "loss", "total"}
+    # Generation for three models plus a loss pass for two, 5 samples each, reported batch by batch.
+    assert progress[-1] == (25, 25)
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+
+    gate = evaluate_gate(GateSpec(metric="loss", must_beat=["zeroShot"]), results.metric_tables())
+    files = write_report(tmp_path, results, gate)
+    report = json.loads(files.report_json.read_text())
+    assert set(report["models"]) == {"tuned", "zeroShot", "fewShot"}
+    assert report["lift"]["zeroShot"]["loss"] == pytest.approx(
+        results.models["tuned"].metrics["loss"] - results.models["zeroShot"].metrics["loss"]
+    )
+    rows = [json.loads(line) for line in files.predictions.read_text().splitlines()]
+    assert [row["outputs"]["fewShot"] for row in rows] == results.models["fewShot"].outputs
+    assert "| accuracy |" in files.report_markdown.read_text()
+    assert files.chart is not None and files.chart.stat().st_size > 0
+    status = evaluation_status(results, gate)
+    assert (status.metric, status.samples, set(status.baselines)) == ("accuracy", 5, {"zeroShot", "fewShot"})
+
+
+def test_baselines_with_the_adapter_disabled_equal_a_model_without_adapter(
+    peft_model: Any, tokenizer: Any, model_dir: Path, spec: EvaluationSpec
+) -> None:
+    results = run_evaluation(
+        peft_model, tokenizer, VALIDATION, TRAIN, spec, dataset_format="classification", labels=LABELS
+    )
+
+    base = plain_llama(model_dir)
+    prompts = [prompt_token_ids(tokenizer, example.prompt) for example in VALIDATION[:5]]
+    base_outputs = generate_outputs(base, tokenizer, prompts, batch_size=3, max_new_tokens=6)
+    assert results.models["zeroShot"].outputs == base_outputs
+    completions = [completion_token_ids(tokenizer, example.prompt, example.completion) for example in VALIDATION[:5]]
+    base_loss, tokens = completion_loss(base, prompts, completions, batch_size=3, pad=pad_id(tokenizer))
+    assert tokens > 0
+    assert results.models["zeroShot"].metrics["loss"] == pytest.approx(base_loss, rel=1e-5)
+    # The adapter is active again after the baselines ran.
+    tuned_again = generate_outputs(peft_model, tokenizer, prompts, batch_size=3, max_new_tokens=6)
+    assert tuned_again == results.models["tuned"].outputs
+    assert tuned_again != base_outputs
+
+
+def test_completion_tokens_of_a_chat_prompt_end_with_the_end_of_turn_token(tokenizer: Any) -> None:
+    example = VALIDATION[1]
+    ids = completion_token_ids(tokenizer, example.prompt, "Sports")
+    # What the chat template renders after the generation prompt (this template ends the turn with <|im_end|>).
+    assert tokenizer.decode(ids) == "Sports<|im_end|>"
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(completion_token_ids(tokenizer, "Question: who won?\nAnswer: ", "Sports")) == (
+        "Sports<|im_end|>"
+    )
+
+
+def test_template_prompts_are_used_as_they_are(peft_model: Any, tokenizer: Any) -> None:
+    validation = [
+        Example(f"Text: {text}\nLabel: ", label, text, line) for line, (text, label) in enumerate(TEXTS[:3], start=1)
+    ]
+    train = [Example(f"Text: {text}\nLabel: ", label, text, 10 + i) for i, (text, label) in enumerate(TEXTS[3:])]
+    spec = EvaluationSpec(metrics=["exactMatch", "rougeL", "loss"], few_shot_k=3, batch_size=2)
+
+    results = run_evaluation(peft_model, tokenizer, validation, train, spec, dataset_format="prompt-completion")
+
+    assert results.headline_metric == "exactMatch"
+    for result in results.models.values():
+        assert len(result.outputs) == 3
+        assert {"exactMatch", "rougeL"} <= set(result.metrics)
+    assert results.models["tuned"].metrics["loss"] > 0
+
+
+def test_select_shots_is_deterministic_prefers_distinct_labels_and_draws_from_train() -> None:
+    shots = select_shots(TRAIN, 4, seed=7)
+    assert shots == select_shots(TRAIN, 4, seed=7)
+    assert len({shot.completion for shot in shots}) == 4
+    assert all(shot in TRAIN for shot in shots)
+    assert sorted(shot.line for shot in select_shots(TRAIN, 100, seed=7)) == [shot.line for shot in TRAIN]
+
+
+def test_a_reference_outside_the_labels_is_refused_naming_its_line(peft_model: Any, tokenizer: Any) -> None:
+    validation = [VALIDATION[0], chat_example("Rain expected tomorrow.", "Weather", 42)]
+    spec = EvaluationSpec(baselines=[], max_new_tokens=2)
+    with pytest.raises(EvaluationInputError, match=r"validation line 42: reference 1: label 'Weather'"):
+        run_evaluation(peft_model, tokenizer, validation, TRAIN, spec, dataset_format="classification", labels=LABELS)
+
+
+def test_judge_metric_needs_a_judge(peft_model: Any, tokenizer: Any) -> None:
+    spec = EvaluationSpec(
+        metrics=["judge"],
+        judge=JudgeSpec(model="j", api_key_secret_ref=SecretKeyRef(name="s", key="k")),
+    )
+    with pytest.raises(EvaluationInputError, match=r"evaluation\.metrics has judge but no judge was configured"):
+        run_evaluation(peft_model, tokenizer, VALIDATION, TRAIN, spec, dataset_format="classification")
+
+
+@pytest.fixture
+def judge_double() -> Iterator[OpenAIDouble]:
+    def grade(request: RecordedRequest) -> Reply:
+        user = request.body["messages"][-1]["content"]
+        prediction = user.split("<prediction>\n")[1].split("\n</prediction>")[0]
+        return chat_completion(json.dumps({"reasoning": "length", "score": min(100, len(prediction))}), 50, 10)
+
+    with OpenAIDouble() as double:
+        double.on("POST", "/chat/completions", grade)
+        yield double
+
+
+def test_the_judge_grades_every_model_and_its_cost_is_reported(
+    peft_model: Any, tokenizer: Any, judge_double: OpenAIDouble, tmp_path: Path
+) -> None:
+    judge_spec = JudgeSpec(
+        base_url=judge_double.base_url, model="judge-x", api_key_secret_ref=SecretKeyRef(name="s", key="k")
+    )
+    spec = EvaluationSpec(metrics=["judge"], judge=judge_spec, max_samples=3, few_shot_k=1, max_new_tokens=4)
+    judge = LlmJudge(judge_spec, "sk-runner-test", request_timeout=5)
+
+    results = run_evaluation(
+        peft_model, tokenizer, VALIDATION, TRAIN, spec, dataset_format="classification", judge=judge
+    )
+
+    assert results.headline_metric == "judge"
+    for result in results.models.values():
+        expected = [min(100, len(output)) for output in result.outputs]
+        assert [score["judge"] for score in result.sample_scores] == expected
+        assert result.metrics["judge"] == pytest.approx(sum(expected) / 3)
+        assert result.metrics["judgeUnjudged"] == 0.0
+    assert results.judge_cost is not None
+    assert (results.judge_cost.requests, results.judge_cost.prompt_tokens, results.judge_cost.judged) == (9, 450, 9)
+    assert len(judge_double.requests_to("POST", "/chat/completions")) == 9
+    report = json.loads(write_report(tmp_path, results, None).report_json.read_text())
+    assert report["judge"]["totalTokens"] == 540
+
+
+@pytest.fixture(scope="module")
+def classifier(model_dir: Path) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(2)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=4, id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)}
+    )
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS")
+    return get_peft_model(base, config)
+
+
+def test_a_classification_head_predicts_labels_and_skips_baselines_it_cannot_give(
+    classifier: Any, tokenizer: Any, spec: EvaluationSpec
+) -> None:
+    results = run_evaluation(
+        classifier, tokenizer, VALIDATION, TRAIN, spec, dataset_format="classification", labels=LABELS
+    )
+
+    assert list(results.models) == ["tuned"]
+    tuned = results.models["tuned"]
+    assert all(output in LABELS for output in tuned.outputs)
+    assert tuned.metrics["unparsed"] == 0.0
+    assert tuned.metrics["loss"] > 0 and "perplexity" not in tuned.metrics
+    assert any("baselines zeroShot, fewShot not evaluated" in note for note in results.notes)
+
+
+def test_a_classifier_takes_its_baselines_from_a_given_base_causal_lm(
+    classifier: Any, tokenizer: Any, model_dir: Path, spec: EvaluationSpec
+) -> None:
+    results = run_evaluation(
+        classifier,
+        tokenizer,
+        VALIDATION,
+        TRAIN,
+        spec,
+        dataset_format="classification",
+        labels=LABELS,
+        baseline_model=plain_llama(model_dir),
+    )
+
+    assert list(results.models) == ["tuned", "zeroShot", "fewShot"]
+    assert "loss" not in results.models["zeroShot"].metrics
+    assert all(len(result.outputs) == 5 for result in results.models.values())
+    assert results.notes == [
+        "loss is the classification head's cross-entropy; the baselines generate, so they have no loss"
+    ]

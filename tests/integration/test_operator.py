@@ -1,0 +1,388 @@
+"""The operator as a process (`python -m kubetune_operator`) against a real control plane, acting with exactly
+`operator_rbac_rules()`: children with owner references, real pod failures, suspend/resume, restarts, deletion."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubetune_operator.builders import LABEL_JOB_NAME, MANIFEST_KEY
+from kubetune_operator.rbac import operator_rbac_rules
+
+from kubetune import conditions as c
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.crd import CRD_NAME, render_crd_yaml
+from tests.conftest import KwokCluster
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.kubelet_standin import STANDIN_LABEL
+from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
+
+pytestmark = pytest.mark.integration
+
+OPERATOR_NAMESPACE = "kubetune-system"
+OPERATOR_ACCOUNT = "kubetune-operator"
+PEERING_YAML = Path(__file__).resolve().parents[2] / "operator" / "kubetune_operator" / "peering.yaml"
+ON_KWOK = {STANDIN_LABEL: "kwok"}  # kwok runs the pod and completes it at once
+ON_STANDIN = {STANDIN_LABEL: "standin"}  # the kubelet stand-in runs the pod's command for real
+NOWHERE = {"pool": "no-such-pool"}  # no node matches: the pod stays unschedulable
+CHILD_KINDS = ("configmap", "serviceaccount", "role", "rolebinding", "job")
+# Each operator start outranks the ones before, so a replica that died without leaving the peering never pauses it.
+_priorities = itertools.count(int(time.time()) % 1_000_000)
+
+
+@pytest.fixture(scope="module")
+def cluster(kwok_cluster: KwokCluster, tmp_path_factory: pytest.TempPathFactory) -> ControlPlane:
+    """The control plane with the FineTuneJob CRD and kopf's peering CRDs installed."""
+    kube = kwok_cluster.kube
+    crd = tmp_path_factory.mktemp("crd") / "crd.yaml"
+    crd.write_text(render_crd_yaml())
+    for path in (crd, PEERING_YAML):
+        kube.kubectl("apply", "--server-side", "-f", str(path), check=True)
+    for name in (CRD_NAME, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s", check=True)
+    return kube
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(cluster: ControlPlane) -> str:
+    """A ServiceAccount bound to a ClusterRole of exactly operator_rbac_rules(), as the chart installs it."""
+    kube = cluster
+    if kube.kubectl("get", "namespace", OPERATOR_NAMESPACE).returncode != 0:
+        kube.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=True)
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": OPERATOR_ACCOUNT, "namespace": OPERATOR_NAMESPACE}})  # fmt: skip
+    kube.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": OPERATOR_ACCOUNT},
+            "rules": operator_rbac_rules(),
+        }
+    )
+    kube.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": OPERATOR_ACCOUNT},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR_ACCOUNT},
+            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_ACCOUNT, "namespace": OPERATOR_NAMESPACE}],
+        }
+    )
+    kubeconfig = kube.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
+    can_i = kube.kubectl("--kubeconfig", kubeconfig, "auth", "can-i", "list", "secrets", "-A")
+    assert can_i.stdout.strip() == "no", "the operator's identity must not read Secrets"
+    return kubeconfig
+
+
+@dataclass
+class Operator:
+    """One operator process, started and stopped by the test."""
+
+    kubeconfig: str
+    log_dir: Path
+    metrics_port: int = 0
+    health_port: int = 0
+    process: ManagedProcess | None = None
+
+    def start(self) -> Operator:
+        self.metrics_port, self.health_port = free_port(), free_port()
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("KUBETUNE_", "KUBECONFIG"))}
+        env.update(
+            {
+                "KUBECONFIG": self.kubeconfig,
+                "KUBETUNE_LISTEN_ADDRESS": "127.0.0.1",
+                "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+                "KUBETUNE_HEALTH_PORT": str(self.health_port),
+                "KUBETUNE_PEERING_PRIORITY": str(next(_priorities)),
+                "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test",
+                "KUBETUNE_S3_ENDPOINT": "http://127.0.0.1:9",
+                "KUBETUNE_S3_REGION": "us-east-1",
+            }
+        )
+        name = f"operator-{uuid.uuid4().hex[:6]}"
+        self.process = ManagedProcess(name, [sys.executable, "-m", "kubetune_operator"], self.log_dir, env=env).start()
+        wait_for(
+            lambda: self._alive() and http_ok(f"http://127.0.0.1:{self.health_port}/healthz"),
+            60,
+            f"the operator's /healthz (log: {self.process.log_path})",
+        )
+        return self
+
+    def _alive(self) -> bool:
+        assert self.process is not None
+        self.process.assert_running()
+        return True
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=30)
+
+    def get(self, path: str, port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return str(response.read().decode())
+
+    def log(self) -> str:
+        return self.process.log_tail(200) if self.process else ""
+
+
+@pytest.fixture
+def operator(operator_kubeconfig: str, testbed_dir: Path) -> Iterator[Operator]:
+    running = Operator(operator_kubeconfig, testbed_dir / "operator").start()
+    yield running
+    running.stop()
+
+
+def finetunejob(name: str, node_selector: dict[str, str], **spec: Any) -> dict[str, Any]:
+    resources = {"gpus": 1, "nodeSelector": node_selector, **spec.pop("resources", {})}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+            "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": f"s3://out/{name}"},
+            "resources": resources,
+            **spec,
+        },
+    }
+
+
+class Jobs:
+    """FineTuneJobs and their children, read as admin."""
+
+    def __init__(self, kube: ControlPlane, namespace: str) -> None:
+        from kubernetes import client
+
+        self.kube = kube
+        self.namespace = namespace
+        self.api = kube.api_client()
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, body
+        )
+        return created
+
+    def get(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return found
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def child(self, kind: str, name: str) -> dict[str, Any] | None:
+        result = self.kube.kubectl("get", kind, name, "-n", self.namespace, "-o", "json")
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def children_of(self, job: str, kind: str) -> list[dict[str, Any]]:
+        result = self.kube.kubectl(
+            "get", kind, "-n", self.namespace, "-l", f"{LABEL_JOB_NAME}={job}", "-o", "json", check=True
+        )
+        items: list[dict[str, Any]] = json.loads(result.stdout)["items"]
+        return items
+
+    def condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        for condition in (self.get(name).get("status") or {}).get("conditions") or []:
+            if condition["type"] == kind:
+                return dict(condition)
+        return None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        result = self.kube.kubectl(
+            "get", "events", "-n", self.namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json",
+            check=True,
+        )  # fmt: skip
+        items: list[dict[str, Any]] = json.loads(result.stdout)["items"]
+        return items
+
+    def wait_phase(self, name: str, phase: str, *, operator: Operator, timeout: float = 90) -> dict[str, Any]:
+        def reached() -> bool:
+            return (self.get(name).get("status") or {}).get("phase") == phase
+
+        try:
+            wait_for(reached, timeout, f"FineTuneJob {name} to reach {phase}")
+        except TimeoutError as error:
+            raise AssertionError(f"{error}; status: {self.get(name).get('status')}\n{operator.log()}") from None
+        return self.get(name)
+
+    def wait_condition(
+        self, name: str, kind: str, status: str, reason: str, *, operator: Operator, timeout: float = 90
+    ) -> dict[str, Any]:
+        def reached() -> bool:
+            found = self.condition(name, kind)
+            return found is not None and (found["status"], found["reason"]) == (status, reason)
+
+        try:
+            wait_for(reached, timeout, f"{name}: {kind}={status} ({reason})")
+        except TimeoutError as error:
+            raise AssertionError(f"{error}; status: {self.get(name).get('status')}\n{operator.log()}") from None
+        found = self.condition(name, kind)
+        assert found is not None
+        return found
+
+
+@pytest.fixture
+def jobs(cluster: ControlPlane, namespace: str) -> Jobs:
+    return Jobs(cluster, namespace)
+
+
+def child_uids(jobs: Jobs, name: str) -> dict[str, str]:
+    uids = {}
+    for kind in CHILD_KINDS:
+        child = jobs.child(kind, f"{name}-trainer")
+        assert child is not None, f"{kind} {name}-trainer is missing"
+        uids[kind] = child["metadata"]["uid"]
+    return uids
+
+
+def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: Operator) -> None:
+    created = jobs.create(finetunejob("happy", ON_KWOK))
+    done = jobs.wait_phase("happy", "Succeeded", operator=operator)
+
+    for kind in CHILD_KINDS:
+        child = jobs.child(kind, "happy-trainer")
+        assert child is not None, f"{kind} happy-trainer was not created"
+        owners = child["metadata"]["ownerReferences"]
+        assert [(o["kind"], o["name"], o["uid"], o["controller"]) for o in owners] == [
+            ("FineTuneJob", "happy", created["metadata"]["uid"], True)
+        ]
+        assert child["metadata"]["labels"][LABEL_JOB_NAME] == "happy"
+    role = jobs.child("role", "happy-trainer")
+    assert role is not None
+    assert role["rules"] == [
+        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": ["happy"], "verbs": ["get", "patch"]}
+    ]
+    config_map = jobs.child("configmap", "happy-trainer")
+    assert config_map is not None
+    manifest = yaml.safe_load(config_map["data"][MANIFEST_KEY])
+    assert manifest["spec"]["image"] == "kubetune-trainer:test"
+    assert manifest["spec"]["s3"]["endpoint"] == "http://127.0.0.1:9"
+
+    status = done["status"]
+    assert status["trainer"]["jobName"] == "happy-trainer"
+    assert status["trainer"]["attempts"] == 1
+    assert status["observedGeneration"] == 1
+    conditions = {cond["type"]: (cond["status"], cond["reason"]) for cond in status["conditions"]}
+    assert conditions[c.CONDITION_SUCCEEDED] == ("True", c.REASON_COMPLETED)
+    assert conditions[c.CONDITION_VALIDATED] == ("True", c.REASON_JOB_CREATED)
+    assert conditions[c.CONDITION_RUNNING][0] == "False"
+    # kopf keeps its bookkeeping in kubetune.io annotations and puts no finalizer on the job.
+    metadata = done["metadata"]
+    assert not metadata.get("finalizers")
+    assert any(key.startswith("kubetune.io/") for key in metadata.get("annotations", {}))
+    assert not any(key.startswith("kopf.zalando.org/") for key in metadata.get("annotations", {}))
+
+    wait_for(lambda: any(e["reason"] == c.REASON_COMPLETED for e in jobs.events("happy")), 30, "the Completed Event")
+    events = jobs.events("happy")
+    assert any(e["reason"] == c.REASON_JOB_CREATED and "New → Pending" in e["message"] for e in events)
+    assert all(e["type"] == "Normal" for e in events if e["reason"] in (c.REASON_JOB_CREATED, c.REASON_COMPLETED))
+
+    metrics = operator.get("/metrics", operator.metrics_port)
+    assert 'kubetune_jobs{phase="Succeeded"} 1.0' in metrics
+    assert f'kubetune_job_progress_ratio{{job="happy",namespace="{jobs.namespace}"}} 1.0' in metrics
+    assert 'kubetune_job_phase_transitions_total{from_phase="New",to_phase="Pending"}' in metrics
+    health = json.loads(operator.get("/healthz", operator.health_port))
+    assert health["trackedJobs"] >= 1
+
+
+def test_a_pod_that_really_fails_fails_the_job_with_the_cause(jobs: Jobs, operator: Operator) -> None:
+    # The S3 credentials Secret does not exist: the (stand-in) kubelet cannot build the container's environment.
+    jobs.create(
+        finetunejob("broken", ON_STANDIN, s3={"credentialsSecretRef": "missing-s3"}, runPolicy={"backoffLimit": 0})
+    )
+    failed = jobs.wait_condition(
+        "broken", c.CONDITION_FAILED, "True", c.REASON_BACKOFF_LIMIT_EXCEEDED, operator=operator
+    )
+    assert "missing-s3" in failed["message"]
+    assert "failed 1 time (runPolicy.backoffLimit 0)" in failed["message"]
+    assert jobs.get("broken")["status"]["phase"] == "Failed"
+    wait_for(
+        lambda: any(
+            e["type"] == "Warning" and e["reason"] == c.REASON_BACKOFF_LIMIT_EXCEEDED for e in jobs.events("broken")
+        ),
+        30,
+        "a Warning Event for the failure",
+    )
+
+
+def test_unschedulable_then_deadline_exceeded(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("stuck", NOWHERE, runPolicy={"activeDeadlineSeconds": 8}))
+    waiting = jobs.wait_condition("stuck", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    assert "cannot be scheduled" in waiting["message"]
+    assert jobs.get("stuck")["status"]["phase"] == "Pending"
+    failed = jobs.wait_condition("stuck", c.CONDITION_FAILED, "True", c.REASON_DEADLINE_EXCEEDED, operator=operator)
+    assert "activeDeadlineSeconds (8s)" in failed["message"]
+
+
+def test_created_suspended_then_resumed_runs_to_the_end(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("paused", ON_KWOK, runPolicy={"suspend": True}))
+    jobs.wait_condition("paused", c.CONDITION_SUSPENDED, "True", c.REASON_SUSPENDED_BY_USER, operator=operator)
+    trainer = jobs.child("job", "paused-trainer")
+    assert trainer is not None and trainer["spec"]["suspend"] is True
+    assert jobs.children_of("paused", "pods") == []
+    assert jobs.get("paused")["status"]["phase"] == "Pending"
+
+    jobs.patch_spec("paused", {"runPolicy": {"suspend": False}})
+    done = jobs.wait_phase("paused", "Succeeded", operator=operator)
+    conditions = {cond["type"]: cond["status"] for cond in done["status"]["conditions"]}
+    assert conditions[c.CONDITION_SUSPENDED] == "False"
+    trainer = jobs.child("job", "paused-trainer")
+    assert trainer is not None and trainer["spec"]["suspend"] is False
+
+
+def test_suspending_a_running_job_stops_its_pod(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("interrupted", NOWHERE))
+    jobs.wait_condition("interrupted", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    jobs.patch_spec("interrupted", {"runPolicy": {"suspend": True}})
+    jobs.wait_condition("interrupted", c.CONDITION_SUSPENDED, "True", c.REASON_SUSPENDED_BY_USER, operator=operator)
+    trainer = jobs.child("job", "interrupted-trainer")
+    assert trainer is not None and trainer["spec"]["suspend"] is True
+    wait_for(lambda: jobs.children_of("interrupted", "pods") == [], 60, "the Job controller to delete the pod")
+
+    jobs.patch_spec("interrupted", {"runPolicy": {"suspend": False}})
+    jobs.wait_condition("interrupted", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    assert jobs.condition("interrupted", c.CONDITION_SUSPENDED)["status"] == "False"  # type: ignore[index]
+
+
+def test_an_operator_restart_creates_nothing_twice(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("restarted", NOWHERE))
+    jobs.wait_condition("restarted", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    before = child_uids(jobs, "restarted")
+    validated_at = jobs.condition("restarted", c.CONDITION_VALIDATED)["lastTransitionTime"]  # type: ignore[index]
+
+    operator.stop()
+    operator.start()
+    # The new process acts on the job (so it has resumed it), and nothing was created again.
+    jobs.patch_spec("restarted", {"runPolicy": {"suspend": True}})
+    jobs.wait_condition("restarted", c.CONDITION_SUSPENDED, "True", c.REASON_SUSPENDED_BY_USER, operator=operator)
+    assert child_uids(jobs, "restarted") == before
+    assert len(jobs.children_of("restarted", "jobs")) == 1
+    assert jobs.condition("restarted", c.CONDITION_VALIDATED)["lastTransitionTime"] == validated_at  # type: ignore[index]
+    # A second "New → Pending" Event would mean the restarted operator took the job for a new one.
+    assert len([e for e in jobs.events("restarted") if e["reason"] == c.REASON_JOB_CREATED]) == 1
+
+
+def test_deleting_a_job_while_the_operator_is_down_does_not_hang(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("doomed", NOWHERE))
+    jobs.wait_condition("doomed", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    child_uids(jobs, "doomed")
+
+    operator.stop()
+    deleted = jobs.kube.kubectl("delete", PLURAL, "doomed", "-n", jobs.namespace, "--timeout=20s")
+    assert deleted.returncode == 0, deleted.stderr
+    for kind in CHILD_KINDS:
+        wait_for(lambda kind=kind: jobs.child(kind, "doomed-trainer") is None, 60, f"GC to delete the {kind}")
+    assert jobs.children_of("doomed", "pods") == []

@@ -1,0 +1,174 @@
+"""The evaluation report files and the status summary, from hand-built results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kubetune_trainer.evaluation_results import EvalSample, EvaluationResults, JudgeCost, ModelResult
+from kubetune_trainer.gate import GateOutcome
+from kubetune_trainer.metrics import ConfusionMatrix
+from kubetune_trainer.report import chart_scores, evaluation_status, plot_scores, write_report
+
+from kubetune.api import EvaluationStatus, GateStatus
+
+pytestmark = pytest.mark.unit
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def hand_built_results() -> EvaluationResults:
+    samples = [
+        EvalSample("Stocks rally", "Business", line=1),
+        EvalSample("Team wins cup", "Sports", line=2),
+        EvalSample("Election held", "World", line=5),
+    ]
+    return EvaluationResults(
+        headline_metric="accuracy",
+        samples=samples,
+        models={
+            "tuned": ModelResult(
+                outputs=["Business", "Sports", "World"],
+                metrics={"loss": 0.5, "accuracy": 1.0, "macroF1": 1.0},
+                sample_scores=[{"prediction": "Business", "correct": 1.0}] * 3,
+                confusion=ConfusionMatrix(["Business"], ["Business", "<unparsed>"], [[1, 0]]),
+            ),
+            "zeroShot": ModelResult(
+                outputs=["I think business", "?", "?"],
+                metrics={"loss": 2.0, "accuracy": 1 / 3, "macroF1": 0.25},
+                sample_scores=[{"prediction": "Business", "correct": 1.0}, {}, {}],
+            ),
+            "fewShot": ModelResult(
+                outputs=["Business", "Sports", "Sports"],
+                metrics={"accuracy": 2 / 3, "macroF1": 0.5},
+                sample_scores=[{"correct": 1.0}, {"correct": 1.0}, {"correct": 0.0}],
+            ),
+        },
+        seconds={"tuned": 1.25, "zeroShot": 2.0, "total": 4.5},
+        judge_cost=JudgeCost(
+            model="judge-1", prompt_tokens=900, completion_tokens=90, requests=9, judged=8, unjudged=1
+        ),
+        notes=["a note for the reader"],
+    )
+
+
+def test_write_report_produces_the_four_files(tmp_path: Path) -> None:
+    gate = GateOutcome(True, "accuracy 1 >= 0.8 and beats zeroShot (0.3333) and fewShot (0.6667)")
+    files = write_report(tmp_path / "eval", hand_built_results(), gate, fail_job=True)
+
+    report = json.loads(files.report_json.read_text())
+    assert report["headlineMetric"] == "accuracy"
+    assert report["samples"] == 3
+    assert list(report["models"]) == ["zeroShot", "fewShot", "tuned"]
+    assert report["models"]["tuned"]["metrics"] == {"loss": 0.5, "accuracy": 1.0, "macroF1": 1.0}
+    assert report["models"]["tuned"]["confusionMatrix"] == {
+        "labels": ["Business"],
+        "columns": ["Business", "<unparsed>"],
+        "matrix": [[1, 0]],
+    }
+    assert report["models"]["fewShot"]["confusionMatrix"] is None
+    assert report["lift"]["zeroShot"] == pytest.approx({"loss": -1.5, "accuracy": 2 / 3, "macroF1": 0.75})
+    assert report["lift"]["fewShot"] == pytest.approx({"accuracy": 1 / 3, "macroF1": 0.5})
+    assert report["seconds"] == {"tuned": 1.25, "zeroShot": 2.0, "total": 4.5}
+    assert report["judge"] == {
+        "model": "judge-1",
+        "promptTokens": 900,
+        "completionTokens": 90,
+        "totalTokens": 990,
+        "requests": 9,
+        "judged": 8,
+        "unjudged": 1,
+    }
+    assert report["gate"] == {"passed": True, "message": gate.message, "failJob": True}
+    assert report["notes"] == ["a note for the reader"]
+
+    assert files.chart is not None
+    assert files.chart.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_markdown_table_has_a_row_per_metric_and_the_lift_over_the_best_baseline(tmp_path: Path) -> None:
+    gate = GateOutcome(False, "accuracy 1 < 1.1")
+    files = write_report(tmp_path, hand_built_results(), gate, fail_job=False)
+
+    lines = files.report_markdown.read_text().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert table == [
+        "| metric | zero-shot | few-shot | fine-tuned | lift (vs best baseline) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        # The headline metric first.
+        "| accuracy | 0.3333 | 0.6667 | 1.0000 | +0.3333 |",
+        # Loss: lower is better and only zero-shot has one, so the lift is 0.5 - 2.0.
+        "| loss | 2.0000 | — | 0.5000 | -1.5000 |",
+        "| macroF1 | 0.2500 | 0.5000 | 1.0000 | +0.5000 |",
+    ]
+    assert "Gate failed (the job still succeeds): accuracy 1 < 1.1" in lines
+    assert "Headline metric: **accuracy** on 3 held-out samples." in lines
+    assert "Judge judge-1: 900 prompt + 90 completion tokens in 9 requests; 8 judged, 1 unjudged." in lines
+    assert "Note: a note for the reader" in lines
+
+
+def test_lift_over_the_best_baseline_picks_the_lowest_loss(tmp_path: Path) -> None:
+    results = hand_built_results()
+    results.models["fewShot"].metrics["loss"] = 0.25
+    lines = write_report(tmp_path, results, None).report_markdown.read_text().splitlines()
+    assert "| loss | 2.0000 | 0.2500 | 0.5000 | +0.2500 |" in lines
+
+
+def test_prediction_rows_hold_every_model_output_and_scores(tmp_path: Path) -> None:
+    files = write_report(tmp_path, hand_built_results(), None)
+
+    rows = [json.loads(line) for line in files.predictions.read_text().splitlines()]
+    assert len(rows) == 3
+    assert rows[2] == {
+        "index": 2,
+        "line": 5,
+        "input": "Election held",
+        "reference": "World",
+        "outputs": {"zeroShot": "?", "fewShot": "Sports", "tuned": "World"},
+        "scores": {
+            "zeroShot": {},
+            "fewShot": {"correct": 0.0},
+            "tuned": {"prediction": "Business", "correct": 1.0},
+        },
+    }
+
+
+def test_report_without_gate_or_judge_says_so(tmp_path: Path) -> None:
+    results = hand_built_results()
+    results.judge_cost = None
+    files = write_report(tmp_path, results, None)
+    report = json.loads(files.report_json.read_text())
+    assert report["gate"] is None and report["judge"] is None
+    assert not any(line.startswith(("Gate", "Judge")) for line in files.report_markdown.read_text().splitlines())
+
+
+def test_chart_scores_leave_out_loss_and_put_the_judge_on_a_0_to_1_axis() -> None:
+    tables = {"tuned": {"loss": 0.4, "accuracy": 0.9, "judge": 80.0}, "zeroShot": {"accuracy": 0.1, "judge": 20.0}}
+    assert chart_scores(tables) == {
+        "accuracy": {"zeroShot": 0.1, "tuned": 0.9},
+        "judge (/100)": {"zeroShot": 0.2, "tuned": 0.8},
+    }
+
+
+def test_no_chart_when_only_loss_was_measured(tmp_path: Path) -> None:
+    assert not plot_scores({"tuned": {"loss": 0.4, "perplexity": 1.5}}, tmp_path / "scores.png")
+    assert not (tmp_path / "scores.png").exists()
+
+
+def test_evaluation_status_summarises_the_headline_metric() -> None:
+    gate = GateOutcome(True, "accuracy 1 >= 0.8")
+    status = evaluation_status(hand_built_results(), gate)
+    assert isinstance(status, EvaluationStatus)
+    assert (status.metric, status.tuned, status.samples) == ("accuracy", 1.0, 3)
+    assert status.baselines == pytest.approx({"zeroShot": 1 / 3, "fewShot": 2 / 3})
+    assert status.lift == pytest.approx({"zeroShot": 2 / 3, "fewShot": 1 / 3})
+    assert status.gate == GateStatus(passed=True, message="accuracy 1 >= 0.8")
+    assert status.to_wire()["gate"] == {"passed": True, "message": "accuracy 1 >= 0.8"}
+
+
+def test_evaluation_status_without_baselines_has_no_lift() -> None:
+    results = hand_built_results()
+    del results.models["zeroShot"], results.models["fewShot"]
+    status = evaluation_status(results, None)
+    assert (status.tuned, status.baselines, status.lift, status.gate) == (1.0, {}, {}, None)

@@ -1,0 +1,618 @@
+"""The evaluation runner: the tuned adapter and prompting baselines of the same base model, on the same samples.
+
+Causal LM: batched greedy generation (left padding, KV cache) for the tuned model, then for the zero-shot and few-shot
+baselines with the adapter disabled (`with model.disable_adapter():`), so the base weights are loaded once. Few-shot
+shots come from TRAIN only, chosen once with the seed and shared by every sample. Eval loss (and perplexity) is the
+token-weighted cross-entropy of the reference completion tokens only, for the tuned model and for the zero-shot base.
+
+Sequence classification: the tuned model's prediction is the argmax of its head. A head with its adapter disabled is
+untrained (PEFT trains and saves the head with the adapter), so it is no baseline; prompting baselines need the base
+causal LM, which the caller may pass as `baseline_model` (it costs a second copy of the base weights). Without one the
+baselines are left out and the report says why. The head reads each example's `input_text`, as training does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.api import BaselineName, EvaluationMetric, EvaluationSpec
+from kubetune_trainer.evaluation_results import (
+    FEW_SHOT,
+    TUNED,
+    ZERO_SHOT,
+    EvalSample,
+    EvaluationResults,
+    JudgeCost,
+    ModelResult,
+)
+from kubetune_trainer.examples import ChatMessages, Example
+from kubetune_trainer.formats import few_shot_prompt
+from kubetune_trainer.judge import JudgeCase, LlmJudge
+from kubetune_trainer.metrics import (
+    TEXT_METRICS,
+    InvalidReferenceError,
+    SampleScores,
+    default_metrics,
+    headline_metric,
+    score_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with (done, total) units of work: one unit per sample generated, scored for loss, or judged, per model.
+While the judge runs it is called from the judge's worker threads, one call at a time."""
+
+NEW_TOKENS_MARGIN = 16
+"""Tokens allowed beyond the longest reference, so a baseline that wraps its answer in a sentence still finishes it."""
+NEW_TOKENS_CAP = 512
+IGNORE_INDEX = -100
+MAX_EXP_ARGUMENT = 700.0
+"""math.exp overflows just above this; a larger loss reports no perplexity."""
+
+
+AdapterState = Callable[[], AbstractContextManager[Any]]
+"""Enters the state a model runs in for one report entry: as it is (nullcontext) or with its adapter disabled."""
+
+
+class EvaluationInputError(ValueError):
+    """The evaluation cannot run on these inputs; the message names the validation line or the setting at fault."""
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt as text, and whether the tokenizer should add its special tokens (chat templates already do)."""
+
+    text: str
+    add_special_tokens: bool
+
+
+@dataclass(frozen=True)
+class ScoredModel:
+    """How to run one entry of the report: which model, in which adapter state, on which prompts."""
+
+    name: str
+    model: Any
+    adapter_state: AdapterState
+    prompts: list[ChatMessages | str]
+    loss: bool
+
+
+class Progress:
+    """Counts finished units of work and reports them through the callback."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self._callback = callback
+
+    def advance(self, units: int) -> None:
+        """Add finished units and report."""
+        self.done += units
+        if self._callback is not None:
+            self._callback(self.done, self.total)
+
+
+def render_prompt(tokenizer: Any, prompt: ChatMessages | str) -> RenderedPrompt:
+    """Chat messages through the chat template with the generation prompt; template strings as they are."""
+    if isinstance(prompt, str):
+        return RenderedPrompt(prompt, add_special_tokens=True)
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return RenderedPrompt(text, add_special_tokens=False)
+
+
+def prompt_token_ids(tokenizer: Any, prompt: ChatMessages | str) -> list[int]:
+    """The prompt's token ids, ready for generation."""
+    rendered = render_prompt(tokenizer, prompt)
+    return list(tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"])
+
+
+def completion_token_ids(tokenizer: Any, prompt: ChatMessages | str, completion: str) -> list[int]:
+    """The reference's token ids as training sees them after the prompt.
+
+    Chat: what the chat template adds after the generation prompt for an assistant turn holding the completion
+    (so the end-of-turn token counts). Template strings: the completion followed by the EOS token.
+    """
+    if isinstance(prompt, list):
+        prompt_text = render_prompt(tokenizer, prompt).text
+        full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": completion}], tokenize=False)
+        if full.startswith(prompt_text):
+            return list(tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return [*ids, tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
+def default_max_new_tokens(tokenizer: Any, references: Sequence[str]) -> int:
+    """The longest reference in tokens plus a margin, capped."""
+    longest = max(
+        (len(tokenizer(reference, add_special_tokens=False)["input_ids"]) for reference in references), default=0
+    )
+    return min(NEW_TOKENS_CAP, longest + NEW_TOKENS_MARGIN)
+
+
+def select_shots(train: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """k train examples chosen with the seed, preferring distinct completions (for classification: distinct labels)."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    distinct: list[int] = []
+    repeats: list[int] = []
+    seen: set[str] = set()
+    for index in order:
+        (repeats if train[index].completion in seen else distinct).append(index)
+        seen.add(train[index].completion)
+    return [train[index] for index in (distinct + repeats)[:k]]
+
+
+def model_device(model: Any) -> Any:
+    """Where the model's inputs go."""
+    device = getattr(model, "device", None)
+    return device if device is not None else next(model.parameters()).device
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The generation config's EOS ids plus the tokenizer's, so chat models stop at their end-of-turn token."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [*ids, tokenizer.eos_token_id]
+    return list(dict.fromkeys(token for token in ids if token is not None))
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding token id, falling back to EOS for tokenizers without one."""
+    token = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise EvaluationInputError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+    return int(token)
+
+
+def batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Consecutive slices of `order`."""
+    for start in range(0, len(order), size):
+        yield list(order[start : start + size])
+
+
+def longest_first(sequences: Sequence[Sequence[int]]) -> list[int]:
+    """Indices from the longest sequence to the shortest: less padding per batch, and an OOM shows up at once."""
+    return sorted(range(len(sequences)), key=lambda index: -len(sequences[index]))
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
+    """input_ids and attention_mask with padding on the left, as decoder-only generation needs."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def generate_outputs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    on_batch: Callable[[int], None] = lambda size: None,
+) -> list[str]:
+    """Greedy completions of tokenized prompts, in batches, with the KV cache; the new text only, stripped."""
+    import torch
+    from transformers import GenerationConfig
+
+    pad = pad_id(tokenizer)
+    # A fresh config: greedy and bounded, whatever sampling defaults the checkpoint ships with.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=stop_token_ids(model, tokenizer),
+    )
+    device = model_device(model)
+    outputs = [""] * len(prompts)
+    for batch in batches(longest_first(prompts), batch_size):
+        ids, mask = left_padded([prompts[index] for index in batch], pad)
+        with torch.inference_mode():
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
+        texts = tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
+        for index, text in zip(batch, texts, strict=True):
+            outputs[index] = text.strip()
+        on_batch(len(batch))
+    return outputs
+
+
+def completion_loss(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad: int,
+    on_batch: Callable[[int], None] = lambda size: None,
+) -> tuple[float, int]:
+    """Mean cross-entropy per completion token (prompt tokens masked out) and the number of tokens scored."""
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    full = [[*prompt, *completion] for prompt, completion in zip(prompts, completions, strict=True)]
+    device = model_device(model)
+    total = 0.0
+    tokens = 0
+    for batch in batches(longest_first(full), batch_size):
+        width = max(len(full[index]) for index in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for row, index in enumerate(batch):
+            length = len(full[index])
+            ids[row, :length] = torch.tensor(full[index], dtype=torch.long)
+            mask[row, :length] = 1
+            labels[row, len(prompts[index]) : length] = torch.tensor(completions[index], dtype=torch.long)
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # Position t predicts token t+1; sum (not mean) so that batches weigh by their token counts.
+        shifted = labels[:, 1:].to(logits.device)
+        total += float(
+            cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                shifted.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+        )
+        tokens += int((shifted != IGNORE_INDEX).sum())
+        on_batch(len(batch))
+    return (total / tokens if tokens else math.nan), tokens
+
+
+def unwrapped_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_sequence_classifier(model: Any) -> bool:
+    """Whether the model ends in a classification head rather than a language-model head."""
+    return type(unwrapped_model(model)).__name__.endswith("ForSequenceClassification")
+
+
+def head_labels(model: Any, labels: Sequence[str] | None) -> list[str]:
+    """The label of each output of a classification head, from its id2label, checked against the data's labels."""
+    config = unwrapped_model(model).config
+    names = [config.id2label[index] for index in range(config.num_labels)]
+    if labels and set(names) != set(labels):
+        raise EvaluationInputError(
+            f"the classification head's labels ({', '.join(names[:10])}) differ from the data's labels "
+            f"({', '.join(list(labels)[:10])})"
+        )
+    return names
+
+
+def classify(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    references: Sequence[str],
+    names: Sequence[str],
+    batch_size: int,
+    on_batch: Callable[[int], None] = lambda size: None,
+) -> tuple[list[str], float]:
+    """The head's argmax label for each text, and the mean cross-entropy against the reference labels."""
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    index_of = {name: index for index, name in enumerate(names)}
+    for index, reference in enumerate(references):
+        if reference not in index_of:
+            raise InvalidReferenceError(index, f"label {reference!r} is not a label of the classification head")
+    tokenized = [list(tokenizer(text)["input_ids"]) for text in texts]
+    pad = pad_id(tokenizer)
+    device = model_device(model)
+    predictions = [""] * len(texts)
+    total = 0.0
+    for batch in batches(longest_first(tokenized), batch_size):
+        # Llama-style heads read the last non-pad token, so the padding side does not matter; right is simplest.
+        width = max(len(tokenized[index]) for index in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids[row, : len(tokenized[index])] = torch.tensor(tokenized[index], dtype=torch.long)
+            mask[row, : len(tokenized[index])] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        targets = torch.tensor([index_of[references[index]] for index in batch], device=logits.device)
+        total += float(cross_entropy(logits, targets, reduction="sum"))
+        for index, choice in zip(batch, logits.argmax(dim=-1).tolist(), strict=True):
+            predictions[index] = names[choice]
+        on_batch(len(batch))
+    return predictions, total / len(texts) if texts else math.nan
+
+
+def judge_outputs(
+    judge: LlmJudge, samples: Sequence[EvalSample], outputs: Sequence[str], cost: JudgeCost, progress: Progress
+) -> tuple[dict[str, float], list[SampleScores]]:
+    """The judge's mean score over the judged cases and the unjudged share, plus per-sample scores; cost updated."""
+    cases = [
+        JudgeCase(sample.input_text, sample.reference, output) for sample, output in zip(samples, outputs, strict=True)
+    ]
+    # The judge reports each finished case once, serially, so each report is one more unit done.
+    run = judge.judge_cases(cases, progress=lambda done, total: progress.advance(1))
+    judged = [verdict.score for verdict in run.verdicts if verdict.score is not None]
+    cost.prompt_tokens += run.usage.prompt_tokens
+    cost.completion_tokens += run.usage.completion_tokens
+    cost.requests += run.usage.requests
+    cost.judged += len(judged)
+    cost.unjudged += len(cases) - len(judged)
+    scores = {"judgeUnjudged": (len(cases) - len(judged)) / len(cases)} if cases else {}
+    if judged:
+        scores["judge"] = sum(judged) / len(judged)
+    per_sample: list[SampleScores] = [
+        {"judge": verdict.score, "judgeReasoning": verdict.reasoning or verdict.error} for verdict in run.verdicts
+    ]
+    return scores, per_sample
+
+
+def baseline_runner(model: Any, baseline_model: Any | None) -> tuple[Any, AdapterState] | None:
+    """The model and adapter state that give the base model's outputs, or None when there is none to be had."""
+    if baseline_model is not None:
+        return baseline_model, nullcontext
+    if hasattr(model, "disable_adapter") and not is_sequence_classifier(model):
+        return model, model.disable_adapter
+    return None
+
+
+def plan_models(
+    model: Any,
+    baseline_model: Any | None,
+    examples: Sequence[Example],
+    *,
+    shots: Sequence[Example],
+    baselines: Sequence[BaselineName],
+    loss: bool,
+) -> tuple[list[ScoredModel], list[str]]:
+    """Which models run on which prompts, and notes on any baseline that cannot run."""
+    prompts = [example.prompt for example in examples]
+    classifier = is_sequence_classifier(model)
+    plan = [ScoredModel(TUNED, model, nullcontext, prompts, loss)]
+    notes: list[str] = []
+    base = baseline_runner(model, baseline_model)
+    if base is None:
+        if baselines:
+            reason = (
+                "a classification head with its adapter disabled is untrained, and the base causal LM was not given"
+                if classifier
+                else "the model has no adapter to disable and no base model was given"
+            )
+            notes.append(f"baselines {', '.join(baselines)} not evaluated: {reason}")
+        return plan, notes
+    base_model, state = base
+    if loss and classifier:
+        notes.append("loss is the classification head's cross-entropy; the baselines generate, so they have no loss")
+    elif loss and baselines:
+        notes.append("loss is measured on the zero-shot prompts (tuned and zero-shot base), not on few-shot prompts")
+    if ZERO_SHOT in baselines:
+        plan.append(ScoredModel(ZERO_SHOT, base_model, state, prompts, loss and not classifier))
+    if FEW_SHOT in baselines:
+        few_shot = [few_shot_prompt(example, list(shots)) for example in examples]
+        plan.append(ScoredModel(FEW_SHOT, base_model, state, few_shot, False))
+    return plan, notes
+
+
+def generates_text(metrics: Sequence[EvaluationMetric]) -> bool:
+    """Whether any metric needs generated outputs (loss alone does not)."""
+    return any(metric in TEXT_METRICS or metric == "judge" for metric in metrics)
+
+
+def evaluation_metrics(spec: EvaluationSpec, dataset_format: str, references: Sequence[str]) -> list[EvaluationMetric]:
+    """The spec's metrics, or those the data suggests when it lists none."""
+    return list(spec.metrics) or default_metrics(dataset_format, references)
+
+
+@dataclass
+class EvalRun:
+    """What every planned model is scored with: the samples, the settings, and the shared progress and timings."""
+
+    tokenizer: Any
+    examples: list[Example]
+    samples: list[EvalSample]
+    metrics: list[EvaluationMetric]
+    labels: Sequence[str] | None
+    max_new_tokens: int
+    batch_size: int
+    progress: Progress
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def references(self) -> list[str]:
+        """The reference answers, in sample order."""
+        return [sample.reference for sample in self.samples]
+
+    def line_error(self, error: InvalidReferenceError) -> EvaluationInputError:
+        """The error naming the validation line of the offending reference."""
+        return EvaluationInputError(f"validation line {self.samples[error.index].line}: {error}")
+
+
+def is_tuned_classifier(entry: ScoredModel) -> bool:
+    """Whether this entry predicts with a classification head rather than by generating."""
+    return entry.name == TUNED and is_sequence_classifier(entry.model)
+
+
+def work_units(entry: ScoredModel, metrics: Sequence[EvaluationMetric]) -> int:
+    """Progress units per sample for one planned model: a prediction pass, a loss pass, a judge call, as it needs."""
+    classifier = is_tuned_classifier(entry)
+    # A classifier's loss comes from its prediction pass.
+    return int(classifier or generates_text(metrics)) + int(entry.loss and not classifier) + int("judge" in metrics)
+
+
+def predict(entry: ScoredModel, run: EvalRun) -> tuple[list[str], float | None]:
+    """The entry's outputs (head labels or generated text) and, for a classifier, its loss."""
+    if is_tuned_classifier(entry):
+        texts = [example.input_text for example in run.examples]
+        names = head_labels(entry.model, run.labels)
+        try:
+            outputs, loss = classify(
+                entry.model,
+                run.tokenizer,
+                texts,
+                references=run.references,
+                names=names,
+                batch_size=run.batch_size,
+                on_batch=run.progress.advance,
+            )
+        except InvalidReferenceError as error:
+            raise run.line_error(error) from error
+        return outputs, loss
+    if not generates_text(run.metrics):
+        return [""] * len(run.samples), None
+    prompt_ids = [prompt_token_ids(run.tokenizer, prompt) for prompt in entry.prompts]
+    outputs = generate_outputs(
+        entry.model,
+        run.tokenizer,
+        prompt_ids,
+        batch_size=run.batch_size,
+        max_new_tokens=run.max_new_tokens,
+        on_batch=run.progress.advance,
+    )
+    return outputs, None
+
+
+def reference_loss(entry: ScoredModel, run: EvalRun) -> float:
+    """The entry's mean cross-entropy on the reference completion tokens after its prompts."""
+    prompt_ids = [prompt_token_ids(run.tokenizer, prompt) for prompt in entry.prompts]
+    completion_ids = [
+        completion_token_ids(run.tokenizer, prompt, reference)
+        for prompt, reference in zip(entry.prompts, run.references, strict=True)
+    ]
+    loss, _ = completion_loss(
+        entry.model,
+        prompt_ids,
+        completion_ids,
+        batch_size=run.batch_size,
+        pad=pad_id(run.tokenizer),
+        on_batch=run.progress.advance,
+    )
+    return loss
+
+
+def score_model(entry: ScoredModel, run: EvalRun) -> ModelResult:
+    """Outputs, text scores and (if asked) loss and perplexity of one planned model, timed."""
+    started = time.monotonic()
+    result = ModelResult(outputs=[])
+    with entry.adapter_state():
+        result.outputs, head_loss = predict(entry, run)
+        run.seconds[entry.name] = time.monotonic() - started
+        if entry.loss and head_loss is not None:
+            result.metrics["loss"] = head_loss
+        elif entry.loss:
+            loss_started = time.monotonic()
+            loss = reference_loss(entry, run)
+            # Tables go to JSON and the API status, which hold no NaN or infinity.
+            if math.isfinite(loss):
+                result.metrics["loss"] = loss
+            if loss < MAX_EXP_ARGUMENT:
+                result.metrics["perplexity"] = math.exp(loss)
+            run.seconds["loss"] = run.seconds.get("loss", 0.0) + time.monotonic() - loss_started
+    if generates_text(run.metrics) or is_tuned_classifier(entry):
+        try:
+            scored = score_outputs(run.metrics, run.references, result.outputs, run.labels)
+        except InvalidReferenceError as error:
+            raise run.line_error(error) from error
+        result.metrics.update(scored.scores)
+        result.sample_scores = scored.samples
+        result.confusion = scored.confusion
+    return result
+
+
+def add_judge_scores(judge: LlmJudge, results: dict[str, ModelResult], run: EvalRun) -> JudgeCost:
+    """Grade every model's outputs with the judge; its scores join each model's metrics and per-sample scores."""
+    cost = JudgeCost(model=judge.spec.model)
+    started = time.monotonic()
+    for name, result in results.items():
+        scores, per_sample = judge_outputs(judge, run.samples, result.outputs, cost, run.progress)
+        result.metrics.update(scores)
+        earlier = result.sample_scores or [{} for _ in run.samples]
+        result.sample_scores = [{**before, **after} for before, after in zip(earlier, per_sample, strict=True)]
+        log.info("judged %s: %s", name, scores)
+    run.seconds["judge"] = time.monotonic() - started
+    return cost
+
+
+def run_evaluation(
+    model: Any,
+    tokenizer: Any,
+    validation: Sequence[Example],
+    train: Sequence[Example],
+    spec: EvaluationSpec,
+    *,
+    dataset_format: str,
+    labels: Sequence[str] | None = None,
+    seed: int = 42,
+    judge: LlmJudge | None = None,
+    baseline_model: Any | None = None,
+    progress: ProgressCallback | None = None,
+) -> EvaluationResults:
+    """Score the tuned model and the spec's baselines on the first maxSamples validation examples.
+
+    `model` is the trained PEFT model (causal LM or sequence classification); `train` supplies the few-shot shots;
+    `labels` is the classification label set; `judge` is required when the metrics include judge;
+    `progress(done, total)` is called as work finishes.
+    """
+    started = time.monotonic()
+    examples = list(validation[: spec.max_samples])
+    if not examples:
+        raise EvaluationInputError("there are no validation examples to evaluate")
+    samples = [EvalSample(example.input_text, example.completion, example.line) for example in examples]
+    metrics = evaluation_metrics(spec, dataset_format, [sample.reference for sample in samples])
+    if "judge" in metrics and judge is None:
+        raise EvaluationInputError("evaluation.metrics has judge but no judge was configured (evaluation.judge)")
+    if FEW_SHOT in spec.baselines and not train:
+        raise EvaluationInputError("the fewShot baseline needs train examples for its shots, and there are none")
+    shots = select_shots(train, spec.few_shot_k, seed) if FEW_SHOT in spec.baselines else []
+    plan, notes = plan_models(
+        model, baseline_model, examples, shots=shots, baselines=spec.baselines, loss="loss" in metrics
+    )
+    run = EvalRun(
+        tokenizer=tokenizer,
+        examples=examples,
+        samples=samples,
+        metrics=metrics,
+        labels=labels,
+        max_new_tokens=spec.max_new_tokens or default_max_new_tokens(tokenizer, [s.reference for s in samples]),
+        batch_size=spec.batch_size,
+        progress=Progress(len(examples) * sum(work_units(entry, metrics) for entry in plan), progress),
+    )
+    was_training = bool(getattr(model, "training", False))
+    for entry in plan:
+        entry.model.eval()
+    try:
+        results: dict[str, ModelResult] = {}
+        for entry in plan:
+            log.info("evaluating %s on %d samples", entry.name, len(examples))
+            results[entry.name] = score_model(entry, run)
+    finally:
+        if was_training:
+            model.train()
+    cost = add_judge_scores(judge, results, run) if judge is not None and "judge" in metrics else None
+    run.seconds["total"] = time.monotonic() - started
+    return EvaluationResults(
+        headline_metric=headline_metric(metrics, spec.gate.metric if spec.gate else None),
+        samples=samples,
+        models=results,
+        seconds=run.seconds,
+        judge_cost=cost,
+        notes=notes,
+    )

@@ -1,0 +1,256 @@
+"""The evaluation report: report.json, report.md, predictions.jsonl and a bar chart, plus the status summary.
+
+Everything is written into a local directory; publishing it under output.uri/eval/ is the publisher's job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.api import EvaluationStatus, GateStatus
+from kubetune_trainer.evaluation_results import MODEL_ORDER, TUNED, EvaluationResults
+from kubetune_trainer.gate import GateOutcome
+from kubetune_trainer.metrics import LOWER_IS_BETTER, ConfusionMatrix, is_better
+
+REPORT_JSON = "report.json"
+REPORT_MARKDOWN = "report.md"
+PREDICTIONS_JSONL = "predictions.jsonl"
+CHART_PNG = "scores.png"
+
+COLUMN_TITLES = {"zeroShot": "zero-shot", "fewShot": "few-shot", "tuned": "fine-tuned"}
+JUDGE_SCALE = 100.0
+"""The judge scores 0-100; the chart divides by this to share the 0-1 axis with the other scores."""
+UNCHARTED = LOWER_IS_BETTER | {"perplexity"}
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths of the files write_report produced."""
+
+    report_json: Path
+    report_markdown: Path
+    predictions: Path
+    chart: Path | None
+
+
+def ordered_models(models: Mapping[str, Any]) -> list[str]:
+    """Model names in report order: zero-shot, few-shot, fine-tuned, then anything else."""
+    return [name for name in MODEL_ORDER if name in models] + sorted(set(models) - set(MODEL_ORDER))
+
+
+def lift_tables(tables: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Tuned minus each baseline, for every score both have (negative is better for loss-like scores)."""
+    tuned = tables.get(TUNED, {})
+    return {
+        baseline: {name: tuned[name] - value for name, value in table.items() if name in tuned}
+        for baseline, table in tables.items()
+        if baseline != TUNED
+    }
+
+
+def best_baseline_lift(name: str, tables: Mapping[str, Mapping[str, float]]) -> float | None:
+    """Tuned minus the strongest baseline on one score, or None when the tuned model or every baseline lacks it."""
+    tuned = tables.get(TUNED, {}).get(name)
+    scores = [table[name] for baseline, table in tables.items() if baseline != TUNED and name in table]
+    if tuned is None or not scores:
+        return None
+    best = scores[0]
+    for score in scores[1:]:
+        if is_better(name, score, best):
+            best = score
+    return tuned - best
+
+
+def metric_names(tables: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Every score in the tables, the tuned model's first, in the order they were computed."""
+    names: list[str] = []
+    for model in [TUNED, *(name for name in ordered_models(tables) if name != TUNED)]:
+        names.extend(name for name in tables.get(model, {}) if name not in names)
+    return names
+
+
+def confusion_json(confusion: ConfusionMatrix | None) -> dict[str, Any] | None:
+    """A confusion matrix as report.json holds it: labels, columns and matrix."""
+    return None if confusion is None else asdict(confusion)
+
+
+def build_report(results: EvaluationResults, gate: GateOutcome | None, fail_job: bool = False) -> dict[str, Any]:
+    """The report.json document."""
+    tables = results.metric_tables()
+    cost = results.judge_cost
+    return {
+        "headlineMetric": results.headline_metric,
+        "samples": len(results.samples),
+        "models": {
+            name: {
+                "metrics": tables[name],
+                "confusionMatrix": confusion_json(results.models[name].confusion),
+            }
+            for name in ordered_models(results.models)
+        },
+        "lift": lift_tables(tables),
+        "seconds": results.seconds,
+        "judge": None
+        if cost is None
+        else {
+            "model": cost.model,
+            "promptTokens": cost.prompt_tokens,
+            "completionTokens": cost.completion_tokens,
+            "totalTokens": cost.total_tokens,
+            "requests": cost.requests,
+            "judged": cost.judged,
+            "unjudged": cost.unjudged,
+        },
+        "gate": None if gate is None else {"passed": gate.passed, "message": gate.message, "failJob": fail_job},
+        "notes": results.notes,
+    }
+
+
+def report_tables(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The per-model metric tables of a report.json document."""
+    return {name: model["metrics"] for name, model in report["models"].items()}
+
+
+def format_cell(value: float | None, signed: bool = False) -> str:
+    """A table cell: four decimals, an explicit sign for lifts, an em dash when absent."""
+    if value is None:
+        return "—"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: one row per score, columns zero-shot | few-shot | fine-tuned | lift vs the best baseline."""
+    tables = report_tables(report)
+    models = ordered_models(tables)
+    header = ["metric", *(COLUMN_TITLES.get(name, name) for name in models), "lift (vs best baseline)"]
+    lines = [
+        "# Evaluation: fine-tuned adapter vs prompting the base model",
+        "",
+        f"Headline metric: **{report['headlineMetric']}** on {report['samples']} held-out samples.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
+    ]
+    names = metric_names(tables)
+    headline = report["headlineMetric"]
+    # The headline leads the table; the rest follow in the order they were computed.
+    for name in ([headline] if headline in names else []) + [name for name in names if name != headline]:
+        cells = [format_cell(tables[model].get(name)) for model in models]
+        lift = format_cell(best_baseline_lift(name, tables), signed=True)
+        lines.append("| " + " | ".join([name, *cells, lift]) + " |")
+    lines.append("")
+    lines.append(f"Lower is better for: {', '.join(sorted(LOWER_IS_BETTER))}; higher for the rest.")
+    gate = report.get("gate")
+    if gate:
+        verdict = "passed" if gate["passed"] else "failed"
+        consequence = "" if gate["passed"] else (" (the job fails)" if gate["failJob"] else " (the job still succeeds)")
+        lines.append(f"Gate {verdict}{consequence}: {gate['message']}")
+    seconds = report.get("seconds") or {}
+    if seconds:
+        lines.append("Time (s): " + ", ".join(f"{part} {value:.1f}" for part, value in seconds.items()))
+    judge = report.get("judge")
+    if judge:
+        lines.append(
+            f"Judge {judge['model']}: {judge['promptTokens']} prompt + {judge['completionTokens']} completion tokens "
+            f"in {judge['requests']} requests; {judge['judged']} judged, {judge['unjudged']} unjudged."
+        )
+    lines.extend(f"Note: {note}" for note in report.get("notes") or [])
+    return "\n".join(lines) + "\n"
+
+
+def prediction_rows(results: EvaluationResults) -> list[dict[str, Any]]:
+    """predictions.jsonl: per sample its input, reference, every model's output and per-sample scores."""
+    models = ordered_models(results.models)
+    return [
+        {
+            "index": index,
+            "line": sample.line,
+            "input": sample.input_text,
+            "reference": sample.reference,
+            "outputs": {name: results.models[name].outputs[index] for name in models},
+            "scores": {
+                name: results.models[name].sample_scores[index] if results.models[name].sample_scores else {}
+                for name in models
+            },
+        }
+        for index, sample in enumerate(results.samples)
+    ]
+
+
+def chart_scores(tables: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Per charted score, each model's value on a 0-1 axis: higher-is-better scores only, the judge divided by 100."""
+    charted: dict[str, dict[str, float]] = {}
+    for name in metric_names(tables):
+        if name in UNCHARTED:
+            continue
+        scale = JUDGE_SCALE if name == "judge" else 1.0
+        label = "judge (/100)" if name == "judge" else name
+        charted[label] = {
+            model: tables[model][name] / scale for model in ordered_models(tables) if name in tables[model]
+        }
+    return charted
+
+
+def plot_scores(tables: Mapping[str, Mapping[str, float]], path: Path) -> bool:
+    """Grouped bars of the baselines and the tuned model per score; False (and no file) when nothing is chartable."""
+    from matplotlib.figure import Figure
+
+    charted = chart_scores(tables)
+    if not charted:
+        return False
+    models = ordered_models(tables)
+    width = 0.8 / len(models)
+    # A bare Figure renders through Agg without touching pyplot's global backend state.
+    figure = Figure(figsize=(max(4.0, 1.4 * len(charted) + 2), 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    for offset, model in enumerate(models):
+        xs = [i + (offset - (len(models) - 1) / 2) * width for i in range(len(charted))]
+        heights = [scores.get(model, 0.0) for scores in charted.values()]
+        axes.bar(xs, heights, width, label=COLUMN_TITLES.get(model, model))
+    axes.set_xticks(range(len(charted)), list(charted))
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("score")
+    axes.set_title("Fine-tuned adapter vs prompting baselines")
+    axes.legend()
+    figure.savefig(path, format="png", dpi=100)
+    return True
+
+
+def write_report(
+    directory: Path, results: EvaluationResults, gate: GateOutcome | None, fail_job: bool = False
+) -> ReportFiles:
+    """Write report.json, report.md, predictions.jsonl and scores.png into directory (created if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    report = build_report(results, gate, fail_job)
+    report_json = directory / REPORT_JSON
+    report_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    report_markdown = directory / REPORT_MARKDOWN
+    report_markdown.write_text(render_markdown(report), encoding="utf-8")
+    predictions = directory / PREDICTIONS_JSONL
+    with predictions.open("w", encoding="utf-8") as stream:
+        for row in prediction_rows(results):
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+    chart = directory / CHART_PNG
+    return ReportFiles(
+        report_json, report_markdown, predictions, chart if plot_scores(report_tables(report), chart) else None
+    )
+
+
+def evaluation_status(results: EvaluationResults, gate: GateOutcome | None) -> EvaluationStatus:
+    """status.evaluation: the headline score of the tuned model and each baseline, the lifts, the gate."""
+    name = results.headline_metric
+    tables = results.metric_tables()
+    tuned = tables.get(TUNED, {}).get(name)
+    baselines = {model: table[name] for model, table in tables.items() if model != TUNED and name in table}
+    return EvaluationStatus(
+        metric=name,
+        tuned=tuned,
+        baselines=baselines,
+        lift={} if tuned is None else {model: tuned - score for model, score in baselines.items()},
+        samples=len(results.samples),
+        gate=None if gate is None else GateStatus(passed=gate.passed, message=gate.message),
+    )
