@@ -24,12 +24,9 @@ STANDIN_NODE = "standin-gpu-0"
 _failed_tests: list[str] = []
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    report = yield
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.failed:
-        _failed_tests.append(item.nodeid)
-    return report
+        _failed_tests.append(report.nodeid)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +71,7 @@ class KwokCluster:
 
 @pytest.fixture(scope="session")
 def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
-    """Jobs get Pods scheduled onto GPU nodes: `kwok-gpu-0` (kwok fakes its pods) and `standin-gpu-0` (pods really run)."""
+    """Jobs get Pods on GPU nodes: `kwok-gpu-0` (kwok fakes its pods) and `standin-gpu-0` (pods really run)."""
     from kubernetes import client
 
     kube.start_controllers()

@@ -67,7 +67,7 @@ class ControlPlane:
                 "--log-level=warn",
             ],
         )
-        wait_for(lambda: etcd.assert_running() or http_ok(f"http://127.0.0.1:{etcd_port}/health"), 60, "etcd /health")
+        wait_for(lambda: etcd.alive() and http_ok(f"http://127.0.0.1:{etcd_port}/health"), 60, "etcd /health")
 
         sa_key = self.work_dir / "sa.key"
         write_service_account_key(sa_key)
@@ -98,7 +98,7 @@ class ControlPlane:
         )
         token_header = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         wait_for(
-            lambda: apiserver.assert_running() or http_ok(f"{self.server}/readyz", True, token_header),
+            lambda: apiserver.alive() and http_ok(f"{self.server}/readyz", True, token_header),
             120,
             "kube-apiserver /readyz",
         )
@@ -159,7 +159,9 @@ class ControlPlane:
             ],
         )
 
-    def kubectl(self, *args: str, input_text: str | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input_text: str | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this control plane as admin."""
         kubectl = shutil.which("kubectl")
         if kubectl is None:

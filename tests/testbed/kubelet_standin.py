@@ -190,7 +190,7 @@ class KubeletStandin:
         while not self._stop.is_set():
             try:
                 self._sync(core)
-            except Exception as error:  # noqa: BLE001 - keep serving; the API server may be restarting
+            except Exception as error:
                 print(f"kubelet stand-in: {error}", file=sys.stderr)
             self._stop.wait(self.poll_seconds)
 
@@ -221,7 +221,7 @@ class KubeletStandin:
             env["KUBECONFIG"] = self._pod_kubeconfig(pod)
             env[TERMINATION_ENV] = str(termination_path)
             argv = local_argv(container)
-        except Exception as error:  # noqa: BLE001 - a pod the stand-in cannot start fails like a bad container
+        except Exception as error:
             self.finished.add(key)
             self._write_terminated(core, pod, 128, "CreateContainerConfigError", str(error), now_rfc3339())
             return
@@ -282,12 +282,10 @@ class KubeletStandin:
     ) -> None:
         container = pod["spec"]["containers"][0]
         finished = now_rfc3339()
+        not_ready = {"status": "False", "reason": "PodCompleted", "lastTransitionTime": finished}
         status = {
             "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": [
-                {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished},
-                {"type": "ContainersReady", "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished},
-            ],
+            "conditions": [{"type": "Ready", **not_ready}, {"type": "ContainersReady", **not_ready}],
             "containerStatuses": [
                 {
                     "name": container["name"],
@@ -357,3 +355,27 @@ class KubeletStandin:
         """What a container image provides: PATH, HOME and Python's locale; nothing from the test process."""
         keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
         return {key: os.environ[key] for key in keep if key in os.environ}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the stand-in as its own process (the demo keeps it alive after `make demo` returns)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--work-dir", required=True, type=Path, help="control-plane work dir (kubeconfig, pod logs)")
+    parser.add_argument("--server", required=True, help="API server URL")
+    parser.add_argument("--node", action="append", required=True, help="node to serve (repeatable)")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE laid over every pod's environment")
+    args = parser.parse_args(argv)
+    plane = ControlPlane(work_dir=args.work_dir, server=args.server, kubeconfig=str(args.work_dir / "admin.kubeconfig"))
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    standin = KubeletStandin(plane, args.node, extra_env=extra_env).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    standin.stop()
+
+
+if __name__ == "__main__":
+    main()

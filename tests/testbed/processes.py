@@ -36,6 +36,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ProcessExitedError(RuntimeError):
+    """A test-bed process died: waiting on it any longer is pointless."""
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
     """Poll `check` until it is true; TimeoutError naming `what` otherwise."""
     deadline = time.monotonic() + timeout
@@ -43,7 +47,9 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - a check that raises is simply not ready yet
+        except ProcessExitedError:
+            raise
+        except Exception:
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
@@ -53,10 +59,10 @@ def http_ok(url: str, insecure_tls: bool = False, headers: dict[str, str] | None
     """True when GET url answers 2xx."""
     import ssl
 
-    context = ssl._create_unverified_context() if insecure_tls else None  # noqa: S323 - loopback self-signed certs
+    context = ssl._create_unverified_context() if insecure_tls else None
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=2, context=context) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -88,9 +94,11 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def assert_running(self) -> None:
+    def alive(self) -> bool:
+        """True while running; raises with the log tail once it has exited, so waits on it end at once."""
         if not self.running():
-            raise RuntimeError(f"{self.name} exited early; last log lines:\n{self.log_tail()}")
+            raise ProcessExitedError(f"{self.name} exited early; last log lines:\n{self.log_tail()}")
+        return True
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path.exists():

@@ -58,20 +58,20 @@ class PrometheusServer:
         ]
         self.process = ManagedProcess("prometheus", argv, self.work_dir).start()
         process = self.process
-        wait_for(lambda: process.assert_running() or http_ok(f"{self.url}/-/ready"), 60, "prometheus /-/ready")
+        wait_for(lambda: process.alive() and http_ok(f"{self.url}/-/ready"), 60, "prometheus /-/ready")
         return self
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """Instant query; the result vector (raises on a PromQL error)."""
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=10) as response:
             body = json.load(response)
         if body.get("status") != "success":
             raise ValueError(f"PromQL {promql!r} failed: {body.get('error')}")
         return list(body["data"]["result"])
 
     def targets_up(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as response:
             active = json.load(response)["data"]["activeTargets"]
         return bool(active) and all(target["health"] == "up" for target in active)
 

