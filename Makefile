@@ -10,6 +10,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 UV := $(CACHE)/uv/bin/uv
 PYTEST_ARGS ?=
+START_TIME := $(shell date +%s)
 export KUBETUNE_CACHE := $(CACHE)
 export UV_PYTHON_DOWNLOADS := never
 
@@ -80,3 +81,14 @@ test-integration: venv testbed ## Integration tests on the real control plane, S
 .PHONY: clean
 clean: ## Remove the virtualenv and test-run leftovers (keeps the built binaries and models)
 	rm -rf $(VENV) $(CACHE)/test-runs .mypy_cache .ruff_cache .pytest_cache
+
+##@ Demo
+
+.PHONY: demo
+demo: venv testbed ## The main job end to end on the local test bed (CPU only); prints set-up and run times
+	@echo "set-up done in $$(( $$(date +%s) - $(START_TIME) ))s"
+	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.demo up
+
+.PHONY: demo-down
+demo-down: ## Stop everything `make demo` started (logs stay in .cache/demo)
+	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.demo down

@@ -1,0 +1,250 @@
+"""`make demo`: the whole product on this machine — test bed, Helm install, the AG News qLoRA job, its evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.processes import REPO_ROOT, ManagedProcess, cache_dir, free_port, testbed_binary, wait_for
+from tests.testbed.prometheus import PrometheusServer
+from tests.testbed.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.testbed.smollm2 import convert_smollm2
+
+STANDIN_NODE = "standin-gpu-0"
+JOB_NAMESPACE = "demo"
+OPERATOR_NAMESPACE = "kubetune-system"
+EXAMPLE = REPO_ROOT / "examples" / "agnews-qlora.yaml"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+BUCKETS = ("kubetune-data", "kubetune-models", "kubetune-artifacts")
+TERMINAL = {"Succeeded", "Failed", "Cancelled"}
+
+
+def state_dir() -> Path:
+    return cache_dir() / "demo"
+
+
+def say(text: str) -> None:
+    print(f"\033[1m==> {text}\033[0m", flush=True)
+
+
+def shared_data_dir() -> Path:
+    """The shared AG News sample (shared/ sits beside the checkout; KUBETUNE_SHARED_DATA overrides it)."""
+    path = Path(os.environ.get("KUBETUNE_SHARED_DATA", SHARED_DATA))
+    if not (path / "ag_news" / "train.jsonl").exists():
+        raise FileNotFoundError(f"{path}/ag_news/train.jsonl is missing: set KUBETUNE_SHARED_DATA to shared/data")
+    return path
+
+
+def upload_inputs(s3: S3Server, model_dir: Path, data_dir: Path) -> None:
+    """The job's inputs, where examples/agnews-qlora.yaml expects them."""
+    client = s3.client()
+    for bucket in BUCKETS:
+        client.create_bucket(Bucket=bucket)
+    for name in ("train.jsonl", "test.jsonl"):
+        client.upload_file(str(data_dir / "ag_news" / name), "kubetune-data", f"ag_news/{name}")
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            client.upload_file(str(path), "kubetune-models", f"smollm2-135m-instruct/{path.name}")
+
+
+def helm_values(s3: S3Server, ports: dict[str, int]) -> dict[str, Any]:
+    """Chart values for this machine: the operator and trainers run on the stand-in's fake GPU node."""
+    standin = {"kubetune.io/testbed-kubelet": "standin"}
+    return {
+        "nodeSelector": standin,
+        "s3": {"endpoint": s3.endpoint, "region": REGION, "credentialsSecret": "kubetune-s3"},
+        "metrics": {"port": ports["operator_metrics"]},
+        "healthPort": ports["operator_health"],
+        "trainer": {
+            "gpuNodeSelector": standin,
+            "gpuTolerations": [],
+            "metricsPort": ports["trainer_metrics"],
+            "progressIntervalSeconds": 5,
+        },
+    }
+
+
+def start_testbed(work: Path) -> tuple[ControlPlane, S3Server, PrometheusServer, dict[str, int]]:
+    plane = ControlPlane(work_dir=work / "control-plane").start()
+    plane.start_controllers()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "KUBECONFIG": plane.kubeconfig}
+    standin = ManagedProcess(
+        "kubelet-standin",
+        [
+            sys.executable, "-m", "tests.testbed.kubelet_standin", "--work-dir", str(plane.work_dir),
+            "--server", plane.server, "--node", STANDIN_NODE, "--env", "HF_HUB_OFFLINE=1",
+        ],
+        plane.log_dir,
+        env=env,
+    ).start()  # fmt: skip
+    plane.processes.append(standin)
+    wait_for(lambda: plane.kubectl("get", "node", STANDIN_NODE).returncode == 0, 60, "the stand-in's GPU node")
+    s3 = S3Server(log_dir=work / "s3").start()
+    ports = {name: free_port() for name in ("operator_metrics", "operator_health", "trainer_metrics")}
+    prometheus = PrometheusServer(
+        work_dir=work / "prometheus",
+        jobs={
+            "kubetune-operator": [f"127.0.0.1:{ports['operator_metrics']}"],
+            "kubetune-trainer": [f"127.0.0.1:{ports['trainer_metrics']}"],
+        },
+    ).start()
+    return plane, s3, prometheus, ports
+
+
+def install_chart(plane: ControlPlane, s3: S3Server, ports: dict[str, int], work: Path) -> None:
+    values = work / "values.yaml"
+    values.write_text(yaml.safe_dump(helm_values(s3, ports)))
+    for namespace in (OPERATOR_NAMESPACE, JOB_NAMESPACE):
+        plane.kubectl("create", "namespace", namespace, check=True)
+    plane.kubectl(
+        "create", "secret", "generic", "kubetune-s3", "-n", JOB_NAMESPACE,
+        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY_ID}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_ACCESS_KEY}",
+        check=True,
+    )  # fmt: skip
+    subprocess.run(
+        [
+            testbed_binary("helm"), "install", "kubetune", str(REPO_ROOT / "charts" / "kubetune"),
+            "--namespace", OPERATOR_NAMESPACE, "--kubeconfig", plane.kubeconfig, "-f", str(values), "--wait=false",
+        ],
+        check=True,
+    )  # fmt: skip
+
+    def operator_running() -> bool:
+        pods = json.loads(plane.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "json", check=True).stdout)
+        return any(pod["status"].get("phase") == "Running" for pod in pods["items"])
+
+    wait_for(operator_running, 120, "the operator pod to run")
+
+
+def job_status(plane: ControlPlane, name: str) -> dict[str, Any]:
+    result = plane.kubectl("get", "finetunejob", name, "-n", JOB_NAMESPACE, "-o", "json", check=True)
+    return dict(json.loads(result.stdout).get("status") or {})
+
+
+def progress_line(status: dict[str, Any]) -> str:
+    progress = status.get("progress") or {}
+    parts = [f"phase={status.get('phase', '?')}"]
+    if progress.get("stage"):
+        parts.append(f"stage={progress['stage']}")
+    if progress.get("totalSteps"):
+        parts.append(f"step={progress.get('step', 0)}/{progress['totalSteps']} ({progress.get('percent', 0):.0f}%)")
+    for key, label, fmt in (("loss", "loss", "{:.3f}"), ("tokensPerSecond", "tok/s", "{:.0f}")):
+        if progress.get(key) is not None:
+            parts.append(f"{label}={fmt.format(progress[key])}")
+    if progress.get("etaSeconds") is not None:
+        parts.append(f"eta={int(progress['etaSeconds']) // 60}m{int(progress['etaSeconds']) % 60:02d}s")
+    return "  ".join(parts)
+
+
+def follow_job(plane: ControlPlane, name: str, timeout: float) -> dict[str, Any]:
+    """Print a line whenever the job's phase or progress changes, until it ends."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        status = job_status(plane, name)
+        line = progress_line(status)
+        if line != last:
+            print(f"  [{time.strftime('%H:%M:%S')}] {line}", flush=True)
+            last = line
+        if status.get("phase") in TERMINAL:
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"FineTuneJob {name} did not finish within {timeout:.0f}s")
+
+
+def print_results(s3: S3Server, status: dict[str, Any]) -> None:
+    artifacts = status.get("artifacts") or {}
+    report = artifacts.get("report")
+    if report:
+        bucket, key = report.removeprefix("s3://").split("/", 1)
+        key = key.rsplit("/", 1)[0] + "/report.md" if key.endswith(".json") else key
+        say("Evaluation: did fine-tuning beat prompting?")
+        print(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode())
+    for condition in status.get("conditions") or []:
+        if condition["type"] in ("EvalPassed", "Failed", "Succeeded"):
+            print(
+                f"  {condition['type']}={condition['status']} ({condition['reason']}): {condition.get('message', '')}"
+            )
+    if artifacts:
+        say("Artifacts")
+        for kind, uri in sorted(artifacts.items()):
+            print(f"  {kind:12} {uri}")
+
+
+def print_look_around(plane: ControlPlane, s3: S3Server, prometheus: PrometheusServer, name: str) -> None:
+    say("Look around (the test bed keeps running until `make demo-down`)")
+    print(f"  export KUBECONFIG={plane.kubeconfig}")
+    print(f"  kubectl get ftj -n {JOB_NAMESPACE}; kubectl describe ftj {name} -n {JOB_NAMESPACE}")
+    print(f"  kubectl get events -n {JOB_NAMESPACE} --sort-by=.lastTimestamp")
+    print(f"  Prometheus: {prometheus.url}/graph?g0.expr=kubetune_job_train_loss")
+    print(f"  S3 (moto): {s3.endpoint}  (AWS_ACCESS_KEY_ID={ACCESS_KEY_ID}, any secret)")
+    print(f"  logs: {plane.log_dir}  and pod logs in {plane.work_dir / 'standin-pods'}")
+
+
+def up(timeout: float) -> int:
+    started = time.monotonic()
+    work = state_dir()
+    if (work / "state.json").exists():
+        print("a demo is already up: run `make demo-down` first", file=sys.stderr)
+        return 1
+    work.mkdir(parents=True, exist_ok=True)
+    say("Starting the test bed: etcd, kube-apiserver, controllers, a fake GPU node, moto S3, Prometheus")
+    plane, s3, prometheus, ports = start_testbed(work)
+    processes = [*plane.processes, s3.process, prometheus.process]
+    pids = [p.process.pid for p in processes if p is not None and p.process is not None]
+    (work / "state.json").write_text(json.dumps({"kubeconfig": plane.kubeconfig, "pids": pids}))
+    say("Uploading the AG News sample and SmolLM2-135M-Instruct to S3")
+    upload_inputs(s3, convert_smollm2(), shared_data_dir())
+    say("Installing kubetune with Helm (the operator runs as a pod on the stand-in node, with the chart's RBAC)")
+    install_chart(plane, s3, ports, work)
+    name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
+    say(f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)}")
+    plane.kubectl("apply", "-n", JOB_NAMESPACE, "-f", str(EXAMPLE), check=True)
+    status = follow_job(plane, name, timeout)
+    print_results(s3, status)
+    print_look_around(plane, s3, prometheus, name)
+    say(f"Demo finished in {time.monotonic() - started:.0f}s with phase {status.get('phase')}")
+    return 0 if status.get("phase") == "Succeeded" else 1
+
+
+def down() -> int:
+    """Stop every process the demo started (each runs in its own session) and forget the demo."""
+    work = state_dir()
+    state_file = work / "state.json"
+    if not state_file.exists():
+        print("no demo is up")
+        return 0
+    stopped = 0
+    # The stand-in goes first (in reverse start order) so that it stops the pods it runs.
+    for pid in reversed(json.loads(state_file.read_text())["pids"]):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            stopped += 1
+        except ProcessLookupError:
+            pass
+    state_file.unlink()
+    print(f"stopped {stopped} demo process group(s); logs kept in {work}")
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
+    args = parser.parse_args()
+    sys.exit(up(args.timeout) if args.command == "up" else down())
+
+
+if __name__ == "__main__":
+    main()
