@@ -64,7 +64,9 @@ class TrainerSummary(BaseModel):
 # The trainer pod's command. One process per GPU above one GPU, started by accelerate's launcher.
 TRAINER_ENTRY = ("-m", "kubetune_trainer", "run")
 # Exit status after SIGTERM once the checkpoint of the last finished step is uploaded (128 + SIGTERM, as a shell
-# reports it): non-zero, so the Job retries the pod, which resumes from that checkpoint.
+# reports it): non-zero, so the Job retries the pod, which resumes from that checkpoint. Under `accelerate launch`
+# (gpus > 1) the launcher receives the SIGTERM, passes it to every rank, gives them 30 s (torch elastic's shutdown
+# timeout) to finish the step, save and upload, and itself exits 1.
 EXIT_CODE_PREEMPTED = 143
 
 

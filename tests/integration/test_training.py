@@ -24,10 +24,11 @@ from kubetune_trainer.checkpoints import (
     upload_checkpoint,
 )
 from kubetune_trainer.data import prepare_data
-from kubetune_trainer.examples import PreparedData
+from kubetune_trainer.examples import DataError, PreparedData
 from kubetune_trainer.modeling import ModelError, load_model_for_training, resolve_model_dir
 from kubetune_trainer.training import (
     TrainingDiverged,
+    TrainResult,
     build_trainer,
     train,
 )
@@ -185,7 +186,9 @@ def safetensors_keys(path: Path) -> dict[str, Any]:
 def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_alone(
     tiny_model: Path, train_file: Path, bucket: str, tmp_path: Path
 ) -> None:
-    spec = job_spec(tiny_model, train_file, f"s3://{bucket}/qlora", method="qlora")
+    spec = job_spec(
+        tiny_model, train_file, f"s3://{bucket}/qlora", method="qlora", training={"gradientCheckpointing": True}
+    )
     snapshots = WeightSnapshots()
 
     result = train(spec, prepared(spec), tiny_model, tmp_path / "work", extra_callbacks=[snapshots])
@@ -210,7 +213,8 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_alone(
 def test_lora_and_full_fine_tuning_run_and_save(
     method: str, tiny_model: Path, train_file: Path, bucket: str, tmp_path: Path
 ) -> None:
-    spec = job_spec(tiny_model, train_file, f"s3://{bucket}/{method}", method=method)
+    output = {"uri": f"s3://{bucket}/{method}", "mergeAdapter": method != "full"}
+    spec = job_spec(tiny_model, train_file, "unused", method=method, output=output)
     snapshots = WeightSnapshots()
 
     result = train(spec, prepared(spec), tiny_model, tmp_path / "work", extra_callbacks=[snapshots])
@@ -226,14 +230,34 @@ def test_lora_and_full_fine_tuning_run_and_save(
         assert not snapshots.changed(embed)
         assert any(snapshots.changed(name) for name in snapshots.before if "lora_B" in name)
         assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+        assert_merged_model_matches_adapter(tiny_model, result)
+
+
+def assert_merged_model_matches_adapter(base_dir: Path, result: TrainResult) -> None:
+    """The merged checkpoint computes what the base plus the saved adapter computes."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert result.merged_dir is not None and (result.merged_dir / "model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), result.adapter_dir
+    )
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tokens = torch.tensor([[1, 5, 9, 42, 7, 100]])
+    with torch.no_grad():
+        merged_logits, adapted_logits = merged(tokens).logits, adapted(tokens).logits
+        plain_logits = plain(tokens).logits
+    # The merge happens in 16 bits, so agreement is to bf16 precision, while the adapter's effect is far larger.
+    assert torch.allclose(merged_logits, adapted_logits, atol=0.05)
+    assert not torch.allclose(plain_logits, adapted_logits, atol=0.05)
 
 
 def test_sequence_classification_trains_the_head_and_saves_it_with_the_adapter(
     tiny_model: Path, train_file: Path, bucket: str, tmp_path: Path
 ) -> None:
-    spec = job_spec(
-        tiny_model, train_file, f"s3://{bucket}/seqcls", training={"objective": "sequence-classification"}
-    )
+    spec = job_spec(tiny_model, train_file, f"s3://{bucket}/seqcls", training={"objective": "sequence-classification"})
     data = prepared(spec)
     snapshots = WeightSnapshots()
 
@@ -252,6 +276,24 @@ def test_sequence_classification_trains_the_head_and_saves_it_with_the_adapter(
     assert list(labels["id2label"].values()) == data.labels
 
 
+def test_packed_text_trains_with_gradient_checkpointing(tiny_model: Path, bucket: str, tmp_path: Path) -> None:
+    rows = [json.loads(line)["text"] for line in SAMPLE_TRAIN.read_text().splitlines()[:TRAIN_ROWS]]
+    text_file = tmp_path / "text.jsonl"
+    text_file.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    dataset = {"train": str(text_file), "format": "text", "maxLength": 128}
+    training = {"packing": True, "gradientCheckpointing": True}
+    spec = job_spec(tiny_model, text_file, f"s3://{bucket}/packed", dataset=dataset, training=training)
+    data = prepared(spec)
+    snapshots = WeightSnapshots()
+
+    result = train(spec, data, tiny_model, tmp_path / "work", extra_callbacks=[snapshots])
+
+    assert result.steps == 4 and result.final_loss is not None
+    assert any(snapshots.changed(name) for name in snapshots.before if "lora_B" in name)
+    # Packed rows are max_length tokens with no padding: 4 steps of 4 rows of 128 tokens, or fewer at the tail.
+    assert 0 < result.trained_tokens <= 4 * 4 * 128
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Completion-only loss
 
@@ -266,9 +308,7 @@ def test_completion_only_loss_masks_the_prompt(
     spec = job_spec(tiny_model, train_file, str(tmp_path / "out"), dataset=dataset)
     data = prepared(spec)
     loaded = load_model_for_training(spec, tiny_model, data.labels)
-    trainer = build_trainer(
-        spec, data=data, loaded=loaded, checkpoints_dir=tmp_path / "checkpoints", flags=RunFlags()
-    )
+    trainer = build_trainer(spec, data=data, loaded=loaded, checkpoints_dir=tmp_path / "checkpoints", flags=RunFlags())
     tokenizer = loaded.tokenizer
 
     batch = trainer.data_collator([trainer.train_dataset[index] for index in range(3)])
@@ -297,14 +337,24 @@ def test_full_sequence_loss_when_completion_only_loss_is_off(
     spec = job_spec(tiny_model, train_file, str(tmp_path / "out"), training={"completionOnlyLoss": False})
     data = prepared(spec)
     loaded = load_model_for_training(spec, tiny_model, data.labels)
-    trainer = build_trainer(
-        spec, data=data, loaded=loaded, checkpoints_dir=tmp_path / "checkpoints", flags=RunFlags()
-    )
+    trainer = build_trainer(spec, data=data, loaded=loaded, checkpoints_dir=tmp_path / "checkpoints", flags=RunFlags())
 
     batch = trainer.data_collator([trainer.train_dataset[0]])
 
     real = int(batch["attention_mask"][0].sum())
     assert batch["labels"][0].tolist()[:real] == batch["input_ids"][0].tolist()[:real]
+
+
+def test_prompts_that_fill_max_length_leave_nothing_to_train_and_say_so(
+    tiny_model: Path, train_file: Path, tmp_path: Path
+) -> None:
+    dataset = {"train": str(train_file), "format": "classification", "maxLength": 16}
+    spec = job_spec(tiny_model, train_file, str(tmp_path / "out"), dataset=dataset)
+    data = prepared(spec)
+    loaded = load_model_for_training(spec, tiny_model, data.labels)
+
+    with pytest.raises(DataError, match=r"no training example fits dataset.maxLength=16 tokens"):
+        build_trainer(spec, data=data, loaded=loaded, checkpoints_dir=tmp_path / "checkpoints", flags=RunFlags())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,9 +380,7 @@ def test_checkpoints_are_uploaded_with_complete_markers_whose_hashes_verify(
     assert state["global_step"] == 4
 
 
-def test_checkpoints_without_complete_marker_or_with_wrong_hashes_are_not_resumed(
-    bucket: str, tmp_path: Path
-) -> None:
+def test_checkpoints_without_complete_marker_or_with_wrong_hashes_are_not_resumed(bucket: str, tmp_path: Path) -> None:
     output = f"s3://{bucket}/run"
     local = tmp_path / "checkpoint"
     local.mkdir()
@@ -357,13 +405,34 @@ def test_checkpoints_without_complete_marker_or_with_wrong_hashes_are_not_resume
     assert fetch_latest_checkpoint(f"s3://{bucket}/elsewhere", tmp_path / "none") is None
 
 
-def run_driver(config: dict[str, Any], tmp_path: Path, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+def launch_driver(
+    config: dict[str, Any], tmp_path: Path, env: dict[str, str], name: str, processes: int = 1
+) -> subprocess.Popen[bytes]:
+    """The driver started the way the operator starts the trainer: trainer_command() for this many processes."""
     config_path = tmp_path / f"{name}.json"
     config_path.write_text(json.dumps(config))
-    log_file = (tmp_path / f"{name}.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, str(DRIVER), str(config_path)], env=env, stdout=log_file, stderr=subprocess.STDOUT
-    )
+    command = trainer_command(processes, python=sys.executable, entry=[str(DRIVER), str(config_path)])
+    with (tmp_path / f"{name}.log").open("wb") as log_file:
+        return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def log_tail(tmp_path: Path, name: str) -> str:
+    return (tmp_path / f"{name}.log").read_text(errors="replace")[-4000:]
+
+
+def sigterm_after_checkpoint(process: subprocess.Popen[bytes], output: str, step: int, log: Path) -> int:
+    """Wait until checkpoint `step` is complete in storage, send SIGTERM, return the exit status."""
+    try:
+        deadline = time.monotonic() + 300
+        while not storage.exists(storage.join(checkpoint_uri(output, step), COMPLETE_MARKER)):
+            assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, f"no complete checkpoint at step {step} in time"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def driver_env(s3_env: dict[str, str]) -> dict[str, str]:
@@ -375,7 +444,6 @@ def recorded_steps(record_dir: Path, rank: int = 0) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
-@pytest.mark.slow
 def test_sigterm_checkpoints_and_the_next_run_resumes_without_repeating_a_step(
     tiny_model: Path, train_file: Path, bucket: str, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -385,24 +453,14 @@ def test_sigterm_checkpoints_and_the_next_run_resumes_without_repeating_a_step(
     first.mkdir()
     second.mkdir()
     base = {"spec": spec.to_wire(), "model_dir": str(tiny_model), "progress_interval": 0}
-    process = run_driver(
+    process = launch_driver(
         {**base, "work_dir": str(first / "work"), "record_dir": str(first), "step_delay": 0.5},
         tmp_path,
         driver_env(s3_env),
         "first",
     )
-    try:
-        deadline = time.monotonic() + 240
-        while not storage.exists(storage.join(checkpoint_uri(output, 3), COMPLETE_MARKER)):
-            assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 3 in time"
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert returncode == EXIT_CODE_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
+    returncode = sigterm_after_checkpoint(process, output, 3, tmp_path / "first.log")
+    assert returncode == EXIT_CODE_PREEMPTED, log_tail(tmp_path, "first")
     first_steps = recorded_steps(first)
     stopped_at = first_steps[-1]
     assert 3 <= stopped_at < 10 and first_steps == list(range(1, stopped_at + 1))
@@ -419,7 +477,7 @@ def test_sigterm_checkpoints_and_the_next_run_resumes_without_repeating_a_step(
     assert result.resumed_from_step == stopped_at
     assert result.steps == 10
     resumed_steps = [report.step for report in progress]
-    assert resumed_steps == list(range(stopped_at + 1, 11)) + [10]
+    assert resumed_steps == [*range(stopped_at + 1, 11), 10], "each step once, then the final state"
     assert result.trained_tokens > 0
 
 
@@ -544,7 +602,6 @@ def test_progress_reaches_the_sink_at_a_bounded_rate_with_throughput_and_eta(
 # Two processes
 
 
-@pytest.mark.slow
 def test_two_process_run_trains_in_step_and_only_rank_zero_writes(
     tiny_model: Path, train_file: Path, bucket: str, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -557,13 +614,10 @@ def test_two_process_run_trains_in_step_and_only_rank_zero_writes(
         "record_dir": str(tmp_path),
         "progress_interval": 0,
     }
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(config))
-    command = trainer_command(2, python=sys.executable, entry=[str(DRIVER), str(config_path)])
 
-    completed = subprocess.run(command, env=driver_env(s3_env), capture_output=True, text=True, timeout=600)
+    process = launch_driver(config, tmp_path, driver_env(s3_env), "ddp", processes=2)
 
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert process.wait(timeout=600) == 0, log_tail(tmp_path, "ddp")
     worlds = [json.loads((tmp_path / f"world-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(world["rank"], world["world_size"], world["backend"]) for world in worlds] == [
         (0, 2, "gloo"),
@@ -574,8 +628,49 @@ def test_two_process_run_trains_in_step_and_only_rank_zero_writes(
     assert [checkpoint.step for checkpoint in list_checkpoints(output)] == [4, 2]
     files = assert_checkpoint_verifies(output, 4)
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(files)
-    assert (tmp_path / "progress-rank0.jsonl").exists() and not (tmp_path / "progress-rank1.jsonl").exists()
+    progress = [json.loads(line) for line in (tmp_path / "progress-rank0.jsonl").read_text().splitlines()]
+    assert [report["step"] for report in progress] == [1, 2, 3, 4, 4]
+    assert not (tmp_path / "progress-rank1.jsonl").exists(), "only rank 0 reports progress"
     result: dict[str, Any] = json.loads((tmp_path / "result-rank0.json").read_text())
     assert result["steps"] == 4
     assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
 
+
+@pytest.mark.slow
+def test_two_process_run_preempted_by_sigterm_resumes_on_both_ranks(
+    tiny_model: Path, train_file: Path, bucket: str, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    output = f"s3://{bucket}/ddp-preempted"
+    spec = job_spec(tiny_model, train_file, output, training={"maxSteps": 12, "checkpointEvery": 3})
+    base = {"spec": spec.to_wire(), "model_dir": str(tiny_model), "progress_interval": 0}
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    env = driver_env(s3_env)
+
+    process = launch_driver(
+        {**base, "work_dir": str(first / "work"), "record_dir": str(first), "step_delay": 0.5},
+        tmp_path,
+        env,
+        "first",
+        processes=2,
+    )
+    # SIGTERM goes to the launcher, as the kubelet sends it to the container's main process; the launcher passes it
+    # on to both ranks, which agree on the step to stop at, save, upload, and exit.
+    returncode = sigterm_after_checkpoint(process, output, 3, tmp_path / "first.log")
+
+    assert returncode != 0, log_tail(tmp_path, "first")
+    stopped_at = recorded_steps(first, 0)[-1]
+    assert recorded_steps(first, 1) == recorded_steps(first, 0) == list(range(1, stopped_at + 1))
+    assert 3 <= stopped_at < 12
+    assert list_checkpoints(output)[0].step == stopped_at
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(assert_checkpoint_verifies(output, stopped_at))
+
+    process = launch_driver(
+        {**base, "work_dir": str(second / "work"), "record_dir": str(second)}, tmp_path, env, "second", processes=2
+    )
+
+    assert process.wait(timeout=600) == 0, log_tail(tmp_path, "second")
+    assert recorded_steps(second, 0) == recorded_steps(second, 1) == list(range(stopped_at + 1, 13))
+    result = json.loads((second / "result-rank0.json").read_text())
+    assert result["resumed_from_step"] == stopped_at and result["steps"] == 12

@@ -97,19 +97,22 @@ def fetch_s3_model(uri: str, cache_dir: Path, source: str) -> Path:
     if (target / DOWNLOAD_COMPLETE_MARKER).exists():
         log.info("model %s already in the local cache %s", uri, target)
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    except OSError as error:
+        raise ModelError(f"{source}: cannot create the model cache in {cache_dir}: {error}") from error
     try:
         storage.download_dir(uri, staging)
         (staging / DOWNLOAD_COMPLETE_MARKER).write_text(uri)
-        try:
-            # Renaming a finished download into place is atomic, so a concurrent reader sees all of it or nothing.
-            staging.rename(target)
-        except OSError:
-            if not (target / DOWNLOAD_COMPLETE_MARKER).exists():
-                raise
+        # Renaming a finished download into place is atomic: a concurrent reader sees all of it or nothing. When
+        # another process won the race, its copy is as good as ours.
+        staging.rename(target)
     except storage.StorageError as error:
         raise ModelError(f"{source}: cannot download the model: {error.message} ({error.reason})") from error
+    except OSError as error:
+        if not (target / DOWNLOAD_COMPLETE_MARKER).exists():
+            raise ModelError(f"{source}: cannot write the model to {target}: {error}") from error
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -327,13 +330,11 @@ def load_base_model(
     return model
 
 
-def load_model_for_training(
-    spec: FineTuneJobSpec, model_dir: Path, labels: Sequence[str] | None, gradient_checkpointing: bool | None = None
-) -> LoadedModel:
+def load_model_for_training(spec: FineTuneJobSpec, model_dir: Path, labels: Sequence[str] | None) -> LoadedModel:
     """The base model set up for spec.method: qlora (4-bit + LoRA), lora (16-bit + LoRA) or full (every weight)."""
     source = model_source(spec.model)
     objective: Objective = spec.training.objective
-    checkpointing = spec.training.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    checkpointing = spec.training.gradient_checkpointing
     on_cuda = cuda_available()
     precision = detect_mixed_precision()
     quantization_spec = spec.resolved_quantization()

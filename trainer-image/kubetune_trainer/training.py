@@ -63,7 +63,11 @@ class TrainingPreempted(Exception):  # noqa: N818 - an outcome the entry point m
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What training produced. adapter_dir holds the LoRA adapter (or, for method full, the whole model)."""
+    """What training produced. adapter_dir holds the LoRA adapter (or, for method full, the whole model).
+
+    trained_tokens counts the real (non-pad) input tokens of every step, prompts included, across all ranks and
+    attempts; train_loss is the mean over this attempt's steps, final_loss the last logged value.
+    """
 
     steps: int
     total_steps: int
@@ -230,10 +234,27 @@ def build_trainer(
             callbacks=list(callbacks),
             run_flags=flags,
         )
+    check_examples_left(len(data.train), len(trainer.train_dataset), spec.dataset.max_length, spec.training.packing)
     # Progress goes out as our JSON lines; transformers' printers would interleave Python dict reprs with them.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ConsoleProgressCallback)
     return trainer
+
+
+def check_examples_left(examples: int, rows: int, max_length: int, packing: bool) -> None:
+    """TRL drops examples whose prompt alone fills max_length (nothing left to learn); say so, and fail if all went."""
+    if rows == 0:
+        raise DataError(
+            f"no training example fits dataset.maxLength={max_length} tokens with room for its completion; "
+            "raise dataset.maxLength or shorten the prompts"
+        )
+    if not packing and rows < examples:
+        log.warning(
+            "%d of %d training examples dropped: their prompt fills dataset.maxLength=%d tokens",
+            examples - rows,
+            examples,
+            max_length,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

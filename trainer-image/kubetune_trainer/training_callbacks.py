@@ -65,6 +65,7 @@ class LossWatch:
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
         if not self.run_flags.diverged:
+            # One host sync per micro-step: small next to an LLM step, and NaN must be caught before a save.
             value = float(loss.detach().float().sum().item())
             if not math.isfinite(value):
                 self.run_flags.diverged_step = self.state.global_step + 1  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ STAGE_TRAIN = "train"
 class ProgressSink(Protocol):
     """Where progress goes (status.progress patches, metrics, a test's list); called on rank 0 only."""
 
-    def __call__(self, progress: ProgressStatus) -> None: ...
+    def __call__(self, progress: ProgressStatus, /) -> None: ...
 
 
 def tokens_per_second(tokens: int, seconds: float) -> float | None:
