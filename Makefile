@@ -49,14 +49,20 @@ testbed: venv ## Build/locate the test bed: etcd, kube-apiserver, controllers, k
 ##@ Development
 
 .PHONY: crds
-crds: venv ## Generate crds/ from kubetune/api.py (the one typed source of the spec)
+crds: venv ## Generate crds/ and the chart's CRD copies from kubetune/api.py (the one typed source of the spec)
 	$(PY) -m kubetune.crd --write
 
 .PHONY: lint
-lint: venv ## ruff (lint + format check) and mypy
+lint: venv ## ruff (lint + format check), mypy, and drift checks of the CRD copies and the image requirements
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) -m kubetune.crd --check
+	$(PY) operator/pin_requirements.py --check
+
+.PHONY: requirements
+requirements: venv ## Regenerate the images' pinned requirements from requirements/dev.lock
+	$(PY) operator/pin_requirements.py --write
 
 .PHONY: format
 format: venv ## Apply ruff's fixes and formatting
@@ -67,7 +73,6 @@ format: venv ## Apply ruff's fixes and formatting
 
 .PHONY: test
 test: venv testbed lint ## Every test tier (unit, integration, e2e, slow) on the local test bed; what CI runs
-	$(PY) -m kubetune.crd --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit

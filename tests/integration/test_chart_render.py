@@ -26,7 +26,7 @@ from kubetune.api import FineTuneJob
 from kubetune.crd import PEERING_FILE, build_crd, check_chart_crd_copies, write_chart_crd_copies
 from tests.testbed.chart import CHART_DIR, CI_VALUES_DIR, HelmError, find_object, render_chart, run_helm
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # runs the helm binary built by `make testbed`
 
 Objects = list[dict[str, Any]]
 RELEASE = "kubetune"
