@@ -1,0 +1,284 @@
+"""The product end to end: Helm install → operator pod → FineTuneJob → trainer pod → S3 artifacts, status, Prometheus.
+
+The operator runs as the chart's Deployment on the kubelet stand-in's GPU node, so it acts with exactly the chart's
+ServiceAccount and RBAC; the trainer runs as the Job's pod there too, with the per-job ServiceAccount the operator made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import KwokCluster
+from tests.testbed.chart import ChartRelease, install_chart
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.processes import REPO_ROOT, free_port, wait_for
+from tests.testbed.prometheus import PrometheusServer
+from tests.testbed.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+pytestmark = pytest.mark.e2e
+
+OPERATOR_NAMESPACE = "kubetune-e2e"
+JOBS_NAMESPACE = "e2e-jobs"
+AG_NEWS = REPO_ROOT.parent / "shared" / "data" / "ag_news"
+DASHBOARD = REPO_ROOT / "charts" / "kubetune" / "dashboards" / "kubetune.json"
+
+
+@dataclass
+class Product:
+    """kubetune installed on the test bed, with its inputs in S3 and Prometheus scraping it."""
+
+    kube: ControlPlane
+    s3: S3Server
+    release: ChartRelease
+    prometheus: PrometheusServer
+    bucket: str
+    seen_phases: dict[str, list[str]] = field(default_factory=dict)
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        result = self.kube.kubectl("apply", "-n", JOBS_NAMESPACE, "-f", "-", input_text=json.dumps(manifest))
+        assert result.returncode == 0, result.stderr
+
+    def get(self, name: str) -> dict[str, Any]:
+        result = self.kube.kubectl("get", "finetunejob", name, "-n", JOBS_NAMESPACE, "-o", "json", check=True)
+        return dict(json.loads(result.stdout))
+
+    def wait_for_phase(self, name: str, phases: set[str], timeout: float = 420) -> dict[str, Any]:
+        """Poll until the job reaches one of `phases`, recording every phase seen on the way."""
+        seen = self.seen_phases.setdefault(name, [])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.get(name)
+            phase = (job.get("status") or {}).get("phase")
+            if phase and (not seen or seen[-1] != phase):
+                seen.append(phase)
+            if phase in phases:
+                return job
+            time.sleep(0.5)
+        logs = self.kube.work_dir / "standin-pods"
+        raise TimeoutError(f"{name} stayed in {seen} for {timeout}s; pod logs in {logs}")
+
+    def s3_object(self, uri: str) -> bytes:
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        return bytes(self.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def upload_tiny_model(s3: S3Server, bucket: str, work: Path) -> str:
+    tokenizer = build_tiny_tokenizer(work / "tokenizer")
+    model = build_tiny_llama(work / "model", tokenizer)
+    for path in sorted(Path(model).iterdir()):
+        if path.is_file():
+            s3.client().upload_file(str(path), bucket, f"models/tiny/{path.name}")
+    return f"s3://{bucket}/models/tiny/"
+
+
+def upload_dataset(s3: S3Server, bucket: str) -> tuple[str, str]:
+    rows = (AG_NEWS / "train.jsonl").read_text().splitlines()
+    s3.client().put_object(Bucket=bucket, Key="data/train.jsonl", Body="\n".join(rows[:48]).encode())
+    s3.client().put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"text": "ok", "label": "World"}\n{"text": \n')
+    return f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/data/bad.jsonl"
+
+
+def finetunejob(name: str, model_uri: str, train_uri: str, output_uri: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": model_uri},
+            "dataset": {"train": train_uri, "format": "classification", "validationSplit": 0.25, "maxLength": 128},
+            "method": "qlora",
+            "training": {"maxSteps": 6, "batchSize": 4, "checkpointEvery": 3, "learningRate": 1e-3, "loggingSteps": 1},
+            "evaluation": {
+                "maxSamples": 6,
+                "fewShotK": 2,
+                "maxNewTokens": 4,
+                "gate": {"metric": "accuracy", "threshold": 0.0},
+            },
+            "output": {"uri": output_uri},
+            "s3": {"credentialsSecretRef": "kubetune-s3"},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def product(
+    kwok_cluster: KwokCluster,
+    s3_server: S3Server,
+    prometheus: Callable[[dict[str, list[str]]], PrometheusServer],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Product]:
+    kube = kwok_cluster.kube
+    ports = {"metrics": free_port(), "health": free_port(), "trainer": free_port()}
+    standin = {"kubetune.io/testbed-kubelet": "standin"}
+    values = {
+        "nodeSelector": standin,
+        "s3": {"endpoint": s3_server.endpoint, "region": REGION, "credentialsSecret": "kubetune-s3"},
+        "metrics": {"port": ports["metrics"]},
+        "healthPort": ports["health"],
+        "trainer": {
+            "gpuNodeSelector": standin,
+            "gpuTolerations": [],
+            "metricsPort": ports["trainer"],
+            "progressIntervalSeconds": 1,
+        },
+    }
+    release = install_chart(kube, "kubetune", OPERATOR_NAMESPACE, values)
+    kube.kubectl("create", "namespace", JOBS_NAMESPACE, check=True)
+    kube.kubectl(
+        "create", "secret", "generic", "kubetune-s3", "-n", JOBS_NAMESPACE,
+        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY_ID}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_ACCESS_KEY}",
+        check=True,
+    )  # fmt: skip
+
+    def operator_running() -> bool:
+        pods = json.loads(kube.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "json", check=True).stdout)
+        return any(pod["status"].get("phase") == "Running" for pod in pods["items"])
+
+    wait_for(operator_running, 120, "the chart's operator pod to run on the stand-in node")
+    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    server = prometheus(
+        {"kubetune-operator": [f"127.0.0.1:{ports['metrics']}"], "kubetune-trainer": [f"127.0.0.1:{ports['trainer']}"]}
+    )
+    yield Product(kube, s3_server, release, server, bucket)
+    kube.kubectl("delete", "namespace", JOBS_NAMESPACE, "--wait=false")
+    release.uninstall()
+
+
+@pytest.fixture(scope="module")
+def inputs(product: Product, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    model_uri = upload_tiny_model(product.s3, product.bucket, tmp_path_factory.mktemp("tiny"))
+    train_uri, bad_uri = upload_dataset(product.s3, product.bucket)
+    return {"model": model_uri, "train": train_uri, "bad": bad_uri}
+
+
+@pytest.fixture(scope="module")
+def succeeded_job(product: Product, inputs: dict[str, str]) -> dict[str, Any]:
+    output = f"s3://{product.bucket}/runs/ok/"
+    product.apply(finetunejob("ok", inputs["model"], inputs["train"], output))
+    return product.wait_for_phase("ok", {"Succeeded", "Failed"})
+
+
+def condition(job: dict[str, Any], kind: str) -> dict[str, Any]:
+    matches = [c for c in job["status"].get("conditions", []) if c["type"] == kind]
+    assert matches, f"no {kind} condition in {job['status'].get('conditions')}"
+    return dict(matches[0])
+
+
+def test_job_runs_to_succeeded_through_the_lifecycle(product: Product, succeeded_job: dict[str, Any]) -> None:
+    status = succeeded_job["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert "Running" in product.seen_phases["ok"]
+    assert product.seen_phases["ok"][-1] == "Succeeded"
+    assert condition(succeeded_job, "Succeeded")["status"] == "True"
+    assert status["observedGeneration"] == succeeded_job["metadata"]["generation"]
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == 6
+    assert status["trainer"]["jobName"]
+
+
+def test_results_land_in_status_and_artifacts_in_s3(product: Product, succeeded_job: dict[str, Any]) -> None:
+    status = succeeded_job["status"]
+    artifacts = status["artifacts"]
+    manifest = json.loads(product.s3_object(artifacts["manifest"]))
+    assert manifest["dataset"]["sha256"] == status["dataset"]["sha256"]
+    report = json.loads(product.s3_object(artifacts["report"]))
+    assert set(status["evaluation"]["baselines"]) == {"zeroShot", "fewShot"}
+    assert status["evaluation"]["metric"] == "accuracy"
+    assert status["evaluation"]["tuned"] == pytest.approx(report["models"]["tuned"]["metrics"]["accuracy"])
+    assert status["usage"]["trainedTokens"] > 0
+    assert condition(succeeded_job, "EvalPassed")["status"] == "True"
+    adapter_keys = product.s3.client().list_objects_v2(
+        Bucket=product.bucket, Prefix=artifacts["adapter"].removeprefix(f"s3://{product.bucket}/")
+    )
+    names = {item["Key"].rsplit("/", 1)[-1] for item in adapter_keys.get("Contents", [])}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
+
+
+def test_every_transition_is_an_event(product: Product, succeeded_job: dict[str, Any]) -> None:
+    result = product.kube.kubectl(
+        "get", "events", "-n", JOBS_NAMESPACE, "--field-selector", "involvedObject.name=ok", "-o", "json", check=True
+    )
+    messages = " ".join(event["message"] for event in json.loads(result.stdout)["items"])
+    assert "Succeeded" in messages
+    assert "Running" in messages
+
+
+def test_printer_columns_show_phase_progress_and_score(product: Product, succeeded_job: dict[str, Any]) -> None:
+    table = product.kube.kubectl("get", "ftj", "ok", "-n", JOBS_NAMESPACE, check=True).stdout
+    header, row = table.strip().splitlines()
+    assert header.split()[:6] == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "SCORE"]
+    assert row.split()[1] == "Succeeded"
+    assert row.split()[3] == "100"
+
+
+def test_bad_data_fails_fast_with_a_data_error(product: Product, inputs: dict[str, str]) -> None:
+    product.apply(finetunejob("bad-data", inputs["model"], inputs["bad"], f"s3://{product.bucket}/runs/bad/"))
+    job = product.wait_for_phase("bad-data", {"Failed", "Succeeded"}, timeout=240)
+    failed = condition(job, "Failed")
+    assert job["status"]["phase"] == "Failed"
+    assert failed["reason"] == "DataError"
+    assert "bad.jsonl:2" in failed["message"]
+
+
+def test_prometheus_scraped_the_operator_and_the_trainer(product: Product, succeeded_job: dict[str, Any]) -> None:
+    wait_for(
+        lambda: bool(product.prometheus.query('kubetune_jobs{phase="Succeeded"} >= 1')),
+        30,
+        "the Succeeded job in kubetune_jobs",
+    )
+    assert product.prometheus.query('kubetune_job_phase_transitions_total{to_phase="Succeeded"}')
+    assert product.prometheus.query("kubetune_trainer_step")
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's template variables and interval macros, as this test bed's Prometheus needs them."""
+    for variable, value in {
+        "$__rate_interval": "1m",
+        "$__interval": "15s",
+        "$__range": "1h",
+        "$namespace": ".*",
+        "$finetunejob": ".*",
+    }.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def test_every_dashboard_query_returns_data_after_a_run(product: Product, succeeded_job: dict[str, Any]) -> None:
+    queries = dashboard_queries()
+    assert queries
+    empty = []
+    for title, expr in queries:
+        promql = grafana_to_promql(expr)
+        if not product.prometheus.query(promql):
+            empty.append(f"{title}: {promql}")
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+def test_manifest_yaml_round_trips(succeeded_job: dict[str, Any]) -> None:
+    # What `kubectl get -o yaml` shows is a valid manifest for `kubetune validate` once status is dropped.
+    from kubetune.api import FineTuneJob
+
+    document = {key: succeeded_job[key] for key in ("apiVersion", "kind", "spec")}
+    document["metadata"] = {"name": succeeded_job["metadata"]["name"]}
+    assert FineTuneJob.model_validate(yaml.safe_load(yaml.safe_dump(document))).spec.training.max_steps == 6
