@@ -1,15 +1,22 @@
-"""The `kubetune` command line: one click group that each subcommand (validate, crd, ...) registers on."""
+"""The `kubetune` command line: one click group that each subcommand (validate, crd, train, status) registers on."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+from pydantic import ValidationError
 
-from kubetune.api import FineTuneJob
+from kubetune import storage
+from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobStatus
 from kubetune.crd import render_crd_yaml
 from kubetune.manifests import ManifestError, load_finetunejobs, load_finetunejobs_text
+
+if TYPE_CHECKING:
+    from kubetune.contract import TrainerSummary
 
 STDIN_NAME = "<stdin>"
 
@@ -67,3 +74,237 @@ def crd(output: Path | None) -> None:
     else:
         output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kubetune train: the trainer's run_job in this process, without a cluster
+
+
+def with_output_uri(job: FineTuneJob, output_uri: str | None, per_job: bool) -> FineTuneJob:
+    """The job with spec.output.uri replaced (by <output_uri>/<name> when several jobs share it), validated again."""
+    if output_uri is None:
+        return job
+    uri = storage.join(output_uri, job.metadata.name) if per_job else output_uri
+    wire = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+    wire["spec"]["output"]["uri"] = uri
+    try:
+        return FineTuneJob.model_validate(wire)
+    except ValidationError as error:
+        problems = "; ".join(issue["msg"] for issue in error.errors(include_url=False))
+        raise click.BadParameter(f"{uri!r}: {problems}", param_hint="--output-uri") from error
+
+
+def report_markdown(summary: TrainerSummary) -> str | None:
+    """The published eval/report.md (the evaluation table), or None when there is none to read."""
+    report = summary.artifacts.report if summary.artifacts else None
+    if not report or not report.endswith("report.json"):
+        return None
+    try:
+        return storage.read_bytes(report[: -len("report.json")] + "report.md").decode("utf-8")
+    except (storage.StorageError, UnicodeDecodeError):
+        return None
+
+
+def describe_summary(job: FineTuneJob, summary: TrainerSummary) -> list[str]:
+    """What `kubetune train` prints after a run: outcome, the evaluation table, the gate and the artifacts."""
+    name = job.metadata.name
+    if summary.outcome == "Failed":
+        return [f"{name}: Failed ({summary.reason}): {summary.message}"]
+    lines = [f"{name}: Succeeded: {summary.message}"]
+    evaluation = summary.evaluation
+    table = report_markdown(summary)
+    if table:
+        lines.extend(["", table.rstrip(), ""])
+    elif evaluation is not None and evaluation.tuned is not None:
+        lines.append(f"  {evaluation.metric}: tuned {evaluation.tuned:.4f}, baselines {evaluation.baselines}")
+    if evaluation is not None and evaluation.gate is not None:
+        lines.append(f"  gate {'passed' if evaluation.gate.passed else 'FAILED'}: {evaluation.gate.message}")
+    artifacts = summary.artifacts.to_wire() if summary.artifacts else {}
+    lines.extend(f"  {kind}: {uri}" for kind, uri in artifacts.items())
+    return lines
+
+
+def gate_fails_job(job: FineTuneJob, summary: TrainerSummary) -> bool:
+    """Whether the run succeeded but its failed gate fails the job (evaluation.gate.failJob), as the operator does."""
+    gate = summary.evaluation.gate if summary.evaluation else None
+    spec_gate = job.spec.evaluation.gate
+    return bool(gate is not None and gate.passed is False and spec_gate is not None and spec_gate.fail_job)
+
+
+@main.command()
+@click.option(
+    "-f",
+    "--filename",
+    "file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FineTuneJob manifest (single or multi-document YAML); URIs may be local paths or s3://.",
+)
+@click.option(
+    "--output-uri",
+    default=None,
+    help="Write the results here instead of spec.output.uri (under <uri>/<name> when the file has several jobs).",
+)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log every stage's details (JSON lines on stderr), not only warnings."
+)
+def train(file: Path, output_uri: str | None, verbose: bool) -> None:
+    """Fine-tune and evaluate each FineTuneJob in FILE in this process, without a cluster.
+
+    Runs the trainer's stages (data, model, train, evaluate, publish) with a progress bar on a terminal, then prints
+    the evaluation table and where the artifacts are. Exits 1 when a job fails (or its gate fails with failJob),
+    143 when interrupted by SIGTERM (rerunning resumes from the newest checkpoint).
+    """
+    try:
+        jobs = load_finetunejobs(file)
+    except ManifestError as error:
+        click.echo(str(error), err=True)
+        sys.exit(2)
+    jobs = [with_output_uri(job, output_uri, per_job=len(jobs) > 1) for job in jobs]
+    failed = False
+    for job in jobs:
+        summary = train_one(job, verbose)
+        for line in describe_summary(job, summary):
+            click.echo(line, err=summary.outcome == "Failed")
+        failed = failed or summary.outcome == "Failed" or gate_fails_job(job, summary)
+    if failed:
+        sys.exit(1)
+
+
+def train_one(job: FineTuneJob, verbose: bool) -> TrainerSummary:
+    """run_job with a terminal reporter and JSON-lines logs (warnings only unless verbose); exits 143 on SIGTERM."""
+    from kubetune_trainer.main import run_job
+    from kubetune_trainer.progress import json_logging, terminal_reporter
+    from kubetune_trainer.training import TrainingPreempted
+
+    from kubetune.contract import EXIT_CODE_PREEMPTED
+
+    reporter = terminal_reporter()
+    with json_logging(lambda: reporter.stage, level=logging.INFO if verbose else logging.WARNING):
+        try:
+            summary = run_job(job, reporter)
+        except TrainingPreempted as preempted:
+            click.echo(f"{job.metadata.name}: {preempted}", err=True)
+            sys.exit(EXIT_CODE_PREEMPTED)
+        finally:
+            reporter.finish()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kubetune status: a FineTuneJob as the cluster has it
+
+
+def kubernetes_client(kubeconfig: str | None) -> tuple[Any, str]:
+    """An ApiClient and the default namespace: from the kubeconfig (KUBECONFIG, ~/.kube/config) or in-cluster."""
+    from kubernetes import client, config
+
+    try:
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+        namespace = (active or {}).get("context", {}).get("namespace") or "default"
+        return config.new_client_from_config(config_file=kubeconfig), namespace
+    except config.ConfigException:
+        if kubeconfig is not None:
+            raise
+    configuration = client.Configuration()
+    config.load_incluster_config(client_configuration=configuration)
+    namespace_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    namespace = namespace_file.read_text().strip() if namespace_file.exists() else "default"
+    return client.ApiClient(configuration), namespace
+
+
+def format_duration(seconds: int) -> str:
+    """1h02m03s, 4m05s or 6s."""
+    hours, rest = divmod(max(0, seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(status: FineTuneJobStatus) -> str | None:
+    """status.progress in one line."""
+    progress = status.progress
+    if progress is None:
+        return None
+    parts = [f"stage {progress.stage or '-'}"]
+    if progress.step is not None:
+        step = f"step {progress.step}" + (f"/{progress.total_steps}" if progress.total_steps else "")
+        parts.append(step + (f" ({progress.percent:.1f}%)" if progress.percent is not None else ""))
+    if progress.epoch is not None:
+        parts.append(f"epoch {progress.epoch:.2f}")
+    if progress.loss is not None:
+        parts.append(f"loss {progress.loss:.4f}")
+    if progress.learning_rate is not None:
+        parts.append(f"lr {progress.learning_rate:.2e}")
+    if progress.tokens_per_second is not None:
+        parts.append(f"{progress.tokens_per_second:.0f} tokens/s")
+    if progress.eta_seconds is not None and progress.stage == "train":
+        parts.append(f"eta {format_duration(progress.eta_seconds)}")
+    if progress.updated_at:
+        parts.append(f"updated {progress.updated_at}")
+    return ", ".join(parts)
+
+
+def describe_status(namespace: str, name: str, status: FineTuneJobStatus) -> list[str]:
+    """What `kubetune status` prints: phase, progress, conditions, evaluation, artifacts and usage."""
+    lines = [f"FineTuneJob {namespace}/{name}", f"Phase:       {status.phase or 'Pending'}"]
+    if status.message:
+        lines.append(f"Message:     {status.message}")
+    progress = progress_line(status)
+    if progress:
+        lines.append(f"Progress:    {progress}")
+    dataset = status.dataset
+    if dataset is not None:
+        text = f"{dataset.format or '?'}, {dataset.train_rows} train / {dataset.validation_rows} validation rows"
+        if dataset.token_lengths is not None:
+            lengths = dataset.token_lengths
+            text += f", tokens p50 {lengths.p50} p95 {lengths.p95} max {lengths.max}"
+        if dataset.truncated_fraction is not None:
+            text += f", {dataset.truncated_fraction:.1%} truncated"
+        lines.append(f"Dataset:     {text}")
+    if status.conditions:
+        lines.append("Conditions:")
+        lines.extend(f"  {c.type:<11} {c.status:<7} {c.reason:<22} {c.message}".rstrip() for c in status.conditions)
+    evaluation = status.evaluation
+    if evaluation is not None and evaluation.tuned is not None:
+        scores = [f"tuned {evaluation.tuned:.4f}"]
+        scores.extend(
+            f"{model} {score:.4f} (lift {evaluation.lift.get(model, evaluation.tuned - score):+.4f})"
+            for model, score in evaluation.baselines.items()
+        )
+        lines.append(f"Evaluation:  {evaluation.metric} on {evaluation.samples} samples: " + ", ".join(scores))
+        if evaluation.gate is not None:
+            lines.append(f"Gate:        {'passed' if evaluation.gate.passed else 'failed'}: {evaluation.gate.message}")
+    if status.artifacts is not None:
+        lines.append("Artifacts:")
+        lines.extend(f"  {kind:<12} {uri}" for kind, uri in status.artifacts.to_wire().items())
+    usage = status.usage
+    if usage is not None:
+        lines.append(
+            f"Usage:       {usage.trained_tokens or 0} trained tokens, {usage.gpu_seconds or 0:.0f} GPU-seconds, "
+            f"{usage.wall_seconds or 0:.0f}s wall"
+        )
+    return lines
+
+
+@main.command()
+@click.argument("name")
+@click.option("-n", "--namespace", default=None, help="Namespace of the FineTuneJob; default: the context's.")
+@click.option("--kubeconfig", default=None, envvar="KUBECONFIG", help="kubeconfig file; default: KUBECONFIG.")
+def status(name: str, namespace: str | None, kubeconfig: str | None) -> None:
+    """Show a FineTuneJob's phase, progress, conditions, evaluation and artifacts from the cluster."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api_client, default_namespace = kubernetes_client(kubeconfig)
+    target = namespace or default_namespace
+    try:
+        job = client.CustomObjectsApi(api_client).get_namespaced_custom_object(GROUP, VERSION, target, PLURAL, name)
+    except ApiException as error:
+        detail = "not found" if error.status == 404 else f"HTTP {error.status} {error.reason}"
+        click.echo(f"FineTuneJob {target}/{name}: {detail}", err=True)
+        sys.exit(1)
+    parsed = FineTuneJobStatus.model_validate(job.get("status") or {})
+    for line in describe_status(target, name, parsed):
+        click.echo(line)

@@ -36,6 +36,13 @@ TRAINER_REASON_OUT_OF_MEMORY = "OutOfMemory"
 TRAINER_REASON_TRAINING_DIVERGED = "TrainingDiverged"
 TRAINER_REASON_EVALUATION_ERROR = "EvaluationError"
 TRAINER_REASON_INTERNAL_ERROR = "InternalError"
+# backend openai: failures of the hosted fine-tuning service, each with the service's own code in the message.
+TRAINER_REASON_HOSTED_AUTH_ERROR = "HostedAuthError"  # 401/403: the API key is wrong or lacks access
+TRAINER_REASON_HOSTED_QUOTA_EXCEEDED = "HostedQuotaExceeded"  # 429 insufficient_quota: billing, not load
+TRAINER_REASON_HOSTED_REQUEST_REJECTED = "HostedRequestRejected"  # 4xx on upload or create, e.g. a rejected file
+TRAINER_REASON_HOSTED_JOB_FAILED = "HostedJobFailed"  # the hosted job ended in status failed
+TRAINER_REASON_HOSTED_JOB_CANCELLED = "HostedJobCancelled"  # cancelled by someone other than kubetune
+TRAINER_REASON_HOSTED_UNAVAILABLE = "HostedServiceUnavailable"  # 429/5xx/connection errors outlasting every retry
 TRAINER_FAILURE_REASONS = frozenset(
     {
         TRAINER_REASON_CONFIG_ERROR,
@@ -46,5 +53,11 @@ TRAINER_FAILURE_REASONS = frozenset(
         TRAINER_REASON_TRAINING_DIVERGED,
         TRAINER_REASON_EVALUATION_ERROR,
         TRAINER_REASON_INTERNAL_ERROR,
+        TRAINER_REASON_HOSTED_AUTH_ERROR,
+        TRAINER_REASON_HOSTED_QUOTA_EXCEEDED,
+        TRAINER_REASON_HOSTED_REQUEST_REJECTED,
+        TRAINER_REASON_HOSTED_JOB_FAILED,
+        TRAINER_REASON_HOSTED_JOB_CANCELLED,
+        TRAINER_REASON_HOSTED_UNAVAILABLE,
     }
 )

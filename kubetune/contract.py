@@ -38,6 +38,9 @@ class TrainerSummary(BaseModel):
     evaluation: EvaluationStatus | None = None
     artifacts: ArtifactsStatus | None = None
     usage: UsageStatus | None = None
+    fine_tuned_model: str | None = Field(
+        default=None, description="backend openai: the hosted fine-tuned model's name (status.fineTunedModel)."
+    )
 
     def to_termination_message(self) -> str:
         """Compact JSON that fits the kubelet's 4 KB limit: the message is cut first, then metrics dropped."""
@@ -63,6 +66,8 @@ class TrainerSummary(BaseModel):
 
 # The trainer pod's command. One process per GPU above one GPU, started by accelerate's launcher.
 TRAINER_ENTRY = ("-m", "kubetune_trainer", "run")
+# backend openai: a small pod (0 GPUs) that drives the hosted fine-tuning job; trainer_command(0, entry=...).
+HOSTED_TRAINER_ENTRY = ("-m", "kubetune_trainer", "hosted")
 # Exit status after SIGTERM once the checkpoint of the last finished step is uploaded (128 + SIGTERM, as a shell
 # reports it): non-zero, so the Job retries the pod, which resumes from that checkpoint. Under `accelerate launch`
 # (gpus > 1) the launcher receives the SIGTERM, passes it to every rank, gives them 30 s (torch elastic's shutdown

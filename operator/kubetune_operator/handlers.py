@@ -71,6 +71,12 @@ class OperatorContext:
         with lock:
             yield
 
+    @property
+    def tracked_jobs(self) -> int:
+        """FineTuneJobs this replica has derived a status for and not yet seen deleted."""
+        with self._locks_guard:
+            return len(self._locks)
+
     def drop_lock(self, namespace: str, name: str) -> None:
         """Forget a deleted job's lock."""
         with self._locks_guard:
@@ -422,7 +428,7 @@ def stop_operator(*, memo: kopf.Memo, **_: Any) -> None:
 def tracked_jobs(*, memo: kopf.Memo, **_: Any) -> int:
     """For /healthz: how many FineTuneJobs this replica has derived a status for."""
     context = memo.get(MEMO_KEY)
-    return len(context._locks) if isinstance(context, OperatorContext) else 0
+    return context.tracked_jobs if isinstance(context, OperatorContext) else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -348,6 +348,14 @@ def _pending(reason: str, message: str) -> Observation:
     return Observation("Pending", reason, message, (DesiredCondition(c.CONDITION_RUNNING, "False", reason, message),))
 
 
+def observe_finishing(job: FineTuneJob) -> Observation:
+    """The trainer pod succeeded but the Job controller has not marked the Job Complete yet: still running."""
+    current = job.status.phase if job.status else None
+    phase, reason = ("Evaluating", c.REASON_EVALUATING) if current == "Evaluating" else ("Running", c.REASON_TRAINING)
+    message = "the trainer finished; waiting for its Job to complete"
+    return Observation(phase, reason, message, (DesiredCondition(c.CONDITION_RUNNING, "True", reason, message),))
+
+
 def observe_active(job: FineTuneJob, job_name: str, pods: Sequence[Mapping[str, Any]]) -> Observation:
     """The Job runs: the newest live pod says whether it is stuck, starting, training or evaluating."""
     live = [pod for pod in pods if not is_pod_finished(pod) and not pod["metadata"].get("deletionTimestamp")]
@@ -356,6 +364,8 @@ def observe_active(job: FineTuneJob, job_name: str, pods: Sequence[Mapping[str, 
     if failed:
         last_failure = failure_of_pod(failed[0])
         retry = f" (attempt {len(failed) + 1}; the last one failed: {last_failure[1] if last_failure else 'unknown'})"
+    if not live and any(pod_phase(pod) == "Succeeded" for pod in pods):
+        return observe_finishing(job)
     if not live:
         return _pending(c.REASON_JOB_CREATED, f"trainer Job {job_name} created; waiting for its pod{retry}")
     pod = live[0]

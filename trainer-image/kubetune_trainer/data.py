@@ -8,7 +8,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from kubetune import storage
 from kubetune.api import DatasetSpec
@@ -33,6 +33,7 @@ __all__ = [
     "PreparedData",
     "RowError",
     "few_shot_prompt",
+    "Objective",
     "measure_tokens",
     "prepare_data",
     "split_validation",
@@ -41,6 +42,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_VALIDATION_SHARE = 0.1
+# What training feeds the model, which is what maxLength must hold: causal-lm the whole prompt + completion,
+# sequence-classification only each example's input_text (the head never sees the prompt or its label list).
+Objective = Literal["causal-lm", "sequence-classification"]
 # Token statistics tokenize at most this many evenly spaced examples: the percentiles barely move past it.
 MEASURED_EXAMPLES_LIMIT = 20_000
 
@@ -195,14 +199,23 @@ def measured_sample(examples: list[Example], limit: int = MEASURED_EXAMPLES_LIMI
     return [examples[int(position * step)] for position in range(limit)]
 
 
-def measure_tokens(examples: list[Example], tokenizer: Tokenizer, max_length: int) -> DataStats:
-    """Token-length percentiles of the full examples and the share longer than max_length (truncated in training)."""
-    sample = measured_sample(examples)
-    texts, templated = example_texts(sample, tokenizer)
+def token_lengths(examples: list[Example], tokenizer: Tokenizer, objective: Objective) -> list[int]:
+    """Tokens per example as the objective's training sees them, unsorted."""
+    if objective == "sequence-classification":
+        # The classification trainer tokenizes input_text alone, with the tokenizer's special tokens and no EOS.
+        return [len(ids) for ids in tokenizer([example.input_text for example in examples])["input_ids"]]
+    texts, templated = example_texts(examples, tokenizer)
     encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
     # Plain-text examples get an end-of-sequence token appended in training; chat templates write their own.
     extra = 0 if templated or tokenizer.eos_token_id is None else 1
-    lengths = sorted(len(ids) + extra for ids in encoded)
+    return [len(ids) + extra for ids in encoded]
+
+
+def measure_tokens(
+    examples: list[Example], tokenizer: Tokenizer, max_length: int, objective: Objective = "causal-lm"
+) -> DataStats:
+    """Token-length percentiles of what the objective trains on and the share longer than max_length (truncated)."""
+    lengths = sorted(token_lengths(measured_sample(examples), tokenizer, objective))
     if not lengths:
         raise DataError("no examples to measure")
     truncated = sum(1 for length in lengths if length > max_length)
@@ -216,10 +229,13 @@ def measure_tokens(examples: list[Example], tokenizer: Tokenizer, max_length: in
     )
 
 
-def prepare_data(spec: DatasetSpec, seed: int, tokenizer: Tokenizer | None = None) -> PreparedData:
+def prepare_data(
+    spec: DatasetSpec, seed: int, tokenizer: Tokenizer | None = None, objective: Objective = "causal-lm"
+) -> PreparedData:
     """Fetch, parse, validate (every row), split and measure the dataset; DataError on any bad input.
 
     Without a tokenizer the token statistics are skipped (stats is None), e.g. to validate data without a model.
+    objective (training.objective) decides what is measured: see token_lengths.
     """
     train_bytes = fetch(spec.train, "dataset.train")
     train_rows = read_rows(train_bytes, spec.train)
@@ -234,7 +250,7 @@ def prepare_data(spec: DatasetSpec, seed: int, tokenizer: Tokenizer | None = Non
     else:
         share = spec.validation_split if spec.validation_split is not None else DEFAULT_VALIDATION_SHARE
         train, validation = split_validation(train, share, seed, stratify=row_format.format == "classification")
-    stats = measure_tokens(train, tokenizer, spec.max_length) if tokenizer is not None else None
+    stats = measure_tokens(train, tokenizer, spec.max_length, objective) if tokenizer is not None else None
     log.info(
         "dataset %s: format %s, %d train and %d validation examples",
         spec.train,

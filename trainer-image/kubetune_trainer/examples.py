@@ -32,7 +32,8 @@ class Example:
 
 @dataclass(frozen=True)
 class DataStats:
-    """Token lengths of the full training examples (prompt + completion, chat template applied)."""
+    """Token lengths of the training examples as the objective feeds them: causal-lm the full example (prompt +
+    completion, chat template applied), sequence-classification the input text alone."""
 
     measured: int
     p50: int

@@ -1,0 +1,235 @@
+"""Evaluation of a hosted fine-tuned model: local jobs' samples, shots, metrics, judge and report, with predictions
+from chat completions of an OpenAI-compatible endpoint instead of local generation.
+
+The tuned model is the hosted fine-tuned model; the zero-shot and few-shot baselines are the hosted base model on the
+same held-out samples (few-shot shots from train, chosen with the seed exactly as for local jobs). Template prompts go
+as one user message. Replies are greedy (temperature 0, the job's seed) and capped in length. Loss needs the model's
+probabilities of the reference tokens, which a chat completion does not give, so a hosted evaluation has no loss
+(the report notes it). Requests run `evaluation.batchSize` at a time (at most MAX_CONCURRENCY); 429/5xx/timeouts are
+retried by the SDK, and a request that still fails ends the evaluation with the sample's validation line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kubetune.api import EvaluationMetric, EvaluationSpec
+from kubetune_trainer.evaluation import (
+    NEW_TOKENS_CAP,
+    NEW_TOKENS_MARGIN,
+    EvaluationInputError,
+    Progress,
+    ProgressCallback,
+    evaluation_metrics,
+    judge_outputs,
+    select_shots,
+)
+from kubetune_trainer.evaluation_results import (
+    FEW_SHOT,
+    TUNED,
+    ZERO_SHOT,
+    EvalSample,
+    EvaluationResults,
+    JudgeCost,
+    ModelResult,
+)
+from kubetune_trainer.examples import ChatMessages, Example
+from kubetune_trainer.formats import few_shot_prompt
+from kubetune_trainer.judge import LlmJudge, redact
+from kubetune_trainer.metrics import InvalidReferenceError, headline_metric, score_outputs
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+    from openai.types.chat import ChatCompletionMessageParam
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENCY = 16
+BYTES_PER_TOKEN = 4
+# Scores that need the probabilities of the reference tokens.
+UNSCORED_METRICS: frozenset[str] = frozenset({"loss", "perplexity"})
+NO_LOSS_NOTE = "loss not computed: a hosted model's chat completions give no probabilities of the reference tokens"
+
+
+class HostedPredictionError(Exception):
+    """A chat completion failed after the SDK's retries; `index` is the sample's position."""
+
+    def __init__(self, model: str, index: int, message: str) -> None:
+        super().__init__(f"{model}: {message}")
+        self.model = model
+        self.index = index
+
+
+@dataclass(frozen=True)
+class HostedModels:
+    """The endpoint's names for the fine-tuned model and its base."""
+
+    tuned: str
+    base: str
+
+
+def as_chat(prompt: ChatMessages | str) -> list[ChatCompletionMessageParam]:
+    """Chat prompts as they are; a rendered template prompt as one user message."""
+    messages: list[Any] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return messages
+
+
+def reply_token_cap(spec: EvaluationSpec, references: Sequence[str]) -> int:
+    """evaluation.maxNewTokens, or the longest reference in approximate tokens (4 bytes each) plus a margin, capped."""
+    if spec.max_new_tokens is not None:
+        return spec.max_new_tokens
+    longest = max((math.ceil(len(reference.encode()) / BYTES_PER_TOKEN) for reference in references), default=0)
+    return min(NEW_TOKENS_CAP, longest + NEW_TOKENS_MARGIN)
+
+
+def scorable_metrics(
+    spec: EvaluationSpec, dataset_format: str, references: Sequence[str]
+) -> tuple[list[EvaluationMetric], list[str]]:
+    """The metrics a hosted evaluation computes (the spec's or the inferred ones, less loss) and notes on the rest."""
+    metrics = evaluation_metrics(spec, dataset_format, references)
+    kept = [metric for metric in metrics if metric not in UNSCORED_METRICS]
+    notes = [NO_LOSS_NOTE] if len(kept) < len(metrics) else []
+    if not kept:
+        raise EvaluationInputError(
+            "no metric a hosted model can be scored on: set evaluation.metrics to accuracy, f1, exactMatch, json, "
+            "rougeL or judge"
+        )
+    return kept, notes
+
+
+class ChatCompletionsPredictor:
+    """Answers prompts with models behind an OpenAI-compatible endpoint, a bounded number of requests in flight."""
+
+    def __init__(self, client: OpenAI, *, max_tokens: int, concurrency: int, seed: int, api_key: str) -> None:
+        self.client = client
+        self.max_tokens = max_tokens
+        self.concurrency = max(1, min(concurrency, MAX_CONCURRENCY))
+        self.seed = seed
+        self._api_key = api_key
+
+    def answer(self, model: str, prompt: ChatMessages | str) -> str:
+        """One greedy reply, stripped."""
+        reply = self.client.chat.completions.create(
+            model=model,
+            messages=as_chat(prompt),
+            temperature=0,
+            max_completion_tokens=self.max_tokens,
+            seed=self.seed,
+        )
+        content = reply.choices[0].message.content if reply.choices else None
+        return (content or "").strip()
+
+    def predict(
+        self, model: str, prompts: Sequence[ChatMessages | str], on_done: Callable[[int], None] = lambda count: None
+    ) -> list[str]:
+        """Replies to every prompt, in order; HostedPredictionError (with the key redacted) on a failed request."""
+
+        def reply_to(index: int) -> str:
+            try:
+                text = self.answer(model, prompts[index])
+            except Exception as error:  # the SDK has retried; the message must not carry the key
+                raise HostedPredictionError(
+                    model, index, redact(f"{type(error).__name__}: {error}", self._api_key)
+                ) from None
+            on_done(1)
+            return text
+
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="hosted-eval") as pool:
+            return list(pool.map(reply_to, range(len(prompts))))
+
+
+def score_hosted_model(
+    outputs: list[str], samples: Sequence[EvalSample], metrics: Sequence[EvaluationMetric], labels: Sequence[str] | None
+) -> ModelResult:
+    """One model's text scores, per sample and aggregated."""
+    result = ModelResult(outputs=outputs)
+    try:
+        scored = score_outputs(metrics, [sample.reference for sample in samples], outputs, labels)
+    except InvalidReferenceError as error:
+        raise EvaluationInputError(f"validation line {samples[error.index].line}: {error}") from error
+    result.metrics.update(scored.scores)
+    result.sample_scores = scored.samples
+    result.confusion = scored.confusion
+    return result
+
+
+def planned_prompts(
+    examples: Sequence[Example], train: Sequence[Example], spec: EvaluationSpec, seed: int, models: HostedModels
+) -> dict[str, tuple[str, list[ChatMessages | str]]]:
+    """{report entry: (endpoint model, prompts)}: tuned, then the spec's baselines on the base model."""
+    prompts = [example.prompt for example in examples]
+    plan: dict[str, tuple[str, list[ChatMessages | str]]] = {TUNED: (models.tuned, prompts)}
+    if ZERO_SHOT in spec.baselines:
+        plan[ZERO_SHOT] = (models.base, prompts)
+    if FEW_SHOT in spec.baselines:
+        if not train:
+            raise EvaluationInputError("the fewShot baseline needs train examples for its shots, and there are none")
+        shots = select_shots(train, spec.few_shot_k, seed)
+        plan[FEW_SHOT] = (models.base, [few_shot_prompt(example, shots) for example in examples])
+    return plan
+
+
+def run_hosted_evaluation(
+    predictor: ChatCompletionsPredictor,
+    models: HostedModels,
+    validation: Sequence[Example],
+    train: Sequence[Example],
+    spec: EvaluationSpec,
+    *,
+    dataset_format: str,
+    labels: Sequence[str] | None = None,
+    seed: int = 42,
+    judge: LlmJudge | None = None,
+    progress: ProgressCallback | None = None,
+) -> EvaluationResults:
+    """Score the hosted fine-tuned model and the spec's baselines on the first maxSamples validation examples."""
+    started = time.monotonic()
+    examples = list(validation[: spec.max_samples])
+    if not examples:
+        raise EvaluationInputError("there are no validation examples to evaluate")
+    samples = [EvalSample(example.input_text, example.completion, example.line) for example in examples]
+    metrics, notes = scorable_metrics(spec, dataset_format, [sample.reference for sample in samples])
+    if "judge" in metrics and judge is None:
+        raise EvaluationInputError("evaluation.metrics has judge but no judge was configured (evaluation.judge)")
+    plan = planned_prompts(examples, train, spec, seed, models)
+    judged = "judge" in metrics and judge is not None
+    units = len(examples) * len(plan) * (2 if judged else 1)
+    counter = Progress(units, progress)
+    seconds: dict[str, float] = {}
+    results: dict[str, ModelResult] = {}
+    for name, (model, prompts) in plan.items():
+        log.info("evaluating %s (%s) on %d samples", name, model, len(examples))
+        began = time.monotonic()
+        try:
+            outputs = predictor.predict(model, prompts, on_done=counter.advance)
+        except HostedPredictionError as error:
+            line = samples[error.index].line
+            raise EvaluationInputError(f"{name} model {error}, on validation line {line}") from error
+        seconds[name] = time.monotonic() - began
+        results[name] = score_hosted_model(outputs, samples, metrics, labels)
+    cost = None
+    if judged and judge is not None:
+        cost = JudgeCost(model=judge.spec.model)
+        began = time.monotonic()
+        for result in results.values():
+            scores, per_sample = judge_outputs(judge, samples, result.outputs, cost, counter)
+            result.metrics.update(scores)
+            result.sample_scores = [
+                {**before, **after} for before, after in zip(result.sample_scores, per_sample, strict=True)
+            ]
+        seconds["judge"] = time.monotonic() - began
+    seconds["total"] = time.monotonic() - started
+    return EvaluationResults(
+        headline_metric=headline_metric(metrics, spec.gate.metric if spec.gate else None),
+        samples=samples,
+        models=results,
+        seconds=seconds,
+        judge_cost=cost,
+        notes=notes,
+    )

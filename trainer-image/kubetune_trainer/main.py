@@ -1,0 +1,569 @@
+"""The trainer's entry point: `python -m kubetune_trainer run` runs one FineTuneJob stage by stage.
+
+load config → data (pre-flight, before any model is loaded) → model → train (resuming from the newest complete
+checkpoint) → evaluate (if enabled) → publish. Every failure ends as a TrainerSummary with a TRAINER_REASON_* reason,
+written to the termination message; exit codes are documented in kubetune_trainer.failures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from kubetune import storage
+from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, FineTuneJobSpec, UsageStatus
+from kubetune.contract import (
+    DEFAULT_TERMINATION_MESSAGE_PATH,
+    ENV_JOB_MANIFEST,
+    ENV_TERMINATION_MESSAGE_PATH,
+    TrainerSummary,
+)
+from kubetune.manifests import ManifestError, load_finetunejobs, load_finetunejobs_text
+from kubetune_trainer.failures import ConfigError, EvaluationError, classify_failure, exit_code, failed_summary
+from kubetune_trainer.progress import ProgressSettingsError, Reporter, Stage, json_logging, reporter_from_environment
+
+if TYPE_CHECKING:
+    from kubetune_trainer.evaluation_results import EvaluationResults
+    from kubetune_trainer.examples import PreparedData
+    from kubetune_trainer.report import ReportFiles
+    from kubetune_trainer.training import TrainResult
+
+log = logging.getLogger(__name__)
+
+ENV_MODEL_CACHE = "KUBETUNE_MODEL_CACHE"  # where s3:// models are downloaded once; default <tmp>/kubetune-models
+MANIFEST_SOURCE = f"${ENV_JOB_MANIFEST}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the stages hand each other
+
+
+@dataclass
+class RunRecord:
+    """What the run has found so far; a failure's summary keeps the parts that are known."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    dataset: DatasetStatus | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    current: tuple[str, float] | None = None
+
+    @contextmanager
+    def stage(self, reporter: Reporter, name: Stage) -> Iterator[None]:
+        """Enter a stage on the reporter and time it."""
+        reporter.enter_stage(name)
+        self.current = (name, time.monotonic())
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.monotonic() - self.current[1], 3)
+            self.current = None
+
+    def wall_seconds(self) -> float:
+        """Seconds since the run began."""
+        return round(time.monotonic() - self.started, 3)
+
+    def timings_so_far(self) -> dict[str, float]:
+        """Seconds per finished stage, the running stage's so far, and the total."""
+        running = {self.current[0]: round(time.monotonic() - self.current[1], 3)} if self.current else {}
+        return {**self.timings, **running, "total": self.wall_seconds()}
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """The evaluation's status block, its per-model tables and the report files written locally."""
+
+    status: EvaluationStatus
+    tables: dict[str, dict[str, float]]
+    report: ReportFiles
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where the run keeps local files and which process of a multi-GPU launch this is."""
+
+    work_dir: Path
+    model_cache_dir: Path
+    is_main_process: bool = True
+    world_size: int = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def load_job(config: Path | None, env: Mapping[str, str]) -> FineTuneJob:
+    """The FineTuneJob from --config or KUBETUNE_JOB_MANIFEST (YAML); ConfigError naming the source otherwise."""
+    try:
+        if config is not None:
+            jobs = load_finetunejobs(config)
+            source = str(config)
+        elif env.get(ENV_JOB_MANIFEST, "").strip():
+            jobs = load_finetunejobs_text(env[ENV_JOB_MANIFEST], MANIFEST_SOURCE)
+            source = MANIFEST_SOURCE
+        else:
+            raise ConfigError(f"no job to run: pass --config FILE or set {ENV_JOB_MANIFEST} to a FineTuneJob (YAML)")
+    except ManifestError as error:
+        raise ConfigError(f"invalid FineTuneJob manifest:\n{error}") from error
+    if len(jobs) != 1:
+        raise ConfigError(f"{source} holds {len(jobs)} FineTuneJobs; the trainer runs exactly one")
+    return jobs[0]
+
+
+def check_runnable(spec: FineTuneJobSpec) -> None:
+    """Refuse what this trainer does not run and URIs it cannot use, before any stage starts."""
+    if spec.backend != "local":
+        raise ConfigError(f"backend {spec.backend} is run by the operator through its API, not by the trainer pod")
+    uris = {"output.uri": spec.output.uri, "dataset.train": spec.dataset.train}
+    if spec.dataset.validation is not None:
+        uris["dataset.validation"] = spec.dataset.validation
+    if spec.model.uri is not None:
+        uris["model.uri"] = spec.model.uri
+    for field_name, uri in uris.items():
+        try:
+            storage.check_uri(uri)
+        except storage.StorageError as error:
+            raise ConfigError(f"{field_name}: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def data_stage(spec: FineTuneJobSpec, reporter: Reporter) -> PreparedData:
+    """Pre-flight: fetch, parse and validate every row, split, and check that output.uri is reachable; no model."""
+    from kubetune_trainer.data import prepare_data
+
+    data = prepare_data(spec.dataset, spec.training.seed)
+    # A missing output bucket or denied credentials surface now, not after hours of training.
+    storage.exists(spec.output.uri)
+    reporter.report_dataset(data.dataset_status())
+    return data
+
+
+def route_library_logs() -> None:
+    """transformers and datasets log through the root logger (JSON lines); their bars only on a terminal."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def model_stage(
+    spec: FineTuneJobSpec, data: PreparedData, settings: RunSettings, reporter: Reporter
+) -> tuple[Path, PreparedData]:
+    """Resolve the base model to a local directory, and measure the data's token lengths with its tokenizer."""
+    from kubetune_trainer.data import measure_tokens
+    from kubetune_trainer.modeling import load_tokenizer, model_source, resolve_model_dir
+
+    route_library_logs()
+    model_dir = resolve_model_dir(spec.model, settings.model_cache_dir)
+    tokenizer: Any = load_tokenizer(model_dir, model_source(spec.model))
+    stats = measure_tokens(data.train, tokenizer, spec.dataset.max_length, spec.training.objective)
+    measured = dataclasses.replace(data, stats=stats)
+    reporter.report_dataset(measured.dataset_status())
+    return model_dir, measured
+
+
+def train_stage(
+    spec: FineTuneJobSpec, data: PreparedData, model_dir: Path, settings: RunSettings, reporter: Reporter
+) -> TrainResult:
+    """Train, checkpointing to output.uri and resuming from the newest complete checkpoint there."""
+    from kubetune_trainer.progress_callback import StepReportCallback
+    from kubetune_trainer.training import train
+
+    # The reporter logs progress in the trainer's own JSON-lines schema; the tracker's lines would repeat it.
+    with open(os.devnull, "w", encoding="utf-8") as tracker_lines:
+        return train(
+            spec,
+            data,
+            model_dir,
+            settings.work_dir / "train",
+            progress=reporter,
+            progress_interval_seconds=reporter.interval,
+            log_stream=tracker_lines,
+            extra_callbacks=[StepReportCallback(reporter)],
+        )
+
+
+def evaluate_stage(
+    spec: FineTuneJobSpec,
+    data: PreparedData,
+    model_dir: Path,
+    adapter_dir: Path,
+    settings: RunSettings,
+    reporter: Reporter,
+) -> EvaluationOutcome:
+    """Score the tuned adapter against the prompting baselines on the same held-out rows; write the report."""
+    from kubetune_trainer.evaluation import EvaluationInputError, run_evaluation
+    from kubetune_trainer.gate import evaluate_gate
+    from kubetune_trainer.report import evaluation_status, write_report
+    from kubetune_trainer.tuned_model import load_tuned_model, release_memory
+
+    release_memory()
+    tuned = load_tuned_model(spec, model_dir, adapter_dir, data.labels)
+    judge = judge_for(spec)
+    try:
+        results = run_evaluation(
+            tuned.model,
+            tuned.tokenizer,
+            data.validation,
+            data.train,
+            spec.evaluation,
+            dataset_format=data.format,
+            labels=data.labels,
+            seed=spec.training.seed,
+            judge=judge,
+            baseline_model=tuned.baseline_model,
+            progress=reporter.report_evaluation,
+        )
+    except EvaluationInputError as error:
+        raise EvaluationError(f"evaluation: {error}") from error
+    finally:
+        if judge is not None:
+            judge.close()
+    gate_spec = spec.evaluation.gate
+    gate = evaluate_gate(gate_spec, results.metric_tables()) if gate_spec is not None else None
+    report = write_report(settings.work_dir / "eval", results, gate, gate_spec.fail_job if gate_spec else False)
+    status = evaluation_status(results, gate)
+    tables = finite_tables(results)
+    reporter.report_scores(tables, status)
+    return EvaluationOutcome(status=status, tables=tables, report=report)
+
+
+def judge_for(spec: FineTuneJobSpec) -> Any:
+    """The LLM judge when evaluation.metrics asks for it; EvaluationError when its API key is missing."""
+    from kubetune_trainer.judge import judge_from_environment
+
+    judge_spec = spec.evaluation.judge
+    if judge_spec is None or "judge" not in spec.evaluation.metrics:
+        return None
+    try:
+        return judge_from_environment(judge_spec)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
+
+
+def finite_tables(results: EvaluationResults) -> dict[str, dict[str, float]]:
+    """Every model's scores, without NaN or infinity (the status and JSON hold neither)."""
+    return {
+        model: {name: value for name, value in table.items() if math.isfinite(value)}
+        for model, table in results.metric_tables().items()
+    }
+
+
+def training_metrics(result: TrainResult) -> dict[str, float]:
+    """The training figures: steps, runtime, mean and last logged loss."""
+    metrics: dict[str, float] = {"trainSteps": float(result.steps), "trainRuntimeSeconds": result.runtime_seconds}
+    if result.train_loss is not None and math.isfinite(result.train_loss):
+        metrics["trainLoss"] = result.train_loss
+    if result.final_loss is not None and math.isfinite(result.final_loss):
+        metrics["finalLoss"] = result.final_loss
+    return metrics
+
+
+def run_metrics(result: TrainResult, evaluation: EvaluationOutcome | None, headline_only: bool) -> dict[str, float]:
+    """Training figures, then `eval.<model>.<metric>` scores: every score (manifest), or the headline and loss only
+    (the summary, whose termination message holds 4 KB in all)."""
+    metrics = training_metrics(result)
+    if evaluation is None:
+        return metrics
+    kept = {evaluation.status.metric, "loss"}
+    for model, table in evaluation.tables.items():
+        metrics.update(
+            {f"eval.{model}.{name}": value for name, value in table.items() if not headline_only or name in kept}
+        )
+    return metrics
+
+
+def usage_of(result: TrainResult, record: RunRecord, settings: RunSettings) -> UsageStatus:
+    """Trained tokens, GPU-seconds (GPUs in use × training wall time; 0 on CPU) and the run's wall seconds."""
+    from kubetune_trainer.modeling import cuda_available
+
+    gpus = settings.world_size if cuda_available() else 0
+    return UsageStatus(
+        trained_tokens=result.trained_tokens,
+        gpu_seconds=round(gpus * record.timings.get("train", result.runtime_seconds), 3),
+        wall_seconds=record.wall_seconds(),
+    )
+
+
+def publish_stage(
+    job: FineTuneJob,
+    data: PreparedData,
+    model_dir: Path,
+    result: TrainResult,
+    evaluation: EvaluationOutcome | None,
+    record: RunRecord,
+    settings: RunSettings,
+) -> tuple[Any, UsageStatus]:
+    """Upload every artifact, then manifest.json; (ArtifactsStatus, usage)."""
+    from kubetune_trainer.output_manifest import (
+        BaseModelRecord,
+        DatasetRecord,
+        JobReference,
+        RunManifest,
+        TrainingRecord,
+        library_versions,
+        model_revision,
+        trainer_image,
+        weight_files_sha256,
+    )
+    from kubetune_trainer.publish import publish
+
+    spec = job.spec
+    base_model = BaseModelRecord(
+        name=spec.model.name,
+        uri=spec.model.uri,
+        revision=model_revision(spec.model, model_dir),
+        weights_sha256=weight_files_sha256(model_dir),
+    )
+    usage = usage_of(result, record, settings)
+
+    def manifest_for(hashes: dict[str, str]) -> RunManifest:
+        return RunManifest(
+            created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            job=JobReference(name=job.metadata.name, namespace=job.metadata.namespace),
+            spec=spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            base_model=base_model,
+            dataset=DatasetRecord(
+                train=spec.dataset.train,
+                validation=spec.dataset.validation,
+                sha256=data.sha256,
+                stats=data.dataset_status(),
+            ),
+            image=trainer_image(job),
+            libraries=library_versions(),
+            training=TrainingRecord(
+                steps=result.steps,
+                total_steps=result.total_steps,
+                resumed_from_step=result.resumed_from_step,
+                checkpoint_steps=list(result.checkpoint_steps),
+            ),
+            metrics=run_metrics(result, evaluation, headline_only=False),
+            evaluation=evaluation.status if evaluation else None,
+            artifacts=hashes,
+            timings=record.timings_so_far(),
+            usage=usage.model_copy(update={"wall_seconds": record.wall_seconds()}),
+        )
+
+    report = evaluation.report if evaluation else None
+    artifacts = publish(spec.output.uri, result.adapter_dir, result.merged_dir, report, manifest_for)
+    return artifacts, usage.model_copy(update={"wall_seconds": record.wall_seconds()})
+
+
+def success_message(result: TrainResult, evaluation: EvaluationOutcome | None, output_uri: str) -> str:
+    """One line for the summary: steps and loss, the headline comparison, where the artifacts are."""
+    parts = [f"trained {result.steps} steps"]
+    if result.final_loss is not None:
+        parts[0] += f" (loss {result.final_loss:.4f})"
+    status = evaluation.status if evaluation else None
+    if status is not None and status.tuned is not None:
+        versus = ", ".join(f"{name} {score:.4f}" for name, score in status.baselines.items())
+        parts.append(f"tuned {status.metric} {status.tuned:.4f}" + (f" vs {versus}" if versus else ""))
+    parts.append(f"artifacts in {output_uri}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_stages(job: FineTuneJob, reporter: Reporter, settings: RunSettings, record: RunRecord) -> TrainerSummary:
+    """Every stage in order; exceptions propagate to run_job, which turns them into the failed summary."""
+    spec = job.spec
+    check_runnable(spec)
+    with record.stage(reporter, "data"):
+        data = data_stage(spec, reporter)
+        record.dataset = data.dataset_status()
+    with record.stage(reporter, "model"):
+        model_dir, data = model_stage(spec, data, settings, reporter)
+        record.dataset = data.dataset_status()
+    with record.stage(reporter, "train"):
+        result = train_stage(spec, data, model_dir, settings, reporter)
+    if not settings.is_main_process:
+        # The main process evaluates and publishes; the others are done once training is.
+        return TrainerSummary(outcome="Succeeded", message=f"trained {result.steps} steps", dataset=record.dataset)
+    evaluation = None
+    if spec.evaluation.enabled:
+        with record.stage(reporter, "evaluate"):
+            evaluation = evaluate_stage(spec, data, model_dir, result.adapter_dir, settings, reporter)
+    with record.stage(reporter, "publish"):
+        artifacts, usage = publish_stage(job, data, model_dir, result, evaluation, record, settings)
+    return TrainerSummary(
+        outcome="Succeeded",
+        message=success_message(result, evaluation, spec.output.uri),
+        metrics=run_metrics(result, evaluation, headline_only=True),
+        dataset=record.dataset,
+        evaluation=evaluation.status if evaluation else None,
+        artifacts=artifacts,
+        usage=usage,
+    )
+
+
+def default_settings(env: Mapping[str, str], work_dir: Path) -> RunSettings:
+    """Local paths and process rank for a run whose scratch space is work_dir."""
+    cache = env.get(ENV_MODEL_CACHE) or str(Path(tempfile.gettempdir()) / "kubetune-models")
+    return RunSettings(
+        work_dir=work_dir,
+        model_cache_dir=Path(cache),
+        is_main_process=process_rank(env) == 0,
+        world_size=int(env.get("WORLD_SIZE", "1") or 1),
+    )
+
+
+def run_job(job: FineTuneJob, reporter: Reporter, settings: RunSettings | None = None) -> TrainerSummary:
+    """Run one FineTuneJob through every stage and return its summary; a failure is a Failed summary, not a raise.
+
+    Without settings the run works in a fresh temporary directory, removed afterwards. TrainingPreempted (SIGTERM
+    while training, checkpoint uploaded) is the one exception that propagates: the caller exits for a retry.
+    """
+    from kubetune_trainer.training import TrainingPreempted
+
+    record = RunRecord()
+    with run_settings(settings) as effective:
+        try:
+            summary = run_stages(job, reporter, effective, record)
+        except TrainingPreempted:
+            raise
+        except Exception as error:  # every failure must end as a summary with a reason
+            failure = classify_failure(error)
+            log.error(
+                "%s in stage %s: %s",
+                failure.reason,
+                reporter.stage or "config",
+                failure.message,
+                exc_info=failure.reason == "InternalError",
+                extra={"fields": {"reason": failure.reason}},
+            )
+            usage = UsageStatus(wall_seconds=record.wall_seconds())
+            summary = failed_summary(failure, dataset=record.dataset, usage=usage)
+    log.info("run finished: %s", summary.outcome, extra={"fields": {"reason": summary.reason}})
+    return summary
+
+
+@contextmanager
+def run_settings(settings: RunSettings | None) -> Iterator[RunSettings]:
+    """The given settings, or ones on a temporary work directory that is removed when the run ends."""
+    if settings is not None:
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        yield settings
+        return
+    with tempfile.TemporaryDirectory(prefix="kubetune-run-") as scratch:
+        yield default_settings(os.environ, Path(scratch))
+
+
+def shared_work_dir(env: Mapping[str, str]) -> Path | None:
+    """The scratch directory every process of one multi-GPU launch shares (checkpoints hold each rank's files).
+
+    The launcher's pid is the same for every rank and new for each launch; a single process gets None (a fresh
+    temporary directory).
+    """
+    if int(env.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    return Path(tempfile.gettempdir()) / f"kubetune-run-launch-{os.getppid()}"
+
+
+def write_termination_message(summary: TrainerSummary, env: Mapping[str, str]) -> None:
+    """The summary into KUBETUNE_TERMINATION_MESSAGE_PATH (default /dev/termination-log); ignored outside a pod."""
+    path = Path(env.get(ENV_TERMINATION_MESSAGE_PATH) or DEFAULT_TERMINATION_MESSAGE_PATH)
+    try:
+        path.write_text(summary.to_termination_message(), encoding="utf-8")
+    except OSError as error:
+        log.warning("cannot write the termination message to %s: %s", path, error)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+@click.group()
+def cli() -> None:
+    """kubetune trainer: runs one FineTuneJob (data → model → train → evaluate → publish) inside its pod."""
+
+
+@cli.command()
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"FineTuneJob manifest (YAML) to run; default: the {ENV_JOB_MANIFEST} environment variable.",
+)
+def run(config: Path | None) -> None:
+    """Run the job; the summary goes to the termination message, the exit code says whether to retry.
+
+    Exit codes: 0 succeeded; 65 failed for good (config, data, model, out of memory, diverged, evaluation);
+    75 failed in a way a retry may fix (storage, internal); 143 preempted by SIGTERM after checkpointing.
+    """
+    env = dict(os.environ)
+    # The log formatter asks the reporter (made inside the block, so its warnings are JSON too) for the stage.
+    reporters: list[Reporter] = []
+    with json_logging(lambda: reporters[0].stage if reporters else None):
+        try:
+            reporters.append(reporter_from_environment(env, is_main_process=process_rank(env) == 0))
+            job = load_job(config, env)
+        except (ConfigError, ProgressSettingsError) as error:
+            failure = classify_failure(ConfigError(str(error)))
+            log.error("%s: %s", failure.reason, failure.message)
+            summary = failed_summary(failure)
+            write_termination_message(summary, env)
+            for reporter in reporters:
+                reporter.finish()
+            sys.exit(exit_code(summary))
+        sys.exit(run_in_process(job, reporters[0], env))
+
+
+@cli.command()
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"FineTuneJob manifest (YAML, backend openai); default: the {ENV_JOB_MANIFEST} environment variable.",
+)
+def hosted(config: Path | None) -> None:
+    """Run a backend-openai job on the hosted service (see kubetune_trainer.hosted); exit codes as for run."""
+    from kubetune_trainer.hosted import hosted_main
+
+    sys.exit(hosted_main(config, dict(os.environ)))
+
+
+def process_rank(env: Mapping[str, str]) -> int:
+    """This process's global rank under a multi-GPU launcher (RANK), 0 otherwise."""
+    return int(env.get("RANK", "0") or 0)
+
+
+def run_in_process(job: FineTuneJob, reporter: Reporter, env: Mapping[str, str]) -> int:
+    """run_job with this process's settings; writes the termination message (main process) and gives the exit code."""
+    from kubetune.contract import EXIT_CODE_PREEMPTED
+    from kubetune_trainer.training import TrainingPreempted
+
+    work_dir = shared_work_dir(env)
+    settings = default_settings(env, work_dir) if work_dir is not None else None
+    try:
+        summary = run_job(job, reporter, settings)
+    except TrainingPreempted as preempted:
+        # No summary: the pod is retried and resumes; a Failed summary here would outlive the run that succeeds.
+        log.warning("%s", preempted)
+        reporter.finish()
+        return EXIT_CODE_PREEMPTED
+    reporter.finish()
+    if process_rank(env) == 0:
+        write_termination_message(summary, env)
+    return exit_code(summary)
