@@ -520,6 +520,41 @@ def test_sigterm_cancels_the_hosted_job_only_when_the_finetunejob_is_suspended_o
     assert service.jobs["ftjob-1"]["metadata"] == {"kubetune-uid": created["metadata"]["uid"]}
 
 
+def test_sigterm_cancels_when_the_finetunejob_was_garbage_collected_with_its_role(
+    kube: ControlPlane,
+    crd_installed: None,
+    namespace: str,
+    double: OpenAIDouble,
+    service: FineTuningService,
+    dataset: dict[str, str],
+    tmp_path: Path,
+    sigterm_guard: list[int],
+) -> None:
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(kube.api_client())
+    name = "hosted-collected"
+    job = finetunejob(double, dataset, name=name, evaluation={"enabled": False})
+    body = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+    body["metadata"] = {"name": name, "namespace": namespace}
+    created = api.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs", body)
+    job = FineTuneJob.model_validate({**body, "metadata": {**body["metadata"], "uid": created["metadata"]["uid"]}})
+    should_cancel = cancel_check_from_environment(pod_environment(kube, job, namespace))
+    # What deleting the FineTuneJob does to the pod's credentials: its Role goes with it.
+    client.RbacAuthorizationV1Api(kube.api_client()).delete_namespaced_role(
+        f"{name}-trainer", namespace, grace_period_seconds=0
+    )
+    api.delete_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs", name)
+    service.plan = LONG_RUNNING
+    sigterm_once_polled(double, f"{JOBS}/ftjob-1")
+
+    with pytest.raises(HostedPreempted) as preempted:
+        run(job, tmp_path, settings=SLOW_POLLS, should_cancel=should_cancel)
+
+    assert preempted.value.cancelled is True
+    assert service.jobs["ftjob-1"]["status"] == "cancelled"
+
+
 def test_a_resumed_job_starts_a_new_hosted_job_after_the_cancelled_one(
     double: OpenAIDouble,
     service: FineTuningService,

@@ -243,7 +243,9 @@ def read_own_finetunejob(api: Any, namespace: str, name: str) -> Mapping[str, An
             GROUP, VERSION, namespace, PLURAL, name, _request_timeout=STATUS_READ_TIMEOUT
         )
     except ApiException as error:
-        if error.status == 404:
+        # The per-job ServiceAccount and Role are owned by the FineTuneJob: garbage collection may remove them before
+        # this pod gets SIGTERM. Refused credentials (401/403) therefore mean the FineTuneJob is gone, as 404 does.
+        if error.status in (401, 403, 404):
             return None
         raise
     return result
