@@ -1,0 +1,1 @@
+"""The kubetune operator: kopf handlers that turn FineTuneJobs into trainer Jobs and report how they run."""

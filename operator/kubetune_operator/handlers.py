@@ -33,7 +33,13 @@ from kubetune_operator.builders import (
     desired_job_suspend,
     trainer_resource_name,
 )
-from kubetune_operator.lifecycle import PhaseTransition, derive_status, invalid_spec_status, job_condition
+from kubetune_operator.lifecycle import (
+    PhaseTransition,
+    StatusChange,
+    derive_status,
+    invalid_spec_status,
+    job_condition,
+)
 from kubetune_operator.metrics import MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
 from kubetune_operator.settings import OperatorSettings, SettingsError
@@ -232,15 +238,21 @@ def list_trainer_pods(
     ]
 
 
-def patch_finetunejob_status(api_client: Any, namespace: str, name: str, patch: dict[str, Any]) -> None:
-    """A merge patch through the status subresource."""
+def patch_finetunejob_status(api_client: Any, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    """A merge patch through the status subresource; False when the FineTuneJob is gone meanwhile."""
     from kubernetes import client
 
-    with_retries(
-        lambda: client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, patch
+    try:
+        with_retries(
+            lambda: client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, patch
+            )
         )
-    )
+    except Exception as error:
+        if api_error_status(error) == 404:
+            return False
+        raise
+    return True
 
 
 CHILD_CALLS: dict[str, tuple[str, str, str]] = {
@@ -296,11 +308,11 @@ def post_transition_events(body: Mapping[str, Any], transitions: tuple[PhaseTran
         )
 
 
-def apply_status_change(context: OperatorContext, body: Mapping[str, Any], change: Any, gpus: int) -> None:
+def apply_status_change(context: OperatorContext, body: Mapping[str, Any], change: StatusChange, gpus: int) -> None:
     """Write the patch (once), post Events and count transitions, refresh the job's metrics."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    if not change.is_empty:
-        patch_finetunejob_status(context.api_client, namespace, name, change.patch)
+    if not change.is_empty and not patch_finetunejob_status(context.api_client, namespace, name, change.patch):
+        return
     post_transition_events(body, change.transitions)
     for transition in change.transitions:
         context.metrics.record_transition(transition.from_phase, transition.to_phase)
@@ -439,14 +451,18 @@ def tracked_jobs(*, memo: kopf.Memo, **_: Any) -> int:
 @kopf.on.create(GROUP, VERSION, PLURAL, when=is_local_backend)
 @counted("ensure_trainer")
 def ensure_trainer(
-    *, body: kopf.Body, namespace: str | None, name: str, uid: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Create (or find) the ConfigMap, ServiceAccount, Role, RoleBinding and Job, then write the status once."""
-    context = operator_context(memo)
-    raw = plain(body)
-    phase = (raw.get("status") or {}).get("phase")
-    if phase in TERMINAL_PHASES:
-        # A finished run is never restarted: its Job may be gone after ttlSecondsAfterFinished.
+    in_namespace(namespace)
+    ensure_children(operator_context(memo), plain(body), logger)
+
+
+def ensure_children(context: OperatorContext, raw: dict[str, Any], logger: kopf.Logger) -> None:
+    """Create whatever child of a still-running FineTuneJob is missing (409 is success), then derive its status."""
+    metadata = raw["metadata"]
+    if (raw.get("status") or {}).get("phase") in TERMINAL_PHASES or metadata.get("deletionTimestamp"):
+        # A finished run is never restarted (its Job may be gone after ttlSecondsAfterFinished), nor a deleted one.
         return
     try:
         job = FineTuneJob.model_validate(raw)
@@ -455,11 +471,11 @@ def ensure_trainer(
     created = []
     for child in build_children(job, context.settings):
         kopf.adopt(child, owner=as_kopf_body(raw))
-        if create_child(context.api_client, child, uid):
+        if create_child(context.api_client, child, metadata["uid"]):
             created.append(f"{child['kind']} {child['metadata']['name']}")
     if created:
         logger.info("created %s", ", ".join(created))
-    reconcile_status(context, in_namespace(namespace), name, logger)
+    reconcile_status(context, metadata["namespace"], metadata["name"], logger)
 
 
 def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> NoReturn:
@@ -534,10 +550,19 @@ def finetunejob_event(
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
 @counted("trainer_job_event")
 def trainer_job_event(
-    *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    *, type: str, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
-    """A trainer Job changed (started, suspended, completed, failed)."""
-    reconcile_status(operator_context(memo), in_namespace(namespace), labels[LABEL_JOB_NAME], logger)
+    """A trainer Job changed (started, suspended, completed, failed) or was deleted."""
+    context = operator_context(memo)
+    namespace, name = in_namespace(namespace), labels[LABEL_JOB_NAME]
+    if type == "DELETED":
+        body = read_finetunejob(context.api_client, namespace, name)
+        if body is not None and is_local_backend(body.get("spec") or {}):
+            # Deleted by hand while its FineTuneJob runs: put it back (the trainer resumes from its checkpoint).
+            # ensure_children leaves finished and deleted FineTuneJobs alone.
+            ensure_children(context, body, logger)
+        return
+    reconcile_status(context, namespace, name, logger)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})

@@ -119,7 +119,11 @@ class Operator:
         self.process = ManagedProcess(name, [sys.executable, "-m", "kubetune_operator"], self.log_dir, env=env).start()
         try:
             wait_for(
-                lambda: self._alive() and http_ok(f"http://127.0.0.1:{self.health_port}/healthz"),
+                lambda: (
+                    self.process is not None
+                    and self.process.alive()
+                    and http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
+                ),
                 90,
                 f"the operator's /healthz on port {self.health_port}",
             )
@@ -127,11 +131,6 @@ class Operator:
             self.stop()  # never leave a replica behind: it would outlive the test and act on later jobs
             raise AssertionError(f"{error}\n{self.log()}") from None
         return self
-
-    def _alive(self) -> bool:
-        assert self.process is not None
-        self.process.assert_running()
-        return True
 
     def stop(self) -> None:
         if self.process is not None:
@@ -309,7 +308,8 @@ def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: O
     metrics = operator.get("/metrics", operator.metrics_port)
     assert 'kubetune_jobs{phase="Succeeded"} 1.0' in metrics
     assert f'kubetune_job_progress_ratio{{job="happy",namespace="{jobs.namespace}"}} 1.0' in metrics
-    assert 'kubetune_job_phase_transitions_total{from_phase="New",to_phase="Pending"}' in metrics
+    assert 'kubetune_job_phase_transitions_total{from_phase="New",to_phase=' in metrics
+    assert f'kubetune_job_gpu_seconds_total{{job="happy",namespace="{jobs.namespace}"}}' in metrics
     # kopf caches probe results for 10 s.
     wait_for(
         lambda: json.loads(operator.get("/healthz", operator.health_port))["trackedJobs"] >= 1,
@@ -403,6 +403,61 @@ def test_deleting_a_job_while_the_operator_is_down_does_not_hang(jobs: Jobs, ope
     operator.stop()
     deleted = jobs.kube.kubectl("delete", PLURAL, "doomed", "-n", jobs.namespace, "--timeout=20s")
     assert deleted.returncode == 0, deleted.stderr
-    for kind in CHILD_KINDS:
-        wait_for(lambda kind=kind: jobs.child(kind, "doomed-trainer") is None, 60, f"GC to delete the {kind}")
+
+    def all_children_gone() -> bool:
+        return all(jobs.child(kind, "doomed-trainer") is None for kind in CHILD_KINDS)
+
+    wait_for(all_children_gone, 60, "the garbage collector to delete the children")
     assert jobs.children_of("doomed", "pods") == []
+
+
+def test_jobs_of_another_backend_are_left_alone(jobs: Jobs, operator: Operator) -> None:
+    hosted = finetunejob("hosted", ON_KWOK, backend="openai")
+    hosted["spec"].pop("resources")
+    hosted["spec"]["openai"] = {"model": "gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "key"}}
+    jobs.create(hosted)
+    jobs.create(finetunejob("local", NOWHERE))
+    # The later local job is handled, so the operator has seen the hosted one too, and left it alone.
+    jobs.wait_condition("local", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    assert "status" not in jobs.get("hosted")
+    assert all(jobs.child(kind, "hosted-trainer") is None for kind in CHILD_KINDS)
+
+
+def test_only_the_highest_priority_replica_acts(
+    jobs: Jobs, operator: Operator, operator_kubeconfig: str, testbed_dir: Path
+) -> None:
+    second = Operator(operator_kubeconfig, testbed_dir / "operator").start()  # outranks `operator`
+    try:
+        wait_for(lambda: "Pausing operations in favour of" in operator.log(), 30, "the first replica to pause")
+        jobs.create(finetunejob("shared", NOWHERE))
+        jobs.wait_condition("shared", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=second)
+        assert "created ConfigMap shared-trainer" in second.log()
+        assert "shared-trainer" not in operator.log()
+    finally:
+        second.stop()
+    # With the higher replica gone (it leaves the peering on a clean stop), the other one takes over.
+    wait_for(lambda: "Resuming operations after the pause" in operator.log().split("Pausing operations")[-1], 30,
+             "the first replica to resume")  # fmt: skip
+    jobs.create(finetunejob("takeover", NOWHERE))
+    jobs.wait_condition("takeover", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    assert "created ConfigMap takeover-trainer" in operator.log()
+
+
+def test_a_trainer_job_deleted_by_hand_is_put_back(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("resilient", NOWHERE))
+    jobs.wait_condition("resilient", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    before = child_uids(jobs, "resilient")
+    deleted = jobs.kube.kubectl("delete", "job", "resilient-trainer", "-n", jobs.namespace, "--wait=true")
+    assert deleted.returncode == 0, deleted.stderr
+
+    def replaced() -> bool:
+        job = jobs.child("job", "resilient-trainer")
+        return job is not None and job["metadata"]["uid"] != before["job"]
+
+    wait_for(replaced, 60, "the operator to recreate the trainer Job")
+    after = child_uids(jobs, "resilient")
+    assert {kind: uid for kind, uid in after.items() if kind != "job"} == {
+        kind: uid for kind, uid in before.items() if kind != "job"
+    }
+    assert len(jobs.children_of("resilient", "jobs")) == 1
+    jobs.wait_condition("resilient", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)

@@ -275,7 +275,8 @@ def test_s3_credentials_are_secret_references(
     settings_secret: str | None, spec_s3: dict[str, str] | None, expected_secret: str | None
 ) -> None:
     settings = SETTINGS.model_copy(update={"s3_credentials_secret": settings_secret})
-    job = finetunejob(**({"s3": spec_s3} if spec_s3 else {}))
+    spec: dict[str, Any] = {"s3": spec_s3} if spec_s3 else {}
+    job = finetunejob(**spec)
     env = env_of(build_trainer_job(job, settings))
     if expected_secret is None:
         assert "AWS_ACCESS_KEY_ID" not in env

@@ -148,3 +148,15 @@ def test_settings_are_immutable() -> None:
     settings = OperatorSettings()
     with pytest.raises(ValueError, match="frozen"):
         settings.metrics_port = 1  # type: ignore[misc]
+
+
+def test_the_entrypoint_refuses_bad_settings_before_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubetune_operator.__main__ import main
+
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "not-a-port")
+    assert main() == 2
+    error = capsys.readouterr().err
+    assert error.startswith("kubetune-operator: bad operator settings in the environment:")
+    assert "KUBETUNE_METRICS_PORT='not-a-port'" in error
