@@ -72,7 +72,9 @@ HOSTED_TRAINER_ENTRY = ("-m", "kubetune_trainer", "hosted")
 # reports it): non-zero, so the Job retries the pod, which resumes from that checkpoint. Under `accelerate launch`
 # (gpus > 1) the launcher receives the SIGTERM, passes it to every rank, gives them 30 s (torch elastic's shutdown
 # timeout) to finish the step, save and upload, and itself exits 1.
-EXIT_CODE_PREEMPTED = 143
+EXIT_CODE_PREEMPTED = 143  # SIGTERM: checkpoint saved, the Job retries and resumes
+EXIT_CODE_PERMANENT = 65  # sysexits EX_DATAERR: the inputs cannot work; the Job must not retry (podFailurePolicy)
+EXIT_CODE_RETRYABLE = 75  # sysexits EX_TEMPFAIL: a fault that may pass; the Job retries
 
 
 def trainer_command(gpus: int, python: str = "python", entry: Sequence[str] = TRAINER_ENTRY) -> list[str]:

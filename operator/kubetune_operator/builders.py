@@ -185,13 +185,26 @@ def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, 
     return env
 
 
+def trainer_gpus(job: FineTuneJob) -> int:
+    """GPUs the trainer pod asks for: none for backend openai, whose pod only drives the hosted job."""
+    return 0 if job.spec.backend == "openai" else job.spec.resources.gpus
+
+
+def trainer_command(job: FineTuneJob) -> list[str]:
+    """The trainer's argv: local training (one process per GPU), or the hosted-job driver."""
+    if job.spec.backend == "openai":
+        return contract.trainer_command(0, entry=contract.HOSTED_TRAINER_ENTRY)
+    return contract.trainer_command(job.spec.resources.gpus)
+
+
 def container_resources(job: FineTuneJob) -> dict[str, Any]:
     """Requests and limits: GPUs requests=limits (omitted at 0), CPU requested, memory requested and capped."""
     spec = job.spec.resources
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    if spec.gpus:
-        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(spec.gpus)
+    gpus = trainer_gpus(job)
+    if gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
     if spec.cpu:
         requests["cpu"] = spec.cpu
     if spec.memory:
@@ -207,14 +220,14 @@ def container_resources(job: FineTuneJob) -> dict[str, Any]:
 
 def node_selector(job: FineTuneJob, settings: OperatorSettings) -> dict[str, str]:
     """The operator's GPU node labels (for GPU jobs) overlaid with the job's own nodeSelector."""
-    defaults = settings.gpu_node_selector if job.spec.resources.gpus > 0 else {}
+    defaults = settings.gpu_node_selector if trainer_gpus(job) > 0 else {}
     return {**defaults, **job.spec.resources.node_selector}
 
 
 def tolerations(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     """The job's tolerations plus the operator's GPU tolerations (for GPU jobs), without duplicates."""
     items: list[Toleration] = list(job.spec.resources.tolerations)
-    if job.spec.resources.gpus > 0:
+    if trainer_gpus(job) > 0:
         items.extend(settings.gpu_tolerations)
     unique: list[dict[str, Any]] = []
     for item in items:
@@ -245,7 +258,7 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
         {"name": "tmp", "mountPath": TMP_DIR},
         {"name": "hf-cache", "mountPath": HF_CACHE_DIR},
     ]
-    if job.spec.resources.gpus > 1:
+    if trainer_gpus(job) > 1:
         # NCCL exchanges tensors between the per-GPU processes through shared memory; the default 64 MiB is too small.
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "shm", "mountPath": SHM_DIR})
@@ -259,7 +272,7 @@ def build_trainer_container(job: FineTuneJob, settings: OperatorSettings) -> dic
         "name": CONTAINER_NAME,
         "image": trainer_image(job, settings),
         "imagePullPolicy": "IfNotPresent",
-        "command": contract.trainer_command(job.spec.resources.gpus),
+        "command": trainer_command(job),
         "env": trainer_env(job, settings),
         "resources": container_resources(job),
         "terminationMessagePath": contract.DEFAULT_TERMINATION_MESSAGE_PATH,
@@ -316,8 +329,22 @@ def build_trainer_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
         "parallelism": 1,
         "backoffLimit": policy.backoff_limit,
         "suspend": is_created_suspended(job),
-        # Preemption and node drains are not the trainer's fault: they must not use up its retries.
-        "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+        "podFailurePolicy": {
+            "rules": [
+                # Preemption and node drains are not the trainer's fault: they must not use up its retries.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # A permanent failure (bad data, bad config, a hosted job the service refused) fails the same way
+                # on every retry; for backend openai a retry could even start a second paid hosted job.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER_NAME,
+                        "operator": "In",
+                        "values": [contract.EXIT_CODE_PERMANENT],
+                    },
+                },
+            ]
+        },
         "template": {
             "metadata": {"labels": trainer_labels(job.metadata.name)},
             "spec": build_trainer_pod_spec(job, settings),

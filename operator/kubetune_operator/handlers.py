@@ -4,8 +4,8 @@ Everything here reads the cluster, calls a pure builder or lifecycle function, a
 and Pods return None (a returned value would be patched into those objects). There are no delete handlers, hence no
 finalizers: deleting a FineTuneJob never waits for the operator, and its children go by owner-reference GC.
 
-Backends: only `backend: local` jobs are handled here (see `is_local_backend`). `backend: openai` jobs are left alone
-entirely; that backend registers its own handlers with the opposite filter.
+Backends: both run as the same trainer Job, so one set of handlers serves them. `local` trains in the pod; `openai`
+drives hosted fine-tuning from a pod without GPUs (kubetune_trainer.hosted), so the operator never reads the API key.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from kubetune_operator.rbac import KOPF_PEERING_GROUP
 from kubetune_operator.settings import OperatorSettings, SettingsError
 
 MEMO_KEY = "kubetune"
-BACKEND_LOCAL = "local"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
 DIFFBASE_KEY = "last-handled-configuration"
 MERGE_PATCH = "application/merge-patch+json"
@@ -127,11 +126,6 @@ def in_namespace(namespace: str | None) -> str:
 def utc_now() -> str:
     """Now as RFC 3339 UTC with seconds, the format of metav1.Time."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def is_local_backend(spec: Mapping[str, Any], **_: Any) -> bool:
-    """kopf `when=` filter: the jobs this module handles."""
-    return (spec.get("backend") or BACKEND_LOCAL) == BACKEND_LOCAL
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -323,7 +317,7 @@ def reconcile_status(context: OperatorContext, namespace: str, name: str, logger
     """Re-read the FineTuneJob, its trainer Job and pods; derive the status; write what changed."""
     with context.job_lock(namespace, name), context.metrics.timed_reconcile():
         body = read_finetunejob(context.api_client, namespace, name)
-        if body is None or not is_local_backend(body.get("spec") or {}):
+        if body is None:
             return
         try:
             job = FineTuneJob.model_validate(body)
@@ -447,8 +441,8 @@ def tracked_jobs(*, memo: kopf.Memo, **_: Any) -> int:
 # FineTuneJob handlers.
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, when=is_local_backend)
-@kopf.on.create(GROUP, VERSION, PLURAL, when=is_local_backend)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
 @counted("ensure_trainer")
 def ensure_trainer(
     *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
@@ -489,7 +483,7 @@ def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: 
     raise kopf.PermanentError(message)
 
 
-@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend", when=is_local_backend)
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend")
 @counted("apply_suspend")
 def apply_suspend(
     *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
@@ -539,8 +533,7 @@ def finetunejob_event(
         context.metrics.forget_job(namespace, name)
         context.drop_lock(namespace, name)
         return
-    if is_local_backend(spec):
-        reconcile_status(context, namespace, name, logger)
+    reconcile_status(context, namespace, name, logger)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -557,7 +550,7 @@ def trainer_job_event(
     namespace, name = in_namespace(namespace), labels[LABEL_JOB_NAME]
     if type == "DELETED":
         body = read_finetunejob(context.api_client, namespace, name)
-        if body is not None and is_local_backend(body.get("spec") or {}):
+        if body is not None:
             # Deleted by hand while its FineTuneJob runs: put it back (the trainer resumes from its checkpoint).
             # ensure_children leaves finished and deleted FineTuneJobs alone.
             ensure_children(context, body, logger)

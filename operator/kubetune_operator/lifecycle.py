@@ -487,7 +487,7 @@ def status_from_observation(
     if summary is not None:
         if summary.metrics:
             update["metrics"] = {**current.metrics, **summary.metrics}
-        for name in ("dataset", "evaluation", "artifacts", "usage"):
+        for name in ("dataset", "evaluation", "artifacts", "usage", "fine_tuned_model"):
             value = getattr(summary, name)
             if value is not None:
                 update[name] = value

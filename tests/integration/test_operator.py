@@ -411,16 +411,18 @@ def test_deleting_a_job_while_the_operator_is_down_does_not_hang(jobs: Jobs, ope
     assert jobs.children_of("doomed", "pods") == []
 
 
-def test_jobs_of_another_backend_are_left_alone(jobs: Jobs, operator: Operator) -> None:
+def test_a_hosted_job_gets_a_trainer_job_without_gpus_that_drives_it(jobs: Jobs, operator: Operator) -> None:
     hosted = finetunejob("hosted", ON_KWOK, backend="openai")
     hosted["spec"].pop("resources")
     hosted["spec"]["openai"] = {"model": "gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "key"}}
     jobs.create(hosted)
-    jobs.create(finetunejob("local", NOWHERE))
-    # The later local job is handled, so the operator has seen the hosted one too, and left it alone.
-    jobs.wait_condition("local", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
-    assert "status" not in jobs.get("hosted")
-    assert all(jobs.child(kind, "hosted-trainer") is None for kind in CHILD_KINDS)
+
+    wait_for(lambda: jobs.child("job", "hosted-trainer") is not None, 60, "the hosted job's trainer Job")
+    container = jobs.child("job", "hosted-trainer")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-1] == "hosted"
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    key = next(item for item in container["env"] if item["name"] == "OPENAI_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "openai", "key": "key"}
 
 
 def test_only_the_highest_priority_replica_acts(

@@ -26,8 +26,10 @@ def scrape_config(jobs: dict[str, list[str]], interval: str = "1s") -> dict[str,
     """prometheus.yml scraping each job's host:port targets."""
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        # honor_labels as the chart's ServiceMonitor sets it: per-job series carry their own namespace/job labels.
         "scrape_configs": [
-            {"job_name": name, "static_configs": [{"targets": targets}]} for name, targets in sorted(jobs.items())
+            {"job_name": name, "honor_labels": True, "static_configs": [{"targets": targets}]}
+            for name, targets in sorted(jobs.items())
         ],
     }
 

@@ -197,9 +197,7 @@ def test_job_runs_once_with_the_run_policy() -> None:
     assert (spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (1, 1, 5)
     assert (spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (3600, 600)
     assert spec["suspend"] is False
-    assert spec["podFailurePolicy"]["rules"] == [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
-    ]
+    assert [rule["action"] for rule in spec["podFailurePolicy"]["rules"]] == ["Ignore", "FailJob"]
     assert spec["template"]["metadata"]["labels"] == trainer_labels("demo")
     pod = pod_spec(job)
     assert pod["restartPolicy"] == "Never"
@@ -470,3 +468,34 @@ def test_operator_rbac_covers_what_the_trainer_role_grants() -> None:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 assert set(rule["verbs"]) <= table[group, resource]
+
+
+def test_a_hosted_job_runs_its_driver_without_gpus() -> None:
+    job = finetunejob(
+        backend="openai",
+        resources={"gpus": 4},
+        openai={"model": "gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "api-key"}},
+    )
+    pod = build_trainer_job(job, SETTINGS)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+
+    assert container["command"] == ["python", *contract.HOSTED_TRAINER_ENTRY]
+    assert "nvidia.com/gpu" not in container["resources"].get("requests", {})
+    assert "nodeSelector" not in pod
+    assert "tolerations" not in pod
+    assert env_of(build_trainer_job(job, SETTINGS))["OPENAI_API_KEY"] == {
+        "secretKeyRef": {"name": "openai", "key": "api-key"}
+    }
+
+
+def test_a_permanent_trainer_failure_fails_the_job_without_retries() -> None:
+    rules = build_trainer_job(finetunejob(), SETTINGS)["spec"]["podFailurePolicy"]["rules"]
+
+    fail_job = [rule for rule in rules if rule["action"] == "FailJob"]
+    assert fail_job == [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [contract.EXIT_CODE_PERMANENT]},
+        }
+    ]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules

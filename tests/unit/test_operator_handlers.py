@@ -10,7 +10,6 @@ from kubetune_operator.handlers import (
     CHILD_SELECTOR,
     configure_kopf,
     format_validation_error,
-    is_local_backend,
     plain,
 )
 from kubetune_operator.settings import OperatorSettings
@@ -61,14 +60,6 @@ def test_peering(ours: OperatorSettings, cli_standalone: bool, standalone: bool,
     peering = configured(ours, cli_standalone).peering
     assert (peering.standalone, peering.mandatory) == (standalone, mandatory)
     assert (peering.name, peering.priority) == (ours.peering_name, ours.peering_priority)
-
-
-@pytest.mark.parametrize(
-    ("spec", "handled"),
-    [({}, True), ({"backend": "local"}, True), ({"backend": "openai"}, False), ({"backend": None}, True)],
-)
-def test_only_local_backend_jobs_are_handled_here(spec: dict[str, Any], handled: bool) -> None:
-    assert is_local_backend(spec) is handled
 
 
 def test_validation_errors_name_each_field() -> None:

@@ -26,14 +26,12 @@ from kubetune.conditions import (
     TRAINER_REASON_OUT_OF_MEMORY,
     TRAINER_REASON_STORAGE_ERROR,
 )
-from kubetune.contract import TrainerSummary
+from kubetune.contract import EXIT_CODE_PERMANENT, EXIT_CODE_RETRYABLE, TrainerSummary
 from kubetune.manifests import ManifestError
 from kubetune.storage import StorageError
 from kubetune_trainer.examples import DataError
 
 EXIT_CODE_SUCCEEDED = 0
-EXIT_CODE_PERMANENT = 65
-EXIT_CODE_RETRYABLE = 75
 RETRYABLE_REASONS = frozenset({TRAINER_REASON_STORAGE_ERROR, TRAINER_REASON_INTERNAL_ERROR})
 PERMANENT_REASONS = TRAINER_FAILURE_REASONS - RETRYABLE_REASONS
 # Summary messages stay short: the termination message holds 4 KB in all, and the log has the details.
