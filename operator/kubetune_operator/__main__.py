@@ -18,7 +18,11 @@ def main() -> int:
     except SettingsError as error:
         print(f"kubetune-operator: {error}", file=sys.stderr)
         return 2
-    kopf.configure(log_format=kopf.LogFormat.PLAIN)
+    kopf.configure(
+        log_format=kopf.LogFormat.PLAIN,
+        debug=settings.log_level == "debug",
+        quiet=settings.log_level == "warning",
+    )
     kopf_settings = kopf.OperatorSettings()
     handlers.configure_kopf(kopf_settings, settings)
     kopf.run(

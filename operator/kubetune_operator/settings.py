@@ -6,7 +6,7 @@ import json
 import random
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -93,6 +93,9 @@ class OperatorSettings(BaseModel):
     )
     standalone: bool = Field(
         default=False, description="Run without peering (one replica only, e.g. tests and local runs)."
+    )
+    log_level: Literal["debug", "info", "warning"] = Field(
+        default="info", description="Operator log level: debug (every handler and API call), info or warning."
     )
 
     @field_validator("gpu_node_selector")
