@@ -125,7 +125,7 @@ def s3_bucket(s3_server: S3Server) -> str:
     return name
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def prometheus(testbed_dir: Path) -> Iterator[Callable[[dict[str, list[str]]], PrometheusServer]]:
     """Start Prometheus scraping the given {job: [host:port]} targets every second."""
     servers: list[PrometheusServer] = []

@@ -40,7 +40,7 @@ from kubetune_operator.lifecycle import (
     invalid_spec_status,
     job_condition,
 )
-from kubetune_operator.metrics import MetricsServer, OperatorMetrics
+from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
 from kubetune_operator.settings import OperatorSettings, SettingsError
 
@@ -98,6 +98,8 @@ def operator_context(memo: Any) -> OperatorContext:
 
 def counted(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Count the handler's failures in kubetune_handler_errors_total{handler}."""
+    if handler not in HANDLERS:
+        raise ValueError(f"handler {handler!r} is missing from kubetune_operator.metrics.HANDLERS")
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(function)

@@ -37,6 +37,7 @@ STARTING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
 CONDITION_REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 MESSAGE_LIMIT = 1024
 STAGE_EVALUATE = "evaluate"
+STAGE_PUBLISH = "publish"
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,9 @@ def observe_active(job: FineTuneJob, job_name: str, pods: Sequence[Mapping[str, 
     progress = job.status.progress if job.status else None
     if progress is not None and progress.stage == STAGE_EVALUATE:
         phase, reason, message = "Evaluating", c.REASON_EVALUATING, "evaluating the tuned adapter and the baselines"
+    elif progress is not None and progress.stage == STAGE_PUBLISH and spec_evaluates(job):
+        # Publishing follows the evaluation: going back to Running there would read as a second training pass.
+        phase, reason, message = "Evaluating", c.REASON_EVALUATING, "publishing the adapter and the evaluation report"
     else:
         # No step counts here: status.progress has them, and a message that changes every report would double the
         # status writes.
@@ -492,6 +496,11 @@ def status_from_observation(
             if value is not None:
                 update[name] = value
     return current.model_copy(update=update)
+
+
+def spec_evaluates(job: FineTuneJob) -> bool:
+    """Whether the job evaluates after training (and so passes through Evaluating)."""
+    return job.spec.evaluation.enabled
 
 
 def metadata_generation(job: FineTuneJob) -> int | None:

@@ -63,6 +63,11 @@ def eval_scores(status: FineTuneJobStatus) -> dict[str, float]:
     return scores
 
 
+# Every kopf handler that counts its errors; their series start at 0 so that rate()/increase() have data before the
+# first error (handlers.counted() refuses a name missing here).
+HANDLERS = ("ensure_trainer", "apply_suspend", "finetunejob_event", "trainer_job_event", "trainer_pod_event")
+
+
 @dataclass
 class OperatorMetrics:
     """All operator metrics on one registry; per-job series carry {namespace, job} and go when the job goes."""
@@ -104,6 +109,8 @@ class OperatorMetrics:
         )
         for phase in PHASES:
             self.jobs.labels(phase).set(0)
+        for handler in HANDLERS:
+            self.handler_errors.labels(handler)
 
     def observe_job(self, namespace: str, job: str, status: FineTuneJobStatus, gpus: int, now: datetime) -> None:
         """Refresh the job's phase count and per-job gauges from its status."""

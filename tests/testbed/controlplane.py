@@ -20,12 +20,14 @@ ADMIN_TOKEN = "kubetune-testbed-admin"  # loopback-only test credential, never u
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 
 
-def kubeconfig_document(server: str, token: str, user: str = "admin", namespace: str = "default") -> dict[str, Any]:
-    """A kubeconfig for `server` authenticating with a bearer token (the server's cert is self-signed)."""
+def kubeconfig_document(
+    server: str, token: str, ca_file: Path, user: str = "admin", namespace: str = "default"
+) -> dict[str, Any]:
+    """A kubeconfig for `server` authenticating with a bearer token, trusting the API server's self-signed cert."""
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "testbed", "cluster": {"server": server, "insecure-skip-tls-verify": True}}],
+        "clusters": [{"name": "testbed", "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
         "users": [{"name": user, "user": {"token": token}}],
         "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": user, "namespace": namespace}}],
         "current-context": "testbed",
@@ -49,6 +51,11 @@ class ControlPlane:
     @property
     def log_dir(self) -> Path:
         return self.work_dir / "logs"
+
+    @property
+    def ca_file(self) -> Path:
+        """The API server's self-signed serving certificate (it includes IP SAN 127.0.0.1), as a trust anchor."""
+        return self.work_dir / "certs" / "apiserver.crt"
 
     def start(self) -> ControlPlane:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +110,7 @@ class ControlPlane:
             "kube-apiserver /readyz",
         )
         kubeconfig_path = self.work_dir / "admin.kubeconfig"
-        kubeconfig_path.write_text(yaml.safe_dump(kubeconfig_document(self.server, ADMIN_TOKEN)))
+        kubeconfig_path.write_text(yaml.safe_dump(kubeconfig_document(self.server, ADMIN_TOKEN, self.ca_file)))
         self.kubeconfig = str(kubeconfig_path)
         return self
 
@@ -119,7 +126,7 @@ class ControlPlane:
                 # No kubelets heartbeat here: node lifecycle would taint every fake node NotReady and evict its pods.
                 "--controllers=*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
                 f"--service-account-private-key-file={sa_key}",
-                f"--root-ca-file={self.work_dir / 'certs' / 'apiserver.crt'}",
+                f"--root-ca-file={self.ca_file}",
                 "--use-service-account-credentials=false",
                 "--secure-port=0",
                 "--concurrent-job-syncs=20",
@@ -191,7 +198,9 @@ class ControlPlane:
         )
         token = core.create_namespaced_service_account_token(name, namespace, request).status.token
         path = self.work_dir / f"sa-{namespace}-{name}.kubeconfig"
-        document = kubeconfig_document(self.server, token, user=f"{namespace}-{name}", namespace=namespace)
+        document = kubeconfig_document(
+            self.server, token, self.ca_file, user=f"{namespace}-{name}", namespace=namespace
+        )
         path.write_text(yaml.safe_dump(document))
         return str(path)
 

@@ -347,7 +347,8 @@ class KubeletStandin:
         )
         token = core.create_namespaced_service_account_token(account, namespace, request).status.token
         path = self.pod_dir / f"{namespace}_{pod['metadata']['name']}.kubeconfig"
-        path.write_text(yaml.safe_dump(kubeconfig_document(self.control_plane.server, token, account, namespace)))
+        plane = self.control_plane
+        path.write_text(yaml.safe_dump(kubeconfig_document(plane.server, token, plane.ca_file, account, namespace)))
         return str(path)
 
     @staticmethod

@@ -153,3 +153,11 @@ def test_gpu_seconds(fields: dict[str, object], gpus: int, expected: float | Non
 )
 def test_progress_ratio(fields: dict[str, object], expected: float | None) -> None:
     assert progress_ratio(status(**fields)) == expected
+
+
+def test_handler_error_series_exist_at_zero_before_any_error() -> None:
+    from kubetune_operator.metrics import HANDLERS
+
+    metrics = OperatorMetrics()
+    for handler in HANDLERS:
+        assert metrics.registry.get_sample_value("kubetune_handler_errors_total", {"handler": handler}) == 0
