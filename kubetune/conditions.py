@@ -26,6 +26,10 @@ REASON_SUSPENDED_BY_USER = "SuspendedByUser"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_GATE_PASSED = "GatePassed"
 REASON_GATE_FAILED = "GateFailed"
+REASON_TRAINER_JOB_MISSING = "TrainerJobMissing"
+REASON_RESUMING = "Resuming"
+REASON_JOB_FAILED = "JobFailed"
+REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
 
 # Reasons the trainer reports in its summary when it fails (status.conditions[Failed].reason).
 TRAINER_REASON_CONFIG_ERROR = "ConfigError"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import conditions as c
+from kubetune import contract
 from kubetune.api import (
     TERMINAL_PHASES,
     Condition,
@@ -17,11 +18,6 @@ from kubetune.api import (
 )
 from kubetune.contract import TrainerSummary
 from kubetune_operator.builders import CONTAINER_NAME, trainer_resource_name
-
-# Reasons for situations kubetune.conditions has no constant for (candidates to move there).
-REASON_TRAINER_JOB_MISSING = "TrainerJobMissing"
-REASON_RESUMING = "Resuming"
-REASON_JOB_FAILED = "JobFailed"
 
 # Conditions whose True status describes where the run is now; one that no longer holds is turned False.
 LIFECYCLE_CONDITIONS = (
@@ -175,9 +171,9 @@ def observe(job: FineTuneJob, trainer_job: Mapping[str, Any] | None, pods: Seque
         message = f"trainer Job {job_name} does not exist"
         return Observation(
             "Pending",
-            REASON_TRAINER_JOB_MISSING,
+            c.REASON_TRAINER_JOB_MISSING,
             message,
-            (DesiredCondition(c.CONDITION_RUNNING, "False", REASON_TRAINER_JOB_MISSING, message),),
+            (DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_TRAINER_JOB_MISSING, message),),
         )
     ordered = pods_newest_first(pods)
     validated = DesiredCondition(
@@ -189,6 +185,9 @@ def observe(job: FineTuneJob, trainer_job: Mapping[str, Any] | None, pods: Seque
         observation = observe_failed(job, failed, ordered)
     elif (trainer_job.get("spec") or {}).get("suspend"):
         observation = observe_suspended(job)
+    elif ordered and failed_permanently(ordered[0]):
+        # The Job controller is about to fail the Job (podFailurePolicy FailJob): say so now rather than "Pending".
+        observation = observe_failed(job, {"reason": c.REASON_POD_FAILURE_POLICY}, ordered)
     else:
         observation = observe_active(job, job_name, ordered)
     return Observation(
@@ -260,6 +259,16 @@ def observe_completed(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> Ob
     )
 
 
+def failed_permanently(pod: Mapping[str, Any]) -> bool:
+    """The trainer exited with the permanent-failure code: no retry will follow."""
+    terminated = container_state(pod, "terminated")
+    return (
+        pod_phase(pod) == "Failed"
+        and terminated is not None
+        and terminated.get("exitCode") == contract.EXIT_CODE_PERMANENT
+    )
+
+
 def failure_of_pod(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     """(reason, message) of a failed trainer pod: the trainer's own reason, OOMKilled, or the exit code and log."""
     summary = pod_summary(pod)
@@ -272,14 +281,14 @@ def failure_of_pod(pod: Mapping[str, Any]) -> tuple[str, str] | None:
         return c.REASON_OOM_KILLED, "the trainer ran out of memory (OOMKilled); raise resources.memory"
     tail = str(terminated.get("message") or "").strip().splitlines()[-3:]
     detail = f": {' | '.join(tail)}" if tail else ""
-    return REASON_JOB_FAILED, f"the trainer exited with code {terminated.get('exitCode')}{detail}"
+    return c.REASON_JOB_FAILED, f"the trainer exited with code {terminated.get('exitCode')}{detail}"
 
 
 def observe_failed(
     job: FineTuneJob, failed_condition: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]
 ) -> Observation:
     """The Job failed: the deadline, else the newest pod's own failure, else the Job's reason."""
-    job_reason = str(failed_condition.get("reason") or REASON_JOB_FAILED)
+    job_reason = str(failed_condition.get("reason") or c.REASON_JOB_FAILED)
     job_message = str(failed_condition.get("message") or "")
     failed_pods = [pod for pod in pods if pod_phase(pod) == "Failed"]
     pod_failure = next((f for f in map(failure_of_pod, failed_pods) if f is not None), None)
@@ -288,7 +297,7 @@ def observe_failed(
     if job_reason == c.REASON_DEADLINE_EXCEEDED:
         limit = job.spec.run_policy.active_deadline_seconds
         reason, message = c.REASON_DEADLINE_EXCEEDED, f"the trainer ran past runPolicy.activeDeadlineSeconds ({limit}s)"
-    elif pod_failure is not None and pod_failure[0] != REASON_JOB_FAILED:
+    elif pod_failure is not None and pod_failure[0] != c.REASON_JOB_FAILED:
         reason, message = pod_failure
         if job_reason == c.REASON_BACKOFF_LIMIT_EXCEEDED:
             message = f"{message} (after {attempts} attempt{'s' if attempts != 1 else ''})"
@@ -299,7 +308,7 @@ def observe_failed(
             f"{job.spec.run_policy.backoff_limit}){last}"
         )
     else:
-        reason = condition_reason(job_reason, REASON_JOB_FAILED)
+        reason = condition_reason(job_reason, c.REASON_JOB_FAILED)
         message = pod_failure[1] if pod_failure else (job_message or "the trainer Job failed")
     message = shorten(message)
     return Observation(
@@ -340,7 +349,10 @@ def observe_suspended(job: FineTuneJob) -> Observation:
         )
     message = "spec.runPolicy.suspend was unset; resuming the trainer Job"
     return Observation(
-        "Pending", REASON_RESUMING, message, (DesiredCondition(c.CONDITION_RUNNING, "False", REASON_RESUMING, message),)
+        "Pending",
+        c.REASON_RESUMING,
+        message,
+        (DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_RESUMING, message),),
     )
 
 
@@ -381,7 +393,7 @@ def observe_active(job: FineTuneJob, job_name: str, pods: Sequence[Mapping[str, 
         detail = waiting.get("message") or waiting.get("reason")
         return _pending(c.REASON_IMAGE_PULL_BACKOFF, f"cannot pull {image}: {detail}")
     if waiting and waiting.get("reason") and waiting.get("reason") not in STARTING_REASONS:
-        reason = condition_reason(str(waiting["reason"]), REASON_JOB_FAILED)
+        reason = condition_reason(str(waiting["reason"]), c.REASON_JOB_FAILED)
         return _pending(reason, f"trainer pod {pod_name} cannot start: {waiting.get('message') or reason}")
     if pod_phase(pod) != "Running":
         return _pending(c.REASON_JOB_CREATED, f"trainer pod {pod_name} is starting{retry}")

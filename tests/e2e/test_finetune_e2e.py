@@ -241,6 +241,10 @@ def test_bad_data_fails_fast_with_a_data_error(product: Product, inputs: dict[st
     job = product.wait_for_phase("bad-data", {"Failed", "Succeeded"}, timeout=240)
     failed = condition(job, "Failed")
     assert job["status"]["phase"] == "Failed"
+    # A permanent failure is not retried, and the phase goes straight from Running to Failed.
+    assert [phase for phase in product.seen_phases["bad-data"] if phase != "Pending"] == ["Running", "Failed"]
+    assert "Pending" not in product.seen_phases["bad-data"][1:]
+    assert job["status"]["trainer"]["attempts"] == 1
     assert failed["reason"] == "DataError"
     assert "bad.jsonl:2" in failed["message"]
 

@@ -8,9 +8,6 @@ from typing import Any
 
 import pytest
 from kubetune_operator.lifecycle import (
-    REASON_JOB_FAILED,
-    REASON_RESUMING,
-    REASON_TRAINER_JOB_MISSING,
     StatusChange,
     derive_status,
     invalid_spec_status,
@@ -308,8 +305,8 @@ CASES = [
         trainer_job(suspend=True),
         [],
         "Pending",
-        REASON_RESUMING,
-        {c.CONDITION_RUNNING: ("False", REASON_RESUMING)},
+        c.REASON_RESUMING,
+        {c.CONDITION_RUNNING: ("False", c.REASON_RESUMING)},
     ),
     Case(
         "completed with a passing gate",
@@ -375,6 +372,33 @@ CASES = [
         "train.jsonl line 3: no label (after 3 attempts)",
     ),
     Case(
+        "permanent trainer exit before the Job controller fails the Job",
+        {},
+        trainer_job(failed=1),
+        [
+            PodState(
+                phase="Failed",
+                state=terminated(
+                    "Error", 65, summary(outcome="Failed", reason="DataError", message="bad.jsonl:2: malformed JSON")
+                ),
+            )
+        ],
+        "Failed",
+        c.TRAINER_REASON_DATA_ERROR,
+        {c.CONDITION_FAILED: ("True", c.TRAINER_REASON_DATA_ERROR), c.CONDITION_RUNNING: ("False", "DataError")},
+        "bad.jsonl:2: malformed JSON",
+    ),
+    Case(
+        "a retryable trainer exit waits for the retry",
+        {},
+        trainer_job(failed=1),
+        [PodState(phase="Failed", state=terminated("Error", 75, summary(outcome="Failed", reason="StorageError")))],
+        "Pending",
+        c.REASON_JOB_CREATED,
+        {c.CONDITION_RUNNING: ("False", c.REASON_JOB_CREATED)},
+        "attempt 2",
+    ),
+    Case(
         "OOMKilled",
         {"runPolicy": {"backoffLimit": 0}},
         trainer_job(("Failed", "BackoffLimitExceeded"), failed=1),
@@ -434,8 +458,8 @@ CASES = [
         None,
         [],
         "Pending",
-        REASON_TRAINER_JOB_MISSING,
-        {c.CONDITION_RUNNING: ("False", REASON_TRAINER_JOB_MISSING)},
+        c.REASON_TRAINER_JOB_MISSING,
+        {c.CONDITION_RUNNING: ("False", c.REASON_TRAINER_JOB_MISSING)},
         "demo-trainer does not exist",
         status={"phase": "Running"},
     ),
@@ -587,7 +611,7 @@ def test_a_failed_pod_without_a_summary_reports_its_exit_code() -> None:
     change = derive_status(finetunejob(), trainer_job(("Failed", "SomethingElse")), [pod], T2)
     assert conditions_of(change)[c.CONDITION_FAILED] == ("True", "SomethingElse")
     assert change.status.message == "the trainer exited with code 2"
-    assert REASON_JOB_FAILED not in (change.status.message or "")
+    assert c.REASON_JOB_FAILED not in (change.status.message or "")
 
 
 def test_invalid_spec_fails_the_job_with_validated_false() -> None:
