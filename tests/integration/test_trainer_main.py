@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from kubetune_trainer.main import RunSettings, run_job
 from kubetune_trainer.progress import ProgressChannel, Reporter, Stage, StatusPatcher, reporter_from_environment
 
 from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, FineTuneJob, ProgressStatus
-from kubetune.contract import TrainerSummary
+from kubetune.contract import TrainerSummary, trainer_command
 from kubetune.crd import CRD_NAME
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.processes import wait_for
@@ -334,6 +335,7 @@ def test_a_full_run_publishes_verified_artifacts_and_reports_progress_to_its_own
     assert status["progress"]["stage"] == "publish"
     assert (status["progress"]["step"], status["progress"]["totalSteps"]) == (MAX_STEPS, MAX_STEPS)
     assert status["dataset"]["trainRows"] == summary.dataset.train_rows
+    assert summary.dataset.token_lengths is not None
     assert status["dataset"]["tokenLengths"] == summary.dataset.token_lengths.to_wire()
 
     # Logs are JSON lines carrying the stage they came from, in stage order.
@@ -341,6 +343,45 @@ def test_a_full_run_publishes_verified_artifacts_and_reports_progress_to_its_own
     stages = [record["stage"] for record in records if record["message"].startswith("stage ")]
     assert stages == ["data", "model", "train", "evaluate", "publish"]
     assert not [record for record in records if "cannot patch the status" in record["message"]]
+
+
+def test_two_processes_under_the_multi_gpu_launcher_train_together_and_only_rank_zero_publishes(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(news_rows(TRAIN_ROWS))
+    output = tmp_path / "out"
+    manifest = job_manifest("ddp", None, str(tiny_model), str(train), str(output))
+    manifest["spec"]["resources"] = {"gpus": 2}
+    manifest["spec"]["evaluation"] = {"enabled": False}
+    env = trainer_env(tmp_path, {}, manifest, KUBETUNE_PROGRESS_INTERVAL_SECONDS="0", OMP_NUM_THREADS="1")
+
+    # The operator's command for gpus: 2 (accelerate's multi-GPU launcher), which starts real processes on a CPU too.
+    result = subprocess.run(
+        trainer_command(2, python=sys.executable), env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = TrainerSummary.from_termination_message((tmp_path / "termination-log").read_text())
+    assert summary is not None
+    assert summary.outcome == "Succeeded"
+    checkpoint = output / "checkpoints" / f"step-{MAX_STEPS}"
+    # Both ranks wrote into one shared work directory, so the checkpoint holds each one's RNG state.
+    assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE"} <= {path.name for path in checkpoint.iterdir()}
+    assert (output / "manifest.json").is_file()
+    records = json_log(result.stderr)
+    assert {record["rank"] for record in records} == {0, 1}
+    assert [r["stage"] for r in records if r["rank"] == 1 and r["message"].startswith("stage ")] == [
+        "data",
+        "model",
+        "train",
+    ]
+    assert [r["stage"] for r in records if r["rank"] == 0 and r["message"].startswith("stage ")] == [
+        "data",
+        "model",
+        "train",
+        "publish",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -435,6 +476,47 @@ def test_an_unusable_manifest_is_a_config_error_with_its_own_exit_code(tmp_path:
     assert summary.reason == "ConfigError"
     assert "$KUBETUNE_JOB_MANIFEST:4:" in summary.message
     assert "spec.model" in summary.message
+
+
+def test_sigterm_exits_for_a_retry_without_a_summary_and_the_retry_resumes(tiny_model: Path, tmp_path: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(news_rows(TRAIN_ROWS))
+    output = tmp_path / "out"
+    manifest = job_manifest("preempted", None, str(tiny_model), str(train), str(output))
+    manifest["spec"]["training"].update({"maxSteps": 40, "checkpointEvery": 100})
+    manifest["spec"]["evaluation"] = {"enabled": False}
+    env = trainer_env(tmp_path, {}, manifest, KUBETUNE_PROGRESS_INTERVAL_SECONDS="0")
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            record = json.loads(line)
+            if record["message"] == "progress" and record["fields"].get("step", 0) >= 1:
+                process.send_signal(signal.SIGTERM)
+                break
+        remaining = process.stderr.read()
+        returncode = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert returncode == 143, remaining[-3000:]
+    # No summary: the Job retries the pod, and a Failed summary must not outlive the attempt that succeeds.
+    assert not (tmp_path / "termination-log").exists()
+    complete = sorted(int(path.parent.name.removeprefix("step-")) for path in output.glob("checkpoints/*/COMPLETE"))
+    assert len(complete) == 1
+    stopped_at = complete[0]
+    assert 1 <= stopped_at < 40
+
+    retry = run_trainer(env)
+
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    manifest_doc = json.loads((output / "manifest.json").read_text())
+    assert manifest_doc["training"]["resumedFromStep"] == stopped_at
+    assert manifest_doc["training"]["steps"] == 40
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from kubetune_trainer.checkpoints import (
 )
 from kubetune_trainer.data import prepare_data
 from kubetune_trainer.examples import DataError, PreparedData
-from kubetune_trainer.modeling import ModelError, load_model_for_training, resolve_model_dir
+from kubetune_trainer.modeling import ModelError, detect_mixed_precision, load_model_for_training, resolve_model_dir
 from kubetune_trainer.training import (
     TrainingDiverged,
     TrainResult,
@@ -200,6 +200,10 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_alone(
     assert lora_b and all(snapshots.changed(name) for name in lora_b)
     frozen = [name for name in snapshots.before if "lora_" not in name]
     assert frozen and not [name for name in frozen if snapshots.changed(name)]
+    # Under bf16 autocast the unquantized weights stay in the base's bf16 (as TRL leaves them); elsewhere fp32.
+    embedding = next(name for name in snapshots.before if name.endswith("embed_tokens.weight"))
+    expected = "torch.bfloat16" if detect_mixed_precision() == "bf16" else "torch.float32"
+    assert str(snapshots.before[embedding].dtype) == expected
     assert result.steps == 4
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     adapter_config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
@@ -266,6 +270,8 @@ def test_sequence_classification_trains_the_head_and_saves_it_with_the_adapter(
     head = next(name for name in snapshots.before if name.endswith("score.modules_to_save.default.weight"))
     original = next(name for name in snapshots.before if name.endswith("score.original_module.weight"))
     assert snapshots.changed(head) and not snapshots.changed(original)
+    # The fresh head learns in fp32 master weights even though the base it was copied from is 16-bit.
+    assert str(snapshots.before[head].dtype) == "torch.float32"
     assert tuple(snapshots.after[head].shape) == (len(data.labels or []), 64)
     adapter_config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS"

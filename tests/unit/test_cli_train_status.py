@@ -47,9 +47,8 @@ def test_a_failed_gate_fails_the_job_only_with_fail_job() -> None:
     passed_gate = TrainerSummary.model_validate(
         {"outcome": "Succeeded", "evaluation": {"metric": "accuracy", "tuned": 0.9, "gate": {"passed": True}}}
     )
-    lenient = JOB.model_copy(
-        update={"spec": JOB.spec.model_copy(update={"evaluation": JOB.spec.evaluation.model_copy(update={"gate": None})})}
-    )
+    without_gate = JOB.spec.evaluation.model_copy(update={"gate": None})
+    lenient = JOB.model_copy(update={"spec": JOB.spec.model_copy(update={"evaluation": without_gate})})
 
     assert gate_fails_job(JOB, failed_gate)
     assert not gate_fails_job(JOB, passed_gate)

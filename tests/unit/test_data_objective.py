@@ -12,7 +12,7 @@ from kubetune_trainer.examples import Example
 from kubetune_trainer.main import RunSettings, model_stage
 from kubetune_trainer.progress import ProgressChannel, Reporter
 
-from kubetune.api import DatasetStatus, DatasetSpec, FineTuneJobSpec
+from kubetune.api import DatasetSpec, DatasetStatus, FineTuneJobSpec
 from tests.testbed.tiny_models import SAMPLE_DATA_DIR, build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.unit

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import socket
 import threading
 import time
@@ -154,6 +156,43 @@ def test_the_formatter_writes_values_json_cannot_hold_as_text() -> None:
     assert line["fields"]["path"].startswith("<class")
 
 
+class SignalMidWrite(io.StringIO):
+    """A stream during whose first write a real signal arrives (as SIGTERM may while a log line is written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signalled = False
+
+    def write(self, text: str) -> int:
+        if not self.signalled:
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().write(text)
+
+
+def test_a_signal_handler_that_logs_mid_write_is_written_after_it_not_lost() -> None:
+    stream = SignalMidWrite()
+    logger = logging.getLogger("kubetune.test.progress")
+    handled: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        logger.warning("checkpoint requested")
+        handled.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        with json_logging(lambda: "train", stream=stream):
+            logger.info("step 1 done")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+    assert handled == [signal.SIGUSR1]
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
+        "step 1 done",
+        "checkpoint requested",
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Reporter
 
@@ -196,7 +235,7 @@ def test_the_log_channel_reports_evaluation_at_a_bounded_rate_and_always_the_end
     for done in range(1, 51):
         channel.evaluation_advanced(done, 50)
 
-    reported = [record.fields for record in caplog.records if record.getMessage() == "evaluation progress"]
+    reported = [getattr(record, "fields", None) for record in caplog.records if record.getMessage() == "evaluation progress"]
     assert reported == [{"done": 1, "total": 50}, {"done": 50, "total": 50}]
 
 
@@ -274,7 +313,7 @@ def test_an_unreachable_api_server_is_logged_and_training_goes_on() -> None:
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value

@@ -22,7 +22,9 @@ from kubetune_trainer.modeling import (
     cache_dir_name,
     cpu_has_native_bf16,
     hub_offline,
+    keep_trainable_weights_in_fp32,
     mixed_precision,
+    upcasts_unquantized_weights,
 )
 from kubetune_trainer.training import (
     build_sft_config,
@@ -259,6 +261,23 @@ def test_base_weights_dtype(method: str, precision: str, expected: str) -> None:
     assert base_dtype_name(method, precision, quantization) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("precision", "expected"), [("bf16", False), ("fp16", True), ("no", True)])
+def test_4bit_bases_upcast_their_unquantized_weights_except_under_bf16(precision: str, expected: bool) -> None:
+    assert upcasts_unquantized_weights(precision) is expected  # type: ignore[arg-type]
+
+
+def test_trained_weights_get_fp32_master_copies_and_frozen_ones_keep_their_dtype() -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).to(torch.bfloat16)
+    model[0].requires_grad_(False)
+
+    keep_trainable_weights_in_fp32(model)
+
+    assert {parameter.dtype for parameter in model[0].parameters()} == {torch.bfloat16}
+    assert {parameter.dtype for parameter in model[1].parameters()} == {torch.float32}
+
+
 def test_hub_offline_reads_the_usual_variables() -> None:
     assert hub_offline({"HF_HUB_OFFLINE": "1"})
     assert hub_offline({"TRANSFORMERS_OFFLINE": "true"})
@@ -324,6 +343,10 @@ def test_sft_config_carries_loss_masking_packing_and_length(tmp_path: Path) -> N
 
     assert config.max_length == 200 and config.packing and config.completion_only_loss is False
     assert config.save_steps == 9 and config.report_to == [] and config.use_cpu
+    # Packed batches have no padding (and the pad token is often EOS): every token fed is a real one.
+    assert config.include_num_input_tokens_seen == "all"
+    unpacked = build_sft_config(spec.model_copy(update={"training": TrainingSpec()}), tmp_path, "no", on_cuda=False)
+    assert unpacked.include_num_input_tokens_seen == "non_padding"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -515,7 +516,8 @@ def run(config: Path | None) -> None:
     env = dict(os.environ)
     # The log formatter asks the reporter (made inside the block, so its warnings are JSON too) for the stage.
     reporters: list[Reporter] = []
-    with json_logging(lambda: reporters[0].stage if reporters else None):
+    rank = process_rank(env) if int(env.get("WORLD_SIZE", "1") or 1) > 1 else None
+    with json_logging(lambda: reporters[0].stage if reporters else None, rank=rank):
         try:
             reporters.append(reporter_from_environment(env, is_main_process=process_rank(env) == 0))
             job = load_job(config, env)
@@ -566,4 +568,7 @@ def run_in_process(job: FineTuneJob, reporter: Reporter, env: Mapping[str, str])
     reporter.finish()
     if process_rank(env) == 0:
         write_termination_message(summary, env)
+        if work_dir is not None:
+            # The other ranks are done with the shared directory once training ended; only rank 0 went on.
+            shutil.rmtree(work_dir, ignore_errors=True)
     return exit_code(summary)

@@ -490,11 +490,13 @@ LOG_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message",
 
 
 class JsonLinesFormatter(logging.Formatter):
-    """One JSON object per record: time, level, stage, logger, message, fields (and the traceback when there is one)."""
+    """One JSON object per record: time, level, stage, logger, message, fields; the traceback when there is one, and
+    the process's rank under a multi-GPU launch (every rank logs to the same container log)."""
 
-    def __init__(self, stage_of: Callable[[], str | None]) -> None:
+    def __init__(self, stage_of: Callable[[], str | None], rank: int | None = None) -> None:
         super().__init__()
         self.stage_of = stage_of
+        self.rank = rank
 
     def format(self, record: logging.LogRecord) -> str:
         fields = dict(getattr(record, "fields", None) or {})
@@ -508,36 +510,64 @@ class JsonLinesFormatter(logging.Formatter):
             "message": record.getMessage(),
             "fields": fields,
         }
+        if self.rank is not None:
+            entry["rank"] = self.rank
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 class TerminalSafeHandler(logging.StreamHandler[TextIO]):
-    """Writes around a live tqdm bar on a terminal, plainly elsewhere."""
+    """Writes around a live tqdm bar on a terminal, plainly elsewhere; safe to log from a signal handler.
+
+    A signal handler that logs (the SIGTERM checkpoint request does) runs between two bytecodes of this thread,
+    possibly in the middle of a write: re-entering the stream then raises "reentrant call", and the handler would
+    die before doing its job. Such a record is held back and written once the interrupted write is done.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.writing = False
+        self.deferred: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record)
-            if self.stream.isatty():
-                from tqdm.auto import tqdm
-
-                tqdm.write(line, file=self.stream)
-            else:
-                self.stream.write(line + "\n")
-                self.flush()
         except Exception:  # logging's own contract: report, never raise
             self.handleError(record)
+            return
+        if self.writing:
+            self.deferred.append(line)
+            return
+        self.writing = True
+        try:
+            self.write_line(line)
+            while self.deferred:
+                self.write_line(self.deferred.pop(0))
+        except Exception:
+            self.handleError(record)
+        finally:
+            self.writing = False
+
+    def write_line(self, line: str) -> None:
+        """One line to the stream, through tqdm when a bar may be showing."""
+        if self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
+            self.flush()
 
 
 @contextmanager
 def json_logging(
-    stage_of: Callable[[], str | None], stream: TextIO | None = None, level: int = logging.INFO
+    stage_of: Callable[[], str | None], stream: TextIO | None = None, level: int = logging.INFO, rank: int | None = None
 ) -> Iterator[None]:
     """Route every log record (and warnings) to `stream` (stderr) as JSON lines while the block runs."""
     root = logging.getLogger()
     handler = TerminalSafeHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonLinesFormatter(stage_of))
+    handler.setFormatter(JsonLinesFormatter(stage_of, rank))
     previous_level = root.level
     # Handlers already there (a test harness's capture) stay; a pod's root logger has none.
     root.addHandler(handler)

@@ -170,13 +170,24 @@ def build_sft_config(
     """trl's SFTConfig from the spec: completion-only loss, packing, max_length from dataset.maxLength."""
     from trl import SFTConfig
 
+    arguments = common_arguments(spec.training, output_dir, precision, on_cuda)
+    arguments["include_num_input_tokens_seen"] = counted_input_tokens(spec.training.packing)
     return SFTConfig(
-        **common_arguments(spec.training, output_dir, precision, on_cuda),
+        **arguments,
         max_length=spec.dataset.max_length,
         packing=spec.training.packing,
         completion_only_loss=spec.training.completion_only_loss,
         dataset_text_field="text",
     )
+
+
+def counted_input_tokens(packing: bool) -> str:
+    """How the trainer counts trained (real) tokens for usage and tokens/s.
+
+    Packed batches are padding-free (TRL's bfd packing: one row, no pad, no attention mask), so every token is real;
+    "non_padding" would count by pad id there and miss every EOS token of a model whose pad token is its EOS.
+    """
+    return "all" if packing else "non_padding"
 
 
 def build_classification_arguments(

@@ -1,0 +1,665 @@
+"""How fast the operator turns a burst of FineTuneJobs into trainer Jobs, beside a plain client creating them directly.
+
+    python -m bench.operator_scale [--jobs 500] [--threads 16]
+
+One control plane on this machine: etcd and kube-apiserver only. No controller-manager and no scheduler run, so no
+pod is ever made and nobody writes a Job's status: both sides pay for creating objects and nothing else (a pod per
+job, or the Job controller's status updates, would add work to the operator's side only, through its Job and pod
+watches). The operator runs as a local process (`python -m kubetune_operator`), standalone (the chart's default), with
+the chart's RBAC: the chart is installed with Helm and the operator acts with a token of the chart's ServiceAccount
+and the chart's KUBETUNE_* environment.
+
+Three runs, each in a fresh namespace, in this order:
+1. floor, Jobs only: a plain Python client (the kubernetes package, T threads) creates the N trainer Jobs that
+   `kubetune_operator.builders.build_children` makes: the issue's floor;
+2. floor, all children: the same client creates every child the operator creates per job (ConfigMap,
+   ServiceAccount, Role, RoleBinding, then the Job), the same API writes the operator has to make;
+3. operator: the client creates N FineTuneJobs from T threads; the operator creates the children.
+
+Latency of one job: from the moment a client thread sends the job's first create to the moment a watch on Jobs (in a
+process of its own, so the client threads never delay it) receives the trainer Job's ADDED event, on the wall clock:
+creationTimestamp has one-second resolution. Operator memory: VmHWM (peak resident set) from /proc/<pid>/status.
+
+Results: a markdown table on stdout and in bench/results/operator_scale.md, with the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bench.figures import load_line, markdown_table, percentile, seconds
+from bench.machine import cpu_line
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_FILE = REPO_ROOT / "bench" / "results" / "operator_scale.md"
+OPERATOR_NAMESPACE = "kubetune-system"
+RELEASE = "kubetune"
+READY_LINE = "READY"
+# The issue's targets.
+TARGET_RATIO = 2.0
+TARGET_RSS_MB = 200.0
+# The operator counts as done with the burst once it spends less than this share of one core over QUIET_WINDOW.
+QUIET_CPU_SHARE = 0.05
+QUIET_WINDOW_SECONDS = 2.0
+QUIET_LIMIT_SECONDS = 120.0
+WARM_UP_JOBS = 20
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One job as a client thread submitted it: wall-clock times of its first create sent and its last answered."""
+
+    name: str
+    sent_at: float
+    answered_at: float
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """One run: what was submitted when, and when the watch saw each trainer Job."""
+
+    label: str
+    creates: str
+    writes_per_job: int
+    submissions: tuple[Submission, ...]
+    job_seen_at: Mapping[str, float]
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+
+    @property
+    def started_at(self) -> float:
+        return min(s.sent_at for s in self.submissions)
+
+    @property
+    def submit_seconds(self) -> float:
+        """First create sent → last create answered."""
+        return max(s.answered_at for s in self.submissions) - self.started_at
+
+    @property
+    def complete(self) -> bool:
+        return all(s.name in self.job_seen_at for s in self.submissions)
+
+    @property
+    def total_seconds(self) -> float | None:
+        """First create sent → the last trainer Job seen; None when some Job never appeared."""
+        if not self.complete:
+            return None
+        return max(self.job_seen_at[s.name] for s in self.submissions) - self.started_at
+
+    @property
+    def latencies(self) -> list[float]:
+        """create → Job seconds of every job whose Job appeared."""
+        return [self.job_seen_at[s.name] - s.sent_at for s in self.submissions if s.name in self.job_seen_at]
+
+
+@dataclass(frozen=True)
+class OperatorFigures:
+    """The operator process over the burst."""
+
+    rss_idle_mb: float
+    peak_rss_mb: float
+    rss_after_mb: float
+    cpu_seconds: float
+    quiet_after_seconds: float | None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# /proc readings (pure parsers, and the reads)
+
+
+def proc_status_mb(status_text: str, key: str) -> float:
+    """A `kB` field of /proc/<pid>/status (VmHWM, VmRSS) in MB (MiB)."""
+    for line in status_text.splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) / 1024
+    raise ValueError(f"/proc/<pid>/status has no {key} line")
+
+
+def proc_cpu_seconds(stat_text: str, clock_ticks: int) -> float:
+    """User + system CPU seconds from /proc/<pid>/stat (fields 14 and 15; the name in field 2 may hold spaces)."""
+    after_name = stat_text.rpartition(")")[2].split()
+    return (int(after_name[11]) + int(after_name[12])) / clock_ticks
+
+
+def read_status_mb(pid: int, key: str) -> float:
+    return proc_status_mb(Path(f"/proc/{pid}/status").read_text(), key)
+
+
+def read_cpu_seconds(pid: int) -> float:
+    return proc_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def wait_until_quiet(pid: int, limit: float = QUIET_LIMIT_SECONDS) -> float | None:
+    """Seconds until the process spends under QUIET_CPU_SHARE of a core over a window; None if it never does."""
+    began = time.monotonic()
+    while time.monotonic() - began < limit:
+        before = read_cpu_seconds(pid)
+        time.sleep(QUIET_WINDOW_SECONDS)
+        if read_cpu_seconds(pid) - before < QUIET_CPU_SHARE * QUIET_WINDOW_SECONDS:
+            return time.monotonic() - began - QUIET_WINDOW_SECONDS
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def finetunejob_manifest(name: str, namespace: str) -> dict[str, Any]:
+    """A small valid FineTuneJob; nothing runs it (no pods here), so its inputs need not exist."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+            "dataset": {"train": "s3://bench-data/train.jsonl"},
+            "output": {"uri": f"s3://bench-out/{name}/"},
+            "resources": {"gpus": 1},
+        },
+    }
+
+
+def job_names(count: int) -> list[str]:
+    """`bench-00000`, ...: names whose trainer Jobs sort like the jobs."""
+    return [f"bench-{index:05d}" for index in range(count)]
+
+
+def children_of(name: str, namespace: str, settings: Any, jobs_only: bool) -> list[dict[str, Any]]:
+    """What the operator creates for the job, in its order (the Job last); only the Job when jobs_only."""
+    from kubetune_operator.builders import build_children
+
+    from kubetune.api import FineTuneJob
+
+    job = FineTuneJob.model_validate(finetunejob_manifest(name, namespace))
+    children = build_children(job, settings)
+    return [child for child in children if child["kind"] == "Job"] if jobs_only else children
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clients
+
+
+def pooled_client(kubeconfig: str, connections: int) -> Any:
+    """A kubernetes ApiClient whose connection pool serves `connections` threads at once."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    configuration.connection_pool_maxsize = connections
+    return client.ApiClient(configuration)
+
+
+def create_object(api_client: Any, manifest: dict[str, Any]) -> None:
+    """Create one child with the same API call the operator's create_child makes."""
+    from kubernetes import client
+    from kubetune_operator.handlers import CHILD_CALLS
+
+    api_name, create, _ = CHILD_CALLS[manifest["kind"]]
+    getattr(getattr(client, api_name)(api_client), create)(manifest["metadata"]["namespace"], manifest)
+
+
+def create_finetunejob(api_client: Any, manifest: dict[str, Any]) -> None:
+    from kubernetes import client
+
+    from kubetune.api import GROUP, PLURAL, VERSION
+
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest
+    )
+
+
+def submit_all(names: Sequence[str], threads: int, submit_one: Callable[[str], None]) -> tuple[Submission, ...]:
+    """Run submit_one for every name from `threads` threads, timing each on the wall clock."""
+
+    def timed(name: str) -> Submission:
+        sent = time.time()
+        submit_one(name)
+        return Submission(name, sent, time.time())
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-client") as pool:
+        return tuple(pool.map(timed, names))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The watch, in a process of its own
+
+
+@dataclass
+class JobWatch:
+    """A child process watching Jobs in one namespace; `seen` fills with {Job name: wall-clock receive time}."""
+
+    kubeconfig: str
+    namespace: str
+    count: int
+    timeout: float
+    seen: dict[str, float] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+    _reader: threading.Thread | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> JobWatch:
+        command = [
+            sys.executable, "-m", "bench.operator_scale", "watch-jobs", "--kubeconfig", self.kubeconfig,
+            "--namespace", self.namespace, "--count", str(self.count), "--timeout", str(self.timeout),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, name="job-watch-reader", daemon=True)
+        self._reader.start()
+        if not self._ready.wait(60):
+            self.stop()
+            raise click.ClickException(f"the Job watch on namespace {self.namespace} did not start within 60 s")
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.strip() == READY_LINE:
+                self._ready.set()
+                continue
+            name, _, received = line.strip().partition("\t")
+            if received:
+                self.seen[name] = float(received)
+
+    def wait(self, timeout: float) -> bool:
+        """True once `count` Jobs were seen; False after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.seen) >= self.count:
+                return True
+            time.sleep(0.2)
+        return len(self.seen) >= self.count
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+
+
+def watch_jobs(kubeconfig: str, namespace: str, count: int, timeout: float, emit: Callable[[str], None]) -> None:
+    """List, then watch from the list's resourceVersion; emit `name<TAB>receive time` for each new Job."""
+    from kubernetes import client, config
+
+    from bench.watch_stream import list_version, watch_events
+
+    api = client.BatchV1Api(config.new_client_from_config(config_file=kubeconfig))
+    version, items = list_version(api.list_namespaced_job, namespace)
+    seen = {item["metadata"]["name"] for item in items}
+    emit(READY_LINE)
+    deadline = time.monotonic() + timeout
+    for received, kind, job in watch_events(
+        api.list_namespaced_job, namespace, resource_version=version, deadline=deadline
+    ):
+        if kind == "ADDED" and job["metadata"]["name"] not in seen:
+            seen.add(job["metadata"]["name"])
+            emit(f"{job['metadata']['name']}\t{received:.6f}")
+        if len(seen) >= count:
+            return
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The test bed
+
+
+@dataclass
+class Bed:
+    """The control plane with the chart installed, and what the runs need from it."""
+
+    plane: Any
+    operator_env: dict[str, str]
+    operator_kubeconfig: str
+    settings: Any
+    server_version: str
+
+
+def create_namespace(plane: Any, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    plane.kubectl("create", "namespace", name, check=True)
+    return name
+
+
+@contextmanager
+def control_plane(work: Path) -> Iterator[Bed]:
+    """etcd + kube-apiserver, the chart installed with Helm (no controllers run, so its Deployment stays podless)."""
+    from kubetune_operator.settings import OperatorSettings
+
+    from kubetune.crd import CRD_NAME
+    from tests.testbed.chart import install_chart
+    from tests.testbed.controlplane import ControlPlane
+
+    plane = ControlPlane(work_dir=work / "control-plane")
+    try:
+        plane.start()
+        release = install_chart(plane, RELEASE, OPERATOR_NAMESPACE)
+        plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s", check=True)
+        env = release.operator_env()
+        version = json.loads(plane.kubectl("version", "-o", "json", check=True).stdout)["serverVersion"]["gitVersion"]
+        yield Bed(plane, env, release.operator_kubeconfig(), OperatorSettings.from_env(env), version)
+    finally:
+        plane.stop()
+
+
+@contextmanager
+def operator_process(bed: Bed, log_dir: Path) -> Iterator[int]:
+    """`python -m kubetune_operator` with the chart's environment and ServiceAccount; yields its pid once healthy."""
+    from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
+
+    metrics_port = free_port()
+    health_port = free_port()
+    while health_port == metrics_port:
+        health_port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("KUBETUNE_", "KUBECONFIG"))}
+    env.update(bed.operator_env)
+    env.update(
+        KUBECONFIG=bed.operator_kubeconfig,
+        KUBETUNE_LISTEN_ADDRESS="127.0.0.1",
+        KUBETUNE_METRICS_PORT=str(metrics_port),
+        KUBETUNE_HEALTH_PORT=str(health_port),
+    )
+    process = ManagedProcess("operator", [sys.executable, "-m", "kubetune_operator"], log_dir, env=env).start()
+    try:
+        wait_for(
+            lambda: process.alive() and http_ok(f"http://127.0.0.1:{health_port}/healthz"),
+            120,
+            "the operator's /healthz",
+        )
+        assert process.process is not None
+        yield process.process.pid
+    finally:
+        process.stop(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The runs
+
+
+def measure(
+    bed: Bed,
+    label: str,
+    creates: str,
+    writes_per_job: int,
+    count: int,
+    threads: int,
+    timeout: float,
+    submit: Callable[[Any, str, str], None],
+) -> RunFigures:
+    """One run in a fresh namespace: start the watch, submit every job, wait for every trainer Job."""
+    from kubetune_operator.builders import trainer_resource_name
+
+    namespace = create_namespace(bed.plane, "scale")
+    names = job_names(count)
+    api_client = pooled_client(bed.plane.kubeconfig, threads)
+    watch = JobWatch(bed.plane.kubeconfig, namespace, count, timeout).start()
+    load_before = os.getloadavg()
+    try:
+        submissions = submit_all(names, threads, lambda name: submit(api_client, namespace, name))
+        watch.wait(timeout)
+    finally:
+        watch.stop()
+        api_client.close()
+    seen = {
+        name: watch.seen[trainer_resource_name(name)] for name in names if trainer_resource_name(name) in watch.seen
+    }
+    figures = RunFigures(label, creates, writes_per_job, submissions, seen, load_before, os.getloadavg())
+    click.echo(f"{label}: {len(seen)}/{count} Jobs, {seconds(figures.total_seconds)} in all", err=True)
+    return figures
+
+
+def floor_run(
+    bed: Bed, count: int, threads: int, timeout: float, jobs_only: bool, label: str | None = None
+) -> RunFigures:
+    """A plain client creates the children itself."""
+
+    def submit(api_client: Any, namespace: str, name: str) -> None:
+        for child in children_of(name, namespace, bed.settings, jobs_only):
+            create_object(api_client, child)
+
+    if jobs_only:
+        title = label or "floor: Jobs only"
+        return measure(bed, title, f"{count} trainer Jobs", 1, count, threads, timeout, submit)
+    kinds = [child["kind"] for child in children_of("probe", "probe", bed.settings, jobs_only=False)]
+    title = label or "floor: all children"
+    return measure(bed, title, f"{count} × ({', '.join(kinds)})", len(kinds), count, threads, timeout, submit)
+
+
+def operator_run(
+    bed: Bed, count: int, threads: int, timeout: float, log_dir: Path
+) -> tuple[RunFigures, OperatorFigures]:
+    """The client creates FineTuneJobs; the operator (its own process) creates the children."""
+
+    def submit(api_client: Any, namespace: str, name: str) -> None:
+        create_finetunejob(api_client, finetunejob_manifest(name, namespace))
+
+    with operator_process(bed, log_dir) as pid:
+        rss_idle = read_status_mb(pid, "VmRSS")
+        cpu_before = read_cpu_seconds(pid)
+        figures = measure(bed, "operator", f"{count} FineTuneJobs", 1, count, threads, timeout, submit)
+        # Status patches and Events go on after the last Job exists: the peak may come then.
+        quiet_after = wait_until_quiet(pid)
+        operator = OperatorFigures(
+            rss_idle_mb=rss_idle,
+            peak_rss_mb=read_status_mb(pid, "VmHWM"),
+            rss_after_mb=read_status_mb(pid, "VmRSS"),
+            cpu_seconds=read_cpu_seconds(pid) - cpu_before,
+            quiet_after_seconds=None if quiet_after is None else figures_end(figures) + quiet_after,
+        )
+    return figures, operator
+
+
+def figures_end(figures: RunFigures) -> float:
+    """Seconds from the run's first create to the last Job seen (or to the last one submitted when incomplete)."""
+    total = figures.total_seconds
+    return total if total is not None else figures.submit_seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def ratio(subject: float | None, reference: float | None) -> float | None:
+    """subject / reference, or None when either is missing or the reference is zero."""
+    if subject is None or not reference:
+        return None
+    return subject / reference
+
+
+def verdict(met: bool | None) -> str:
+    return "—" if met is None else ("yes" if met else "**no**")
+
+
+def run_rows(runs: Sequence[RunFigures]) -> list[str]:
+    """One line per run: what was created, how fast, create→Job percentiles."""
+    rows = []
+    for run in runs:
+        latencies = run.latencies
+        cells = [f"{percentile(latencies, share):.2f} s" if latencies else "—" for share in (0.5, 0.95)] + [
+            f"{max(latencies):.2f} s" if latencies else "—"
+        ]
+        rows.append(
+            [
+                run.label,
+                run.creates,
+                str(len(run.submissions) * run.writes_per_job),
+                seconds(run.submit_seconds),
+                f"{len(run.job_seen_at)}/{len(run.submissions)}",
+                seconds(run.total_seconds),
+                *cells,
+            ]
+        )
+    header = [
+        "run", "the client creates", "client writes", "client submits all in", "trainer Jobs seen",
+        "all Jobs exist after", "create→Job p50", "p95", "max",
+    ]  # fmt: skip
+    return markdown_table(header, rows, right=(2, 3, 4, 5, 6, 7, 8))
+
+
+def target_rows(operator: RunFigures, floors: Sequence[RunFigures], memory: OperatorFigures) -> list[str]:
+    """The issue's targets, and the comparison with the floor that makes the same writes."""
+    rows = []
+    for floor, target in zip(floors, (TARGET_RATIO, None), strict=False):
+        value = ratio(operator.total_seconds, floor.total_seconds)
+        met = None if value is None or target is None else value <= target
+        rows.append(
+            [
+                f"all Jobs exist: operator / {floor.label}",
+                "—" if value is None else f"{value:.2f}×",
+                "—" if target is None else f"≤ {target:.0f}×",
+                verdict(met),
+            ]
+        )
+        p50 = ratio(
+            percentile(operator.latencies, 0.5) if operator.latencies else None,
+            percentile(floor.latencies, 0.5) if floor.latencies else None,
+        )
+        rows.append([f"create→Job p50: operator / {floor.label}", "—" if p50 is None else f"{p50:.2f}×", "—", "—"])
+    rows.append(
+        ["operator peak RSS (VmHWM)", f"{memory.peak_rss_mb:.0f} MB", f"< {TARGET_RSS_MB:.0f} MB",
+         verdict(memory.peak_rss_mb < TARGET_RSS_MB)]
+    )  # fmt: skip
+    return markdown_table(["figure", "value", "target", "met"], rows, right=(1, 2))
+
+
+def operator_lines(memory: OperatorFigures) -> list[str]:
+    quiet = (
+        "did not go quiet within the bench's wait"
+        if memory.quiet_after_seconds is None
+        else f"went quiet (under {QUIET_CPU_SHARE:.0%} of a core) {memory.quiet_after_seconds:.1f} s after the "
+        "first create (status patches and Events go on after the Jobs exist)"
+    )
+    return [
+        f"- Operator resident memory: {memory.rss_idle_mb:.0f} MB idle before the burst, peak (VmHWM) "
+        f"{memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it.",
+        f"- Operator CPU over the burst: {memory.cpu_seconds:.1f} s (user + system); it {quiet}.",
+    ]
+
+
+def run_loads(runs: Sequence[RunFigures]) -> list[tuple[str, tuple[float, float, float]]]:
+    """The load after each run, named for the load line."""
+    return [(f"after {run.label}", run.load_after) for run in runs]
+
+
+def render_report(
+    runs: Sequence[RunFigures],
+    memory: OperatorFigures,
+    threads: int,
+    started: datetime,
+    server_version: str,
+    loads: Sequence[tuple[str, tuple[float, float, float]]],
+) -> str:
+    """The markdown the bench prints and writes."""
+    from importlib.metadata import version
+
+    floors = [run for run in runs if run.label.startswith("floor")]
+    operator = next(run for run in runs if run.label == "operator")
+    count = len(operator.submissions)
+    return "\n".join(
+        [
+            f"# Operator scale: {count} FineTuneJobs at once",
+            "",
+            f"Command: `python -m bench.operator_scale --jobs {count} --threads {threads}`.",
+            "",
+            "Test bed: etcd + kube-apiserver only. No controller-manager or scheduler runs, so no pod is made and no "
+            "Job status is written: every run pays for creating objects and nothing else. The operator is "
+            "`python -m kubetune_operator` as a local process, standalone (the chart's default), with the chart's "
+            "RBAC (installed with Helm; the operator uses a token of the chart's ServiceAccount) and the chart's "
+            f"KUBETUNE_* environment. Every client is the kubernetes Python package from {threads} threads over "
+            f"{threads} pooled connections. create→Job: from the client sending a job's first create to a watch (a "
+            "process of its own) receiving the trainer Job's ADDED event, wall clock. Each run has a fresh "
+            "namespace; they ran in the order below.",
+            "",
+            *run_rows(runs),
+            "",
+            *target_rows(operator, floors, memory),
+            "",
+            *operator_lines(memory),
+            "",
+            "## Machine",
+            "",
+            f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- CPU: {cpu_line()}",
+            f"- Kubernetes {server_version} (etcd with --unsafe-no-fsync, API priority and fairness off); "
+            f"kopf {version('kopf')}, kubernetes (Python) {version('kubernetes')}",
+            f"- {load_line(loads, os.cpu_count() or 0)}",
+            "",
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+@click.group(invoke_without_command=True)
+@click.option("--jobs", "count", default=500, show_default=True, type=click.IntRange(1, 10_000), help="FineTuneJobs.")
+@click.option("--threads", default=16, show_default=True, type=click.IntRange(1, 256), help="Client threads.")
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait for every Job of one run.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=RESULTS_FILE,
+    show_default=True,
+    help="Where the markdown goes.",
+)
+@click.pass_context
+def main(context: click.Context, count: int, threads: int, timeout: float, output: Path) -> None:
+    """Time the operator against the plain-client floor and print the table."""
+    if context.invoked_subcommand is not None:
+        return
+    from tests.testbed.processes import cache_dir
+
+    started = datetime.now(UTC)
+    work = cache_dir() / "bench-runs" / f"operator-scale-{started.strftime('%Y%m%d-%H%M%S')}"
+    start_load = os.getloadavg()
+    # The runs' own output stays in stderr; the report alone goes to stdout.
+    click.echo(f"test bed in {work}", err=True)
+    with control_plane(work) as bed:
+        # Untimed: the first requests pay for connections, the API server's caches and the client's lazy imports.
+        floor_run(bed, min(count, WARM_UP_JOBS), threads, timeout, jobs_only=False, label="warm-up")
+        runs = [
+            floor_run(bed, count, threads, timeout, jobs_only=True),
+            floor_run(bed, count, threads, timeout, jobs_only=False),
+        ]
+        operator, memory = operator_run(bed, count, threads, timeout, work / "operator")
+        runs.append(operator)
+        end_load = os.getloadavg()
+    loads = [("start", start_load), *run_loads(runs), ("end", end_load)]
+    report = render_report(runs, memory, threads, started, bed.server_version, loads)
+    click.echo(report)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report, encoding="utf-8")
+    click.echo(f"wrote {output}", err=True)
+    if not all(run.complete for run in runs):
+        raise click.ClickException(f"some trainer Jobs never appeared; logs kept in {work}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@main.command("watch-jobs", hidden=True)
+@click.option("--kubeconfig", required=True)
+@click.option("--namespace", required=True)
+@click.option("--count", type=int, required=True)
+@click.option("--timeout", type=float, required=True)
+def watch_jobs_command(kubeconfig: str, namespace: str, count: int, timeout: float) -> None:
+    """Print READY, then `name<TAB>wall-clock receive time` for each new Job, until `count` were seen."""
+    watch_jobs(kubeconfig, namespace, count, timeout, lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()
