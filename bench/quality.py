@@ -354,6 +354,9 @@ def main(
 
     from tests.testbed.smollm2 import convert_smollm2
 
+    if keep is not None and keep.exists() and any(keep.iterdir()):
+        # The trainer would resume from the checkpoints of an earlier run there instead of training from scratch.
+        raise click.BadParameter(f"{keep} is not empty; remove it or name another directory", param_hint="--keep")
     chosen: Objective = objective or DEFAULT_OBJECTIVE[dataset]
     target = output or RESULTS_DIR / f"quality-{dataset}.md"
     chosen_baselines = tuple(name.strip() for name in baselines.split(",") if name.strip())

@@ -315,6 +315,7 @@ class JobWatcher:
     namespace: str
     name: str
     observations: list[Observation] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -353,6 +354,12 @@ class JobWatcher:
         return self
 
     def _follow(self, resource: str, list_call: Callable[..., Any], version: str) -> None:
+        try:
+            self._record(resource, list_call, version)
+        except Exception as error:  # a dead watch must end the wait, not leave it to time out
+            self.errors.append(f"watch on {resource}s: {type(error).__name__}: {error}")
+
+    def _record(self, resource: str, list_call: Callable[..., Any], version: str) -> None:
         from bench.watch_stream import watch_events
 
         for received, kind, body in watch_events(
@@ -470,6 +477,8 @@ def run_job(bed: Bed, rows: int, max_steps: int, batch_size: int, timeout: float
         custom.create_namespaced_custom_object(GROUP, VERSION, demo.JOB_NAMESPACE, PLURAL, manifest)
         deadline = time.monotonic() + timeout
         while watcher.phase() not in TERMINAL_PHASES and time.monotonic() < deadline:
+            if watcher.errors:
+                raise click.ClickException("; ".join(watcher.errors))
             time.sleep(0.5)
         phase = watcher.phase()
     finally:

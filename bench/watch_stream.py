@@ -41,7 +41,7 @@ def watch_events(
             watch=True,
             resource_version=version,
             allow_watch_bookmarks=True,
-            timeout_seconds=max(1, min(WATCH_REQUEST_SECONDS, int(deadline - time.monotonic()))),
+            timeout_seconds=max(1, int(min(WATCH_REQUEST_SECONDS, deadline - time.monotonic()))),
             _preload_content=False,
         )
         try:
