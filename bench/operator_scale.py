@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,9 @@ TARGET_RSS_MB = 200.0
 # The operator counts as done with the burst once it spends less than this share of one core over QUIET_WINDOW.
 QUIET_CPU_SHARE = 0.05
 QUIET_WINDOW_SECONDS = 2.0
-QUIET_LIMIT_SECONDS = 120.0
+QUIET_LIMIT_SECONDS = 240.0
 WARM_UP_JOBS = 20
+HANDLER_LOG_LINE = re.compile(r"Handler '(?P<name>[^'/]+)(?:/[^']*)?' (?P<outcome>succeeded|failed)")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class OperatorFigures:
     rss_after_mb: float
     cpu_seconds: float
     quiet_after_seconds: float | None
+    handler_runs: Mapping[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -358,8 +361,9 @@ def control_plane(work: Path) -> Iterator[Bed]:
 
 
 @contextmanager
-def operator_process(bed: Bed, log_dir: Path) -> Iterator[int]:
-    """`python -m kubetune_operator` with the chart's environment and ServiceAccount; yields its pid once healthy."""
+def operator_process(bed: Bed, log_dir: Path) -> Iterator[Any]:
+    """`python -m kubetune_operator` with the chart's environment and ServiceAccount; yields its ManagedProcess once
+    healthy."""
     from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
 
     metrics_port = free_port()
@@ -381,8 +385,7 @@ def operator_process(bed: Bed, log_dir: Path) -> Iterator[int]:
             120,
             "the operator's /healthz",
         )
-        assert process.process is not None
-        yield process.process.pid
+        yield process
     finally:
         process.stop(timeout=30)
 
@@ -440,6 +443,22 @@ def floor_run(
     return measure(bed, title, f"{count} × ({', '.join(kinds)})", len(kinds), count, threads, timeout, submit)
 
 
+def delete_floor_jobs(bed: Bed) -> None:
+    """Remove the Jobs the floor runs made: they carry the operator's labels, so its Job watch would list them at
+    start and handle each (work the floor never paid for). Background deletion: no garbage collector runs here."""
+    from kubetune_operator.builders import LABEL_MANAGED_BY, MANAGER
+
+    from tests.testbed.processes import wait_for
+
+    selector = f"{LABEL_MANAGED_BY}={MANAGER}"
+    bed.plane.kubectl("delete", "jobs", "--all-namespaces", "-l", selector, "--wait=false", check=True)
+    wait_for(
+        lambda: not bed.plane.kubectl("get", "jobs", "-A", "-l", selector, "-o", "name", check=True).stdout.strip(),
+        120,
+        "the floor runs' Jobs to be deleted",
+    )
+
+
 def operator_run(
     bed: Bed, count: int, threads: int, timeout: float, log_dir: Path
 ) -> tuple[RunFigures, OperatorFigures]:
@@ -448,7 +467,8 @@ def operator_run(
     def submit(api_client: Any, namespace: str, name: str) -> None:
         create_finetunejob(api_client, finetunejob_manifest(name, namespace))
 
-    with operator_process(bed, log_dir) as pid:
+    with operator_process(bed, log_dir) as process:
+        pid = process.process.pid
         rss_idle = read_status_mb(pid, "VmRSS")
         cpu_before = read_cpu_seconds(pid)
         figures = measure(bed, "operator", f"{count} FineTuneJobs", 1, count, threads, timeout, submit)
@@ -461,7 +481,18 @@ def operator_run(
             cpu_seconds=read_cpu_seconds(pid) - cpu_before,
             quiet_after_seconds=None if quiet_after is None else figures_end(figures) + quiet_after,
         )
-    return figures, operator
+    runs = handler_runs(process.log_path.read_text(encoding="utf-8", errors="replace"))
+    return figures, replace(operator, handler_runs=runs)
+
+
+def handler_runs(log_text: str) -> dict[str, int]:
+    """How often each kopf handler ran, from the operator's log (`Handler 'name/field' succeeded.`); failures are
+    counted under `<name> (failed)`."""
+    runs: dict[str, int] = {}
+    for match in HANDLER_LOG_LINE.finditer(log_text):
+        name = match["name"] if match["outcome"] == "succeeded" else f"{match['name']} (failed)"
+        runs[name] = runs.get(name, 0) + 1
+    return runs
 
 
 def figures_end(figures: RunFigures) -> float:
@@ -537,7 +568,18 @@ def target_rows(operator: RunFigures, floors: Sequence[RunFigures], memory: Oper
     return markdown_table(["figure", "value", "target", "met"], rows, right=(1, 2))
 
 
-def operator_lines(memory: OperatorFigures) -> list[str]:
+def handler_line(runs: Mapping[str, int], jobs: int) -> str:
+    """Handler runs per FineTuneJob, most frequent first: where the operator's API calls come from."""
+    if not runs or not jobs:
+        return "- Handler runs: none found in the operator's log."
+    parts = ", ".join(f"{name} {count / jobs:.1f}" for name, count in sorted(runs.items(), key=lambda kv: -kv[1]))
+    return (
+        "- Handler runs per FineTuneJob (from the operator's log; each of them derives the status anew, reading the "
+        f"FineTuneJob, its trainer Job and its pods): {parts}."
+    )
+
+
+def operator_lines(memory: OperatorFigures, jobs: int) -> list[str]:
     quiet = (
         "did not go quiet within the bench's wait"
         if memory.quiet_after_seconds is None
@@ -548,6 +590,7 @@ def operator_lines(memory: OperatorFigures) -> list[str]:
         f"- Operator resident memory: {memory.rss_idle_mb:.0f} MB idle before the burst, peak (VmHWM) "
         f"{memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it.",
         f"- Operator CPU over the burst: {memory.cpu_seconds:.1f} s (user + system); it {quiet}.",
+        handler_line(memory.handler_runs, jobs),
     ]
 
 
@@ -583,13 +626,14 @@ def render_report(
             f"KUBETUNE_* environment. Every client is the kubernetes Python package from {threads} threads over "
             f"{threads} pooled connections. create→Job: from the client sending a job's first create to a watch (a "
             "process of its own) receiving the trainer Job's ADDED event, wall clock. Each run has a fresh "
-            "namespace; they ran in the order below.",
+            "namespace; they ran in the order below, and the floors' Jobs were deleted before the operator "
+            "started (they carry its labels, so its Job watch would have handled them).",
             "",
             *run_rows(runs),
             "",
             *target_rows(operator, floors, memory),
             "",
-            *operator_lines(memory),
+            *operator_lines(memory, count),
             "",
             "## Machine",
             "",
@@ -618,8 +662,9 @@ def render_report(
     show_default=True,
     help="Where the markdown goes.",
 )
+@click.option("--keep-logs", is_flag=True, help="Keep the test bed's logs (.cache/bench-runs/...) after a success.")
 @click.pass_context
-def main(context: click.Context, count: int, threads: int, timeout: float, output: Path) -> None:
+def main(context: click.Context, count: int, threads: int, timeout: float, output: Path, keep_logs: bool) -> None:
     """Time the operator against the plain-client floor and print the table."""
     if context.invoked_subcommand is not None:
         return
@@ -637,6 +682,7 @@ def main(context: click.Context, count: int, threads: int, timeout: float, outpu
             floor_run(bed, count, threads, timeout, jobs_only=True),
             floor_run(bed, count, threads, timeout, jobs_only=False),
         ]
+        delete_floor_jobs(bed)
         operator, memory = operator_run(bed, count, threads, timeout, work / "operator")
         runs.append(operator)
         end_load = os.getloadavg()
@@ -648,7 +694,8 @@ def main(context: click.Context, count: int, threads: int, timeout: float, outpu
     click.echo(f"wrote {output}", err=True)
     if not all(run.complete for run in runs):
         raise click.ClickException(f"some trainer Jobs never appeared; logs kept in {work}")
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep_logs:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @main.command("watch-jobs", hidden=True)

@@ -1,11 +1,12 @@
 """`make bench`: every benchmark in turn, then their results collected into one README with the machine details.
 
-    python -m bench.run_all [--quick] [--only operator_scale ...] [--results-dir bench/results]
+    python -m bench.run_all [--quick] [--only operator_scale ...] [--results-dir bench/results] [--collect-only]
 
 Runs operator scale, trainer throughput, time to first step and quality (AG News and Banking77), each as its own
 process, one after the other (they would only slow each other down on a shared machine). A failing benchmark does
 not stop the others; the exit code says whether all passed. --quick (BENCH_QUICK=1 in make) runs the short variants
-and writes to bench/results/quick/, so a quick check never overwrites the full results.
+and writes to bench/results/quick/, so a quick check never overwrites the full results. --collect-only runs nothing
+and rewrites the README from the files already there.
 """
 
 from __future__ import annotations
@@ -127,14 +128,13 @@ def render_readme(
         outcome = outcomes.get(benchmark.name) if benchmark else None
         rows.append([f"[{file_name}]({file_name})", what, status_cell(outcome)])
     missing = [b.output for b in BENCHMARKS if b.output not in results]
+    command = "`BENCH_QUICK=1`, `python -m bench.run_all --quick`" if quick else "`python -m bench.run_all`"
     return "\n".join(
         [
             "# Benchmark results" + (" (quick variants)" if quick else ""),
             "",
-            "Written by `make bench` (`python -m bench.run_all`"
-            + (" --quick`, `BENCH_QUICK=1`" if quick else "`")
-            + "): each benchmark writes its own file here; this README collects them. Figures, never assertions: "
-            "read each file's set-up and load line before comparing runs.",
+            f"Written by `make bench` ({command}): each benchmark writes its own file here; this README collects "
+            "them. Figures, never assertions: read each file's set-up and load line before comparing runs.",
             "",
             *markdown_table(["file", "measures", "this invocation"], rows),
             "",
@@ -175,7 +175,8 @@ def read_results(results_dir: Path) -> dict[str, str]:
     help=f"Where results go; default {RESULTS_DIR.relative_to(REPO_ROOT)} ({QUICK_RESULTS_DIR.relative_to(REPO_ROOT)}"
     " with --quick).",
 )
-def main(quick: bool, only: tuple[str, ...], results_dir: Path | None) -> None:
+@click.option("--collect-only", is_flag=True, help="Run nothing: only write the README from the files there.")
+def main(quick: bool, only: tuple[str, ...], results_dir: Path | None, collect_only: bool) -> None:
     """Run the benchmarks one after another and write the README of their results."""
     target = results_dir or (QUICK_RESULTS_DIR if quick else RESULTS_DIR)
     target.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,7 @@ def main(quick: bool, only: tuple[str, ...], results_dir: Path | None) -> None:
     loads = [("start", os.getloadavg())]
     outcomes: dict[str, Outcome] = {}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    for benchmark in chosen(only):
+    for benchmark in [] if collect_only else chosen(only):
         command = command_of(benchmark, quick, target)
         click.echo(f"==> {benchmark.name}: {' '.join(command[1:])}", err=True)
         began = time.monotonic()

@@ -142,7 +142,21 @@ def log_milestones(records: Sequence[LogRecord], model_uri: str) -> dict[str, fl
         "first_step": first_time(records, lambda r: r.message == "progress" and (r.fields.get("step") or 0) >= 1),
         "finished": first_time(records, lambda r: r.message.startswith("run finished")),
     }
+    for record in records:
+        step = record.fields.get("step") if record.message == "progress" else None
+        if isinstance(step, int) and step >= 1:
+            found.setdefault(f"step:{step}", record.time)
     return {key: value for key, value in found.items() if value is not None}
+
+
+def later_step_seconds(milestones: Mapping[str, float]) -> float | None:
+    """Mean seconds per step after the first, from the first and last steps the progress log shows (the tracker
+    logs at most one record per progress interval, so steps in between may be missing); None with one step."""
+    steps = sorted(int(key.partition(":")[2]) for key in milestones if key.startswith("step:"))
+    if len(steps) < 2:
+        return None
+    first, last = steps[0], steps[-1]
+    return (milestones[f"step:{last}"] - milestones[f"step:{first}"]) / (last - first)
 
 
 def first_seen(
@@ -240,17 +254,30 @@ def timeline_lines(milestones: Mapping[str, float]) -> list[str]:
 
 
 def after_lines(milestones: Mapping[str, float], max_steps: int) -> list[str]:
-    """What followed the first step, for the record."""
+    """The later steps' pace (what it says about the last interval), the phases seen and the end of the run."""
     start = milestones["created"]
-    parts = []
+    lines = []
+    step_seconds = later_step_seconds(milestones)
+    if step_seconds is not None and "loaded" not in milestones and {"train", "first_step"} <= milestones.keys():
+        before_first = milestones["first_step"] - milestones["train"] - step_seconds
+        lines.append(
+            f"Later steps took {step_seconds:.1f} s each (from the progress log); if the first step took as long, "
+            f"the model load, LoRA wrapping and trainer set-up took about {before_first:.1f} s of the last interval "
+            "(an estimate: a first step also pays for lazy initialisation)."
+        )
+    phases = [
+        f"{phase} at {milestones[f'phase:{phase}'] - start:.1f} s"
+        for phase in ("Pending", "Running", *TERMINAL_PHASES)
+        if f"phase:{phase}" in milestones
+    ]
+    if phases:
+        lines.append(f"Phases seen on the FineTuneJob: {', '.join(phases)}.")
     if "finished" in milestones:
-        parts.append(f"the trainer logged `run finished` at {milestones['finished'] - start:.1f} s")
-    for phase in ("Running", *TERMINAL_PHASES):
-        if f"phase:{phase}" in milestones:
-            parts.append(f"phase {phase} was seen at {milestones[f'phase:{phase}'] - start:.1f} s")
-    return (
-        [f"After the first step ({max_steps} steps in all, evaluation off): " + "; ".join(parts) + "."] if parts else []
-    )
+        lines.append(
+            f"The trainer logged `run finished` at {milestones['finished'] - start:.1f} s ({max_steps} steps, "
+            "a checkpoint and the adapter uploaded, evaluation off)."
+        )
+    return [part for line in lines for part in (line, "")]
 
 
 def render_report(
@@ -292,7 +319,6 @@ def render_report(
             *timeline_lines(milestones),
             "",
             *after_lines(milestones, settings["max_steps"]),
-            "",
             "## Machine",
             "",
             f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",

@@ -13,6 +13,10 @@ and a length-skewed set built from the shared samples (three short Banking77 que
 AG News articles) for packing. Both sides get the same examples: the plain script takes the TRL rows our data stage
 produced, so the token streams are identical and only the training loop differs.
 
+With packing, TRL concatenates a batch's packed rows into one padding-free row; the plain script keeps that. Our
+trainer on the CPU feeds one packed row per forward and accumulates the batch (training.sft_batch_shape), since
+without a variable-length attention kernel attention over the concatenated row is quadratic in batch x length.
+
 Results: a markdown table on stdout and in bench/results/trainer_throughput.md, with the machine and its load.
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
+
+from bench.machine import cpu_line, library_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -84,9 +89,7 @@ CONFIGURATIONS = (
     Configuration("skewed", "ours", packing=True),
     Configuration("skewed", "plain", packing=True),
 )
-# The plain script with packing is left out of a default run (it costs a sixth of the time and no target needs it);
-# `--only skewed/plain+packing --only skewed/ours+packing` measures it.
-DEFAULT_KEYS = ("ag_news/plain", "ag_news/ours", "skewed/plain", "skewed/ours", "skewed/ours+packing")
+DEFAULT_KEYS = tuple(configuration.key for configuration in CONFIGURATIONS)
 # Under load from other processes, OpenMP threads that spin while waiting lose their time slices to each other and
 # a 2-thread matmul runs at half the speed of one thread (measured here); passive waiting keeps the runs comparable.
 OMP_WAIT_POLICY = "PASSIVE"
@@ -360,24 +363,6 @@ def ratio_of(results: Sequence[RunResult], comparison: Comparison) -> float | No
     return subject / reference
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries the numbers depend on."""
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate")}
-
-
 def configuration_rows(results: Sequence[RunResult]) -> list[str]:
     """The per-configuration table: mean throughput, each run, the share of fed tokens that were real, RSS."""
     by_key = {configuration.key: configuration for configuration in CONFIGURATIONS}
@@ -394,8 +379,8 @@ def configuration_rows(results: Sequence[RunResult]) -> list[str]:
     for key in dict.fromkeys(result.key for result in results):
         runs = [result for result in results if result.key == key]
         mean = mean_throughput(results, key) or 0.0
-        reference = reference_of.get(key)
-        reference_mean = mean_throughput(results, reference) if reference else None
+        reference = reference_of.get(key, "")
+        reference_mean = mean_throughput(results, reference)
         ratio = f"{mean / reference_mean:.2f}× {by_key[reference].title}" if reference_mean else "1.00 (reference)"
         share = sum(run.tokens for run in runs) / max(1, sum(run.fed_tokens for run in runs))
         lines.append(
@@ -423,7 +408,6 @@ def comparison_rows(results: Sequence[RunResult]) -> list[str]:
 def render_report(results: Sequence[RunResult], settings: Settings, rows: int, started: datetime) -> str:
     """The markdown the bench prints and writes."""
     loads = [value for result in results for value in (result.load_before, result.load_after)]
-    versions = ", ".join(f"{name} {value}" for name, value in library_versions().items())
     lines = [
         "# Trainer throughput: kubetune vs a plain TRL script",
         "",
@@ -435,7 +419,8 @@ def render_report(results: Sequence[RunResult], settings: Settings, rows: int, s
         f"{settings.steps} measured steps per run, each run in its own process; rounds alternate the order. "
         f"Data: {rows} rows of each set (AG News classification; skewed = {SHORT_PER_LONG} short Banking77 "
         f"questions per long row of {ARTICLES_PER_LONG_ROW} AG News articles). Real tokens = non-pad tokens fed "
-        "to the model (prompt included).",
+        "to the model (prompt included). With packing our trainer feeds one packed row per forward on the CPU "
+        "(accumulating the batch); the plain script feeds TRL's concatenated batch row.",
         "",
         *configuration_rows(results),
         "",
@@ -445,9 +430,8 @@ def render_report(results: Sequence[RunResult], settings: Settings, rows: int, s
         "",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}, {sum(r.seconds for r in results):.0f} s measured in "
         f"{len(results)} runs",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable); "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
-        f"- Libraries: {versions}",
+        f"- CPU: {cpu_line()}",
+        f"- Libraries: {library_versions()}",
         f"- Threads: torch default ({os.cpu_count()}), OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', OMP_WAIT_POLICY)} in every run (see OMP_WAIT_POLICY in the bench)",
         f"- Load (1-minute average, before/after each run): min {min(loads):.2f}, max {max(loads):.2f}, "

@@ -73,7 +73,7 @@ def test_measure_tokens_counts_no_end_of_sequence_token_for_a_head(tiny_tokenize
 def test_banking77_sample_fits_max_length_128_for_the_head(smollm2_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer: Any = AutoTokenizer.from_pretrained(smollm2_dir)
     spec = DatasetSpec(
         train=str(SAMPLE_DATA_DIR / "banking77" / "train.jsonl"),
         validation=str(SAMPLE_DATA_DIR / "banking77" / "test.jsonl"),

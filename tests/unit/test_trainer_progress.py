@@ -235,7 +235,9 @@ def test_the_log_channel_reports_evaluation_at_a_bounded_rate_and_always_the_end
     for done in range(1, 51):
         channel.evaluation_advanced(done, 50)
 
-    reported = [getattr(record, "fields", None) for record in caplog.records if record.getMessage() == "evaluation progress"]
+    reported = [
+        getattr(record, "fields", None) for record in caplog.records if record.getMessage() == "evaluation progress"
+    ]
     assert reported == [{"done": 1, "total": 50}, {"done": 50, "total": 50}]
 
 

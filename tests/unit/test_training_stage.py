@@ -31,6 +31,7 @@ from kubetune_trainer.training import (
     classification_records,
     common_arguments,
     record_kind,
+    sft_batch_shape,
     sft_record,
     sft_records,
 )
@@ -345,12 +346,25 @@ def test_sft_config_carries_loss_masking_packing_and_length(tmp_path: Path) -> N
     assert config.save_steps == 9 and config.report_to == [] and config.use_cpu
     # Packed batches have no padding (and the pad token is often EOS): every token fed is a real one.
     assert config.include_num_input_tokens_seen == "all"
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 8)
     unpacked = build_sft_config(spec.model_copy(update={"training": TrainingSpec()}), tmp_path, "no", on_cuda=False)
     assert unpacked.include_num_input_tokens_seen == "non_padding"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Records
+
+
+@pytest.mark.parametrize(
+    ("packing", "on_cuda", "expected"),
+    [(True, False, (1, 24)), (True, True, (8, 3)), (False, False, (8, 3)), (False, True, (8, 3))],
+)
+def test_packed_rows_go_through_one_at_a_time_on_the_cpu(
+    packing: bool, on_cuda: bool, expected: tuple[int, int]
+) -> None:
+    training = TrainingSpec(batch_size=8, gradient_accumulation_steps=3, packing=packing)
+
+    assert sft_batch_shape(training, on_cuda) == expected
 
 
 def test_chat_examples_become_conversational_prompt_completion() -> None:

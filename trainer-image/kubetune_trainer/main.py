@@ -127,7 +127,7 @@ def load_job(config: Path | None, env: Mapping[str, str]) -> FineTuneJob:
 def check_runnable(spec: FineTuneJobSpec) -> None:
     """Refuse what this trainer does not run and URIs it cannot use, before any stage starts."""
     if spec.backend != "local":
-        raise ConfigError(f"backend {spec.backend} is run by the operator through its API, not by the trainer pod")
+        raise ConfigError(f"backend {spec.backend} runs with `python -m kubetune_trainer hosted`, not `run`")
     uris = {"output.uri": spec.output.uri, "dataset.train": spec.dataset.train}
     if spec.dataset.validation is not None:
         uris["dataset.validation"] = spec.dataset.validation

@@ -172,6 +172,9 @@ def build_sft_config(
 
     arguments = common_arguments(spec.training, output_dir, precision, on_cuda)
     arguments["include_num_input_tokens_seen"] = counted_input_tokens(spec.training.packing)
+    batch_size, accumulation = sft_batch_shape(spec.training, on_cuda)
+    arguments["per_device_train_batch_size"] = batch_size
+    arguments["gradient_accumulation_steps"] = accumulation
     return SFTConfig(
         **arguments,
         max_length=spec.dataset.max_length,
@@ -179,6 +182,19 @@ def build_sft_config(
         completion_only_loss=spec.training.completion_only_loss,
         dataset_text_field="text",
     )
+
+
+def sft_batch_shape(training: TrainingSpec, on_cuda: bool) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps) of the SFT trainer.
+
+    TRL's packing concatenates a batch's packed rows into one padding-free row. Without a variable-length attention
+    kernel (flash attention; the CPU has none) attention over that row is quadratic in batchSize x maxLength, with the
+    cross-row blocks computed and masked away. On the CPU each packed row therefore goes through alone and
+    accumulation makes up the batch: the same rows per optimizer step, the same steps and schedule.
+    """
+    if training.packing and not on_cuda:
+        return 1, training.batch_size * training.gradient_accumulation_steps
+    return training.batch_size, training.gradient_accumulation_steps
 
 
 def counted_input_tokens(packing: bool) -> str:
