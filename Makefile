@@ -97,3 +97,9 @@ demo: venv testbed ## The main job end to end on the local test bed (CPU only); 
 .PHONY: demo-down
 demo-down: ## Stop everything `make demo` started (logs stay in .cache/demo)
 	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.demo down
+
+##@ Benchmarks
+
+.PHONY: bench
+bench: venv testbed ## All benchmarks (operator scale, trainer throughput, time to first step, quality) into bench/results/; BENCH_QUICK=1 runs short variants into bench/results/quick/
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.run_all $(if $(filter-out 0,$(BENCH_QUICK)),--quick,)

@@ -297,8 +297,9 @@ def sigterm_requests_checkpoint(flags: RunFlags) -> Iterator[None]:
         return
 
     def request_checkpoint(signum: int, frame: FrameType | None) -> None:
-        log.warning("SIGTERM: saving a checkpoint at the end of the current step, then exiting")
+        # The flag first: logging from a signal handler can raise when the signal lands mid-write.
         flags.preempt_requested = True
+        log.warning("SIGTERM: saving a checkpoint at the end of the current step, then exiting")
 
     previous = signal.signal(signal.SIGTERM, request_checkpoint)
     try:
