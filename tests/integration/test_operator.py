@@ -250,7 +250,11 @@ def jobs(cluster: ControlPlane, namespace: str) -> Jobs:
 def phase_events(jobs: Jobs, name: str) -> list[dict[str, Any]]:
     """The operator's phase-transition Events on a FineTuneJob ("<from> → <to>: <message>"), oldest first."""
     events = [e for e in jobs.events(name) if " → " in e.get("message", "")]
-    return sorted(events, key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
+    # Event timestamps have 1 s resolution; the resourceVersion (an etcd revision) orders events within a second.
+    return sorted(
+        events,
+        key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", int(e["metadata"]["resourceVersion"])),
+    )
 
 
 def child_uids(jobs: Jobs, name: str) -> dict[str, str]:
