@@ -20,9 +20,10 @@ import yaml
 from tests.conftest import KwokCluster
 from tests.testbed.chart import ChartRelease, install_chart
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.processes import REPO_ROOT, free_port, wait_for
+from tests.testbed.demo import create_s3_secret, helm_values, loopback_ports, scrape_jobs, wait_for_operator_pod
+from tests.testbed.processes import REPO_ROOT, wait_for
 from tests.testbed.prometheus import PrometheusServer
-from tests.testbed.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.testbed.s3 import S3Server
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.e2e
@@ -119,39 +120,14 @@ def product(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Product]:
     kube = kwok_cluster.kube
-    ports = {"metrics": free_port(), "health": free_port(), "trainer": free_port()}
-    standin = {"kubetune.io/testbed-kubelet": "standin"}
-    values = {
-        "nodeSelector": standin,
-        "s3": {"endpoint": s3_server.endpoint, "region": REGION, "credentialsSecret": "kubetune-s3"},
-        "metrics": {"port": ports["metrics"]},
-        "healthPort": ports["health"],
-        "trainer": {
-            "gpuNodeSelector": standin,
-            "gpuTolerations": [],
-            "metricsPort": ports["trainer"],
-            "progressIntervalSeconds": 1,
-        },
-    }
-    release = install_chart(kube, "kubetune", OPERATOR_NAMESPACE, values)
+    ports = loopback_ports()
+    release = install_chart(kube, "kubetune", OPERATOR_NAMESPACE, helm_values(s3_server, ports, progress_interval=1))
     kube.kubectl("create", "namespace", JOBS_NAMESPACE, check=True)
-    kube.kubectl(
-        "create", "secret", "generic", "kubetune-s3", "-n", JOBS_NAMESPACE,
-        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY_ID}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_ACCESS_KEY}",
-        check=True,
-    )  # fmt: skip
-
-    def operator_running() -> bool:
-        pods = json.loads(kube.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "json", check=True).stdout)
-        return any(pod["status"].get("phase") == "Running" for pod in pods["items"])
-
-    wait_for(operator_running, 120, "the chart's operator pod to run on the stand-in node")
+    create_s3_secret(kube, JOBS_NAMESPACE)
+    wait_for_operator_pod(kube, OPERATOR_NAMESPACE)
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
-    server = prometheus(
-        {"kubetune-operator": [f"127.0.0.1:{ports['metrics']}"], "kubetune-trainer": [f"127.0.0.1:{ports['trainer']}"]}
-    )
+    server = prometheus(scrape_jobs(ports))
     yield Product(kube, s3_server, release, server, bucket)
     kube.kubectl("delete", "namespace", JOBS_NAMESPACE, "--wait=false")
     release.uninstall()

@@ -57,7 +57,7 @@ def upload_inputs(s3: S3Server, model_dir: Path, data_dir: Path) -> None:
             client.upload_file(str(path), "kubetune-models", f"smollm2-135m-instruct/{path.name}")
 
 
-def helm_values(s3: S3Server, ports: dict[str, int]) -> dict[str, Any]:
+def helm_values(s3: S3Server, ports: dict[str, int], progress_interval: float = 5) -> dict[str, Any]:
     """Chart values for this machine: the operator and trainers run on the stand-in's fake GPU node."""
     standin = {"kubetune.io/testbed-kubelet": "standin"}
     return {
@@ -69,9 +69,40 @@ def helm_values(s3: S3Server, ports: dict[str, int]) -> dict[str, Any]:
             "gpuNodeSelector": standin,
             "gpuTolerations": [],
             "metricsPort": ports["trainer_metrics"],
-            "progressIntervalSeconds": 5,
+            "progressIntervalSeconds": progress_interval,
         },
     }
+
+
+def loopback_ports() -> dict[str, int]:
+    """Free ports for the operator's metrics and health endpoints and the trainer's metrics (all on 127.0.0.1)."""
+    return {name: free_port() for name in ("operator_metrics", "operator_health", "trainer_metrics")}
+
+
+def scrape_jobs(ports: dict[str, int]) -> dict[str, list[str]]:
+    """Prometheus targets: the operator and the trainer pod (one at a time) on the stand-in node."""
+    return {
+        "kubetune-operator": [f"127.0.0.1:{ports['operator_metrics']}"],
+        "kubetune-trainer": [f"127.0.0.1:{ports['trainer_metrics']}"],
+    }
+
+
+def create_s3_secret(plane: ControlPlane, namespace: str) -> None:
+    """The `kubetune-s3` Secret the chart values name, holding moto's credentials."""
+    plane.kubectl(
+        "create", "secret", "generic", "kubetune-s3", "-n", namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY_ID}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_ACCESS_KEY}",
+        check=True,
+    )  # fmt: skip
+
+
+def wait_for_operator_pod(plane: ControlPlane, namespace: str) -> None:
+    def operator_running() -> bool:
+        pods = json.loads(plane.kubectl("get", "pods", "-n", namespace, "-o", "json", check=True).stdout)
+        return any(pod["status"].get("phase") == "Running" for pod in pods["items"])
+
+    wait_for(operator_running, 120, "the chart's operator pod to run on the stand-in node")
 
 
 def start_testbed(work: Path) -> tuple[ControlPlane, S3Server, PrometheusServer, dict[str, int]]:
@@ -90,14 +121,8 @@ def start_testbed(work: Path) -> tuple[ControlPlane, S3Server, PrometheusServer,
     plane.processes.append(standin)
     wait_for(lambda: plane.kubectl("get", "node", STANDIN_NODE).returncode == 0, 60, "the stand-in's GPU node")
     s3 = S3Server(log_dir=work / "s3").start()
-    ports = {name: free_port() for name in ("operator_metrics", "operator_health", "trainer_metrics")}
-    prometheus = PrometheusServer(
-        work_dir=work / "prometheus",
-        jobs={
-            "kubetune-operator": [f"127.0.0.1:{ports['operator_metrics']}"],
-            "kubetune-trainer": [f"127.0.0.1:{ports['trainer_metrics']}"],
-        },
-    ).start()
+    ports = loopback_ports()
+    prometheus = PrometheusServer(work_dir=work / "prometheus", jobs=scrape_jobs(ports)).start()
     return plane, s3, prometheus, ports
 
 
@@ -106,12 +131,7 @@ def install_chart(plane: ControlPlane, s3: S3Server, ports: dict[str, int], work
     values.write_text(yaml.safe_dump(helm_values(s3, ports)))
     for namespace in (OPERATOR_NAMESPACE, JOB_NAMESPACE):
         plane.kubectl("create", "namespace", namespace, check=True)
-    plane.kubectl(
-        "create", "secret", "generic", "kubetune-s3", "-n", JOB_NAMESPACE,
-        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY_ID}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_ACCESS_KEY}",
-        check=True,
-    )  # fmt: skip
+    create_s3_secret(plane, JOB_NAMESPACE)
     subprocess.run(
         [
             testbed_binary("helm"), "install", "kubetune", str(REPO_ROOT / "charts" / "kubetune"),
@@ -119,12 +139,7 @@ def install_chart(plane: ControlPlane, s3: S3Server, ports: dict[str, int], work
         ],
         check=True,
     )  # fmt: skip
-
-    def operator_running() -> bool:
-        pods = json.loads(plane.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "json", check=True).stdout)
-        return any(pod["status"].get("phase") == "Running" for pod in pods["items"])
-
-    wait_for(operator_running, 120, "the operator pod to run")
+    wait_for_operator_pod(plane, OPERATOR_NAMESPACE)
 
 
 def job_status(plane: ControlPlane, name: str) -> dict[str, Any]:
