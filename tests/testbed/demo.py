@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,7 +214,9 @@ def up(timeout: float) -> int:
     if (work / "state.json").exists():
         print("a demo is already up: run `make demo-down` first", file=sys.stderr)
         return 1
-    work.mkdir(parents=True, exist_ok=True)
+    # A fresh cluster every time: the last demo's etcd data and logs would only get in the way.
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     say("Starting the test bed: etcd, kube-apiserver, controllers, a fake GPU node, moto S3, Prometheus")
     plane, s3, prometheus, ports = start_testbed(work)
     processes = [*plane.processes, s3.process, prometheus.process]
@@ -233,6 +236,22 @@ def up(timeout: float) -> int:
     return 0 if status.get("phase") == "Succeeded" else 1
 
 
+def signal_group(pid: int, signum: signal.Signals) -> bool:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def down() -> int:
     """Stop every process the demo started (each runs in its own session) and forget the demo."""
     work = state_dir()
@@ -240,14 +259,14 @@ def down() -> int:
     if not state_file.exists():
         print("no demo is up")
         return 0
-    stopped = 0
+    pids = list(reversed(json.loads(state_file.read_text())["pids"]))
     # The stand-in goes first (in reverse start order) so that it stops the pods it runs.
-    for pid in reversed(json.loads(state_file.read_text())["pids"]):
-        try:
-            os.killpg(pid, signal.SIGTERM)
-            stopped += 1
-        except ProcessLookupError:
-            pass
+    stopped = sum(signal_group(pid, signal.SIGTERM) for pid in pids)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(group_alive(pid) for pid in pids):
+        time.sleep(0.5)
+    for pid in pids:
+        signal_group(pid, signal.SIGKILL)  # the API server can hang on an etcd that is already gone
     state_file.unlink()
     print(f"stopped {stopped} demo process group(s); logs kept in {work}")
     return 0
