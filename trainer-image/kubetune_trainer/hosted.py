@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune import storage
 from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobSpec, OpenAISpec, UsageStatus
 from kubetune.conditions import TRAINER_REASON_HOSTED_UNAVAILABLE, TRAINER_REASON_INTERNAL_ERROR
 from kubetune.contract import ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_OPENAI_API_KEY, EXIT_CODE_PREEMPTED, TrainerSummary
@@ -79,6 +78,7 @@ from kubetune_trainer.judge import redact
 from kubetune_trainer.main import (
     EvaluationOutcome,
     RunRecord,
+    check_spec_uris,
     data_stage,
     finite_tables,
     judge_for,
@@ -204,14 +204,8 @@ def check_hosted_runnable(spec: FineTuneJobSpec, api_key: str) -> OpenAISpec:
             f"{ENV_OPENAI_API_KEY} is empty: the operator fills it from openai.apiKeySecretRef "
             f"(secret {ref.name!r}, key {ref.key!r})"
         )
-    uris = {"output.uri": spec.output.uri, "dataset.train": spec.dataset.train}
-    if spec.dataset.validation is not None:
-        uris["dataset.validation"] = spec.dataset.validation
-    for field_name, uri in uris.items():
-        try:
-            storage.check_uri(uri)
-        except storage.StorageError as error:
-            raise ConfigError(f"{field_name}: {error}") from error
+    # The hosted service has the model: no model.uri to check.
+    check_spec_uris(spec, include_model=False)
     evaluation = spec.evaluation
     if evaluation.enabled and evaluation.metrics and set(evaluation.metrics) <= UNSCORED_METRICS:
         raise ConfigError(

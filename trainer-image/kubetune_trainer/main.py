@@ -128,10 +128,15 @@ def check_runnable(spec: FineTuneJobSpec) -> None:
     """Refuse what this trainer does not run and URIs it cannot use, before any stage starts."""
     if spec.backend != "local":
         raise ConfigError(f"backend {spec.backend} runs with `python -m kubetune_trainer hosted`, not `run`")
+    check_spec_uris(spec, include_model=True)
+
+
+def check_spec_uris(spec: FineTuneJobSpec, include_model: bool) -> None:
+    """Every URI of the spec is well formed and its bucket reachable, before any work: ConfigError naming the field."""
     uris = {"output.uri": spec.output.uri, "dataset.train": spec.dataset.train}
     if spec.dataset.validation is not None:
         uris["dataset.validation"] = spec.dataset.validation
-    if spec.model.uri is not None:
+    if include_model and spec.model.uri is not None:
         uris["model.uri"] = spec.model.uri
     for field_name, uri in uris.items():
         try:
