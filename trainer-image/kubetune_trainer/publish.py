@@ -16,7 +16,7 @@ from kubetune import storage
 from kubetune.api import ArtifactsStatus
 from kubetune_trainer.checkpoints import list_checkpoints
 from kubetune_trainer.output_manifest import RunManifest, relative_hashes
-from kubetune_trainer.report import ReportFiles
+from kubetune_trainer.report import CHART_PNG, PREDICTIONS_JSONL, REPORT_JSON, REPORT_MARKDOWN, ReportFiles
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,6 @@ ADAPTER_PREFIX = "adapter"
 MERGED_PREFIX = "merged"
 EVAL_PREFIX = "eval"
 MANIFEST_FILE = "manifest.json"
-# Names under eval/ for each file the report writes.
-REPORT_JSON = "report.json"
-REPORT_MARKDOWN = "report.md"
-PREDICTIONS = "predictions.jsonl"
-CHART = "chart.png"
 
 
 @dataclass(frozen=True)
@@ -41,9 +36,14 @@ class PublishedFiles:
 
 def eval_uploads(files: ReportFiles) -> dict[str, Path]:
     """{name under eval/: local file} for the report's files (the chart only when one was drawn)."""
-    uploads = {REPORT_JSON: files.report_json, REPORT_MARKDOWN: files.report_markdown, PREDICTIONS: files.predictions}
+    # Under eval/ with the names the report gave them.
+    uploads = {
+        REPORT_JSON: files.report_json,
+        REPORT_MARKDOWN: files.report_markdown,
+        PREDICTIONS_JSONL: files.predictions,
+    }
     if files.chart is not None:
-        uploads[CHART] = files.chart
+        uploads[CHART_PNG] = files.chart
     return uploads
 
 

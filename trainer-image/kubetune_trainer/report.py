@@ -19,7 +19,7 @@ from kubetune_trainer.metrics import LOWER_IS_BETTER, ConfusionMatrix, is_better
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
 PREDICTIONS_JSONL = "predictions.jsonl"
-CHART_PNG = "scores.png"
+CHART_PNG = "chart.png"
 
 COLUMN_TITLES = {"zeroShot": "zero-shot", "fewShot": "few-shot", "tuned": "fine-tuned"}
 JUDGE_SCALE = 100.0
