@@ -19,6 +19,7 @@ import pytest
 import yaml
 from kubetune_operator.builders import LABEL_JOB_NAME, MANIFEST_KEY
 from kubetune_operator.rbac import operator_rbac_rules
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import conditions as c
 from kubetune.api import GROUP, PLURAL, VERSION
@@ -191,6 +192,11 @@ class Jobs:
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
 
+    def count_in_phase(self, phase: str) -> int:
+        """FineTuneJobs in this phase across the whole cluster (the operator watches every namespace)."""
+        listed = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        return sum(1 for item in listed["items"] if (item.get("status") or {}).get("phase") == phase)
+
     def child(self, kind: str, name: str) -> dict[str, Any] | None:
         result = self.kube.kubectl("get", kind, name, "-n", self.namespace, "-o", "json")
         return json.loads(result.stdout) if result.returncode == 0 else None
@@ -257,6 +263,15 @@ def phase_events(jobs: Jobs, name: str) -> list[dict[str, Any]]:
     )
 
 
+def phase_gauge(operator: Operator, phase: str) -> float:
+    """The operator's kubetune_jobs{phase=...} value."""
+    for family in text_string_to_metric_families(operator.get("/metrics", operator.metrics_port)):
+        for sample in family.samples:
+            if sample.name == "kubetune_jobs" and sample.labels.get("phase") == phase:
+                return float(sample.value)
+    raise AssertionError(f"kubetune_jobs has no phase={phase} series")
+
+
 def child_uids(jobs: Jobs, name: str) -> dict[str, str]:
     uids = {}
     for kind in CHILD_KINDS:
@@ -309,8 +324,14 @@ def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: O
     assert transitions[-1]["message"].startswith(("Running → Succeeded", "Pending → Succeeded"))
     assert all(e["type"] == "Normal" for e in transitions)
 
+    # The gauge counts every FineTuneJob in the cluster (other tests leave theirs behind) and follows the operator's
+    # own watch, which may lag the read above: it must settle on what the API server lists as Succeeded.
+    wait_for(
+        lambda: phase_gauge(operator, "Succeeded") == jobs.count_in_phase("Succeeded") >= 1,
+        30,
+        "kubetune_jobs{phase=Succeeded} to count the succeeded jobs",
+    )
     metrics = operator.get("/metrics", operator.metrics_port)
-    assert 'kubetune_jobs{phase="Succeeded"} 1.0' in metrics
     assert f'kubetune_job_progress_ratio{{job="happy",namespace="{jobs.namespace}"}} 1.0' in metrics
     assert 'kubetune_job_phase_transitions_total{from_phase="New",to_phase=' in metrics
     assert f'kubetune_job_gpu_seconds_total{{job="happy",namespace="{jobs.namespace}"}}' in metrics
