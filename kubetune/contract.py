@@ -19,6 +19,7 @@ ENV_TERMINATION_MESSAGE_PATH = "KUBETUNE_TERMINATION_MESSAGE_PATH"  # default /d
 ENV_JUDGE_API_KEY = "KUBETUNE_JUDGE_API_KEY"  # from evaluation.judge.apiKeySecretRef
 ENV_OPENAI_API_KEY = "OPENAI_API_KEY"  # from openai.apiKeySecretRef
 ENV_PROGRESS_INTERVAL = "KUBETUNE_PROGRESS_INTERVAL_SECONDS"  # least seconds between status.progress patches
+ENV_IMAGE = "KUBETUNE_IMAGE"  # the trainer container's image, recorded in manifest.json
 # S3: the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
 
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"

@@ -164,6 +164,8 @@ def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, 
         _value(contract.ENV_METRICS_PORT, str(settings.trainer_metrics_port)),
         _value(contract.ENV_PROGRESS_INTERVAL, f"{settings.progress_interval_seconds:g}"),
         _value(contract.ENV_TERMINATION_MESSAGE_PATH, contract.DEFAULT_TERMINATION_MESSAGE_PATH),
+        # The container's own image (spec.image or the operator's default), for manifest.json and the report.
+        _value(contract.ENV_IMAGE, trainer_image(job, settings)),
         _value("HF_HOME", HF_CACHE_DIR),
         # Libraries that cache under ~ (torch, triton) need a writable place on a read-only root filesystem.
         _value("XDG_CACHE_HOME", f"{TMP_DIR}/.cache"),

@@ -238,6 +238,18 @@ def test_image_is_the_jobs_own_or_the_operator_default() -> None:
     assert override["image"] == "mine/trainer:dev"
 
 
+@pytest.mark.parametrize(
+    ("spec", "image"),
+    [({}, "registry.local/trainer:1.0"), ({"image": "mine/trainer:dev"}, "mine/trainer:dev")],
+    ids=["operator default", "spec.image"],
+)
+def test_trainer_is_told_the_image_it_runs_in(spec: dict[str, Any], image: str) -> None:
+    built = build_trainer_job(finetunejob(**spec), SETTINGS)
+    container = pod_spec(built)["containers"][0]
+    # The trainer records this in manifest.json: it must be the container's image, not a guess.
+    assert env_of(built)[contract.ENV_IMAGE] == container["image"] == image
+
+
 @pytest.mark.parametrize("gpus", [0, 1, 2, 8])
 def test_command_comes_from_the_contract(gpus: int) -> None:
     container = pod_spec(build_trainer_job(finetunejob(resources={"gpus": gpus}), SETTINGS))["containers"][0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from kubetune import storage
+from kubetune import contract, storage
 from kubetune.api import (
     API_VERSION,
     ApiModel,
@@ -22,7 +22,7 @@ from kubetune.api import (
 from kubetune_trainer.modeling import WEIGHT_SUFFIXES
 
 MANIFEST_KIND = "FineTuneRunManifest"
-ENV_IMAGE = "KUBETUNE_IMAGE"
+ENV_IMAGE = contract.ENV_IMAGE
 # The trainer image puts kubetune on PYTHONPATH instead of installing it; its Dockerfile records the version here.
 ENV_KUBETUNE_VERSION = "KUBETUNE_VERSION"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "kubetune")
@@ -115,7 +115,8 @@ def model_revision(model: ModelSpec, model_dir: Path) -> str | None:
 
 
 def trainer_image(job: FineTuneJob, env: Mapping[str, str] | None = None) -> str | None:
-    """The image this trainer runs in: KUBETUNE_IMAGE when set (the image's own record), else spec.image."""
+    """The image this trainer runs in: KUBETUNE_IMAGE when set (the operator sets the container's image), else
+    spec.image."""
     source = os.environ if env is None else env
     return source.get(ENV_IMAGE) or job.spec.image
 
