@@ -415,6 +415,43 @@ def test_bad_data_fails_in_pre_flight_before_any_model_is_loaded(
     assert elapsed < 60
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("case", "exit_code", "reason"),
+    [("S3 unreachable", 75, "StorageError"), ("no such key", 65, "DataError")],
+)
+def test_an_s3_outage_is_retried_but_a_missing_dataset_is_not(
+    case: str, exit_code: int, reason: str, s3_env: dict[str, str], s3_bucket: str, tmp_path: Path
+) -> None:
+    train = f"s3://{s3_bucket}/data/{'missing' if case == 'no such key' else 'train'}.jsonl"
+    manifest = job_manifest("fetch", None, f"s3://{s3_bucket}/models/tiny", train, f"s3://{s3_bucket}/o")
+    env = trainer_env(tmp_path, s3_env, manifest, AWS_MAX_ATTEMPTS="2")
+    if case == "S3 unreachable":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{closed_port()}"
+
+    result = run_trainer(env, timeout=120)
+
+    # 75 lets the Job retry the pod; 65 fails it at once through podFailurePolicy.
+    assert result.returncode == exit_code, result.stderr[-3000:]
+    summary = TrainerSummary.from_termination_message((tmp_path / "termination-log").read_text())
+    assert summary is not None
+    assert (summary.outcome, summary.reason) == ("Failed", reason)
+    assert f"{train}" in summary.message
+    assert "dataset.train" in summary.message
+    if case == "S3 unreachable":
+        assert f"S3 endpoint {env['AWS_ENDPOINT_URL']} unreachable" in summary.message
+    else:
+        assert "no such key (NoSuchKey)" in summary.message
+
+
 def test_a_missing_model_is_a_model_error_after_the_data_passed(
     s3_env: dict[str, str], s3_bucket: str, s3_server: S3Server, tmp_path: Path
 ) -> None:

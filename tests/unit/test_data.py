@@ -738,3 +738,44 @@ def test_unreadable_s3_object_is_a_data_error_naming_the_uri(s3_endpoint: str) -
     assert error_of("s3://no-such-bucket/train.jsonl") == (
         "cannot read dataset.train s3://no-such-bucket/train.jsonl: no such bucket 'no-such-bucket' (NoSuchBucket)"
     )
+
+
+def test_an_s3_outage_is_a_retryable_storage_error_not_bad_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_trainer.failures import classify_failure
+    from moto.server import ThreadedMotoServer
+
+    from kubetune import storage
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "unit-test-key",
+        "AWS_SECRET_ACCESS_KEY": "unit-test-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    try:
+        reset_moto(endpoint)
+        storage.s3_client().create_bucket(Bucket="datasets")
+        storage.write_bytes("s3://datasets/news/train.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in NEWS))
+        assert len(prepare("s3://datasets/news/train.jsonl").train) == 18
+        reset_moto(endpoint)
+    finally:
+        server.stop()
+
+    # The same good file, with S3 gone: an outage, which a retried pod may get past, not a bad dataset.
+    with pytest.raises(storage.StorageError) as caught:
+        prepare("s3://datasets/news/train.jsonl")
+
+    assert not isinstance(caught.value, DataError)
+    assert caught.value.reason == storage.REASON_ENDPOINT_UNREACHABLE
+    assert str(caught.value).startswith(
+        "s3://datasets/news/train.jsonl: cannot read dataset.train: "
+        f"S3 endpoint {endpoint} unreachable after 2 attempts"
+    )
+    failure = classify_failure(caught.value)
+    assert (failure.reason, failure.retryable) == ("StorageError", True)

@@ -47,6 +47,10 @@ DEFAULT_VALIDATION_SHARE = 0.1
 Objective = Literal["causal-lm", "sequence-classification"]
 # Token statistics tokenize at most this many evenly spaced examples: the percentiles barely move past it.
 MEASURED_EXAMPLES_LIMIT = 20_000
+# Storage failures that say the dataset URI names nothing readable: bad input, not an outage.
+MISSING_SOURCE_REASONS = frozenset(
+    {storage.REASON_NO_SUCH_KEY, storage.REASON_NO_SUCH_BUCKET, storage.REASON_INVALID_URI, storage.REASON_LOCAL_IO}
+)
 
 
 class Tokenizer(Protocol):
@@ -61,11 +65,19 @@ class Tokenizer(Protocol):
 
 
 def fetch(uri: str, field: str) -> bytes:
-    """The raw bytes of a dataset file; DataError naming the spec field when it cannot be read."""
+    """The raw bytes of a dataset file.
+
+    DataError (permanent) when the file is not there: no such key, bucket or local file, or the URI names a prefix or
+    a directory; every retry would read the same. Anything else (an unreachable endpoint, throttling, a server error,
+    missing or denied credentials, which a retried pod reads afresh from its Secret) may pass, so it stays a
+    StorageError, which the trainer exits on as retryable. Both name the spec field and the URI.
+    """
     try:
         return storage.read_bytes(uri)
     except storage.StorageError as error:
-        raise DataError(f"cannot read {field} {uri}: {error.message} ({error.reason})") from error
+        if error.reason in MISSING_SOURCE_REASONS:
+            raise DataError(f"cannot read {field} {uri}: {error.message} ({error.reason})") from error
+        raise storage.StorageError(uri, error.reason, f"cannot read {field}: {error.message}") from error
 
 
 def dataset_sha256(train: bytes, validation: bytes | None) -> str:
