@@ -522,7 +522,7 @@ class Condition(ApiModel):
 
 
 class ProgressStatus(ApiModel):
-    """Live training progress, reported by the trainer at a bounded rate."""
+    """Live training progress (and evaluation progress), reported by the trainer at a bounded rate."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -535,6 +535,14 @@ class ProgressStatus(ApiModel):
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, description="Real (non-pad) tokens per second.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds until training ends.")
+    eval_done: int | None = Field(
+        default=None,
+        description="Evaluation samples scored so far, summed over every pass (each model's outputs, loss, judge).",
+    )
+    eval_total: int | None = Field(
+        default=None, description="Evaluation samples to score, summed over every pass: the samples times the passes."
+    )
+    eval_percent: float | None = Field(default=None, description="Evaluation progress 0-100.")
     updated_at: str | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
 
 

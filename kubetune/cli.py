@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from kubetune.contract import TrainerSummary
 
 STDIN_NAME = "<stdin>"
+EVALUATION_STAGES = frozenset({"evaluate", "publish"})  # trainer stages during and after which eval counts are live
 
 
 @click.group()
@@ -241,6 +242,10 @@ def progress_line(status: FineTuneJobStatus) -> str | None:
         parts.append(f"{progress.tokens_per_second:.0f} tokens/s")
     if progress.eta_seconds is not None and progress.stage == "train":
         parts.append(f"eta {format_duration(progress.eta_seconds)}")
+    # A retried attempt may still carry the last attempt's evaluation counts while it trains again.
+    if progress.eval_total and progress.eval_done is not None and progress.stage in EVALUATION_STAGES:
+        evaluated = f"evaluated {progress.eval_done}/{progress.eval_total} samples"
+        parts.append(evaluated + (f" ({progress.eval_percent:.1f}%)" if progress.eval_percent is not None else ""))
     if progress.updated_at:
         parts.append(f"updated {progress.updated_at}")
     return ", ".join(parts)

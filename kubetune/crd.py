@@ -69,6 +69,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
+        "name": "Eval",
+        "type": "number",
+        "jsonPath": ".status.progress.evalPercent",
+        "priority": 1,
+        "description": "Evaluation progress in percent.",
+    },
+    {
         "name": "Model URI",
         "type": "string",
         "jsonPath": ".spec.model.uri",

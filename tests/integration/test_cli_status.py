@@ -73,6 +73,53 @@ def test_status_prints_phase_progress_conditions_evaluation_and_artifacts(
     assert "  adapter      s3://runs/news/adapter" in lines
 
 
+def test_evaluation_progress_reaches_the_status_kubectl_and_kubetune_status(
+    kube: ControlPlane, crd: str, namespace: str
+) -> None:
+    from kubernetes import client
+    from kubetune_trainer.progress import Reporter, StatusPatcher
+
+    kube.apply(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "evaluating", "namespace": namespace},
+            "spec": {
+                "model": {"uri": "s3://models/tiny"},
+                "dataset": {"train": "s3://data/train.jsonl"},
+                "output": {"uri": "s3://runs/evaluating"},
+            },
+        }
+    )
+    api = client.CustomObjectsApi(kube.api_client())
+    # The trainer's own channel, through the real API server: the CRD schema must keep (not prune) the new fields.
+    patcher = StatusPatcher(api, namespace, "evaluating", interval=3600)
+    reporter = Reporter([patcher])
+    reporter.enter_stage("evaluate")
+    for done in range(1, 121):
+        reporter.report_evaluation(done, 480)
+    patcher.close()
+
+    progress = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "evaluating")["status"]["progress"]
+    assert (progress["stage"], progress["evalDone"], progress["evalTotal"], progress["evalPercent"]) == (
+        "evaluate",
+        120,
+        480,
+        25.0,
+    )
+    wide = kube.kubectl("get", "ftj", "evaluating", "-n", namespace, "-o", "wide", check=True).stdout
+    header, row = wide.splitlines()
+    start = header.index("EVAL")
+    assert row[start:].split()[0] == "25"
+    result = CliRunner().invoke(main, ["status", "evaluating", "-n", namespace, "--kubeconfig", kube.kubeconfig])
+    assert result.exit_code == 0, result.output
+    progress_line = next(line for line in result.stdout.splitlines() if line.startswith("Progress:"))
+    assert (
+        progress_line
+        == f"Progress:    stage evaluate, evaluated 120/480 samples (25.0%), updated {progress['updatedAt']}"
+    )
+
+
 def test_status_of_a_missing_job_says_so_and_fails(kube: ControlPlane, crd: str, namespace: str) -> None:
     result = CliRunner().invoke(main, ["status", "absent", "-n", namespace, "--kubeconfig", kube.kubeconfig])
 

@@ -334,6 +334,11 @@ def test_a_full_run_publishes_verified_artifacts_and_reports_progress_to_its_own
     status = job_status(kube, namespace, "news")
     assert status["progress"]["stage"] == "publish"
     assert (status["progress"]["step"], status["progress"]["totalSteps"]) == (MAX_STEPS, MAX_STEPS)
+    # The evaluation loop's count: every sample of the tuned model and both baselines, done.
+    assert status["progress"]["evalDone"] == status["progress"]["evalTotal"]
+    assert status["progress"]["evalTotal"] % summary.evaluation.samples == 0
+    assert status["progress"]["evalTotal"] >= 3 * summary.evaluation.samples
+    assert status["progress"]["evalPercent"] == 100.0
     assert status["dataset"]["trainRows"] == summary.dataset.train_rows
     assert summary.dataset.token_lengths is not None
     assert status["dataset"]["tokenLengths"] == summary.dataset.token_lengths.to_wire()

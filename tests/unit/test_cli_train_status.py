@@ -119,6 +119,32 @@ def test_status_shows_phase_progress_dataset_conditions_evaluation_artifacts_and
     assert "Usage:       72000 trained tokens, 0 GPU-seconds, 812s wall" in text
 
 
+@pytest.mark.parametrize(
+    ("stage", "shown"),
+    [("evaluate", True), ("publish", True), ("train", False)],
+    ids=["evaluating", "publishing after it", "a retry training again"],
+)
+def test_status_shows_evaluation_progress_while_and_after_evaluating(stage: str, shown: bool) -> None:
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Evaluating",
+            "progress": {
+                "stage": stage,
+                "step": 40,
+                "totalSteps": 40,
+                "evalDone": 150,
+                "evalTotal": 600,
+                "evalPercent": 25.0,
+            },
+        }
+    )
+
+    progress = [line for line in describe_status("ml", "news", status) if line.startswith("Progress:")]
+
+    evaluated = "evaluated 150/600 samples (25.0%)"
+    assert progress == [f"Progress:    stage {stage}, step 40/40" + (f", {evaluated}" if shown else "")]
+
+
 def test_a_job_without_status_is_pending() -> None:
     assert describe_status("ml", "news", FineTuneJobStatus()) == ["FineTuneJob ml/news", "Phase:       Pending"]
 

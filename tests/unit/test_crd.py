@@ -312,6 +312,7 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
         ("Loss", "number", ".status.progress.loss", 0),
         ("Score", "number", ".status.evaluation.tuned", 0),
         ("Age", "date", ".metadata.creationTimestamp", 0),
+        ("Eval", "number", ".status.progress.evalPercent", 1),
         ("Model URI", "string", ".spec.model.uri", 1),
         ("Backend", "string", ".spec.backend", 1),
         ("Message", "string", ".status.message", 1),

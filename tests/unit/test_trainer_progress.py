@@ -264,6 +264,42 @@ def test_updates_between_patches_are_merged_not_lost_and_the_final_one_is_always
     assert api.bodies[-1]["status"]["progress"]["step"] == 20
 
 
+def test_evaluation_progress_is_paced_like_training_and_its_end_is_sent_at_once() -> None:
+    api = RecordingStatusApi()
+    patcher = StatusPatcher(api, "ns", "job", interval=3600)
+    reporter = Reporter([patcher])
+    reporter.enter_stage("evaluate")
+    wait_until(lambda: len(api.bodies) == 1)
+
+    for done in range(1, 300):
+        reporter.report_evaluation(done, 300)
+    time.sleep(0.2)
+    within_the_interval = len(api.bodies)
+    reporter.report_evaluation(300, 300)
+    wait_until(lambda: len(api.bodies) == 2)
+    patcher.close()
+
+    # 299 batches within the hour-long interval send nothing; the last sample is forced out, the counts merged into
+    # one patch, and the reporter's own progress (its final word) carries them too.
+    assert within_the_interval == 1
+    sent = api.bodies[1]["status"]["progress"]
+    assert {key: sent[key] for key in ("evalDone", "evalTotal", "evalPercent")} == {
+        "evalDone": 300,
+        "evalTotal": 300,
+        "evalPercent": 100.0,
+    }
+    assert sent["updatedAt"]
+    assert reporter.progress.stage == "evaluate"
+    assert (reporter.progress.eval_done, reporter.progress.eval_total) == (300, 300)
+
+
+def test_evaluation_percent_is_rounded_and_none_without_work() -> None:
+    from kubetune_trainer.progress import evaluation_progress
+
+    assert evaluation_progress(1, 3).eval_percent == 33.3
+    assert evaluation_progress(0, 0).eval_percent is None
+
+
 def test_forced_updates_do_not_wait_for_the_interval() -> None:
     api = RecordingStatusApi()
     patcher = StatusPatcher(api, "ns", "job", interval=3600)

@@ -61,6 +61,12 @@ def merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
     return result
 
 
+def evaluation_progress(done: int, total: int) -> ProgressStatus:
+    """status.progress's evaluation fields: samples scored (summed over every pass), of how many, and the percent."""
+    percent = round(100.0 * min(done, total) / total, 1) if total > 0 else None
+    return ProgressStatus(eval_done=done, eval_total=total, eval_percent=percent, updated_at=utc_now())
+
+
 def progress_interval(env: Mapping[str, str]) -> float:
     """KUBETUNE_PROGRESS_INTERVAL_SECONDS (default 10): the least seconds between status patches."""
     raw = env.get(ENV_PROGRESS_INTERVAL, "").strip()
@@ -288,6 +294,10 @@ class StatusPatcher(ProgressChannel):
     def progress_changed(self, progress: ProgressStatus, final: bool) -> None:
         self.submit({"progress": progress.to_wire()}, force=final)
 
+    def evaluation_advanced(self, done: int, total: int) -> None:
+        # Paced like training progress (one patch per interval at most); the last sample goes out at once.
+        self.submit({"progress": evaluation_progress(done, total).to_wire()}, force=done >= total)
+
     def submit(self, status: dict[str, Any], force: bool = False) -> None:
         """Queue fields of .status; sent at once when forced, else when `interval` has passed since the last patch."""
         with self._wake:
@@ -429,8 +439,10 @@ class Reporter:
             self._each("step_finished", step)
 
     def report_evaluation(self, done: int, total: int) -> None:
-        """Evaluation work done so far."""
+        """Evaluation work done so far (samples scored, summed over every pass)."""
         with self._lock:
+            update = evaluation_progress(done, total).model_dump(exclude_none=True)
+            self.progress = self.progress.model_copy(update=update)
             self._each("evaluation_advanced", done, total)
 
     def report_scores(self, tables: Mapping[str, Mapping[str, float]], evaluation: EvaluationStatus) -> None:
