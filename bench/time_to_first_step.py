@@ -267,7 +267,7 @@ def after_lines(milestones: Mapping[str, float], max_steps: int) -> list[str]:
         )
     phases = [
         f"{phase} at {milestones[f'phase:{phase}'] - start:.1f} s"
-        for phase in ("Pending", "Running", *TERMINAL_PHASES)
+        for phase in ("Pending", "Validating", "Running", *TERMINAL_PHASES)
         if f"phase:{phase}" in milestones
     ]
     if phases:

@@ -19,6 +19,7 @@ REASON_IMAGE_PULL_BACKOFF = "ImagePullBackOff"
 REASON_OOM_KILLED = "OOMKilled"
 REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
 REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+REASON_VALIDATING = "Validating"  # the trainer's pre-flight of spec and data, before any model load
 REASON_TRAINING = "Training"
 REASON_EVALUATING = "Evaluating"
 REASON_COMPLETED = "Completed"

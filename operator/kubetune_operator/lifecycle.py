@@ -14,6 +14,7 @@ from kubetune.api import (
     Condition,
     FineTuneJob,
     FineTuneJobStatus,
+    ProgressStatus,
     TrainerStatus,
 )
 from kubetune.contract import TrainerSummary
@@ -32,6 +33,7 @@ STARTING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
 # metav1.Condition.reason must match this; a trainer that reports anything else is shown as InternalError.
 CONDITION_REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 MESSAGE_LIMIT = 1024
+STAGE_DATA = "data"
 STAGE_EVALUATE = "evaluate"
 STAGE_PUBLISH = "publish"
 
@@ -68,8 +70,8 @@ class PhaseTransition:
 
     @property
     def is_warning(self) -> bool:
-        """Failures are Warning events; everything else is Normal."""
-        return self.to_phase == "Failed"
+        """Failures and cancellations are Warning events; everything else is Normal."""
+        return self.to_phase in ("Failed", "Cancelled")
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,27 @@ def pod_summary(pod: Mapping[str, Any]) -> TrainerSummary | None:
     if not terminated or not terminated.get("message"):
         return None
     return TrainerSummary.from_termination_message(str(terminated["message"]))
+
+
+def container_started_at(pod: Mapping[str, Any]) -> str | None:
+    """When the trainer container (else the pod) started, RFC 3339 UTC."""
+    running = container_state(pod, "running")
+    started = (running or {}).get("startedAt") or (pod.get("status") or {}).get("startTime")
+    return str(started) if started else None
+
+
+def fresh_progress(job: FineTuneJob, pod: Mapping[str, Any]) -> ProgressStatus | None:
+    """status.progress when this pod's trainer reported it; None when it predates the pod (an earlier attempt's).
+
+    Both timestamps have one-second resolution: a report in the second the container started counts as fresh.
+    """
+    progress = job.status.progress if job.status else None
+    if progress is None:
+        return None
+    started = container_started_at(pod)
+    if started and progress.updated_at and progress.updated_at < started:
+        return None
+    return progress
 
 
 def shorten(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -311,8 +334,11 @@ def observe_failed(
         reason = condition_reason(job_reason, c.REASON_JOB_FAILED)
         message = pod_failure[1] if pod_failure else (job_message or "the trainer Job failed")
     message = shorten(message)
+    # backend openai: someone cancelled the hosted job outside kubetune. The run ended without a result, so Failed
+    # stays True for anything waiting on it; the phase says what happened.
+    phase = "Cancelled" if reason == c.TRAINER_REASON_HOSTED_JOB_CANCELLED else "Failed"
     return Observation(
-        "Failed",
+        phase,
         reason,
         message,
         (
@@ -397,10 +423,14 @@ def observe_active(job: FineTuneJob, job_name: str, pods: Sequence[Mapping[str, 
         return _pending(reason, f"trainer pod {pod_name} cannot start: {waiting.get('message') or reason}")
     if pod_phase(pod) != "Running":
         return _pending(c.REASON_JOB_CREATED, f"trainer pod {pod_name} is starting{retry}")
-    progress = job.status.progress if job.status else None
-    if progress is not None and progress.stage == STAGE_EVALUATE:
+    progress = fresh_progress(job, pod)
+    if progress is None or progress.stage in (None, STAGE_DATA):
+        # The trainer's pre-flight: it reads its spec, fetches the data and checks every row before any model load
+        # (backend openai: the service validates the uploaded files). Until this pod's trainer reports, it is there.
+        phase, reason, message = "Validating", c.REASON_VALIDATING, "checking the spec and every dataset row"
+    elif progress.stage == STAGE_EVALUATE:
         phase, reason, message = "Evaluating", c.REASON_EVALUATING, "evaluating the tuned adapter and the baselines"
-    elif progress is not None and progress.stage == STAGE_PUBLISH and spec_evaluates(job):
+    elif progress.stage == STAGE_PUBLISH and spec_evaluates(job):
         # Publishing follows the evaluation: going back to Running there would read as a second training pass.
         phase, reason, message = "Evaluating", c.REASON_EVALUATING, "publishing the adapter and the evaluation report"
     else:
@@ -545,6 +575,7 @@ def _headline_reason(status: FineTuneJobStatus) -> str:
     by_type = {condition.type: condition for condition in status.conditions}
     preferred = {
         "Failed": c.CONDITION_FAILED,
+        "Cancelled": c.CONDITION_FAILED,
         "Succeeded": c.CONDITION_SUCCEEDED,
         "Queued": c.CONDITION_QUEUED,
     }.get(status.phase or "", c.CONDITION_RUNNING)

@@ -156,9 +156,11 @@ def condition(job: dict[str, Any], kind: str) -> dict[str, Any]:
 def test_job_runs_to_succeeded_through_the_lifecycle(product: Product, succeeded_job: dict[str, Any]) -> None:
     status = succeeded_job["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
-    # The phase only moves forward: Pending (maybe too quick to see) → Running → Evaluating → Succeeded.
+    # The phase only moves forward: Pending and Validating (the trainer's few-second pre-flight; both maybe too quick
+    # to see) → Running → Evaluating → Succeeded.
     seen = [phase for phase in product.seen_phases["ok"] if phase != "Pending"]
-    assert seen == ["Running", "Evaluating", "Succeeded"]
+    assert [phase for phase in seen if phase != "Validating"] == ["Running", "Evaluating", "Succeeded"]
+    assert "Validating" not in seen[1:]
     assert condition(succeeded_job, "Succeeded")["status"] == "True"
     assert status["observedGeneration"] == succeeded_job["metadata"]["generation"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == 6
@@ -217,8 +219,9 @@ def test_bad_data_fails_fast_with_a_data_error(product: Product, inputs: dict[st
     job = product.wait_for_phase("bad-data", {"Failed", "Succeeded"}, timeout=240)
     failed = condition(job, "Failed")
     assert job["status"]["phase"] == "Failed"
-    # A permanent failure is not retried, and the phase goes straight from Running to Failed.
-    assert [phase for phase in product.seen_phases["bad-data"] if phase != "Pending"] == ["Running", "Failed"]
+    # A permanent failure is not retried, and the phase goes straight from the data pre-flight (Validating: the trainer
+    # never reaches its model stage) to Failed.
+    assert [phase for phase in product.seen_phases["bad-data"] if phase != "Pending"] == ["Validating", "Failed"]
     assert "Pending" not in product.seen_phases["bad-data"][1:]
     assert job["status"]["trainer"]["attempts"] == 1
     assert failed["reason"] == "DataError"

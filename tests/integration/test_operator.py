@@ -321,7 +321,10 @@ def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: O
     wait_for(lambda: any(e["reason"] == c.REASON_COMPLETED for e in jobs.events("happy")), 30, "the Completed Event")
     transitions = phase_events(jobs, "happy")
     assert transitions[0]["message"].startswith("New → ")
-    assert transitions[-1]["message"].startswith(("Running → Succeeded", "Pending → Succeeded"))
+    # kwok's pod never reports a stage, so it is Validating while it runs (or too quick to see at all).
+    assert transitions[-1]["message"].startswith(
+        ("Running → Succeeded", "Validating → Succeeded", "Pending → Succeeded")
+    )
     assert all(e["type"] == "Normal" for e in transitions)
 
     # The gauge counts every FineTuneJob in the cluster (other tests leave theirs behind) and follows the operator's

@@ -219,6 +219,26 @@ CASES = [
         "is starting",
     ),
     Case(
+        "pod running, its trainer has not reported yet",
+        {},
+        trainer_job(active=1, startTime=T0),
+        [RUNNING_POD],
+        "Validating",
+        c.REASON_VALIDATING,
+        {c.CONDITION_RUNNING: ("True", c.REASON_VALIDATING)},
+        "checking the spec and every dataset row",
+    ),
+    Case(
+        "trainer reports its data pre-flight",
+        {},
+        trainer_job(active=1, startTime=T0),
+        [RUNNING_POD],
+        "Validating",
+        c.REASON_VALIDATING,
+        {c.CONDITION_RUNNING: ("True", c.REASON_VALIDATING)},
+        status={"phase": "Validating", "progress": {"stage": "data", "updatedAt": T0}},
+    ),
+    Case(
         "training",
         {},
         trainer_job(active=1, startTime=T0),
@@ -226,6 +246,21 @@ CASES = [
         "Running",
         c.REASON_TRAINING,
         {c.CONDITION_RUNNING: ("True", c.REASON_TRAINING)},
+        status={"phase": "Validating", "progress": {"stage": "train", "step": 3, "updatedAt": T1}},
+    ),
+    Case(
+        "a retried pod validates again, whatever the last attempt reported",
+        {},
+        trainer_job(active=1, failed=1),
+        [
+            PodState(name="p1", phase="Failed", state=terminated("Error", 75)),
+            PodState(name="p2", created=T1, phase="Running", state={"running": {"startedAt": T1}}),
+        ],
+        "Validating",
+        c.REASON_VALIDATING,
+        {c.CONDITION_RUNNING: ("True", c.REASON_VALIDATING)},
+        "attempt 2",
+        status={"phase": "Evaluating", "progress": {"stage": "evaluate", "updatedAt": T0}},
     ),
     Case(
         "trainer reports the evaluate stage",
@@ -389,6 +424,28 @@ CASES = [
         "bad.jsonl:2: malformed JSON",
     ),
     Case(
+        "hosted job cancelled by someone else",
+        {"backend": "openai", "openai": {"model": "gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "key"}}},
+        trainer_job(("Failed", "PodFailurePolicy"), failed=1),
+        [
+            PodState(
+                phase="Failed",
+                state=terminated(
+                    "Error",
+                    65,
+                    summary(outcome="Failed", reason="HostedJobCancelled", message="hosted job ftjob-1 was cancelled"),
+                ),
+            )
+        ],
+        "Cancelled",
+        c.TRAINER_REASON_HOSTED_JOB_CANCELLED,
+        {
+            c.CONDITION_FAILED: ("True", c.TRAINER_REASON_HOSTED_JOB_CANCELLED),
+            c.CONDITION_RUNNING: ("False", c.TRAINER_REASON_HOSTED_JOB_CANCELLED),
+        },
+        "hosted job ftjob-1 was cancelled",
+    ),
+    Case(
         "a retryable trainer exit waits for the retry",
         {},
         trainer_job(failed=1),
@@ -538,10 +595,17 @@ def test_last_transition_time_is_kept_while_a_condition_holds_and_moves_when_it_
     assert by_type[c.CONDITION_SUCCEEDED].last_transition_time == T2
 
 
+def training(job: FineTuneJob) -> FineTuneJob:
+    """The job after its trainer reported a training step."""
+    body = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+    body["status"] = {**body.get("status", {}), "progress": {"stage": "train", "step": 1, "updatedAt": T1}}
+    return FineTuneJob.model_validate(body)
+
+
 def test_a_condition_that_no_longer_holds_turns_false_with_the_current_reason() -> None:
     job = finetunejob(queueName="gpu-queue")
     queued = apply(job, derive_status(job, trainer_job(suspend=True), [], T0))
-    admitted = derive_status(queued, trainer_job(active=1), [RUNNING_POD.manifest()], T1)
+    admitted = derive_status(training(queued), trainer_job(active=1), [RUNNING_POD.manifest()], T1)
     assert conditions_of(admitted)[c.CONDITION_QUEUED] == ("False", c.REASON_TRAINING)
     assert conditions_of(admitted)[c.CONDITION_RUNNING] == ("True", c.REASON_TRAINING)
 
@@ -550,15 +614,43 @@ def test_transitions_list_each_phase_change_once() -> None:
     job = finetunejob()
     first = derive_status(job, trainer_job(), [], T0)
     assert [(t.from_phase, t.to_phase, t.reason) for t in first.transitions] == [(None, "Pending", "JobCreated")]
-    running = derive_status(apply(job, first), trainer_job(active=1), [RUNNING_POD.manifest()], T1)
+    running = derive_status(training(apply(job, first)), trainer_job(active=1), [RUNNING_POD.manifest()], T1)
     assert [(t.from_phase, t.to_phase) for t in running.transitions] == [("Pending", "Running")]
     assert not running.transitions[0].is_warning
     failed_pod = PodState(phase="Failed", state=terminated("OOMKilled", 137)).manifest()
     failed = derive_status(
-        apply(apply(job, first), running), trainer_job(("Failed", "BackoffLimitExceeded")), [failed_pod], T2
+        apply(training(apply(job, first)), running), trainer_job(("Failed", "BackoffLimitExceeded")), [failed_pod], T2
     )
     assert [(t.from_phase, t.to_phase, t.reason) for t in failed.transitions] == [("Running", "Failed", "OOMKilled")]
     assert failed.transitions[0].is_warning
+
+
+def test_the_pre_flight_is_validating_then_training_is_running_and_a_cancellation_is_a_warning() -> None:
+    job = finetunejob(
+        backend="openai", openai={"model": "gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "key"}}
+    )
+    first = apply(job, derive_status(job, trainer_job(), [], T0))
+    validating = derive_status(first, trainer_job(active=1), [RUNNING_POD.manifest()], T0)
+    assert [(t.from_phase, t.to_phase, t.reason) for t in validating.transitions] == [
+        ("Pending", "Validating", c.REASON_VALIDATING)
+    ]
+    running = derive_status(training(apply(first, validating)), trainer_job(active=1), [RUNNING_POD.manifest()], T1)
+    assert [(t.from_phase, t.to_phase) for t in running.transitions] == [("Validating", "Running")]
+    cancelled_pod = PodState(
+        phase="Failed", state=terminated("Error", 65, summary(outcome="Failed", reason="HostedJobCancelled"))
+    ).manifest()
+    cancelled = derive_status(
+        apply(training(apply(first, validating)), running),
+        trainer_job(("Failed", "PodFailurePolicy")),
+        [cancelled_pod],
+        T2,
+    )
+    assert [(t.from_phase, t.to_phase, t.reason) for t in cancelled.transitions] == [
+        ("Running", "Cancelled", c.TRAINER_REASON_HOSTED_JOB_CANCELLED)
+    ]
+    assert cancelled.transitions[0].is_warning
+    # Cancelled is terminal: a later look at a recreated Job changes nothing.
+    assert derive_status(apply(first, cancelled), trainer_job(active=1), [RUNNING_POD.manifest()], T2).is_empty
 
 
 @pytest.mark.parametrize(
