@@ -1,4 +1,5 @@
-"""The `kubetune` command line: one click group that each subcommand (validate, crd, train, status) registers on."""
+"""The `kubetune` command line: one click group that each subcommand (validate, crd, train, status, logs) registers
+on."""
 
 from __future__ import annotations
 
@@ -313,3 +314,90 @@ def status(name: str, namespace: str | None, kubeconfig: str | None) -> None:
     parsed = FineTuneJobStatus.model_validate(job.get("status") or {})
     for line in describe_status(target, name, parsed):
         click.echo(line)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kubetune logs: the trainer pod's log
+
+
+def pods_newest_first(pods: list[Any]) -> list[Any]:
+    """Pods (kubernetes client objects) by creation, newest first: the newest is the current attempt."""
+    return sorted(pods, key=lambda pod: (pod.metadata.creation_timestamp, pod.metadata.name), reverse=True)
+
+
+def trainer_pod_for_logs(job_label: str, trainer_job: str, pods: list[Any], previous: bool) -> Any:
+    """The newest trainer pod, or with `previous` the attempt before it; ClickException saying what is missing."""
+    ordered = pods_newest_first(pods)
+    if not ordered:
+        raise click.ClickException(f"FineTuneJob {job_label}: trainer Job {trainer_job} has no pod yet")
+    if not previous:
+        return ordered[0]
+    if len(ordered) < 2:
+        raise click.ClickException(
+            f"FineTuneJob {job_label}: no previous attempt; trainer Job {trainer_job} has run one pod"
+        )
+    return ordered[1]
+
+
+def api_error_message(error: Any) -> str:
+    """The API server's own message from an ApiException (its Status body), else the HTTP status."""
+    import json
+
+    try:
+        message = str(json.loads(error.body).get("message") or "")
+    except (TypeError, ValueError, AttributeError):
+        message = ""
+    return message or f"HTTP {error.status} {error.reason}"
+
+
+@main.command()
+@click.argument("name")
+@click.option("-n", "--namespace", default=None, help="Namespace of the FineTuneJob; default: the context's.")
+@click.option("-f", "--follow", is_flag=True, help="Stream the log until the trainer exits.")
+@click.option(
+    "-p",
+    "--previous",
+    is_flag=True,
+    help="The attempt before the newest (a retried trainer runs each attempt in a new pod).",
+)
+@click.option("--tail", type=int, default=None, help="Only the last N lines.")
+@click.option("--kubeconfig", default=None, envvar="KUBECONFIG", help="kubeconfig file; default: KUBECONFIG.")
+def logs(
+    name: str, namespace: str | None, follow: bool, previous: bool, tail: int | None, kubeconfig: str | None
+) -> None:
+    """Print the trainer pod's log of a FineTuneJob (its newest attempt; JSON lines from the trainer).
+
+    The pod is found by the FineTuneJob's label on its trainer Job's pods; which pod it is goes to stderr.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from kubetune.contract import LABEL_JOB_NAME
+
+    api_client, default_namespace = kubernetes_client(kubeconfig)
+    target = namespace or default_namespace
+    label = f"{target}/{name}"
+    try:
+        job = client.CustomObjectsApi(api_client).get_namespaced_custom_object(GROUP, VERSION, target, PLURAL, name)
+    except ApiException as error:
+        detail = "not found" if error.status == 404 else api_error_message(error)
+        raise click.ClickException(f"FineTuneJob {label}: {detail}") from None
+    trainer = FineTuneJobStatus.model_validate(job.get("status") or {}).trainer
+    trainer_job = trainer.job_name if trainer and trainer.job_name else None
+    if trainer_job is None:
+        raise click.ClickException(f"FineTuneJob {label}: no trainer Job yet (the operator has not created it)")
+    core = client.CoreV1Api(api_client)
+    try:
+        pods = core.list_namespaced_pod(target, label_selector=f"{LABEL_JOB_NAME}={name}").items
+        pod = trainer_pod_for_logs(label, trainer_job, pods, previous)
+        click.echo(f"pod {pod.metadata.name} (attempt {len(pods) - pods_newest_first(pods).index(pod)})", err=True)
+        response = core.read_namespaced_pod_log(
+            pod.metadata.name, target, follow=follow, tail_lines=tail, _preload_content=False
+        )
+    except ApiException as error:
+        raise click.ClickException(f"FineTuneJob {label}: {api_error_message(error)}") from None
+    try:
+        for chunk in response.stream(amt=64 * 1024, decode_content=True):
+            click.echo(chunk, nl=False)
+    finally:
+        response.release_conn()

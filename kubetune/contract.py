@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kubetune.api import ArtifactsStatus, DatasetStatus, EvaluationStatus, UsageStatus
 
+# The label on every child of a FineTuneJob (trainer Job, its pods, ConfigMap, RBAC) holding the FineTuneJob's name.
+LABEL_JOB_NAME = "kubetune.io/job-name"
+
 # Environment the operator sets on the trainer container.
 ENV_JOB_MANIFEST = "KUBETUNE_JOB_MANIFEST"  # the FineTuneJob (YAML), from the job's ConfigMap
 ENV_JOB_NAME = "KUBETUNE_JOB_NAME"  # FineTuneJob name, for status.progress patches

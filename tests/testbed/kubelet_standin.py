@@ -4,7 +4,9 @@ Never shipped in the operator. For each pod scheduled onto one of its nodes it r
 (values, ConfigMap and Secret references, the downward API), hands the process a kubeconfig with a real token of the
 pod's ServiceAccount (what the projected token volume gives a real pod), runs the container's own command, keeps its
 log, and writes the pod status back: Running, then Succeeded/Failed with the exit code and the termination message.
-Deleting a pod sends SIGTERM, then SIGKILL after the grace period, like a kubelet.
+Deleting a pod sends SIGTERM, then SIGKILL after the grace period, like a kubelet. It also serves the one kubelet API
+the API server needs for `kubectl logs` (GET /containerLogs/..., over HTTPS with a self-signed certificate, which the
+API server accepts when it is not given a kubelet CA), so `pods/log` works for its pods.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import base64
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -58,10 +64,12 @@ def gpu_node_manifest(name: str, kubelet: str, gpus: int = 8) -> dict[str, Any]:
     }
 
 
-def ready_node_status(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The status a healthy kubelet reports, for a stand-in node."""
+def ready_node_status(manifest: dict[str, Any], kubelet_port: int | None = None) -> dict[str, Any]:
+    """The status a healthy kubelet reports, for a stand-in node; `kubelet_port` is where it serves pod logs."""
     now = now_rfc3339()
+    daemon_endpoints = {"kubeletEndpoint": {"Port": kubelet_port}} if kubelet_port else {}
     return {
+        "daemonEndpoints": daemon_endpoints,
         "capacity": manifest["status"]["capacity"],
         "allocatable": manifest["status"]["allocatable"],
         "conditions": [
@@ -128,6 +136,102 @@ def local_argv(container: dict[str, Any]) -> list[str]:
     return argv
 
 
+def write_serving_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, as a kubelet's own serving certificate (bootstrap mode) is."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "kubelet.crt", directory / "kubelet.key"
+    if not cert.exists() or not key.exists():
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=kubelet-standin", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(key), "-out", str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+    return cert, key
+
+
+LOG_FOLLOW_POLL_SECONDS = 0.2
+LOG_CHUNK_BYTES = 64 * 1024
+
+
+class ContainerLogHandler(BaseHTTPRequestHandler):
+    """GET /containerLogs/{namespace}/{pod}/{container}: the pod's log, with the kubelet's follow, tailLines and
+    limitBytes. A stand-in pod runs once (restartPolicy Never), so there is never a `previous` container."""
+
+    server: LogServer
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            self.send_error(HTTPStatus.NOT_FOUND, "the stand-in serves /containerLogs only")
+            return
+        _, namespace, pod, container = parts
+        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
+        if query.get("previous") == "true":
+            self._plain(HTTPStatus.BAD_REQUEST, f'previous terminated container "{container}" in pod "{pod}" not found')
+            return
+        path = self.server.standin.log_path(namespace, pod)
+        if not path.exists():
+            self._plain(HTTPStatus.NOT_FOUND, f'container "{container}" in pod "{pod}" has no log')
+            return
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        with open(path, "rb") as log:
+            data = log.read()
+            if "tailLines" in query:
+                lines = data.splitlines(keepends=True)
+                data = b"".join(lines[-int(query["tailLines"]) :]) if int(query["tailLines"]) > 0 else b""
+            limit = int(query["limitBytes"]) if "limitBytes" in query else None
+            sent = self._write(data[:limit] if limit is not None else data)
+            while query.get("follow") == "true" and (limit is None or sent < limit):
+                running = self.server.standin.is_running(namespace, pod)
+                chunk = log.read(LOG_CHUNK_BYTES)
+                if chunk:
+                    sent += self._write(chunk[: limit - sent] if limit is not None else chunk)
+                elif not running:
+                    break  # the process is gone and its log fully read
+                else:
+                    time.sleep(LOG_FOLLOW_POLL_SECONDS)
+
+    def _write(self, data: bytes) -> int:
+        self.wfile.write(data)
+        self.wfile.flush()
+        return len(data)
+
+    def _plain(self, status: HTTPStatus, message: str) -> None:
+        body = message.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the API server's log requests are not news
+
+
+class LogServer(ThreadingHTTPServer):
+    """The stand-in's kubelet port: HTTPS on loopback, a free port."""
+
+    daemon_threads = True
+
+    def __init__(self, standin: KubeletStandin, cert: Path, key: Path) -> None:
+        super().__init__(("127.0.0.1", 0), ContainerLogHandler)
+        self.standin = standin
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
 @dataclass
 class RunningPod:
     """A pod's process and where its log and termination message go."""
@@ -151,6 +255,7 @@ class KubeletStandin:
     finished: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _log_server: LogServer | None = None
 
     @property
     def pod_dir(self) -> Path:
@@ -159,17 +264,26 @@ class KubeletStandin:
     def log_path(self, namespace: str, pod: str) -> Path:
         return self.pod_dir / f"{namespace}_{pod}.log"
 
+    def is_running(self, namespace: str, pod: str) -> bool:
+        """Whether a process of that pod is still running here."""
+        prefix = f"{namespace}/{pod}/"
+        return any(key.startswith(prefix) for key in list(self.running))
+
     def register_nodes(self, gpus: int = 8) -> None:
         from kubernetes import client
 
         core = client.CoreV1Api(self.control_plane.api_client())
+        port = self._log_server.port if self._log_server else None
         for name in self.nodes:
             manifest = gpu_node_manifest(name, "standin", gpus)
             self.control_plane.apply(manifest)
-            core.patch_node_status(name, {"status": ready_node_status(manifest)})
+            core.patch_node_status(name, {"status": ready_node_status(manifest, port)})
 
     def start(self) -> KubeletStandin:
         self.pod_dir.mkdir(parents=True, exist_ok=True)
+        cert, key = write_serving_certificate(self.control_plane.work_dir / "standin-certs")
+        self._log_server = LogServer(self, cert, key)
+        threading.Thread(target=self._log_server.serve_forever, name="kubelet-standin-logs", daemon=True).start()
         self.register_nodes()
         self._thread = threading.Thread(target=self._loop, name="kubelet-standin", daemon=True)
         self._thread.start()
@@ -177,6 +291,9 @@ class KubeletStandin:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._log_server:
+            self._log_server.shutdown()
+            self._log_server.server_close()
         if self._thread:
             self._thread.join(timeout=10)
         for pod in self.running.values():
