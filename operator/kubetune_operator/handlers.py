@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +48,11 @@ MEMO_KEY = "kubetune"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
 DIFFBASE_KEY = "last-handled-configuration"
 MERGE_PATCH = "application/merge-patch+json"
+# Threads for sync handlers and pooled connections of the API client, sized together: a thread never waits for a
+# connection, and a burst of FineTuneJobs is created as fast as a 16-thread client could (bench/operator_scale.py).
+# kopf's default executor has min(32, CPUs + 4) threads: 6 on a 2-core node.
+HANDLER_THREADS = 16
+CONSISTENCY_TIMEOUT_SECONDS = 30.0
 # Transient API failures inside watch-event handlers are retried here: kopf does not retry event handlers.
 API_ATTEMPTS = 3
 API_RETRY_SECONDS = 1.0
@@ -67,6 +72,10 @@ class OperatorContext:
     metrics_server: MetricsServer | None = None
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    # The newest FineTuneJob each job's status derivation has seen: a watch event's body or a status patch's answer.
+    _bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # uids of FineTuneJobs whose children this replica has created or found: a repeated create pass is skipped.
+    _children_ensured: set[str] = field(default_factory=set)
 
     @contextmanager
     def job_lock(self, namespace: str, name: str) -> Iterator[None]:
@@ -82,10 +91,42 @@ class OperatorContext:
         with self._locks_guard:
             return len(self._locks)
 
-    def drop_lock(self, namespace: str, name: str) -> None:
-        """Forget a deleted job's lock."""
+    def forget_job(self, namespace: str, name: str, uid: str | None) -> None:
+        """Forget a deleted job: its lock, its body, its children's record."""
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            self._bodies.pop((namespace, name), None)
+            self._children_ensured.discard(uid or "")
+
+    def remember_body(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Keep the newer of `body` and the one known for its job and return it; None when the two cannot be
+        ordered (then only a GET tells which is current)."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        with self._locks_guard:
+            newest = newer_body(body, self._bodies.get(key))
+            if newest is None:
+                self._bodies.pop(key, None)
+            else:
+                self._bodies[key] = newest
+            return newest
+
+    def known_body(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The newest FineTuneJob body seen for the job, if any."""
+        with self._locks_guard:
+            return self._bodies.get((namespace, name))
+
+    def children_ensured(self, uid: str) -> bool:
+        """Whether this replica has already created or found every child of the FineTuneJob with this uid."""
+        with self._locks_guard:
+            return uid in self._children_ensured
+
+    def set_children_ensured(self, uid: str, ensured: bool) -> None:
+        """Record that the children exist (after a create pass), or that a pass must run again (a child is gone)."""
+        with self._locks_guard:
+            if ensured:
+                self._children_ensured.add(uid)
+            else:
+                self._children_ensured.discard(uid)
 
 
 def operator_context(memo: Any) -> OperatorContext:
@@ -116,6 +157,66 @@ def counted(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         return wrapper
 
     return decorate
+
+
+def resource_version(body: Mapping[str, Any]) -> int | None:
+    """metadata.resourceVersion as an integer, None when it is not one."""
+    value = (body.get("metadata") or {}).get("resourceVersion")
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def newer_body(seen: dict[str, Any], known: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newer of two bodies of one object; None when they cannot be ordered.
+
+    Kubernetes calls resourceVersions opaque, but kube-apiserver's are etcd revisions: integers that grow with every
+    write. A watch event can be older than a status patch's answer (the event for the patch is still on its way), and
+    deriving from it would write and announce a transition twice. A non-integer version sends the caller to a GET.
+    """
+    if known is None:
+        return seen
+    seen_version, known_version = resource_version(seen), resource_version(known)
+    if seen_version is None or known_version is None:
+        return None
+    return seen if seen_version >= known_version else known
+
+
+def compact(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of an object without metadata.managedFields, which nothing here reads (memory of the indexes)."""
+    copy = plain(body)
+    copy.get("metadata", {}).pop("managedFields", None)
+    return copy
+
+
+def compact_job(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A trainer Job as the status derivation reads it: without its pod template (most of its size), which is ours."""
+    copy = compact(body)
+    (copy.get("spec") or {}).pop("template", None)
+    return copy
+
+
+@dataclass(frozen=True)
+class Children:
+    """The trainer Jobs and pods kopf's indexes hold in memory (filled from the watches before any handler runs):
+    a status derivation reads them here instead of a GET of the Job and a LIST of pods."""
+
+    jobs: Mapping[tuple[str, str], Iterable[dict[str, Any]]]
+    pods: Mapping[tuple[str, str], Iterable[dict[str, Any]]]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Children:
+        """The indexes kopf passes to every handler under their ids (the index functions' names)."""
+        return cls(jobs=kwargs["trainer_jobs_index"], pods=kwargs["trainer_pods_index"])
+
+    def trainer_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The job's trainer Job, None when the Job watch has not seen one (or saw it deleted)."""
+        job_name = trainer_resource_name(name)
+        # tuple(): one C-level pass over the store, which the event loop's thread may change meanwhile.
+        found = [job for job in tuple(self.jobs.get((namespace, name), ())) if job["metadata"]["name"] == job_name]
+        return max(found, key=lambda job: resource_version(job) or 0) if found else None
+
+    def trainer_pods(self, namespace: str, name: str, trainer_job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        """The pods of this job's current trainer Job (not of an earlier Job of the same name)."""
+        return pods_of(list(tuple(self.pods.get((namespace, name), ()))), trainer_job)
 
 
 def in_namespace(namespace: str | None) -> str:
@@ -199,56 +300,33 @@ def read_finetunejob(api_client: Any, namespace: str, name: str) -> dict[str, An
         raise
 
 
-def read_trainer_job(api_client: Any, namespace: str, job_name: str) -> dict[str, Any] | None:
-    """The trainer Job as a camelCase dict, or None when it does not exist."""
-    from kubernetes import client
-
-    try:
-        job = with_retries(lambda: client.BatchV1Api(api_client).read_namespaced_job(job_name, namespace))
-    except Exception as error:
-        if api_error_status(error) == 404:
-            return None
-        raise
-    plain_job: dict[str, Any] = api_client.sanitize_for_serialization(job)
-    return plain_job
-
-
-def list_trainer_pods(
-    api_client: Any, namespace: str, name: str, trainer_job: Mapping[str, Any] | None
-) -> list[dict[str, Any]]:
-    """The pods of this job's current trainer Job (not of an earlier Job of the same name)."""
-    from kubernetes import client
-
-    selector = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}={name}"
-    pods = with_retries(
-        lambda: client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=selector).items
-    )
-    plain_pods = [api_client.sanitize_for_serialization(pod) for pod in pods]
+def pods_of(pods: list[dict[str, Any]], trainer_job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The pods owned by this trainer Job (all of them when the Job is unknown)."""
     owner_uid = (trainer_job or {}).get("metadata", {}).get("uid")
     if owner_uid is None:
-        return plain_pods
+        return pods
     return [
-        pod
-        for pod in plain_pods
-        if any(ref.get("uid") == owner_uid for ref in pod["metadata"].get("ownerReferences") or [])
+        pod for pod in pods if any(ref.get("uid") == owner_uid for ref in pod["metadata"].get("ownerReferences") or [])
     ]
 
 
-def patch_finetunejob_status(api_client: Any, namespace: str, name: str, patch: dict[str, Any]) -> bool:
-    """A merge patch through the status subresource; False when the FineTuneJob is gone meanwhile."""
+def patch_finetunejob_status(
+    api_client: Any, namespace: str, name: str, patch: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A merge patch through the status subresource; the patched object, None when it is gone meanwhile."""
     from kubernetes import client
 
     try:
-        with_retries(
+        patched: dict[str, Any] = with_retries(
             lambda: client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, patch
             )
         )
     except Exception as error:
         if api_error_status(error) == 404:
-            return False
+            return None
         raise
-    return True
+    return patched
 
 
 CHILD_CALLS: dict[str, tuple[str, str, str]] = {
@@ -261,8 +339,9 @@ CHILD_CALLS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> bool:
-    """Create one child; True when created, False when it already existed and is ours (409 is success).
+def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> tuple[bool, dict[str, Any]]:
+    """Create one child; (True, the object) when created, (False, the object) when it existed and is ours (409 is
+    success).
 
     An existing object owned by someone else (e.g. a deleted FineTuneJob of the same name whose children GC has not
     removed yet) is a temporary conflict: retry later rather than adopt it.
@@ -273,12 +352,16 @@ def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> b
     api = getattr(client, api_name)(api_client)
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     try:
-        with_retries(lambda: getattr(api, create)(namespace, manifest))
-        return True
+        created: dict[str, Any] = api_client.sanitize_for_serialization(
+            with_retries(lambda: getattr(api, create)(namespace, manifest))
+        )
+        return True, created
     except Exception as error:
         if api_error_status(error) != 409:
             raise
-    existing = api_client.sanitize_for_serialization(with_retries(lambda: getattr(api, read)(name, namespace)))
+    existing: dict[str, Any] = api_client.sanitize_for_serialization(
+        with_retries(lambda: getattr(api, read)(name, namespace))
+    )
     owners = {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}
     if owner_uid not in owners:
         raise kopf.TemporaryError(
@@ -286,7 +369,7 @@ def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> b
             f"(uid {owner_uid}); waiting for it to be garbage-collected",
             delay=CONFLICT_RETRY_SECONDS,
         )
-    return False
+    return False, existing
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,26 +390,61 @@ def post_transition_events(body: Mapping[str, Any], transitions: tuple[PhaseTran
 def apply_status_change(context: OperatorContext, body: Mapping[str, Any], change: StatusChange, gpus: int) -> None:
     """Write the patch (once), post Events and count transitions, refresh the job's metrics."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    if not change.is_empty and not patch_finetunejob_status(context.api_client, namespace, name, change.patch):
-        return
+    if not change.is_empty:
+        patched = patch_finetunejob_status(context.api_client, namespace, name, change.patch)
+        if patched is None:
+            return
+        context.remember_body(compact(patched))
     post_transition_events(body, change.transitions)
     for transition in change.transitions:
         context.metrics.record_transition(transition.from_phase, transition.to_phase)
     context.metrics.observe_job(namespace, name, change.status, gpus, datetime.now(UTC))
 
 
-def reconcile_status(context: OperatorContext, namespace: str, name: str, logger: kopf.Logger) -> None:
-    """Re-read the FineTuneJob, its trainer Job and pods; derive the status; write what changed."""
+def current_finetunejob(
+    context: OperatorContext, namespace: str, name: str, seen: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The newest FineTuneJob known: `seen` (an event's body) or the last status patch's answer, whichever is newer;
+    a GET only when neither is known or they cannot be ordered. None when it is gone."""
+    newest = context.remember_body(seen) if seen is not None else context.known_body(namespace, name)
+    if newest is not None:
+        return newest
+    body = read_finetunejob(context.api_client, namespace, name)
+    if body is not None:
+        body = compact(body)
+        context.remember_body(body)
+    return body
+
+
+def reconcile_status(
+    context: OperatorContext,
+    namespace: str,
+    name: str,
+    logger: kopf.Logger,
+    children: Children,
+    seen: dict[str, Any] | None = None,
+    created_job: dict[str, Any] | None = None,
+) -> None:
+    """Derive the status from the newest FineTuneJob and its trainer Job and pods (all in memory); write what changed.
+
+    `created_job` is a trainer Job this pass has just created or found, which the Job watch may not have brought yet.
+    """
     with context.job_lock(namespace, name), context.metrics.timed_reconcile():
-        body = read_finetunejob(context.api_client, namespace, name)
+        body = current_finetunejob(context, namespace, name, seen)
         if body is None:
             return
+        trainer_job = children.trainer_job(namespace, name)
+        if created_job is not None and (
+            trainer_job is None or trainer_job["metadata"]["uid"] != created_job["metadata"]["uid"]
+        ):
+            trainer_job = created_job
+        if trainer_job is None and not (body.get("status") or {}).get("phase"):
+            return  # nothing created yet: the create handler is at work and writes the first status itself
         try:
             job = FineTuneJob.model_validate(body)
         except ValidationError:
             return  # the create handler has reported it as InvalidSpec
-        trainer_job = read_trainer_job(context.api_client, namespace, trainer_resource_name(name))
-        pods = list_trainer_pods(context.api_client, namespace, name, trainer_job)
+        pods = children.trainer_pods(namespace, name, trainer_job)
         change = derive_status(job, trainer_job, pods, utc_now())
         if change.transitions:
             logger.info(
@@ -347,6 +465,10 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key=DIFFBASE_KEY)
     kopf_settings.persistence.finalizer = f"{GROUP}/finalizer"  # unused: no handler needs one; named for clarity
+    kopf_settings.execution.max_workers = HANDLER_THREADS
+    # How long kopf waits to see its own bookkeeping patch come back before it trusts an older event and runs the
+    # create handler again (kopf's default is 5 s; a burst of 500 jobs delays watch events beyond that).
+    kopf_settings.persistence.consistency_timeout = CONSISTENCY_TIMEOUT_SECONDS
     # Exact namespaces or cluster-wide only, resolved once at start: no list/watch on namespaces and CRDs needed.
     kopf_settings.scanning.disabled = True
     # Server-side filtering: watch only kubetune's trainer Jobs and pods, not every Job and pod in the cluster.
@@ -398,12 +520,14 @@ def new_api_client() -> Any:
     """A kubernetes ApiClient from the in-cluster service account, else from KUBECONFIG / ~/.kube/config."""
     from kubernetes import client, config
 
+    configuration = client.Configuration()
     try:
-        configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
     except config.ConfigException:
-        return config.new_client_from_config()
+        config.load_kube_config(client_configuration=configuration)
+    # One connection per handler thread: a full pool would open (and drop) a TLS connection per request.
+    configuration.connection_pool_maxsize = HANDLER_THREADS
+    return client.ApiClient(configuration)
 
 
 @kopf.on.startup()
@@ -440,22 +564,50 @@ def tracked_jobs(*, memo: kopf.Memo, **_: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Indexes: the trainer Jobs and pods, in memory, by (namespace, FineTuneJob name).
+# Async so that kopf runs them on its event loop, not through the thread pool, for every Job and pod event.
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
+async def trainer_jobs_index(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each trainer Job under its FineTuneJob."""
+    return {(in_namespace(namespace), labels[LABEL_JOB_NAME]): compact_job(body)}
+
+
+@kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
+async def trainer_pods_index(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each trainer pod under its FineTuneJob."""
+    return {(in_namespace(namespace), labels[LABEL_JOB_NAME]): compact(body)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # FineTuneJob handlers.
+# One change-detection handler per cause (create/resume, or an update of suspend): kopf's default lifecycle runs one
+# handler per cycle and writes its progress annotations between cycles, so each extra handler a cause matches costs
+# the job another patch, another watch event and another status derivation.
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @counted("ensure_trainer")
 def ensure_trainer(
-    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
 ) -> None:
     """Create (or find) the ConfigMap, ServiceAccount, Role, RoleBinding and Job, then write the status once."""
     in_namespace(namespace)
-    ensure_children(operator_context(memo), plain(body), logger)
+    ensure_children(operator_context(memo), compact(body), logger, Children.from_kwargs(kwargs))
 
 
-def ensure_children(context: OperatorContext, raw: dict[str, Any], logger: kopf.Logger) -> None:
-    """Create whatever child of a still-running FineTuneJob is missing (409 is success), then derive its status."""
+def ensure_children(context: OperatorContext, raw: dict[str, Any], logger: kopf.Logger, children: Children) -> None:
+    """Create whatever child of a still-running FineTuneJob is missing (409 is success), then derive its status.
+
+    A second pass for the same job in this replica (kopf re-runs the create handler when the patch of its own
+    bookkeeping is not seen back in time, e.g. in a burst) creates nothing: it only derives the status again.
+    """
     metadata = raw["metadata"]
     if (raw.get("status") or {}).get("phase") in TERMINAL_PHASES or metadata.get("deletionTimestamp"):
         # A finished run is never restarted (its Job may be gone after ttlSecondsAfterFinished), nor a deleted one.
@@ -464,14 +616,19 @@ def ensure_children(context: OperatorContext, raw: dict[str, Any], logger: kopf.
         job = FineTuneJob.model_validate(raw)
     except ValidationError as error:
         refuse_invalid_spec(context, raw, format_validation_error(error))
-    created = []
-    for child in build_children(job, context.settings):
-        kopf.adopt(child, owner=as_kopf_body(raw))
-        if create_child(context.api_client, child, metadata["uid"]):
-            created.append(f"{child['kind']} {child['metadata']['name']}")
+    created, trainer_job = [], None
+    if not context.children_ensured(metadata["uid"]):
+        for child in build_children(job, context.settings):
+            kopf.adopt(child, owner=as_kopf_body(raw))
+            was_created, existing = create_child(context.api_client, child, metadata["uid"])
+            if was_created:
+                created.append(f"{child['kind']} {child['metadata']['name']}")
+            if child["kind"] == "Job":
+                trainer_job = compact_job(existing)
+        context.set_children_ensured(metadata["uid"], True)
     if created:
         logger.info("created %s", ", ".join(created))
-    reconcile_status(context, metadata["namespace"], metadata["name"], logger)
+    reconcile_status(context, metadata["namespace"], metadata["name"], logger, children, raw, trainer_job)
 
 
 def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> NoReturn:
@@ -485,22 +642,27 @@ def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: 
     raise kopf.PermanentError(message)
 
 
-@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend")
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend")
 @counted("apply_suspend")
 def apply_suspend(
-    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
 ) -> None:
-    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend (a Kueue job is unsuspended by Kueue)."""
+    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend (a Kueue job is unsuspended by Kueue).
+
+    Updates only: at creation ensure_trainer creates the Job suspended or not already.
+    """
     from kubernetes import client
 
     context = operator_context(memo)
+    raw = plain(body)
     try:
-        job = FineTuneJob.model_validate(plain(body))
+        job = FineTuneJob.model_validate(raw)
     except ValidationError:
         return  # reported by ensure_trainer
     trainer_name = trainer_resource_name(name)
     namespace = in_namespace(namespace)
-    trainer_job = read_trainer_job(context.api_client, namespace, trainer_name)
+    children = Children.from_kwargs(kwargs)
+    trainer_job = children.trainer_job(namespace, name)
     desired = desired_job_suspend(job)
     if trainer_job is None or desired is None:
         return  # not created yet (ensure_trainer creates it suspended as needed), or Kueue's to decide
@@ -513,7 +675,7 @@ def apply_suspend(
             )
         )
         logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
-    reconcile_status(context, namespace, name, logger)
+    reconcile_status(context, namespace, name, logger, children, raw)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -521,21 +683,21 @@ def apply_suspend(
 def finetunejob_event(
     *,
     type: str,
+    body: kopf.Body,
     namespace: str | None,
     name: str,
-    spec: kopf.Spec,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     """Progress reported by the trainer (e.g. stage evaluate) can change the phase; deletion drops the metrics."""
     context = operator_context(memo)
     namespace = in_namespace(namespace)
     if type == "DELETED":
         context.metrics.forget_job(namespace, name)
-        context.drop_lock(namespace, name)
+        context.forget_job(namespace, name, body.get("metadata", {}).get("uid"))
         return
-    reconcile_status(context, namespace, name, logger)
+    reconcile_status(context, namespace, name, logger, Children.from_kwargs(kwargs), compact(body))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -545,25 +707,34 @@ def finetunejob_event(
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
 @counted("trainer_job_event")
 def trainer_job_event(
-    *, type: str, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    *,
+    type: str,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **kwargs: Any,
 ) -> None:
     """A trainer Job changed (started, suspended, completed, failed) or was deleted."""
     context = operator_context(memo)
     namespace, name = in_namespace(namespace), labels[LABEL_JOB_NAME]
+    children = Children.from_kwargs(kwargs)
     if type == "DELETED":
         body = read_finetunejob(context.api_client, namespace, name)
         if body is not None:
             # Deleted by hand while its FineTuneJob runs: put it back (the trainer resumes from its checkpoint).
             # ensure_children leaves finished and deleted FineTuneJobs alone.
-            ensure_children(context, body, logger)
+            context.set_children_ensured(body["metadata"]["uid"], False)
+            ensure_children(context, body, logger, children)
         return
-    reconcile_status(context, namespace, name, logger)
+    reconcile_status(context, namespace, name, logger, children)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
 @counted("trainer_pod_event")
 def trainer_pod_event(
-    *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
 ) -> None:
     """A trainer pod changed (scheduled, image pull, running, terminated with its summary)."""
-    reconcile_status(operator_context(memo), in_namespace(namespace), labels[LABEL_JOB_NAME], logger)
+    context = operator_context(memo)
+    reconcile_status(context, in_namespace(namespace), labels[LABEL_JOB_NAME], logger, Children.from_kwargs(kwargs))

@@ -13,8 +13,9 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
     """ClusterRole rules, one per reason. No Secrets (they are passed by reference), no CRDs or namespaces (kopf's
     scanning is disabled, see handlers.configure_kopf), no delete (children go by owner-reference GC)."""
     return [
-        # kopf lists and watches FineTuneJobs; handlers re-read one before deriving its status; kopf patches
-        # metadata.annotations to keep handler progress and the last handled spec (kubetune.io/... annotations).
+        # kopf lists and watches FineTuneJobs; handlers read one when the watch has not brought it (a trainer Job
+        # deleted by hand); kopf patches metadata.annotations to keep handler progress and the last handled spec
+        # (kubetune.io/... annotations).
         {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
         # phase, conditions and results go through the status subresource. Holding get/patch here is also what lets
         # the operator create each trainer's Role granting the same verbs (RBAC refuses to grant what one lacks).
@@ -24,7 +25,8 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
         {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
         # The trainer Job: created once, watched for its conditions, patched for spec.suspend.
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
-        # Trainer pods are only read: scheduling, image-pull and OOM failures, and the termination-message summary.
+        # Trainer pods are only read (kopf's index keeps them in memory): scheduling, image-pull and OOM failures, and
+        # the termination-message summary.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         # The manifest ConfigMap and the trainer's ServiceAccount: created once; get checks who owns an existing one.
         {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts"], "verbs": ["get", "create"]},

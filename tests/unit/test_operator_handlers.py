@@ -1,4 +1,5 @@
-"""The few pure parts of the kopf glue: kopf configuration, the backend filter, validation messages, body copies."""
+"""The few pure parts of the kopf glue: kopf configuration, the backend filter, validation messages, body copies,
+the in-memory view of trainer Jobs and pods, and which of two FineTuneJob bodies is the newer."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import kopf
 import pytest
 from kubetune_operator.handlers import (
     CHILD_SELECTOR,
+    HANDLER_THREADS,
+    Children,
+    OperatorContext,
+    compact_job,
     configure_kopf,
     format_validation_error,
+    newer_body,
     plain,
 )
+from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
 from pydantic import ValidationError
 
@@ -83,3 +90,73 @@ def test_plain_copies_nested_mappings_and_lists() -> None:
     assert copy == {"a": {"b": [{"c": 1}, [2, 3]]}}
     copy["a"]["b"][0]["c"] = 9
     assert source["a"]["b"][0]["c"] == 1
+
+
+def test_kopf_runs_sync_handlers_on_as_many_threads_as_the_client_has_connections() -> None:
+    kopf_settings = configured(OperatorSettings())
+    assert kopf_settings.execution.max_workers == HANDLER_THREADS
+    # Longer than kopf's 5 s: in a burst its own annotation patch comes back late, and it would re-run on.create.
+    assert kopf_settings.persistence.consistency_timeout > 5
+
+
+def body(version: str, phase: str | None = None, name: str = "demo") -> dict[str, Any]:
+    status = {"phase": phase} if phase else {}
+    return {"metadata": {"name": name, "namespace": "team", "resourceVersion": version}, "status": status}
+
+
+def test_the_newer_body_wins_by_resource_version_and_unordered_versions_give_none() -> None:
+    older, newer = body("99", "Pending"), body("100", "Running")
+    assert newer_body(older, newer) is newer  # an event still on its way after our patch's answer
+    assert newer_body(newer, older) is newer
+    assert newer_body(older, None) is older
+    assert newer_body(body("abc"), newer) is None
+    assert newer_body(newer, body("")) is None
+
+
+def test_the_context_keeps_the_newest_body_per_job_until_it_is_deleted() -> None:
+    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+    patched = body("10", "Pending")
+    assert context.remember_body(patched) is patched
+    assert context.remember_body(body("9")) is patched
+    assert context.known_body("team", "demo") is patched
+    assert context.remember_body(body("x")) is None and context.known_body("team", "demo") is None
+    context.remember_body(patched)
+    context.set_children_ensured("uid-1", True)
+    assert context.children_ensured("uid-1")
+    context.forget_job("team", "demo", "uid-1")
+    assert context.known_body("team", "demo") is None and not context.children_ensured("uid-1")
+
+
+def job(name: str, uid: str, version: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": uid, "resourceVersion": version}, "spec": {"suspend": False}}
+
+
+def pod(name: str, owner_uid: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "ownerReferences": [{"kind": "Job", "uid": owner_uid}]}}
+
+
+def test_children_are_read_from_the_indexes_by_job_name_and_owner() -> None:
+    current, stray = job("demo-trainer", "u2", "20"), job("other-name", "u9", "30")
+    children = Children(
+        jobs={("team", "demo"): [job("demo-trainer", "u1", "5"), current, stray]},
+        pods={("team", "demo"): [pod("a", "u1"), pod("b", "u2")]},
+    )
+    assert children.trainer_job("team", "demo") is current
+    assert children.trainer_job("team", "nope") is None
+    assert [p["metadata"]["name"] for p in children.trainer_pods("team", "demo", current)] == ["b"]
+    assert len(children.trainer_pods("team", "demo", None)) == 2
+    assert children.trainer_pods("other", "demo", current) == []
+
+
+def test_an_indexed_job_keeps_no_pod_template_and_no_managed_fields() -> None:
+    raw = {
+        "metadata": {"name": "demo-trainer", "managedFields": [{"manager": "kubetune"}]},
+        "spec": {"suspend": True, "template": {"spec": {"containers": []}}},
+        "status": {"active": 1},
+    }
+    assert compact_job(raw) == {
+        "metadata": {"name": "demo-trainer"},
+        "spec": {"suspend": True},
+        "status": {"active": 1},
+    }
+    assert "template" in raw["spec"]
