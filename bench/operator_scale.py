@@ -9,16 +9,21 @@ watches). The operator runs as a local process (`python -m kubetune_operator`), 
 the chart's RBAC: the chart is installed with Helm and the operator acts with a token of the chart's ServiceAccount
 and the chart's KUBETUNE_* environment.
 
-Three runs, each in a fresh namespace, in this order:
+Four runs, each in a fresh namespace, in this order:
 1. floor, Jobs only: a plain Python client (the kubernetes package, T threads) creates the N trainer Jobs that
    `kubetune_operator.builders.build_children` makes: the issue's floor;
 2. floor, all children: the same client creates every child the operator creates per job (ConfigMap,
    ServiceAccount, Role, RoleBinding, then the Job), the same API writes the operator has to make;
-3. operator: the client creates N FineTuneJobs from T threads; the operator creates the children.
+3. floor, all children as the operator: the same writes with the operator's ServiceAccount token instead of the
+   admin's (system:masters skips authorization; the operator's Role and RoleBinding creates pay for RBAC's
+   escalation checks, which walk the namespace's RoleBindings);
+4. operator: the client creates N FineTuneJobs from T threads; the operator creates the children.
 
 Latency of one job: from the moment a client thread sends the job's first create to the moment a watch on Jobs (in a
 process of its own, so the client threads never delay it) receives the trainer Job's ADDED event, on the wall clock:
 creationTimestamp has one-second resolution. Operator memory: VmHWM (peak resident set) from /proc/<pid>/status.
+API requests of the operator run: kube-apiserver's apiserver_request_total before and after it (until the operator
+is quiet), per FineTuneJob, by verb and resource.
 
 Results: a markdown table on stdout and in bench/results/operator_scale.md, with the machine and its load.
 """
@@ -61,6 +66,10 @@ QUIET_WINDOW_SECONDS = 2.0
 QUIET_LIMIT_SECONDS = 240.0
 WARM_UP_JOBS = 20
 HANDLER_LOG_LINE = re.compile(r"Handler '(?P<name>[^'/]+)(?:/[^']*)?' (?P<outcome>succeeded|failed)")
+REQUEST_COUNTER_LINE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
+METRIC_LABEL = re.compile(r'(\w+)="([^"]*)"')
+# Long-running requests the counter also counts once each; not work per job.
+UNCOUNTED_VERBS = frozenset({"WATCH", "CONNECT"})
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ class OperatorFigures:
     cpu_seconds: float
     quiet_after_seconds: float | None
     handler_runs: Mapping[str, int] = field(default_factory=dict)
+    api_requests: Mapping[str, float] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -158,6 +168,31 @@ def wait_until_quiet(pid: int, limit: float = QUIET_LIMIT_SECONDS) -> float | No
         if read_cpu_seconds(pid) - before < QUIET_CPU_SHARE * QUIET_WINDOW_SECONDS:
             return time.monotonic() - began - QUIET_WINDOW_SECONDS
     return None
+
+
+def request_counts(metrics_text: str) -> dict[str, float]:
+    """kube-apiserver's apiserver_request_total summed by `VERB resource[/subresource]` (all codes and scopes)."""
+    counts: dict[str, float] = {}
+    for match in REQUEST_COUNTER_LINE.finditer(metrics_text):
+        labels = dict(METRIC_LABEL.findall(match["labels"]))
+        if labels.get("verb") in UNCOUNTED_VERBS:
+            continue
+        resource = labels.get("resource", "")
+        if labels.get("subresource"):
+            resource += "/" + labels["subresource"]
+        key = f"{labels.get('verb', '?')} {resource}"
+        counts[key] = counts.get(key, 0.0) + float(match["value"])
+    return counts
+
+
+def requests_between(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """The requests made between two readings of request_counts, without the kinds that did not grow."""
+    grown = {key: value - before.get(key, 0.0) for key, value in after.items()}
+    return {key: value for key, value in grown.items() if value > 0}
+
+
+def read_request_counts(plane: Any) -> dict[str, float]:
+    return request_counts(plane.kubectl("get", "--raw", "/metrics", check=True).stdout)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -403,13 +438,15 @@ def measure(
     threads: int,
     timeout: float,
     submit: Callable[[Any, str, str], None],
+    kubeconfig: str | None = None,
 ) -> RunFigures:
-    """One run in a fresh namespace: start the watch, submit every job, wait for every trainer Job."""
+    """One run in a fresh namespace: start the watch, submit every job (as `kubeconfig`'s identity, the admin's by
+    default), wait for every trainer Job."""
     from kubetune_operator.builders import trainer_resource_name
 
     namespace = create_namespace(bed.plane, "scale")
     names = job_names(count)
-    api_client = pooled_client(bed.plane.kubeconfig, threads)
+    api_client = pooled_client(kubeconfig or bed.plane.kubeconfig, threads)
     watch = JobWatch(bed.plane.kubeconfig, namespace, count, timeout).start()
     load_before = os.getloadavg()
     try:
@@ -427,9 +464,16 @@ def measure(
 
 
 def floor_run(
-    bed: Bed, count: int, threads: int, timeout: float, jobs_only: bool, label: str | None = None
+    bed: Bed,
+    count: int,
+    threads: int,
+    timeout: float,
+    jobs_only: bool,
+    label: str | None = None,
+    as_operator: bool = False,
 ) -> RunFigures:
-    """A plain client creates the children itself."""
+    """A plain client creates the children itself, as the admin or with the operator's ServiceAccount token."""
+    kubeconfig = bed.operator_kubeconfig if as_operator else None
 
     def submit(api_client: Any, namespace: str, name: str) -> None:
         for child in children_of(name, namespace, bed.settings, jobs_only):
@@ -437,10 +481,11 @@ def floor_run(
 
     if jobs_only:
         title = label or "floor: Jobs only"
-        return measure(bed, title, f"{count} trainer Jobs", 1, count, threads, timeout, submit)
+        return measure(bed, title, f"{count} trainer Jobs", 1, count, threads, timeout, submit, kubeconfig)
     kinds = [child["kind"] for child in children_of("probe", "probe", bed.settings, jobs_only=False)]
-    title = label or "floor: all children"
-    return measure(bed, title, f"{count} × ({', '.join(kinds)})", len(kinds), count, threads, timeout, submit)
+    title = label or ("floor: all children as the operator" if as_operator else "floor: all children")
+    creates = f"{count} × ({', '.join(kinds)})"
+    return measure(bed, title, creates, len(kinds), count, threads, timeout, submit, kubeconfig)
 
 
 def delete_floor_jobs(bed: Bed) -> None:
@@ -471,9 +516,11 @@ def operator_run(
         pid = process.process.pid
         rss_idle = read_status_mb(pid, "VmRSS")
         cpu_before = read_cpu_seconds(pid)
+        requests_before = read_request_counts(bed.plane)
         figures = measure(bed, "operator", f"{count} FineTuneJobs", 1, count, threads, timeout, submit)
         # Status patches and Events go on after the last Job exists: the peak may come then.
         quiet_after = wait_until_quiet(pid)
+        requests = requests_between(requests_before, read_request_counts(bed.plane))
         operator = OperatorFigures(
             rss_idle_mb=rss_idle,
             peak_rss_mb=read_status_mb(pid, "VmHWM"),
@@ -482,7 +529,7 @@ def operator_run(
             quiet_after_seconds=None if quiet_after is None else figures_end(figures) + quiet_after,
         )
     runs = handler_runs(process.log_path.read_text(encoding="utf-8", errors="replace"))
-    return figures, replace(operator, handler_runs=runs)
+    return figures, replace(operator, handler_runs=runs, api_requests=requests)
 
 
 def handler_runs(log_text: str) -> dict[str, int]:
@@ -545,7 +592,7 @@ def run_rows(runs: Sequence[RunFigures]) -> list[str]:
 def target_rows(operator: RunFigures, floors: Sequence[RunFigures], memory: OperatorFigures) -> list[str]:
     """The issue's targets, and the comparison with the floor that makes the same writes."""
     rows = []
-    for floor, target in zip(floors, (TARGET_RATIO, None), strict=False):
+    for floor, target in zip(floors, (TARGET_RATIO, None, None), strict=False):
         value = ratio(operator.total_seconds, floor.total_seconds)
         met = None if value is None or target is None else value <= target
         rows.append(
@@ -574,8 +621,23 @@ def handler_line(runs: Mapping[str, int], jobs: int) -> str:
         return "- Handler runs: none found in the operator's log."
     parts = ", ".join(f"{name} {count / jobs:.1f}" for name, count in sorted(runs.items(), key=lambda kv: -kv[1]))
     return (
-        "- Handler runs per FineTuneJob (from the operator's log; each of them derives the status anew, reading the "
-        f"FineTuneJob, its trainer Job and its pods): {parts}."
+        "- Handler runs per FineTuneJob (from the operator's log; each derives the status from what the watches "
+        f"brought, making no API call unless the status changes): {parts}."
+    )
+
+
+def requests_line(requests: Mapping[str, float], jobs: int) -> str:
+    """API requests per FineTuneJob over the operator run, most frequent first."""
+    if not requests or not jobs:
+        return "- API requests: not read."
+    total = sum(requests.values()) / jobs
+    parts = ", ".join(
+        f"{key} {count / jobs:.2f}" for key, count in sorted(requests.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    return (
+        f"- API requests per FineTuneJob over the operator run (kube-apiserver's apiserver_request_total, every "
+        f"client, the bench's own create of the FineTuneJob included; watches not counted): {total:.2f} in all: "
+        f"{parts}."
     )
 
 
@@ -591,6 +653,7 @@ def operator_lines(memory: OperatorFigures, jobs: int) -> list[str]:
         f"{memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it.",
         f"- Operator CPU over the burst: {memory.cpu_seconds:.1f} s (user + system); it {quiet}.",
         handler_line(memory.handler_runs, jobs),
+        requests_line(memory.api_requests, jobs),
     ]
 
 
@@ -624,7 +687,10 @@ def render_report(
             "`python -m kubetune_operator` as a local process, standalone (the chart's default), with the chart's "
             "RBAC (installed with Helm; the operator uses a token of the chart's ServiceAccount) and the chart's "
             f"KUBETUNE_* environment. Every client is the kubernetes Python package from {threads} threads over "
-            f"{threads} pooled connections. create→Job: from the client sending a job's first create to a watch (a "
+            f"{threads} pooled connections; the floors act as the admin (system:masters, which skips authorization) "
+            "except the last, which uses the operator's ServiceAccount token like the operator: its Role and "
+            "RoleBinding creates pay for RBAC's escalation checks. create→Job: from the client sending a job's "
+            "first create to a watch (a "
             "process of its own) receiving the trainer Job's ADDED event, wall clock. Each run has a fresh "
             "namespace; they ran in the order below, and the floors' Jobs were deleted before the operator "
             "started (they carry its labels, so its Job watch would have handled them).",
@@ -681,6 +747,7 @@ def main(context: click.Context, count: int, threads: int, timeout: float, outpu
         runs = [
             floor_run(bed, count, threads, timeout, jobs_only=True),
             floor_run(bed, count, threads, timeout, jobs_only=False),
+            floor_run(bed, count, threads, timeout, jobs_only=False, as_operator=True),
         ]
         delete_floor_jobs(bed)
         operator, memory = operator_run(bed, count, threads, timeout, work / "operator")

@@ -21,6 +21,9 @@ from bench.operator_scale import (
     proc_cpu_seconds,
     proc_status_mb,
     ratio,
+    request_counts,
+    requests_between,
+    requests_line,
     run_rows,
     target_rows,
 )
@@ -170,6 +173,28 @@ def test_handler_runs_are_counted_per_job_from_the_operators_log() -> None:
         ": finetunejob_event 1.0, ensure_trainer 0.5, apply_suspend 0.5, finetunejob_event (failed) 0.5."
     )
     assert handler_line({}, jobs=2) == "- Handler runs: none found in the operator's log."
+
+
+def test_api_requests_are_counted_per_verb_and_resource_without_watches() -> None:
+    lines = [
+        ("201", "jobs", "", "POST", 10),
+        ("409", "jobs", "", "POST", 2),
+        ("200", "finetunejobs", "status", "PATCH", 1),
+        ("0", "jobs", "", "WATCH", 3),
+    ]
+    metrics = [
+        f'apiserver_request_total{{code="{code}",component="apiserver",resource="{resource}",scope="namespace",'
+        f'subresource="{subresource}",verb="{verb}",version="v1"}} {value}'
+        for code, resource, subresource, verb, value in lines
+    ]
+    metrics += ["# TYPE apiserver_request_total counter", 'apiserver_request_duration_seconds_count{verb="POST"} 12']
+    before = request_counts("\n".join(metrics))
+    assert before == {"POST jobs": 12.0, "PATCH finetunejobs/status": 1.0}
+
+    grown = requests_between(before, {"POST jobs": 16.0, "PATCH finetunejobs/status": 1.0, "POST events": 2.0})
+    assert grown == {"POST jobs": 4.0, "POST events": 2.0}
+    assert requests_line(grown, jobs=2).endswith(": 3.00 in all: POST jobs 2.00, POST events 1.00.")
+    assert requests_line({}, jobs=2) == "- API requests: not read."
 
 
 def test_the_floor_creates_what_the_operator_builds_with_the_job_last() -> None:
