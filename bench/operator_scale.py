@@ -92,6 +92,7 @@ class RunFigures:
     job_seen_at: Mapping[str, float]
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
+    plane_cpu_seconds: float | None = None
 
     @property
     def started_at(self) -> float:
@@ -157,6 +158,11 @@ def read_status_mb(pid: int, key: str) -> float:
 
 def read_cpu_seconds(pid: int) -> float:
     return proc_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def plane_cpu_seconds(plane: Any) -> float:
+    """CPU seconds etcd and kube-apiserver have used so far."""
+    return sum(read_cpu_seconds(process.process.pid) for process in plane.processes if process.running())
 
 
 def wait_until_quiet(pid: int, limit: float = QUIET_LIMIT_SECONDS) -> float | None:
@@ -449,6 +455,7 @@ def measure(
     api_client = pooled_client(kubeconfig or bed.plane.kubeconfig, threads)
     watch = JobWatch(bed.plane.kubeconfig, namespace, count, timeout).start()
     load_before = os.getloadavg()
+    plane_cpu_before = plane_cpu_seconds(bed.plane)
     try:
         submissions = submit_all(names, threads, lambda name: submit(api_client, namespace, name))
         watch.wait(timeout)
@@ -458,7 +465,8 @@ def measure(
     seen = {
         name: watch.seen[trainer_resource_name(name)] for name in names if trainer_resource_name(name) in watch.seen
     }
-    figures = RunFigures(label, creates, writes_per_job, submissions, seen, load_before, os.getloadavg())
+    plane_cpu = plane_cpu_seconds(bed.plane) - plane_cpu_before
+    figures = RunFigures(label, creates, writes_per_job, submissions, seen, load_before, os.getloadavg(), plane_cpu)
     click.echo(f"{label}: {len(seen)}/{count} Jobs, {seconds(figures.total_seconds)} in all", err=True)
     return figures
 
@@ -657,6 +665,12 @@ def operator_lines(memory: OperatorFigures, jobs: int) -> list[str]:
     ]
 
 
+def plane_cpu_line(runs: Sequence[RunFigures]) -> str:
+    """The control plane's CPU per run, from the first create to the last Job seen: the API work each run caused."""
+    parts = ", ".join(f"{run.label} {run.plane_cpu_seconds:.1f} s" for run in runs if run.plane_cpu_seconds is not None)
+    return f"- Control-plane CPU (etcd + kube-apiserver, user + system) from first create to last Job seen: {parts}."
+
+
 def run_loads(runs: Sequence[RunFigures]) -> list[tuple[str, tuple[float, float, float]]]:
     """The load after each run, named for the load line."""
     return [(f"after {run.label}", run.load_after) for run in runs]
@@ -700,6 +714,7 @@ def render_report(
             *target_rows(operator, floors, memory),
             "",
             *operator_lines(memory, count),
+            plane_cpu_line(runs),
             "",
             "## Machine",
             "",

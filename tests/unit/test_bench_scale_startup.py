@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bench.operator_scale import (
     children_of,
     handler_line,
     handler_runs,
+    plane_cpu_line,
     proc_cpu_seconds,
     proc_status_mb,
     ratio,
@@ -195,6 +197,16 @@ def test_api_requests_are_counted_per_verb_and_resource_without_watches() -> Non
     assert grown == {"POST jobs": 4.0, "POST events": 2.0}
     assert requests_line(grown, jobs=2).endswith(": 3.00 in all: POST jobs 2.00, POST events 1.00.")
     assert requests_line({}, jobs=2) == "- API requests: not read."
+
+
+def test_control_plane_cpu_is_listed_per_run_that_measured_it() -> None:
+    floor = replace(run("floor: Jobs only", sent=[0.0], seen=[0.1]), plane_cpu_seconds=1.25)
+    operator = replace(run("operator", sent=[0.0], seen=[0.5]), plane_cpu_seconds=10.0)
+    unmeasured = run("warm-up", sent=[0.0], seen=[0.1])
+
+    line = plane_cpu_line([floor, unmeasured, operator])
+
+    assert line.endswith(": floor: Jobs only 1.2 s, operator 10.0 s.")
 
 
 def test_the_floor_creates_what_the_operator_builds_with_the_job_last() -> None:
