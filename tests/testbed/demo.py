@@ -155,6 +155,9 @@ def progress_line(status: dict[str, Any]) -> str:
         parts.append(f"stage={progress['stage']}")
     if progress.get("totalSteps"):
         parts.append(f"step={progress.get('step', 0)}/{progress['totalSteps']} ({progress.get('percent', 0):.0f}%)")
+    if progress.get("evalTotal") and progress.get("stage") == "evaluate":
+        done, total = progress.get("evalDone", 0), progress["evalTotal"]
+        parts.append(f"eval={done}/{total} ({progress.get('evalPercent', 0):.0f}%)")
     for key, label, fmt in (("loss", "loss", "{:.3f}"), ("tokensPerSecond", "tok/s", "{:.0f}")):
         if progress.get(key) is not None:
             parts.append(f"{label}={fmt.format(progress[key])}")
@@ -229,7 +232,13 @@ def up(timeout: float) -> int:
     name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
     say(f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)}")
     plane.kubectl("apply", "-n", JOB_NAMESPACE, "-f", str(EXAMPLE), check=True)
-    status = follow_job(plane, name, timeout)
+    try:
+        status = follow_job(plane, name, timeout)
+    except TimeoutError as error:
+        # Leave everything up: the job is still running and the way to look at it is below.
+        print(f"{error}; it keeps running (`kubetune status {name} -n {JOB_NAMESPACE}`)", file=sys.stderr)
+        print_look_around(plane, s3, prometheus, name)
+        return 1
     print_results(s3, status)
     print_look_around(plane, s3, prometheus, name)
     say(f"Demo finished in {time.monotonic() - started:.0f}s with phase {status.get('phase')}")
@@ -275,7 +284,7 @@ def down() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("command", choices=["up", "down"])
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")
     args = parser.parse_args()
     sys.exit(up(args.timeout) if args.command == "up" else down())
 
