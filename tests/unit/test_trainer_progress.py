@@ -293,6 +293,17 @@ def test_evaluation_progress_is_paced_like_training_and_its_end_is_sent_at_once(
     assert (reporter.progress.eval_done, reporter.progress.eval_total) == (300, 300)
 
 
+def test_stages_after_training_keep_the_evaluation_counts() -> None:
+    api = RecordingStatusApi()
+    patcher = StatusPatcher(api, "ns", "job", interval=3600)
+    patcher.stage_changed("publish", ProgressStatus(stage="publish", eval_done=3, eval_total=3))
+    wait_until(lambda: len(api.bodies) == 1)
+    patcher.close()
+
+    sent = api.bodies[0]["status"]["progress"]
+    assert (sent["stage"], sent["evalDone"], sent["evalTotal"]) == ("publish", 3, 3)
+
+
 def test_evaluation_percent_is_rounded_and_none_without_work() -> None:
     from kubetune_trainer.progress import evaluation_progress
 
@@ -303,7 +314,9 @@ def test_evaluation_percent_is_rounded_and_none_without_work() -> None:
 def test_forced_updates_do_not_wait_for_the_interval() -> None:
     api = RecordingStatusApi()
     patcher = StatusPatcher(api, "ns", "job", interval=3600)
-    expected = {"progress": {"stage": "data"}, "dataset": {"trainRows": 9}}
+    # The evaluation counts go out as nulls (deleted by the merge patch): a retry must not show the last attempt's.
+    cleared = {"evalDone": None, "evalTotal": None, "evalPercent": None}
+    expected = {"progress": {"stage": "data", **cleared}, "dataset": {"trainRows": 9}}
 
     patcher.stage_changed("data", ProgressStatus(stage="data"))
     patcher.dataset_measured(DatasetStatus(train_rows=9))

@@ -22,6 +22,8 @@ from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
 log = logging.getLogger(__name__)
 
 Stage = Literal["data", "model", "train", "evaluate", "publish"]
+STAGES_BEFORE_EVALUATION: frozenset[str] = frozenset({"data", "model", "train"})
+EVALUATION_PROGRESS_FIELDS = ("evalDone", "evalTotal", "evalPercent")
 STAGES: tuple[Stage, ...] = ("data", "model", "train", "evaluate", "publish")
 FIELD_MANAGER = "kubetune-trainer"
 MERGE_PATCH = "application/merge-patch+json"
@@ -286,7 +288,11 @@ class StatusPatcher(ProgressChannel):
         self._thread.start()
 
     def stage_changed(self, stage: Stage, progress: ProgressStatus) -> None:
-        self.submit({"progress": progress.to_wire()}, force=True)
+        wire = progress.to_wire()
+        if stage in STAGES_BEFORE_EVALUATION:
+            # A retried attempt starts over: the last attempt's evaluation counts are deleted (null in a merge patch).
+            wire = {**dict.fromkeys(EVALUATION_PROGRESS_FIELDS), **wire}
+        self.submit({"progress": wire}, force=True)
 
     def dataset_measured(self, dataset: DatasetStatus) -> None:
         self.submit({"dataset": dataset.to_wire()}, force=True)
