@@ -9,15 +9,14 @@ watches). The operator runs as a local process (`python -m kubetune_operator`), 
 the chart's RBAC: the chart is installed with Helm and the operator acts with a token of the chart's ServiceAccount
 and the chart's KUBETUNE_* environment.
 
-Four runs, each in a fresh namespace, in this order:
+Three runs, each in a fresh namespace, in this order:
 1. floor, Jobs only: a plain Python client (the kubernetes package, T threads) creates the N trainer Jobs that
-   `kubetune_operator.builders.build_children` makes: the issue's floor;
-2. floor, all children: the same client creates every child the operator creates per job (ConfigMap,
-   ServiceAccount, Role, RoleBinding, then the Job), the same API writes the operator has to make;
-3. floor, all children as the operator: the same writes with the operator's ServiceAccount token instead of the
-   admin's (system:masters skips authorization; the operator's Role and RoleBinding creates pay for RBAC's
-   escalation checks, which walk the namespace's RoleBindings);
-4. operator: the client creates N FineTuneJobs from T threads; the operator creates the children.
+   `kubetune_operator.builders.build_children` makes (a FineTuneJob owns its trainer Job and nothing else): the
+   issue's floor;
+2. floor, Jobs as the operator: the same creates with the operator's ServiceAccount token instead of the admin's
+   (system:masters skips authorization);
+3. operator: the client creates N FineTuneJobs from T threads; the operator creates the trainer Jobs (and, once for
+   the namespace, the trainer ServiceAccount and its RoleBinding).
 
 Latency of one job: from the moment a client thread sends the job's first create to the moment a watch on Jobs (in a
 process of its own, so the client threads never delay it) receives the trainer Job's ADDED event, on the wall clock:
@@ -225,15 +224,14 @@ def job_names(count: int) -> list[str]:
     return [f"bench-{index:05d}" for index in range(count)]
 
 
-def children_of(name: str, namespace: str, settings: Any, jobs_only: bool) -> list[dict[str, Any]]:
-    """What the operator creates for the job, in its order (the Job last); only the Job when jobs_only."""
+def children_of(name: str, namespace: str, settings: Any) -> list[dict[str, Any]]:
+    """What the operator creates for the job, in its order."""
     from kubetune_operator.builders import build_children
 
     from kubetune.api import FineTuneJob
 
     job = FineTuneJob.model_validate(finetunejob_manifest(name, namespace))
-    children = build_children(job, settings)
-    return [child for child in children if child["kind"] == "Job"] if jobs_only else children
+    return build_children(job, settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -471,29 +469,17 @@ def measure(
     return figures
 
 
-def floor_run(
-    bed: Bed,
-    count: int,
-    threads: int,
-    timeout: float,
-    jobs_only: bool,
-    label: str | None = None,
-    as_operator: bool = False,
-) -> RunFigures:
+def floor_run(bed: Bed, count: int, threads: int, timeout: float, label: str, as_operator: bool = False) -> RunFigures:
     """A plain client creates the children itself, as the admin or with the operator's ServiceAccount token."""
     kubeconfig = bed.operator_kubeconfig if as_operator else None
 
     def submit(api_client: Any, namespace: str, name: str) -> None:
-        for child in children_of(name, namespace, bed.settings, jobs_only):
+        for child in children_of(name, namespace, bed.settings):
             create_object(api_client, child)
 
-    if jobs_only:
-        title = label or "floor: Jobs only"
-        return measure(bed, title, f"{count} trainer Jobs", 1, count, threads, timeout, submit, kubeconfig)
-    kinds = [child["kind"] for child in children_of("probe", "probe", bed.settings, jobs_only=False)]
-    title = label or ("floor: all children as the operator" if as_operator else "floor: all children")
-    creates = f"{count} × ({', '.join(kinds)})"
-    return measure(bed, title, creates, len(kinds), count, threads, timeout, submit, kubeconfig)
+    kinds = [child["kind"] for child in children_of("probe", "probe", bed.settings)]
+    creates = f"{count} trainer Jobs" if kinds == ["Job"] else f"{count} × ({', '.join(kinds)})"
+    return measure(bed, label, creates, len(kinds), count, threads, timeout, submit, kubeconfig)
 
 
 def delete_floor_jobs(bed: Bed) -> None:
@@ -600,7 +586,7 @@ def run_rows(runs: Sequence[RunFigures]) -> list[str]:
 def target_rows(operator: RunFigures, floors: Sequence[RunFigures], memory: OperatorFigures) -> list[str]:
     """The issue's targets, and the comparison with the floor that makes the same writes."""
     rows = []
-    for floor, target in zip(floors, (TARGET_RATIO, None, None), strict=False):
+    for floor, target in zip(floors, (TARGET_RATIO, None), strict=False):
         value = ratio(operator.total_seconds, floor.total_seconds)
         met = None if value is None or target is None else value <= target
         rows.append(
@@ -758,11 +744,10 @@ def main(context: click.Context, count: int, threads: int, timeout: float, outpu
     click.echo(f"test bed in {work}", err=True)
     with control_plane(work) as bed:
         # Untimed: the first requests pay for connections, the API server's caches and the client's lazy imports.
-        floor_run(bed, min(count, WARM_UP_JOBS), threads, timeout, jobs_only=False, label="warm-up")
+        floor_run(bed, min(count, WARM_UP_JOBS), threads, timeout, label="warm-up")
         runs = [
-            floor_run(bed, count, threads, timeout, jobs_only=True),
-            floor_run(bed, count, threads, timeout, jobs_only=False),
-            floor_run(bed, count, threads, timeout, jobs_only=False, as_operator=True),
+            floor_run(bed, count, threads, timeout, label="floor: Jobs only"),
+            floor_run(bed, count, threads, timeout, label="floor: Jobs as the operator", as_operator=True),
         ]
         delete_floor_jobs(bed)
         operator, memory = operator_run(bed, count, threads, timeout, work / "operator")

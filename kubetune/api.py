@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.io"
@@ -23,6 +23,10 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 HF_MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$"
 URL_PATTERN = r"^https?://[^\s]+$"
+# A FineTuneJob's trainer pods are named `<name>-trainer-<5 random characters>` (the Job controller's generateName),
+# which must fit a 63-character DNS label uncut: the admission policy that keeps each trainer to its own job's status
+# recognises the trainer pod by that exact name (kubetune_operator.trainer_identity).
+MAX_JOB_NAME_LENGTH = 49
 
 ShortText = Annotated[str, Field(max_length=253)]
 LongText = Annotated[str, Field(max_length=8192)]
@@ -650,8 +654,19 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    # maxLength for the CRD's schema; the check below says why (pydantic's own would only give the number).
+    name: str = Field(pattern=DNS_LABEL_PATTERN, json_schema_extra={"maxLength": MAX_JOB_NAME_LENGTH})
     namespace: str | None = Field(default=None, max_length=63, pattern=DNS_LABEL_PATTERN)
+
+    @field_validator("name")
+    @classmethod
+    def _name_fits_the_trainer_pods(cls, name: str) -> str:
+        if len(name) > MAX_JOB_NAME_LENGTH:
+            raise ValueError(
+                f"at most {MAX_JOB_NAME_LENGTH} characters ({len(name)} given): the trainer pods are named "
+                f"<name>-trainer-<5 characters>, which must fit 63"
+            )
+        return name
 
 
 class FineTuneJob(BaseModel):

@@ -10,11 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kubetune.api import ArtifactsStatus, DatasetStatus, EvaluationStatus, UsageStatus
 
-# The label on every child of a FineTuneJob (trainer Job, its pods, ConfigMap, RBAC) holding the FineTuneJob's name.
+# The trainer Job is `<FineTuneJob name>-trainer`; its pods `<FineTuneJob name>-trainer-xxxxx`.
+TRAINER_JOB_SUFFIX = "-trainer"
+# The label on every child of a FineTuneJob (the trainer Job and its pods) holding the FineTuneJob's name.
 LABEL_JOB_NAME = "kubetune.io/job-name"
 
 # Environment the operator sets on the trainer container.
-ENV_JOB_MANIFEST = "KUBETUNE_JOB_MANIFEST"  # the FineTuneJob (YAML), from the job's ConfigMap
+ENV_JOB_MANIFEST = "KUBETUNE_JOB_MANIFEST"  # the resolved FineTuneJob (YAML)
 ENV_JOB_NAME = "KUBETUNE_JOB_NAME"  # FineTuneJob name, for status.progress patches
 ENV_JOB_NAMESPACE = "KUBETUNE_JOB_NAMESPACE"
 ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"  # the trainer's Prometheus endpoint; unset or 0 = off

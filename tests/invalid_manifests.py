@@ -269,12 +269,12 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         'Invalid value: "Bad_Name": a lowercase RFC 1123',
     ),
     InvalidManifest(
-        "name-longer-than-a-dns-label",
-        job(BASE_SPEC, name="a" * 64 + f"  {ERROR_MARK}"),
+        "name-too-long-for-its-trainer-pods",
+        job(BASE_SPEC, name="a" * 50 + f"  {ERROR_MARK}"),
         "metadata.name",
-        "at most 63 characters",
+        "at most 49 characters (50 given): the trainer pods are named <name>-trainer-<5 characters>",
         "metadata.name",
-        "Too long: may not be more than 63",
+        "Too long: may not be more than 49",
     ),
 ]
 

@@ -10,6 +10,7 @@ drives hosted fine-tuning from a pod without GPUs (kubetune_trainer.hosted), so 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import kopf
 from pydantic import ValidationError
@@ -44,16 +45,21 @@ from kubetune_operator.lifecycle import (
 from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
 from kubetune_operator.settings import OperatorSettings, SettingsError
+from kubetune_operator.status_queue import DeferredQueue
+from kubetune_operator.trainer_identity import build_namespace_identity
 
 MEMO_KEY = "kubetune"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
-DIFFBASE_KEY = "last-handled-configuration"
 MERGE_PATCH = "application/merge-patch+json"
 # Threads for sync handlers and pooled connections of the API client, sized together: a thread never waits for a
 # connection, and a burst of FineTuneJobs is created as fast as a 16-thread client could (bench/operator_scale.py).
 # kopf's default executor has min(32, CPUs + 4) threads: 6 on a 2-core node.
 HANDLER_THREADS = 16
-CONSISTENCY_TIMEOUT_SECONDS = 30.0
+# Status derivations run on their own threads, behind the creates (status_queue.DeferredQueue).
+STATUS_THREADS = 8
+# Backoff of a failed create or suspend (kopf does not retry event handlers).
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 # Transient API failures inside watch-event handlers are retried here: kopf does not retry event handlers.
 API_ATTEMPTS = 3
 API_RETRY_SECONDS = 1.0
@@ -77,6 +83,70 @@ class OperatorContext:
     _bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # uids of FineTuneJobs whose children this replica has created or found: a repeated create pass is skipped.
     _children_ensured: set[str] = field(default_factory=set)
+    # Namespaces whose trainer ServiceAccount and RoleBinding this replica has created or found.
+    _identities_ensured: set[str] = field(default_factory=set)
+    # Status derivations, deferred behind trainer Job creates and coalesced per job (started by the startup handler).
+    status_queue: DeferredQueue[tuple[str, str]] | None = None
+    # kopf's indexes of trainer Jobs and pods, as the first handler call handed them over (live views).
+    _children: Children | None = None
+    # Failed creates or suspends waiting for their retry: uid -> attempts so far.
+    _retries: dict[str, int] = field(default_factory=dict)
+    # The context variables of kopf's handlers (kopf.event needs them), for the threads this module starts.
+    kopf_context: contextvars.Context | None = None
+
+    def attach_children(self, children: Children) -> None:
+        """Called by every handler first: keep kopf's indexes and its handlers' context variables for the work done
+        outside the handlers (status derivations, retries), and start the status workers in that context.
+
+        kopf.event needs variables kopf sets for its handlers only (not yet for the startup handler), and a new
+        thread starts without any: the workers run in copies of a handler's context.
+        """
+        with self._locks_guard:
+            if self._children is not None:
+                return
+            self._children = children
+            self.kopf_context = contextvars.copy_context()
+            if self.status_queue is not None:
+                self.status_queue.start(self.kopf_context)
+
+    def children(self) -> Children:
+        """kopf's indexes of trainer Jobs and pods."""
+        if self._children is None:
+            raise RuntimeError("no handler has run yet: kopf's indexes are unknown")
+        return self._children
+
+    def request_status(self, namespace: str, name: str) -> None:
+        """Derive and write the job's status soon (at once when no queue runs, e.g. in unit tests)."""
+        if self.status_queue is None:
+            reconcile_status(self, namespace, name, job_logger(namespace, name), self.children())
+        else:
+            self.status_queue.put((namespace, name))
+
+    @contextmanager
+    def status_queue_creating(self) -> Iterator[None]:
+        """Hold status derivations back while a trainer Job is being created."""
+        if self.status_queue is None:
+            yield
+        else:
+            with self.status_queue.creating():
+                yield
+
+    def retry_later(self, namespace: str, name: str, uid: str) -> float:
+        """Handle the job again after a delay that doubles per failure (1 s to 60 s); returns the delay."""
+        with self._locks_guard:
+            attempts = self._retries.get(uid, 0)
+            self._retries[uid] = attempts + 1
+        delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2**attempts)
+        base = self.kopf_context or contextvars.copy_context()
+        timer = threading.Timer(delay, lambda: base.copy().run(retry_finetunejob, self, namespace, name))
+        timer.daemon = True
+        timer.start()
+        return float(delay)
+
+    def retry_done(self, uid: str) -> None:
+        """The job's create (or suspend) went through: the next failure starts the backoff over."""
+        with self._locks_guard:
+            self._retries.pop(uid, None)
 
     @contextmanager
     def job_lock(self, namespace: str, name: str) -> Iterator[None]:
@@ -120,6 +190,16 @@ class OperatorContext:
         """Whether this replica has already created or found every child of the FineTuneJob with this uid."""
         with self._locks_guard:
             return uid in self._children_ensured
+
+    def identity_ensured(self, namespace: str) -> bool:
+        """Whether this replica has already created or found the namespace's trainer identity."""
+        with self._locks_guard:
+            return namespace in self._identities_ensured
+
+    def set_identity_ensured(self, namespace: str) -> None:
+        """Record that the namespace's trainer identity exists."""
+        with self._locks_guard:
+            self._identities_ensured.add(namespace)
 
     def set_children_ensured(self, uid: str, ensured: bool) -> None:
         """Record that the children exist (after a create pass), or that a pass must run again (a child is gone)."""
@@ -332,12 +412,40 @@ def patch_finetunejob_status(
 
 CHILD_CALLS: dict[str, tuple[str, str, str]] = {
     # kind: (API class, create method, read method)
-    "ConfigMap": ("CoreV1Api", "create_namespaced_config_map", "read_namespaced_config_map"),
     "ServiceAccount": ("CoreV1Api", "create_namespaced_service_account", "read_namespaced_service_account"),
-    "Role": ("RbacAuthorizationV1Api", "create_namespaced_role", "read_namespaced_role"),
     "RoleBinding": ("RbacAuthorizationV1Api", "create_namespaced_role_binding", "read_namespaced_role_binding"),
     "Job": ("BatchV1Api", "create_namespaced_job", "read_namespaced_job"),
 }
+
+
+def create_shared(api_client: Any, manifest: dict[str, Any]) -> bool:
+    """Create an object no FineTuneJob owns (the namespace's trainer identity); True when created, False when it
+    existed (409 is success: whoever made it, it serves the namespace's trainers)."""
+    from kubernetes import client
+
+    api_name, create, _ = CHILD_CALLS[manifest["kind"]]
+    api = getattr(client, api_name)(api_client)
+    try:
+        with_retries(lambda: getattr(api, create)(manifest["metadata"]["namespace"], manifest, _preload_content=False))
+    except Exception as error:
+        if api_error_status(error) != 409:
+            raise
+        return False
+    return True
+
+
+def ensure_namespace_identity(context: OperatorContext, namespace: str, logger: kopf.Logger) -> None:
+    """The trainer ServiceAccount and its RoleBinding in this namespace, created once per namespace and replica."""
+    if context.identity_ensured(namespace):
+        return
+    created = [
+        f"{manifest['kind']} {manifest['metadata']['name']}"
+        for manifest in build_namespace_identity(namespace, context.settings)
+        if create_shared(context.api_client, manifest)
+    ]
+    context.set_identity_ensured(namespace)
+    if created:
+        logger.info("created the namespace's trainer identity: %s", ", ".join(created))
 
 
 def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> tuple[bool, dict[str, Any]]:
@@ -462,15 +570,29 @@ def reconcile_status(
 # Operator start and stop.
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps and builds no diff base. kopf builds one (a deep copy of the body's essence) for every event of every
+    object, to detect changes for change-detecting handlers; kubetune has none (only event handlers), and the copies
+    were a tenth of the operator's CPU in a burst of FineTuneJobs."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
-    """kopf's settings for kubetune: state in kubetune.io annotations, no dynamic scanning, peering, quiet Events."""
+    """kopf's settings for kubetune: no dynamic scanning, filtered watches, peering, quiet Events."""
+    # Only event handlers, which keep no state on the object and need no finalizer (see NoDiffBase). The progress
+    # storage and finalizer are unused; named for clarity, should a change-detecting handler ever be added.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key=DIFFBASE_KEY)
-    kopf_settings.persistence.finalizer = f"{GROUP}/finalizer"  # unused: no handler needs one; named for clarity
+    kopf_settings.persistence.diffbase_storage = NoDiffBase()
+    kopf_settings.persistence.finalizer = f"{GROUP}/finalizer"
     kopf_settings.execution.max_workers = HANDLER_THREADS
-    # How long kopf waits to see its own bookkeeping patch come back before it trusts an older event and runs the
-    # create handler again (kopf's default is 5 s; a burst of 500 jobs delays watch events beyond that).
-    kopf_settings.persistence.consistency_timeout = CONSISTENCY_TIMEOUT_SECONDS
     # Exact namespaces or cluster-wide only, resolved once at start: no list/watch on namespaces and CRDs needed.
     kopf_settings.scanning.disabled = True
     # Server-side filtering: watch only kubetune's trainer Jobs and pods, not every Job and pod in the cluster.
@@ -547,13 +669,20 @@ def start_operator(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: 
         logger.info("metrics on %s:%d/metrics", ours.listen_address, context.metrics_server.port)
     if not settings.peering.standalone:
         ensure_peering_object(api_client, ours, logger)
+    context.status_queue = DeferredQueue(
+        lambda key: reconcile_status(context, key[0], key[1], job_logger(*key), context.children()),
+        workers=STATUS_THREADS,
+        on_error=lambda _key, _error: context.metrics.record_handler_error("reconcile_status"),
+    )  # started by the first handler (OperatorContext.attach_children)
     memo[MEMO_KEY] = context
 
 
 @kopf.on.cleanup()
 def stop_operator(*, memo: kopf.Memo, **_: Any) -> None:
-    """Stop serving metrics."""
+    """Stop the status workers and the metrics endpoint."""
     context = memo.get(MEMO_KEY)
+    if isinstance(context, OperatorContext) and context.status_queue is not None:
+        context.status_queue.stop()
     if isinstance(context, OperatorContext) and context.metrics_server is not None:
         context.metrics_server.stop()
 
@@ -588,101 +717,12 @@ async def trainer_pods_index(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # FineTuneJob handlers.
-# One change-detection handler per cause (create/resume, or an update of suspend): kopf's default lifecycle runs one
-# handler per cycle and writes its progress annotations between cycles, so each extra handler a cause matches costs
-# the job another patch, another watch event and another status derivation.
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@counted("ensure_trainer")
-def ensure_trainer(
-    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
-) -> None:
-    """Create (or find) the ConfigMap, ServiceAccount, Role, RoleBinding and Job; the status follows the Job."""
-    in_namespace(namespace)
-    ensure_children(operator_context(memo), compact(body), logger, Children.from_kwargs(kwargs))
-
-
-def ensure_children(context: OperatorContext, raw: dict[str, Any], logger: kopf.Logger, children: Children) -> None:
-    """Create whatever child of a still-running FineTuneJob is missing (409 is success), then derive its status.
-
-    When this pass created the trainer Job, the Job watch's ADDED event derives the first status instead
-    (trainer_job_event): in a burst, the handler threads take the queued jobs' creates before those status writes,
-    so every trainer Job exists sooner. A second pass for the same job in this replica (kopf re-runs the create
-    handler when the patch of its own bookkeeping is not seen back in time) creates nothing: it derives the status.
-    """
-    metadata = raw["metadata"]
-    if (raw.get("status") or {}).get("phase") in TERMINAL_PHASES or metadata.get("deletionTimestamp"):
-        # A finished run is never restarted (its Job may be gone after ttlSecondsAfterFinished), nor a deleted one.
-        return
-    try:
-        job = FineTuneJob.model_validate(raw)
-    except ValidationError as error:
-        refuse_invalid_spec(context, raw, format_validation_error(error))
-    created: list[str] = []
-    trainer_job, job_created = None, False
-    if not context.children_ensured(metadata["uid"]):
-        for child in build_children(job, context.settings):
-            kopf.adopt(child, owner=as_kopf_body(raw))
-            was_created, existing = create_child(context.api_client, child, metadata["uid"])
-            if was_created:
-                created.append(f"{child['kind']} {child['metadata']['name']}")
-            if child["kind"] == "Job":
-                trainer_job, job_created = compact_job(existing), was_created
-        context.set_children_ensured(metadata["uid"], True)
-    if created:
-        logger.info("created %s", ", ".join(created))
-    if job_created:
-        return
-    reconcile_status(context, metadata["namespace"], metadata["name"], logger, children, raw, trainer_job)
-
-
-def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> NoReturn:
-    """Mark the job Failed/InvalidSpec and stop handling it (what the CRD schema and CEL could not refuse)."""
-    try:
-        current = FineTuneJobStatus.model_validate(raw.get("status") or {})
-    except ValidationError:
-        current = FineTuneJobStatus()
-    change = invalid_spec_status(current, raw["metadata"].get("generation"), message, utc_now())
-    apply_status_change(context, raw, change, gpus=0)
-    raise kopf.PermanentError(message)
-
-
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend")
-@counted("apply_suspend")
-def apply_suspend(
-    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
-) -> None:
-    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend (a Kueue job is unsuspended by Kueue).
-
-    Updates only: at creation ensure_trainer creates the Job suspended or not already.
-    """
-    from kubernetes import client
-
-    context = operator_context(memo)
-    raw = plain(body)
-    try:
-        job = FineTuneJob.model_validate(raw)
-    except ValidationError:
-        return  # reported by ensure_trainer
-    trainer_name = trainer_resource_name(name)
-    namespace = in_namespace(namespace)
-    children = Children.from_kwargs(kwargs)
-    trainer_job = children.trainer_job(namespace, name)
-    desired = desired_job_suspend(job)
-    if trainer_job is None or desired is None:
-        return  # not created yet (ensure_trainer creates it suspended as needed), or Kueue's to decide
-    if job_condition(trainer_job, "Complete") or job_condition(trainer_job, "Failed"):
-        return
-    if bool((trainer_job.get("spec") or {}).get("suspend")) != desired:
-        with_retries(
-            lambda: client.BatchV1Api(context.api_client).patch_namespaced_job(
-                trainer_name, namespace, {"spec": {"suspend": desired}}, _content_type=MERGE_PATCH
-            )
-        )
-        logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
-    reconcile_status(context, namespace, name, logger, children, raw)
+# Only event handlers, level-triggered: every event of a FineTuneJob compares what exists (the kopf indexes of trainer
+# Jobs and pods) with what the spec asks for, creates the missing trainer Job, mirrors runPolicy.suspend onto it and
+# asks for a status derivation. kopf's change-detecting handlers (on.create/on.update/on.resume) would keep their
+# bookkeeping in annotations: one more FineTuneJob write per job and per change, which in a burst of 500 jobs cost the
+# API server more than the trainer Jobs themselves (bench/results/operator_scale.md). Nothing is written to a
+# FineTuneJob but its status.
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -697,18 +737,144 @@ def finetunejob_event(
     logger: kopf.Logger,
     **kwargs: Any,
 ) -> None:
-    """Progress reported by the trainer (e.g. stage evaluate) can change the phase; deletion drops the metrics."""
+    """A FineTuneJob appeared (or was listed at start), changed, or went."""
     context = operator_context(memo)
     namespace = in_namespace(namespace)
+    context.attach_children(Children.from_kwargs(kwargs))
     if type == "DELETED":
         context.metrics.forget_job(namespace, name)
         context.forget_job(namespace, name, body.get("metadata", {}).get("uid"))
         return
-    reconcile_status(context, namespace, name, logger, Children.from_kwargs(kwargs), compact(body))
+    reconcile_finetunejob(context, compact(body), logger)
+
+
+def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], logger: Any) -> None:
+    """Bring the trainer Job in line with the FineTuneJob, then queue a status derivation."""
+    metadata = raw["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    context.remember_body(raw)
+    finished = (raw.get("status") or {}).get("phase") in TERMINAL_PHASES or metadata.get("deletionTimestamp")
+    if not finished:
+        # A finished run is never restarted (its Job may be gone after ttlSecondsAfterFinished), nor a deleted one.
+        try:
+            job = FineTuneJob.model_validate(raw)
+        except ValidationError as error:
+            refuse_invalid_spec(context, raw, format_validation_error(error))
+            return
+        try:
+            created = ensure_trainer(context, job, raw, logger)
+        except Exception as error:
+            context.metrics.record_handler_error("ensure_trainer")
+            delay = context.retry_later(namespace, name, metadata["uid"])
+            logger.warning("cannot create the trainer Job (retrying in %.0f s): %s", delay, describe_error(error))
+            return
+        context.retry_done(metadata["uid"])
+        if created:
+            return  # the Job watch's ADDED event derives the first status
+        try:
+            apply_suspend(context, job, logger)
+        except Exception as error:
+            context.metrics.record_handler_error("apply_suspend")
+            delay = context.retry_later(namespace, name, metadata["uid"])
+            logger.warning("cannot suspend or resume the trainer Job (retrying in %.0f s): %s", delay, error)
+    context.request_status(namespace, name)
+
+
+def describe_error(error: Exception) -> str:
+    """An API error's status and reason, else the exception's text."""
+    status = api_error_status(error)
+    return f"HTTP {status}: {getattr(error, 'reason', '')}" if status is not None else str(error)
+
+
+def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[str, Any], logger: Any) -> bool:
+    """Create the trainer Job (and, once per namespace, the trainer identity) unless it exists; True when created.
+
+    The Job index is filled from the watch before any handler runs, so a job whose Job exists (an operator restart,
+    a repeated event) costs no API call. A Job that exists but is not in the index yet answers 409, which is success.
+    """
+    metadata = raw["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    if context.children_ensured(metadata["uid"]):
+        return False
+    existing = context.children().trainer_job(namespace, name)
+    if existing is not None and is_owned_by(existing, metadata["uid"]):
+        context.set_children_ensured(metadata["uid"], True)
+        return False
+    with context.status_queue_creating():
+        ensure_namespace_identity(context, namespace, logger)
+        created_any = False
+        for child in build_children(job, context.settings):
+            kopf.adopt(child, owner=as_kopf_body(raw))
+            was_created, _ = create_child(context.api_client, child, metadata["uid"])
+            if was_created:
+                logger.info("created %s %s", child["kind"], child["metadata"]["name"])
+                created_any = True
+    context.set_children_ensured(metadata["uid"], True)
+    return created_any
+
+
+def is_owned_by(child: Mapping[str, Any], owner_uid: str) -> bool:
+    """Whether the object's owner references name this uid."""
+    return any(ref.get("uid") == owner_uid for ref in (child.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> None:
+    """Mark the job Failed/InvalidSpec (what the CRD schema and CEL could not refuse); it is never handled again."""
+    try:
+        current = FineTuneJobStatus.model_validate(raw.get("status") or {})
+    except ValidationError:
+        current = FineTuneJobStatus()
+    change = invalid_spec_status(current, raw["metadata"].get("generation"), message, utc_now())
+    apply_status_change(context, raw, change, gpus=0)
+
+
+def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any) -> None:
+    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend (a Kueue job is unsuspended by Kueue).
+
+    Level-triggered: a Job suspended or resumed by hand against the spec is put back. Nothing to do before the Job
+    exists (it is created suspended or not already) or after it finished.
+    """
+    from kubernetes import client
+
+    namespace, name = job.metadata.namespace or "", job.metadata.name
+    trainer_job = context.children().trainer_job(namespace, name)
+    desired = desired_job_suspend(job)
+    if trainer_job is None or desired is None:
+        return
+    if job_condition(trainer_job, "Complete") or job_condition(trainer_job, "Failed"):
+        return
+    if bool((trainer_job.get("spec") or {}).get("suspend")) == desired:
+        return
+    trainer_name = trainer_resource_name(name)
+    with_retries(
+        lambda: client.BatchV1Api(context.api_client).patch_namespaced_job(
+            trainer_name, namespace, {"spec": {"suspend": desired}}, _content_type=MERGE_PATCH
+        )
+    )
+    logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
+
+
+def retry_finetunejob(context: OperatorContext, namespace: str, name: str) -> None:
+    """A retry after a failed create or suspend: the FineTuneJob as it is now, handled as if an event came."""
+    body = read_finetunejob(context.api_client, namespace, name)
+    if body is not None:
+        reconcile_finetunejob(context, compact(body), job_logger(namespace, name))
+
+
+class JobLogger(logging.LoggerAdapter):
+    """Prefixes each line with `[namespace/name]`, as kopf's per-object loggers do."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['job'] if self.extra else '?'}] {msg}", kwargs
+
+
+def job_logger(namespace: str, name: str) -> JobLogger:
+    """A logger naming the job, for work outside kopf's handlers (retries, the status queue)."""
+    return JobLogger(logging.getLogger("kubetune_operator"), {"job": f"{namespace}/{name}"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Trainer Job and Pod handlers: they only trigger a status derivation of the owning FineTuneJob and return None.
+# Trainer Job and Pod handlers: they only ask for a status derivation of the owning FineTuneJob and return None.
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
@@ -719,29 +885,27 @@ def trainer_job_event(
     namespace: str | None,
     labels: Mapping[str, str],
     memo: kopf.Memo,
-    logger: kopf.Logger,
     **kwargs: Any,
 ) -> None:
     """A trainer Job changed (started, suspended, completed, failed) or was deleted."""
     context = operator_context(memo)
+    context.attach_children(Children.from_kwargs(kwargs))
     namespace, name = in_namespace(namespace), labels[LABEL_JOB_NAME]
-    children = Children.from_kwargs(kwargs)
     if type == "DELETED":
         body = read_finetunejob(context.api_client, namespace, name)
         if body is not None:
             # Deleted by hand while its FineTuneJob runs: put it back (the trainer resumes from its checkpoint).
-            # ensure_children leaves finished and deleted FineTuneJobs alone.
+            # reconcile_finetunejob leaves finished and deleted FineTuneJobs alone.
             context.set_children_ensured(body["metadata"]["uid"], False)
-            ensure_children(context, body, logger, children)
+            reconcile_finetunejob(context, compact(body), job_logger(namespace, name))
         return
-    reconcile_status(context, namespace, name, logger, children)
+    context.request_status(namespace, name)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
 @counted("trainer_pod_event")
-def trainer_pod_event(
-    *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
-) -> None:
+def trainer_pod_event(*, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **kwargs: Any) -> None:
     """A trainer pod changed (scheduled, image pull, running, terminated with its summary)."""
     context = operator_context(memo)
-    reconcile_status(context, in_namespace(namespace), labels[LABEL_JOB_NAME], logger, Children.from_kwargs(kwargs))
+    context.attach_children(Children.from_kwargs(kwargs))
+    context.request_status(in_namespace(namespace), labels[LABEL_JOB_NAME])

@@ -65,7 +65,15 @@ def eval_scores(status: FineTuneJobStatus) -> dict[str, float]:
 
 # Every kopf handler that counts its errors; their series start at 0 so that rate()/increase() have data before the
 # first error (handlers.counted() refuses a name missing here).
-HANDLERS = ("ensure_trainer", "apply_suspend", "finetunejob_event", "trainer_job_event", "trainer_pod_event")
+# kopf's event handlers, and the steps whose failures they (or the status workers) count on their own.
+HANDLERS = (
+    "finetunejob_event",
+    "trainer_job_event",
+    "trainer_pod_event",
+    "ensure_trainer",
+    "apply_suspend",
+    "reconcile_status",
+)
 
 
 @dataclass

@@ -17,9 +17,10 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
         # deleted by hand); kopf patches metadata.annotations to keep handler progress and the last handled spec
         # (kubetune.io/... annotations).
         {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
-        # phase, conditions and results go through the status subresource. Holding get/patch here is also what lets
-        # the operator create each trainer's Role granting the same verbs (RBAC refuses to grant what one lacks).
-        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+        # phase, conditions and results go through the status subresource. Holding patch here is also what lets the
+        # operator bind the chart's trainer ClusterRole (patch on this) in a namespace: RBAC refuses to grant what
+        # one lacks.
+        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
         # kopf.adopt sets blockOwnerDeletion on children; the OwnerReferencesPermissionEnforcement admission plugin
         # allows that only to who may update the owner's finalizers (the operator never sets finalizers itself).
         {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
@@ -28,14 +29,11 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
         # Trainer pods are only read (kopf's index keeps them in memory): scheduling, image-pull and OOM failures, and
         # the termination-message summary.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-        # The manifest ConfigMap and the trainer's ServiceAccount: created once; get checks who owns an existing one.
-        {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts"], "verbs": ["get", "create"]},
-        # The trainer's progress Role and its binding, same pattern.
-        {
-            "apiGroups": ["rbac.authorization.k8s.io"],
-            "resources": ["roles", "rolebindings"],
-            "verbs": ["get", "create"],
-        },
+        # The trainer identity, once per namespace (kubetune_operator.trainer_identity): the ServiceAccount trainer
+        # pods run as. Create only: an existing one is success.
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create"]},
+        # ... and its RoleBinding to the chart's trainer ClusterRole, the same way.
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": ["create"]},
         # Events on FineTuneJobs for every phase transition, and kopf's own handler reports.
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
         # kopf peering: replicas find each other and keep alive through these objects' status; the operator

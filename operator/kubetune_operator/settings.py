@@ -14,6 +14,7 @@ from kubetune.api import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, URL_PATTERN, 
 
 ENV_PREFIX = "KUBETUNE_"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/kubetune-trainer:0.1.0"
+DEFAULT_TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
 DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 # Priorities drawn by `auto`: distinct per replica with near certainty, so exactly one replica acts (kopf pauses
@@ -70,6 +71,20 @@ class OperatorSettings(BaseModel):
         default=15.0, ge=1, le=3600, description="Least seconds between the trainer's status.progress patches."
     )
     trainer_metrics_port: Port = Field(default=9090, description="Port of the trainer's own /metrics; 0 = off.")
+    trainer_service_account: str = Field(
+        default=DEFAULT_TRAINER_SERVICE_ACCOUNT,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description="ServiceAccount trainer pods run as, created by the operator in each job namespace; the chart's "
+        "admission policy matches this name, so both must agree (the chart sets both).",
+    )
+    trainer_cluster_role: str = Field(
+        default=DEFAULT_TRAINER_SERVICE_ACCOUNT,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description="The chart's ClusterRole for trainers (patch FineTuneJob status), bound to the trainer "
+        "ServiceAccount in each job namespace.",
+    )
     gpu_node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default_factory=lambda: dict(DEFAULT_GPU_NODE_SELECTOR),
         description="Node labels required by trainer pods that ask for GPUs (key=value,...); the job's "

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune_operator.builders import build_progress_role
 from kubetune_operator.rbac import operator_rbac_rules
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.trainer_identity import build_namespace_identity
 
-from kubetune.api import FineTuneJob
 from kubetune.crd import CRD_NAME
 from tests.testbed.chart import CHART_DIR, CI_VALUES_DIR, ChartRelease, install_chart
 from tests.testbed.controlplane import ControlPlane
@@ -90,13 +90,18 @@ FORBIDDEN = [
     ("create", "", "pods"),
     ("create", "", "pods/exec"),
     ("delete", "", "pods"),
+    ("create", "", "configmaps"),
     ("delete", "", "configmaps"),
     ("update", "", "configmaps"),
+    ("get", "", "serviceaccounts"),
+    ("delete", "", "serviceaccounts"),
     ("delete", "batch", "jobs"),
     ("delete", "kubetune.io", "finetunejobs"),
     ("create", "kubetune.io", "finetunejobs"),
     ("update", "kubetune.io", "finetunejobs"),
+    ("create", "rbac.authorization.k8s.io", "roles"),
     ("delete", "rbac.authorization.k8s.io", "roles"),
+    ("delete", "rbac.authorization.k8s.io", "rolebindings"),
     ("escalate", "rbac.authorization.k8s.io", "roles"),
     ("bind", "rbac.authorization.k8s.io", "roles"),
     ("create", "", "serviceaccounts/token"),
@@ -109,6 +114,9 @@ FORBIDDEN_CLUSTER_WIDE = [
     ("update", "apiextensions.k8s.io", "customresourcedefinitions"),
     ("list", "apiextensions.k8s.io", "customresourcedefinitions"),
     ("create", "admissionregistration.k8s.io", "validatingwebhookconfigurations"),
+    ("delete", "admissionregistration.k8s.io", "validatingadmissionpolicies"),
+    ("delete", "admissionregistration.k8s.io", "validatingadmissionpolicybindings"),
+    ("bind", "rbac.authorization.k8s.io", "clusterroles"),
 ]
 
 
@@ -172,45 +180,79 @@ def test_operator_token_is_refused_cluster_wide(operator_api: Any, verb: str, gr
     assert not access(operator_api, verb, resource, "", group)
 
 
-def finetunejob(name: str, namespace: str) -> FineTuneJob:
-    return FineTuneJob.model_validate(
+def chart_settings(release: ChartRelease) -> OperatorSettings:
+    """The operator's settings as the release's Deployment gives them."""
+    deployment = next(o for o in release.objects if o["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return OperatorSettings.from_env({item["name"]: item["value"] for item in container["env"]})
+
+
+def test_operator_token_may_create_a_namespaces_trainer_identity(release: ChartRelease, operator_api: Any) -> None:
+    from kubernetes import client
+
+    # A namespace of its own: an operator started by another test may already have made the identity where jobs run.
+    jobs_namespace = create_namespace(release.kube, unique("identity"))
+    settings = chart_settings(release)
+    account, binding = build_namespace_identity(jobs_namespace, settings)
+
+    client.CoreV1Api(operator_api).create_namespaced_service_account(jobs_namespace, account)
+    created = client.RbacAuthorizationV1Api(operator_api).create_namespaced_role_binding(jobs_namespace, binding)
+
+    assert created.role_ref.name == settings.trainer_cluster_role
+    trainer = f"system:serviceaccount:{jobs_namespace}:{settings.trainer_service_account}"
+    may = release.kube.kubectl(
+        "auth",
+        "can-i",
+        "patch",
+        "finetunejobs.kubetune.io",
+        "--subresource=status",
+        "-n",
+        jobs_namespace,
+        f"--as={trainer}",
+    )
+    may_not = release.kube.kubectl(
+        "auth", "can-i", "get", "finetunejobs.kubetune.io", "-n", jobs_namespace, f"--as={trainer}"
+    )
+    assert may.stdout.strip() == "yes"
+    assert may_not.stdout.strip() == "no"
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}],
+        [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["delete"]}],
+        [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}],
+    ],
+    ids=["read-secrets", "delete-finetunejobs", "everything"],
+)
+def test_operator_token_may_not_bind_more_than_it_holds(
+    release: ChartRelease, operator_api: Any, jobs_namespace: str, rules: list[dict[str, Any]]
+) -> None:
+    from kubernetes import client
+
+    name = unique("greedy")
+    release.kube.apply(
         {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
-                "dataset": {"train": "s3://data/train.jsonl"},
-                "output": {"uri": "s3://out/demo"},
-            },
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": rules,
         }
     )
-
-
-def test_operator_token_may_create_the_trainers_progress_role(operator_api: Any, jobs_namespace: str) -> None:
-    from kubernetes import client
-
-    role = build_progress_role(finetunejob("rbac-probe", jobs_namespace))
-
-    created = client.RbacAuthorizationV1Api(operator_api).create_namespaced_role(jobs_namespace, role)
-
-    assert created.metadata.name == role["metadata"]["name"]
-
-
-def test_operator_token_may_not_grant_more_than_it_holds(operator_api: Any, jobs_namespace: str) -> None:
-    from kubernetes import client
-
     greedy = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": {"name": "greedy", "namespace": jobs_namespace},
-        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}],
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": jobs_namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": jobs_namespace}],
     }
 
     with pytest.raises(client.ApiException) as refused:
-        client.RbacAuthorizationV1Api(operator_api).create_namespaced_role(jobs_namespace, greedy)
+        client.RbacAuthorizationV1Api(operator_api).create_namespaced_role_binding(jobs_namespace, greedy)
 
     assert refused.value.status == 403
+    assert "is attempting to grant RBAC permissions not currently held" in refused.value.body
 
 
 # ---------------------------------------------------------------------------------------------------------------------

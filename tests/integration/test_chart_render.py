@@ -24,6 +24,7 @@ from kubetune_operator.settings import (
 
 from kubetune.api import FineTuneJob
 from kubetune.crd import PEERING_FILE, build_crd, check_chart_crd_copies, write_chart_crd_copies
+from kubetune.trainer_policy import build_trainer_policy, build_trainer_policy_binding, trainer_rbac_rules
 from tests.testbed.chart import CHART_DIR, CI_VALUES_DIR, HelmError, find_object, render_chart, run_helm
 
 pytestmark = pytest.mark.integration  # runs the helm binary built by `make testbed`
@@ -95,6 +96,9 @@ COMMON_OBJECTS = {
     ("CustomResourceDefinition", "finetunejobs.kubetune.io"),
     ("ClusterRole", f"{FULLNAME}-edit"),
     ("ClusterRole", f"{FULLNAME}-view"),
+    ("ClusterRole", f"{FULLNAME}-trainer"),
+    ("ValidatingAdmissionPolicy", f"{FULLNAME}-trainer-own-job"),
+    ("ValidatingAdmissionPolicyBinding", f"{FULLNAME}-trainer-own-job"),
 }
 CLUSTER_RBAC = {("ClusterRole", f"{FULLNAME}-operator"), ("ClusterRoleBinding", f"{FULLNAME}-operator")}
 NAMESPACED_RBAC = {("Role", f"{FULLNAME}-operator"), ("RoleBinding", f"{FULLNAME}-operator")}
@@ -328,12 +332,16 @@ def test_copy_check_reports_missing_and_stale_copies_and_write_fixes_them(tmp_pa
     missing = check_chart_crd_copies(tmp_path)
     written = write_chart_crd_copies(tmp_path)
     fresh = check_chart_crd_copies(tmp_path)
-    (tmp_path / "kopf.dev_peerings.yaml").write_text("# edited by hand\n")
+    (tmp_path / "crds" / "kopf.dev_peerings.yaml").write_text("# edited by hand\n")
     stale = check_chart_crd_copies(tmp_path)
 
-    assert len(missing) == 2
+    assert len(missing) == 3
     assert all("does not exist; run `make crds`" in problem for problem in missing)
-    assert sorted(path.name for path in written) == ["kopf.dev_peerings.yaml", "kubetune.io_finetunejobs.yaml"]
+    assert sorted(str(path.relative_to(tmp_path)) for path in written) == [
+        "crds/kopf.dev_peerings.yaml",
+        "crds/kubetune.io_finetunejobs.yaml",
+        "trainer-policy.yaml",
+    ]
     assert fresh == []
     assert len(stale) == 1
     assert "kopf.dev_peerings.yaml differs from its source" in stale[0]
@@ -423,6 +431,38 @@ def test_each_namespace_role_has_the_operators_rules_and_nothing_is_cluster_wide
     )
     assert all(b["roleRef"]["kind"] == "Role" for b in bindings)
     assert not any(o["kind"] == "ClusterRoleBinding" for o in objects)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainers' identity: the ClusterRole the operator binds per namespace and the policy narrowing it per pod.
+
+
+@pytest.mark.parametrize("scenario", ["default", "namespaced"])
+def test_trainer_role_and_policy_match_their_python_source(rendered: dict[str, Objects], scenario: str) -> None:
+    objects = rendered[scenario]
+    settings = OperatorSettings.from_env(operator_env(objects))
+    role = find_object(objects, "ClusterRole", f"{FULLNAME}-trainer")
+    policy = find_object(objects, "ValidatingAdmissionPolicy")
+    binding = find_object(objects, "ValidatingAdmissionPolicyBinding")
+
+    assert role["rules"] == trainer_rbac_rules()
+    assert settings.trainer_cluster_role == role["metadata"]["name"]
+    assert settings.trainer_service_account == "kubetune-trainer"
+    assert without_helm_metadata(policy) == build_trainer_policy(
+        f"{FULLNAME}-trainer-own-job", settings.trainer_service_account
+    )
+    assert without_helm_metadata(binding) == build_trainer_policy_binding(f"{FULLNAME}-trainer-own-job")
+
+
+def test_trainer_service_account_value_reaches_the_operator_and_the_policy() -> None:
+    objects = render_chart(values={"trainer": {"serviceAccountName": "ml-trainer"}}, release=RELEASE)
+    settings = OperatorSettings.from_env(operator_env(objects))
+
+    assert settings.trainer_service_account == "ml-trainer"
+    assert (
+        find_object(objects, "ValidatingAdmissionPolicy")["spec"]
+        == build_trainer_policy("unused", "ml-trainer")["spec"]
+    )
 
 
 def test_every_operator_rule_carries_a_comment() -> None:

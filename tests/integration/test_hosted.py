@@ -33,6 +33,7 @@ from kubetune.conditions import (
 from kubetune.contract import TrainerSummary
 from tests.openai_double import FineTuningService, JobPlan, OpenAIDouble, api_error
 from tests.testbed.controlplane import ControlPlane
+from tests.testbed.trainer_credentials import trainer_kubeconfig
 
 pytestmark = pytest.mark.integration
 
@@ -452,17 +453,8 @@ def crd_installed(kube: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def pod_environment(kube: ControlPlane, job: FineTuneJob, namespace: str) -> dict[str, str]:
-    """What the trainer pod has: its own ServiceAccount's token (the operator's narrow Role) and its job's name."""
-    from kubetune_operator.builders import (
-        build_progress_role,
-        build_progress_role_binding,
-        build_service_account,
-        trainer_resource_name,
-    )
-
-    for child in (build_service_account(job), build_progress_role(job), build_progress_role_binding(job)):
-        kube.apply(child)
-    kubeconfig = kube.service_account_kubeconfig(namespace, trainer_resource_name(job.metadata.name))
+    """What the trainer pod has: a token bound to its pod under the trainer policy, and its job's name."""
+    kubeconfig = trainer_kubeconfig(kube, namespace, job.metadata.name)
     return {"KUBECONFIG": kubeconfig, "KUBETUNE_JOB_NAME": job.metadata.name, "KUBETUNE_JOB_NAMESPACE": namespace}
 
 
@@ -520,7 +512,7 @@ def test_sigterm_cancels_the_hosted_job_only_when_the_finetunejob_is_suspended_o
     assert service.jobs["ftjob-1"]["metadata"] == {"kubetune-uid": created["metadata"]["uid"]}
 
 
-def test_sigterm_cancels_when_the_finetunejob_was_garbage_collected_with_its_role(
+def test_sigterm_cancels_when_the_finetunejob_is_already_gone(
     kube: ControlPlane,
     crd_installed: None,
     namespace: str,
@@ -540,10 +532,8 @@ def test_sigterm_cancels_when_the_finetunejob_was_garbage_collected_with_its_rol
     created = api.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs", body)
     job = FineTuneJob.model_validate({**body, "metadata": {**body["metadata"], "uid": created["metadata"]["uid"]}})
     should_cancel = cancel_check_from_environment(pod_environment(kube, job, namespace))
-    # What deleting the FineTuneJob does to the pod's credentials: its Role goes with it.
-    client.RbacAuthorizationV1Api(kube.api_client()).delete_namespaced_role(
-        f"{name}-trainer", namespace, grace_period_seconds=0
-    )
+    # Deleting a FineTuneJob removes it before garbage collection reaches its trainer Job and pod: the pod's SIGTERM
+    # finds it gone (its own token still valid: the pod is terminating, not deleted).
     api.delete_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs", name)
     service.plan = LONG_RUNNING
     sigterm_once_polled(double, f"{JOBS}/ftjob-1")

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune_operator.builders import LABEL_JOB_NAME, MANIFEST_KEY
+from kubetune_operator.builders import LABEL_JOB_NAME
 from kubetune_operator.rbac import operator_rbac_rules
+from kubetune_operator.settings import DEFAULT_TRAINER_SERVICE_ACCOUNT
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import conditions as c
@@ -28,16 +29,22 @@ from tests.conftest import KwokCluster
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.kubelet_standin import STANDIN_LABEL
 from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
+from tests.testbed.trainer_credentials import SETTINGS as TRAINER_SETTINGS
+from tests.testbed.trainer_credentials import install_trainer_rbac
 
 pytestmark = pytest.mark.integration
 
 OPERATOR_NAMESPACE = "kubetune-system"
-OPERATOR_ACCOUNT = "kubetune-operator"
+# Not the chart's names: the e2e test installs the chart (release kubetune) into the same control plane.
+OPERATOR_ACCOUNT = "testbed-operator"
 PEERING_YAML = Path(__file__).resolve().parents[2] / "operator" / "kubetune_operator" / "peering.yaml"
 ON_KWOK = {STANDIN_LABEL: "kwok"}  # kwok runs the pod and completes it at once
 ON_STANDIN = {STANDIN_LABEL: "standin"}  # the kubelet stand-in runs the pod's command for real
 NOWHERE = {"pool": "no-such-pool"}  # no node matches: the pod stays unschedulable
-CHILD_KINDS = ("configmap", "serviceaccount", "role", "rolebinding", "job")
+# What a FineTuneJob owns: its trainer Job (whose pods the Job owns). The trainer identity is per namespace.
+CHILD_KINDS = ("job",)
+IDENTITY_KINDS = ("serviceaccount", "rolebinding")
+TRAINER_ACCOUNT = DEFAULT_TRAINER_SERVICE_ACCOUNT
 # Each operator start outranks the ones before, so a replica that died without leaving the peering never pauses it.
 _priorities = itertools.count(int(time.time()) % 1_000_000)
 
@@ -80,6 +87,7 @@ def operator_kubeconfig(cluster: ControlPlane) -> str:
             "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_ACCOUNT, "namespace": OPERATOR_NAMESPACE}],
         }
     )
+    install_trainer_rbac(kube)  # the chart's trainer ClusterRole, which the operator binds per namespace
     kubeconfig = kube.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
     can_i = kube.kubectl("--kubeconfig", kubeconfig, "auth", "can-i", "list", "secrets", "-A")
     assert can_i.stdout.strip() == "no", "the operator's identity must not read Secrets"
@@ -114,6 +122,7 @@ class Operator:
                 "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test",
                 "KUBETUNE_S3_ENDPOINT": "http://127.0.0.1:9",
                 "KUBETUNE_S3_REGION": "us-east-1",
+                "KUBETUNE_TRAINER_CLUSTER_ROLE": TRAINER_SETTINGS.trainer_cluster_role,
             }
         )
         name = f"operator-{uuid.uuid4().hex[:6]}"
@@ -273,10 +282,12 @@ def phase_gauge(operator: Operator, phase: str) -> float:
 
 
 def child_uids(jobs: Jobs, name: str) -> dict[str, str]:
+    """uids of the job's children and of the namespace's trainer identity, by kind."""
     uids = {}
-    for kind in CHILD_KINDS:
-        child = jobs.child(kind, f"{name}-trainer")
-        assert child is not None, f"{kind} {name}-trainer is missing"
+    named = [(kind, f"{name}-trainer") for kind in CHILD_KINDS] + [(kind, TRAINER_ACCOUNT) for kind in IDENTITY_KINDS]
+    for kind, child_name in named:
+        child = jobs.child(kind, child_name)
+        assert child is not None, f"{kind} {child_name} is missing"
         uids[kind] = child["metadata"]["uid"]
     return uids
 
@@ -293,16 +304,26 @@ def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: O
             ("FineTuneJob", "happy", created["metadata"]["uid"], True)
         ]
         assert child["metadata"]["labels"][LABEL_JOB_NAME] == "happy"
-    role = jobs.child("role", "happy-trainer")
-    assert role is not None
-    assert role["rules"] == [
-        {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": ["happy"], "verbs": ["get", "patch"]}
-    ]
-    config_map = jobs.child("configmap", "happy-trainer")
-    assert config_map is not None
-    manifest = yaml.safe_load(config_map["data"][MANIFEST_KEY])
+    pod_spec = jobs.child("job", "happy-trainer")["spec"]["template"]["spec"]  # type: ignore[index]
+    env = {item["name"]: item.get("value") for item in pod_spec["containers"][0]["env"]}
+    manifest = yaml.safe_load(env["KUBETUNE_JOB_MANIFEST"])
     assert manifest["spec"]["image"] == "kubetune-trainer:test"
     assert manifest["spec"]["s3"]["endpoint"] == "http://127.0.0.1:9"
+    assert pod_spec["serviceAccountName"] == TRAINER_ACCOUNT
+    # The namespace's trainer identity: shared by its jobs, owned by none, bound to the chart's trainer ClusterRole.
+    for kind in IDENTITY_KINDS:
+        identity = jobs.child(kind, TRAINER_ACCOUNT)
+        assert identity is not None, f"{kind} {TRAINER_ACCOUNT} was not created"
+        assert not identity["metadata"].get("ownerReferences")
+    binding = jobs.child("rolebinding", TRAINER_ACCOUNT)
+    assert binding is not None
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": TRAINER_SETTINGS.trainer_cluster_role,
+    }
+    assert jobs.child("configmap", "happy-trainer") is None
+    assert jobs.child("role", "happy-trainer") is None
 
     status = done["status"]
     assert status["trainer"]["jobName"] == "happy-trainer"
@@ -312,11 +333,11 @@ def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: O
     assert conditions[c.CONDITION_SUCCEEDED] == ("True", c.REASON_COMPLETED)
     assert conditions[c.CONDITION_VALIDATED] == ("True", c.REASON_JOB_CREATED)
     assert conditions[c.CONDITION_RUNNING][0] == "False"
-    # kopf keeps its bookkeeping in kubetune.io annotations and puts no finalizer on the job.
+    # The operator writes nothing but the status: no finalizer, no kopf bookkeeping in annotations.
     metadata = done["metadata"]
     assert not metadata.get("finalizers")
-    assert any(key.startswith("kubetune.io/") for key in metadata.get("annotations", {}))
-    assert not any(key.startswith("kopf.zalando.org/") for key in metadata.get("annotations", {}))
+    assert not any(key.startswith(("kubetune.io/", "kopf.zalando.org/")) for key in metadata.get("annotations", {}))
+    assert done["metadata"]["generation"] == created["metadata"]["generation"]
 
     wait_for(lambda: any(e["reason"] == c.REASON_COMPLETED for e in jobs.events("happy")), 30, "the Completed Event")
     transitions = phase_events(jobs, "happy")
@@ -437,6 +458,8 @@ def test_deleting_a_job_while_the_operator_is_down_does_not_hang(jobs: Jobs, ope
 
     wait_for(all_children_gone, 60, "the garbage collector to delete the children")
     assert jobs.children_of("doomed", "pods") == []
+    # The namespace's trainer identity serves its other jobs and stays.
+    assert all(jobs.child(kind, TRAINER_ACCOUNT) is not None for kind in IDENTITY_KINDS)
 
 
 def test_a_hosted_job_gets_a_trainer_job_without_gpus_that_drives_it(jobs: Jobs, operator: Operator) -> None:
@@ -461,7 +484,7 @@ def test_only_the_highest_priority_replica_acts(
         wait_for(lambda: "Pausing operations in favour of" in operator.log(), 30, "the first replica to pause")
         jobs.create(finetunejob("shared", NOWHERE))
         jobs.wait_condition("shared", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=second)
-        assert "created ConfigMap shared-trainer" in second.log()
+        assert "created Job shared-trainer" in second.log()
         assert "shared-trainer" not in operator.log()
     finally:
         second.stop()
@@ -470,7 +493,7 @@ def test_only_the_highest_priority_replica_acts(
              "the first replica to resume")  # fmt: skip
     jobs.create(finetunejob("takeover", NOWHERE))
     jobs.wait_condition("takeover", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
-    assert "created ConfigMap takeover-trainer" in operator.log()
+    assert "created Job takeover-trainer" in operator.log()
 
 
 def test_a_trainer_job_deleted_by_hand_is_put_back(jobs: Jobs, operator: Operator) -> None:

@@ -2,8 +2,8 @@
 
 The full run starts `python -m kubetune_trainer run` as the pod would (manifest, S3 and Kubernetes credentials in the
 environment) and checks what it leaves: artifacts and checkpoints in S3, a manifest whose hashes verify, the summary
-in the termination file, and progress in its own FineTuneJob's status, patched with a ServiceAccount that may patch
-nothing else.
+in the termination file, and progress in its own FineTuneJob's status, patched with a pod-bound trainer token that the
+trainer admission policy lets patch nothing else.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, FineTuneJob, Pro
 from kubetune.contract import TrainerSummary, trainer_command
 from kubetune.crd import CRD_NAME
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.processes import wait_for
 from tests.testbed.s3 import S3Server
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
+from tests.testbed.trainer_credentials import trainer_kubeconfig
 
 pytestmark = pytest.mark.integration
 
@@ -176,49 +176,9 @@ def create_job(kube: ControlPlane, namespace: str, name: str) -> None:
 
 
 def progress_identity(kube: ControlPlane, namespace: str, job_name: str) -> str:
-    """A ServiceAccount whose Role may get/patch only this job's status; a kubeconfig with its token."""
-    account = f"{job_name}-trainer"
-    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account, "namespace": namespace}})
-    kube.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": account, "namespace": namespace},
-            "rules": [
-                {
-                    "apiGroups": [GROUP],
-                    "resources": [f"{PLURAL}/status"],
-                    "resourceNames": [job_name],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        }
-    )
-    kube.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": account, "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
-        }
-    )
-
-    def may_patch() -> bool:
-        answer = kube.kubectl(
-            "auth",
-            "can-i",
-            "patch",
-            f"{PLURAL}.{GROUP}/{job_name}",
-            "--subresource=status",
-            "-n",
-            namespace,
-            f"--as=system:serviceaccount:{namespace}:{account}",
-        )
-        return answer.stdout.strip() == "yes"
-
-    wait_for(may_patch, 30, f"RBAC to let {account} patch {job_name}/status")
-    return kube.service_account_kubeconfig(namespace, account)
+    """What the job's trainer pod holds: the namespace's trainer ServiceAccount, its token bound to a pod named like
+    the job's trainer pod, under the chart's trainer policy (which lets it patch only this job's progress)."""
+    return trainer_kubeconfig(kube, namespace, job_name)
 
 
 def job_status(kube: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
@@ -595,6 +555,7 @@ def test_progress_patches_land_on_its_own_job_and_are_refused_for_another(
     assert refused.failures >= 1
     assert refused.last_error is not None
     assert refused.last_error.startswith("HTTP 403")
+    assert "is not a trainer pod of FineTuneJob theirs" in refused.last_error
     assert "progress" not in job_status(kube, namespace, "theirs")
 
 

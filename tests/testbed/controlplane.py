@@ -188,16 +188,27 @@ class ControlPlane:
 
         return config.new_client_from_config(config_file=kubeconfig or self.kubeconfig)
 
-    def service_account_kubeconfig(self, namespace: str, name: str, expiration_seconds: int = 7200) -> str:
-        """A kubeconfig holding a real token of that ServiceAccount, to act with exactly its RBAC."""
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, expiration_seconds: int = 7200, bound_pod: tuple[str, str] | None = None
+    ) -> str:
+        """A kubeconfig holding a real token of that ServiceAccount, to act with exactly its RBAC; with `bound_pod`
+        (name, uid) the token is bound to that pod, as a kubelet-projected one is."""
         from kubernetes import client
 
         core = client.CoreV1Api(self.api_client())
+        bound_to = (
+            client.V1BoundObjectReference(api_version="v1", kind="Pod", name=bound_pod[0], uid=bound_pod[1])
+            if bound_pod
+            else None
+        )
         request = client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[self.server], expiration_seconds=expiration_seconds)
+            spec=client.V1TokenRequestSpec(
+                audiences=[self.server], expiration_seconds=expiration_seconds, bound_object_ref=bound_to
+            )
         )
         token = core.create_namespaced_service_account_token(name, namespace, request).status.token
-        path = self.work_dir / f"sa-{namespace}-{name}.kubeconfig"
+        suffix = f"-{bound_pod[0]}" if bound_pod else ""
+        path = self.work_dir / f"sa-{namespace}-{name}{suffix}.kubeconfig"
         document = kubeconfig_document(
             self.server, token, self.ca_file, user=f"{namespace}-{name}", namespace=namespace
         )

@@ -459,8 +459,15 @@ class KubeletStandin:
         core = client.CoreV1Api(self.control_plane.api_client())
         namespace = pod["metadata"]["namespace"]
         account = pod["spec"].get("serviceAccountName") or "default"
+        # Bound to the pod, as the kubelet's projected token is: the API server then names the pod in the token's
+        # user info (authentication.kubernetes.io/pod-name), which the trainer admission policy checks.
+        bound_to = client.V1BoundObjectReference(
+            api_version="v1", kind="Pod", name=pod["metadata"]["name"], uid=pod["metadata"]["uid"]
+        )
         request = client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[self.control_plane.server], expiration_seconds=7200)
+            spec=client.V1TokenRequestSpec(
+                audiences=[self.control_plane.server], expiration_seconds=7200, bound_object_ref=bound_to
+            )
         )
         token = core.create_namespaced_service_account_token(account, namespace, request).status.token
         path = self.pod_dir / f"{namespace}_{pod['metadata']['name']}.kubeconfig"

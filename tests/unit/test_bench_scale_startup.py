@@ -209,16 +209,15 @@ def test_control_plane_cpu_is_listed_per_run_that_measured_it() -> None:
     assert line.endswith(": floor: Jobs only 1.2 s, operator 10.0 s.")
 
 
-def test_the_floor_creates_what_the_operator_builds_with_the_job_last() -> None:
+def test_the_floor_creates_what_the_operator_builds() -> None:
     from kubetune_operator.settings import OperatorSettings
 
     settings = OperatorSettings.from_env({})
 
-    children = children_of("bench-00001", "scale-x", settings, jobs_only=False)
-    assert [child["kind"] for child in children] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
-    assert {child["metadata"]["namespace"] for child in children} == {"scale-x"}
-    (job,) = children_of("bench-00001", "scale-x", settings, jobs_only=True)
-    assert job == children[-1] and job["metadata"]["name"] == "bench-00001-trainer"
+    (job,) = children_of("bench-00001", "scale-x", settings)
+    assert job["kind"] == "Job"
+    assert job["metadata"]["namespace"] == "scale-x"
+    assert job["metadata"]["name"] == "bench-00001-trainer"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

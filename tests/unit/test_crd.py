@@ -156,7 +156,9 @@ def test_metadata_only_restricts_the_name(root: SchemaNode) -> None:
 
     assert metadata == {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 63, "pattern": api.DNS_LABEL_PATTERN}},
+        "properties": {
+            "name": {"type": "string", "maxLength": api.MAX_JOB_NAME_LENGTH, "pattern": api.DNS_LABEL_PATTERN}
+        },
     }
     assert root["required"] == ["spec"]
 

@@ -1,5 +1,5 @@
-"""The objects built per FineTuneJob: names, labels, manifest ConfigMap, progress RBAC, the trainer Job; and the
-operator's own RBAC rules."""
+"""The objects built per FineTuneJob and per namespace: names, labels, the trainer Job with its resolved manifest, the
+namespace's trainer identity; and the operator's own RBAC rules."""
 
 from __future__ import annotations
 
@@ -10,12 +10,7 @@ import yaml
 from kubetune_operator.builders import (
     LABEL_JOB_NAME,
     LABEL_KUEUE_QUEUE,
-    MANIFEST_KEY,
     build_children,
-    build_manifest_config_map,
-    build_progress_role,
-    build_progress_role_binding,
-    build_service_account,
     build_trainer_job,
     desired_job_suspend,
     trainer_labels,
@@ -23,9 +18,11 @@ from kubetune_operator.builders import (
 )
 from kubetune_operator.rbac import operator_rbac_rules
 from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.trainer_identity import build_namespace_identity
 
 from kubetune import contract
-from kubetune.api import FineTuneJob, Toleration
+from kubetune.api import MAX_JOB_NAME_LENGTH, FineTuneJob, Toleration
+from kubetune.trainer_policy import trainer_rbac_rules
 
 pytestmark = pytest.mark.unit
 
@@ -73,27 +70,21 @@ def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
     ("job_name", "expected"),
     [
         ("demo", "demo-trainer"),
-        ("a" * 55, "a" * 55 + "-trainer"),  # exactly 63
+        ("a" * MAX_JOB_NAME_LENGTH, "a" * MAX_JOB_NAME_LENGTH + "-trainer"),
     ],
 )
-def test_short_names_get_the_trainer_suffix(job_name: str, expected: str) -> None:
+def test_names_get_the_trainer_suffix(job_name: str, expected: str) -> None:
     assert trainer_resource_name(job_name) == expected
 
 
-@pytest.mark.parametrize("job_name", ["a" * 56, "b" * 63, "run-" + "x" * 50 + "-final", "x" * 45 + "-" * 10 + "y"])
-def test_long_names_are_shortened_with_a_hash_and_stay_dns_labels(job_name: str) -> None:
-    name = trainer_resource_name(job_name)
-    assert len(name) <= 63
-    assert name.endswith("-trainer")
-    assert name[0].isalnum()
-    assert "--" not in name  # the cut never leaves a dash before the hash
-    assert trainer_resource_name(job_name) == name  # deterministic
+def test_the_longest_name_leaves_room_for_the_pods_generated_suffix() -> None:
+    # generateName keeps at most 58 characters of `<job>-trainer-` before its 5 random ones.
+    assert len(trainer_resource_name("a" * MAX_JOB_NAME_LENGTH) + "-") <= 58
 
 
-def test_long_names_that_share_a_prefix_do_not_collide() -> None:
-    first, second = trainer_resource_name("p" * 60 + "one"), trainer_resource_name("p" * 60 + "two")
-    assert first != second
-    assert first[:40] == second[:40]
+def test_a_name_the_crd_refuses_is_refused_here_too() -> None:
+    with pytest.raises(ValueError, match="longer than 49 characters"):
+        trainer_resource_name("a" * (MAX_JOB_NAME_LENGTH + 1))
 
 
 def test_children_carry_the_follow_labels() -> None:
@@ -109,18 +100,23 @@ def test_children_carry_the_follow_labels() -> None:
         assert child["metadata"]["labels"][LABEL_JOB_NAME] == "demo"
 
 
-def test_children_come_in_dependency_order_with_the_job_last() -> None:
+def test_a_job_owns_its_trainer_job_only() -> None:
     kinds = [child["kind"] for child in build_children(finetunejob(), SETTINGS)]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert kinds == ["Job"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ConfigMap with the resolved manifest
+# The resolved manifest, in the trainer's environment
 
 
-def test_config_map_holds_the_resolved_manifest_without_status() -> None:
+def manifest_of(job: FineTuneJob) -> str:
+    text: str = env_of(build_trainer_job(job, SETTINGS))[contract.ENV_JOB_MANIFEST]
+    return text
+
+
+def test_the_environment_holds_the_resolved_manifest_without_status() -> None:
     job = finetunejob(method="qlora", s3={"region": "us-east-2"})
-    manifest = yaml.safe_load(build_manifest_config_map(job, SETTINGS)["data"][MANIFEST_KEY])
+    manifest = yaml.safe_load(manifest_of(job))
     assert manifest["apiVersion"] == "kubetune.io/v1alpha1"
     assert manifest["kind"] == "FineTuneJob"
     assert manifest["metadata"] == {"name": "demo", "namespace": "team", "uid": "ftj-uid", "generation": 3}
@@ -139,7 +135,7 @@ def test_config_map_holds_the_resolved_manifest_without_status() -> None:
     assert FineTuneJob.model_validate(manifest).spec.image == "registry.local/trainer:1.0"
 
 
-def test_config_map_has_secret_references_only() -> None:
+def test_the_manifest_has_secret_references_only() -> None:
     job = finetunejob(
         evaluation={
             "metrics": ["judge"],
@@ -147,7 +143,7 @@ def test_config_map_has_secret_references_only() -> None:
         },
         s3={"credentialsSecretRef": "team-s3"},
     )
-    text = build_manifest_config_map(job, SETTINGS)["data"][MANIFEST_KEY]
+    text = manifest_of(job)
     spec = yaml.safe_load(text)["spec"]
     assert spec["evaluation"]["judge"]["apiKeySecretRef"] == {"name": "judge-key", "key": "token"}
     assert spec["s3"]["credentialsSecretRef"] == "team-s3"
@@ -155,32 +151,33 @@ def test_config_map_has_secret_references_only() -> None:
 
 
 def test_full_fine_tuning_resolves_no_lora_and_no_quantization() -> None:
-    spec = yaml.safe_load(build_manifest_config_map(finetunejob(method="full"), SETTINGS)["data"][MANIFEST_KEY])["spec"]
+    spec = yaml.safe_load(manifest_of(finetunejob(method="full")))["spec"]
     assert "lora" not in spec
     assert "quantization" not in spec
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Progress RBAC
+# The namespace's trainer identity
 
 
-def test_progress_role_allows_only_this_jobs_status() -> None:
-    role = build_progress_role(finetunejob())
-    assert role["rules"] == [
-        {
-            "apiGroups": ["kubetune.io"],
-            "resources": ["finetunejobs/status"],
-            "resourceNames": ["demo"],
-            "verbs": ["get", "patch"],
-        }
-    ]
+def test_the_namespace_identity_binds_the_trainer_cluster_role_to_the_trainer_account() -> None:
+    settings = OperatorSettings(trainer_service_account="ml-trainer", trainer_cluster_role="kt-kubetune-trainer")
+    account, binding = build_namespace_identity("team", settings)
 
-
-def test_role_binding_binds_the_role_to_the_trainer_service_account() -> None:
-    binding = build_progress_role_binding(finetunejob())
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-trainer"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-trainer", "namespace": "team"}]
-    assert build_service_account(finetunejob())["metadata"]["name"] == "demo-trainer"
+    assert (account["kind"], account["metadata"]["name"], account["metadata"]["namespace"]) == (
+        "ServiceAccount",
+        "ml-trainer",
+        "team",
+    )
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "kt-kubetune-trainer",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-trainer", "namespace": "team"}]
+    # Shared by the namespace's jobs: no job owns it, and the operator's job-name label is absent.
+    assert all("ownerReferences" not in o["metadata"] for o in (account, binding))
+    assert all(LABEL_JOB_NAME not in o["metadata"]["labels"] for o in (account, binding))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,7 +198,8 @@ def test_job_runs_once_with_the_run_policy() -> None:
     assert spec["template"]["metadata"]["labels"] == trainer_labels("demo")
     pod = pod_spec(job)
     assert pod["restartPolicy"] == "Never"
-    assert pod["serviceAccountName"] == "demo-trainer"
+    assert pod["serviceAccountName"] == "kubetune-trainer"
+    assert pod["automountServiceAccountToken"] is True  # the kubelet's projected token, bound to this pod
 
 
 def test_deadline_and_ttl_are_left_out_when_unset() -> None:
@@ -260,7 +258,7 @@ def test_command_comes_from_the_contract(gpus: int) -> None:
 
 def test_env_follows_the_contract() -> None:
     env = env_of(build_trainer_job(finetunejob(), SETTINGS))
-    assert env[contract.ENV_JOB_MANIFEST] == {"configMapKeyRef": {"name": "demo-trainer", "key": MANIFEST_KEY}}
+    assert yaml.safe_load(env[contract.ENV_JOB_MANIFEST])["metadata"]["name"] == "demo"
     assert env[contract.ENV_JOB_NAME] == "demo"
     assert env[contract.ENV_JOB_NAMESPACE] == "team"
     assert env[contract.ENV_METRICS_PORT] == "9090"
@@ -448,14 +446,12 @@ def rules_by_resource() -> dict[tuple[str, str], set[str]]:
     ("group", "resource", "verbs"),
     [
         ("kubetune.io", "finetunejobs", {"get", "list", "watch", "patch"}),
-        ("kubetune.io", "finetunejobs/status", {"get", "patch"}),
+        ("kubetune.io", "finetunejobs/status", {"patch"}),
         ("kubetune.io", "finetunejobs/finalizers", {"update"}),
         ("batch", "jobs", {"get", "list", "watch", "create", "patch"}),
         ("", "pods", {"list", "watch"}),
-        ("", "configmaps", {"get", "create"}),
-        ("", "serviceaccounts", {"get", "create"}),
-        ("rbac.authorization.k8s.io", "roles", {"get", "create"}),
-        ("rbac.authorization.k8s.io", "rolebindings", {"get", "create"}),
+        ("", "serviceaccounts", {"create"}),
+        ("rbac.authorization.k8s.io", "rolebindings", {"create"}),
         ("", "events", {"create"}),
         ("kopf.dev", "clusterkopfpeerings", {"get", "list", "watch", "patch", "create"}),
         ("kopf.dev", "kopfpeerings", {"get", "list", "watch", "patch", "create"}),
@@ -467,16 +463,16 @@ def test_operator_rbac_grants_exactly(group: str, resource: str, verbs: set[str]
 
 def test_operator_rbac_has_no_secrets_deletes_or_wildcards() -> None:
     table = rules_by_resource()
-    assert len(table) == 12
+    assert len(table) == 10
     assert not any(resource == "secrets" for _, resource in table)
     assert not any({"delete", "deletecollection", "*", "escalate", "bind"} & verbs for verbs in table.values())
     assert not any("*" in (group, resource) for group, resource in table)
 
 
 def test_operator_rbac_covers_what_the_trainer_role_grants() -> None:
-    # RBAC refuses to create a Role granting more than its creator holds.
+    # RBAC refuses to bind a role granting more than the binder holds.
     table = rules_by_resource()
-    for rule in build_progress_role(finetunejob())["rules"]:
+    for rule in trainer_rbac_rules():
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 assert set(rule["verbs"]) <= table[group, resource]

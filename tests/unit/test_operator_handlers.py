@@ -11,6 +11,7 @@ from kubetune_operator.handlers import (
     CHILD_SELECTOR,
     HANDLER_THREADS,
     Children,
+    NoDiffBase,
     OperatorContext,
     compact_job,
     configure_kopf,
@@ -34,14 +35,27 @@ def configured(settings: OperatorSettings, standalone_flag: bool = False) -> kop
     return kopf_settings
 
 
-def test_kopf_keeps_its_state_in_kubetune_annotations() -> None:
+def test_only_event_handlers_so_kopf_writes_nothing_to_a_finetunejob() -> None:
+    # Change-detecting handlers (on.create/update/resume) keep their state in annotations, daemons and timers need
+    # finalizers: each would be a FineTuneJob write per job. The handlers are event handlers and indexes only.
+    registry = kopf.get_default_registry()
+
+    assert registry._changing.get_all_handlers() == []
+    assert registry._spawning.get_all_handlers() == []
+    watching = sorted(str(handler.id) for handler in registry._watching.get_all_handlers())
+    assert watching == ["finetunejob_event", "trainer_job_event", "trainer_pod_event"]
+
+
+def test_kopf_builds_no_diff_base_and_would_keep_any_state_in_kubetune_annotations() -> None:
     kopf_settings = configured(OperatorSettings())
     progress = kopf_settings.persistence.progress_storage
     diffbase = kopf_settings.persistence.diffbase_storage
     assert isinstance(progress, kopf.AnnotationsProgressStorage)
     assert progress.prefix == "kubetune.io"
-    assert isinstance(diffbase, kopf.AnnotationsDiffBaseStorage)
-    assert (diffbase.prefix, diffbase.key) == ("kubetune.io", "last-handled-configuration")
+    assert isinstance(diffbase, NoDiffBase)
+    body = kopf.Body({"metadata": {"name": "x", "annotations": {"a": "b"}}, "spec": {"big": list(range(100))}})
+    assert diffbase.build(body=body) == {}
+    assert diffbase.fetch(body=body) is None
     assert kopf_settings.persistence.finalizer.startswith("kubetune.io/")
 
 
@@ -95,8 +109,6 @@ def test_plain_copies_nested_mappings_and_lists() -> None:
 def test_kopf_runs_sync_handlers_on_as_many_threads_as_the_client_has_connections() -> None:
     kopf_settings = configured(OperatorSettings())
     assert kopf_settings.execution.max_workers == HANDLER_THREADS
-    # Longer than kopf's 5 s: in a burst its own annotation patch comes back late, and it would re-run on.create.
-    assert kopf_settings.persistence.consistency_timeout > 5
 
 
 def body(version: str, phase: str | None = None, name: str = "demo") -> dict[str, Any]:

@@ -248,7 +248,7 @@ def test_every_module_the_operator_can_import_comes_from_a_pinned_distribution()
         if not {canonicalize_name(d) for d in providers.get(module, [])} & requirement_pins().keys()
     }
 
-    assert {"kopf", "kubernetes", "prometheus_client", "pydantic", "yaml"} <= imported
+    assert {"kopf", "kubernetes", "prometheus_client", "pydantic"} <= imported
     assert not unpinned, f"imported by the operator but not in operator/requirements.txt: {unpinned}"
 
 

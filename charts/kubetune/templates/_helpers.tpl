@@ -88,11 +88,11 @@ go by owner-reference garbage collection).
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch"]
-# Phase, conditions and results go through the status subresource. Holding get/patch here is also what lets the
-# operator create each trainer's Role granting the same verbs (RBAC refuses to grant what one does not hold).
+# Phase, conditions and results go through the status subresource. Holding patch here is also what lets the
+# operator bind the trainer ClusterRole (patch on this) in a namespace: RBAC refuses to grant what one lacks.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # kopf.adopt sets blockOwnerDeletion on children; OwnerReferencesPermissionEnforcement allows that only to who may
 # update the owner's finalizers (the operator never sets finalizers itself).
 - apiGroups: ["kubetune.io"]
@@ -106,14 +106,15 @@ go by owner-reference garbage collection).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# The manifest ConfigMap and the trainer's ServiceAccount: created once; get checks who owns an existing one.
+# The trainer identity, once per namespace: the ServiceAccount trainer pods run as. Create only: an existing one is
+# success.
 - apiGroups: [""]
-  resources: ["configmaps", "serviceaccounts"]
-  verbs: ["get", "create"]
-# The trainer's progress Role and its binding, created once the same way.
+  resources: ["serviceaccounts"]
+  verbs: ["create"]
+# ... and its RoleBinding to the trainer ClusterRole (templates/trainer-rbac.yaml), the same way.
 - apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
-  verbs: ["get", "create"]
+  resources: ["rolebindings"]
+  verbs: ["create"]
 # Events on FineTuneJobs for every phase transition, and kopf's own handler reports.
 - apiGroups: [""]
   resources: ["events"]
@@ -154,4 +155,14 @@ keep. Takes (list $root "<file>" $keep). The files are byte copies of crds/ and 
 {{ toYaml $crd }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* The trainer ClusterRole's name (KUBETUNE_TRAINER_CLUSTER_ROLE). */}}
+{{- define "kubetune.trainerClusterRole" -}}
+{{- printf "%s-trainer" (include "kubetune.fullname" .) }}
+{{- end }}
+
+{{/* The trainer admission policy's name, and its binding's. */}}
+{{- define "kubetune.trainerPolicy" -}}
+{{- printf "%s-trainer-own-job" (include "kubetune.fullname" .) }}
 {{- end }}

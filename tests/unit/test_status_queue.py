@@ -1,0 +1,109 @@
+"""The status queue: coalescing per key, one derivation of a key at a time, and deference to creates (bounded)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from kubetune_operator.status_queue import DeferredQueue
+
+pytestmark = pytest.mark.unit
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_key_put_while_waiting_is_taken_once() -> None:
+    queue: DeferredQueue[str] = DeferredQueue(lambda _: None, workers=1, clock=FakeClock())
+    for _ in range(3):
+        queue.put("a")
+    queue.put("b")
+
+    assert queue.pending == 2
+
+
+def test_work_is_ready_at_once_when_nothing_is_being_created() -> None:
+    clock = FakeClock()
+    queue: DeferredQueue[str] = DeferredQueue(lambda _: None, workers=1, clock=clock)
+    queue.put("a")
+
+    assert queue.next_ready(clock()) == ("a", None)
+
+
+def test_work_waits_for_a_create_in_flight_but_not_beyond_the_limit() -> None:
+    clock = FakeClock()
+    queue: DeferredQueue[str] = DeferredQueue(lambda _: None, workers=1, max_defer_seconds=5.0, clock=clock)
+    queue.put("a")
+    with queue.creating():
+        key, wait = queue.next_ready(clock())
+        assert (key, wait) == (None, 5.0)
+        clock.now += 5.0
+        assert queue.next_ready(clock()) == ("a", None)
+
+
+def test_work_waits_a_quiet_moment_after_the_last_create() -> None:
+    clock = FakeClock()
+    queue: DeferredQueue[str] = DeferredQueue(lambda _: None, workers=1, quiet_seconds=0.2, clock=clock)
+    queue.put("a")
+    with queue.creating():
+        pass
+    key, wait = queue.next_ready(clock())
+    assert key is None
+    assert wait == pytest.approx(0.2)
+    clock.now += 0.2
+    assert queue.next_ready(clock()) == ("a", None)
+
+
+def test_the_oldest_key_goes_first() -> None:
+    clock = FakeClock()
+    queue: DeferredQueue[str] = DeferredQueue(lambda _: None, workers=1, clock=clock)
+    queue.put("late")
+    clock.now -= 1  # put earlier
+    queue.put("early")
+    clock.now += 1
+
+    assert queue.next_ready(clock())[0] == "early"
+
+
+def test_workers_process_every_key_never_one_key_twice_at_once_and_survive_failures() -> None:
+    running: dict[str, int] = {}
+    overlaps: list[str] = []
+    done: list[str] = []
+    errors: list[str] = []
+    guard = threading.Lock()
+
+    def process(key: str) -> None:
+        with guard:
+            running[key] = running.get(key, 0) + 1
+            if running[key] > 1:
+                overlaps.append(key)
+        time.sleep(0.01)
+        with guard:
+            running[key] -= 1
+            done.append(key)
+        if key == "bad":
+            raise RuntimeError("boom")
+
+    queue: DeferredQueue[str] = DeferredQueue(
+        process, workers=4, on_error=lambda key, _error: errors.append(key)
+    ).start()
+    try:
+        for round_ in range(20):
+            for key in ("a", "b", "bad"):
+                queue.put(key)
+            if round_ % 5 == 0:
+                time.sleep(0.02)
+        assert queue.wait_idle(10)
+    finally:
+        queue.stop()
+
+    assert overlaps == []
+    assert {"a", "b", "bad"} <= set(done)
+    assert errors and set(errors) == {"bad"}
+    assert queue.pending == 0
