@@ -387,6 +387,52 @@ def test_a_pod_that_really_fails_fails_the_job_with_the_cause(jobs: Jobs, operat
     )
 
 
+def test_an_image_that_cannot_be_pulled_keeps_the_job_pending_with_the_cause(jobs: Jobs, operator: Operator) -> None:
+    # The (stand-in) kubelet's pull from a registry that does not resolve fails, as it would on a node.
+    jobs.create(finetunejob("no-image", ON_STANDIN, image="registry.invalid/kubetune/trainer:missing"))
+
+    waiting = jobs.wait_condition(
+        "no-image", c.CONDITION_RUNNING, "False", c.REASON_IMAGE_PULL_BACKOFF, operator=operator
+    )
+
+    assert "registry.invalid/kubetune/trainer:missing" in waiting["message"]
+    assert jobs.get("no-image")["status"]["phase"] == "Pending"
+
+
+def test_a_trainer_over_its_memory_limit_is_oom_killed_and_the_job_fails_saying_so(
+    jobs: Jobs, operator: Operator
+) -> None:
+    # The real trainer under a 64 MiB limit: importing its libraries alone needs more, and the (stand-in) kubelet
+    # kills it as the cgroup OOM killer would.
+    jobs.create(finetunejob("hungry", ON_STANDIN, resources={"memory": "64Mi"}, runPolicy={"backoffLimit": 0}))
+
+    failed = jobs.wait_condition("hungry", c.CONDITION_FAILED, "True", c.REASON_OOM_KILLED, operator=operator)
+
+    assert "raise resources.memory" in failed["message"]
+    assert jobs.get("hungry")["status"]["phase"] == "Failed"
+
+
+def test_a_queued_job_waits_for_kueue_to_admit_it_then_runs(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("queued", ON_KWOK, queueName="gpu-queue"))
+    jobs.wait_condition("queued", c.CONDITION_QUEUED, "True", c.REASON_WAITING_FOR_QUEUE, operator=operator)
+    trainer = jobs.child("job", "queued-trainer")
+    assert trainer is not None
+    assert trainer["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert trainer["spec"]["suspend"] is True
+    assert jobs.get("queued")["status"]["phase"] == "Queued"
+
+    # What Kueue does on admission: unsuspend the Job. The operator leaves a queued Job's suspend to Kueue.
+    jobs.kube.kubectl(
+        "patch", "job", "queued-trainer", "-n", jobs.namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}',
+        check=True,
+    )  # fmt: skip
+
+    done = jobs.wait_phase("queued", "Succeeded", operator=operator)
+    assert any(
+        cond["type"] == c.CONDITION_QUEUED and cond["status"] == "False" for cond in done["status"]["conditions"]
+    )
+
+
 def test_unschedulable_then_deadline_exceeded(jobs: Jobs, operator: Operator) -> None:
     jobs.create(finetunejob("stuck", NOWHERE, runPolicy={"activeDeadlineSeconds": 8}))
     waiting = jobs.wait_condition("stuck", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)

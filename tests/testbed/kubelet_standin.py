@@ -4,7 +4,11 @@ Never shipped in the operator. For each pod scheduled onto one of its nodes it r
 (values, ConfigMap and Secret references, the downward API), hands the process a kubeconfig with a real token of the
 pod's ServiceAccount (what the projected token volume gives a real pod), runs the container's own command, keeps its
 log, and writes the pod status back: Running, then Succeeded/Failed with the exit code and the termination message.
-Deleting a pod sends SIGTERM, then SIGKILL after the grace period, like a kubelet. It also serves the one kubelet API
+Deleting a pod sends SIGTERM, then SIGKILL after the grace period, like a kubelet. Two kubelet failures happen for real:
+an image from a registry that cannot resolve (any host under the reserved `.invalid` TLD; the stand-in pulls nothing
+else, it runs local processes) stays Waiting in ErrImagePull/ImagePullBackOff, and a container whose processes
+together use more memory than its limit is killed with SIGKILL and reported OOMKilled (exit 137), as the kernel's
+cgroup OOM killer does. It also serves the one kubelet API
 the API server needs for `kubectl logs` (GET /containerLogs/..., over HTTPS with a self-signed certificate, which the
 API server accepts when it is not given a kubelet CA), so `pods/log` works for its pods.
 """
@@ -124,6 +128,59 @@ def resolve_env(container: dict[str, Any], pod: dict[str, Any], core: Any) -> di
     return env
 
 
+UNRESOLVABLE_REGISTRY_SUFFIX = ".invalid"  # RFC 6761: never resolves, so a pull from it always fails
+QUANTITY_FACTORS = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+}  # fmt: skip
+
+
+def image_registry(image: str) -> str | None:
+    """The registry host of an image reference, None for Docker Hub short names (`name:tag`, `org/name`)."""
+    first, sep, _ = image.partition("/")
+    if not sep:
+        return None
+    return first if ("." in first or ":" in first or first == "localhost") else None
+
+
+def cannot_pull(image: str) -> bool:
+    """Whether pulling the image fails here: its registry host is under the reserved `.invalid` TLD."""
+    registry = image_registry(image)
+    return registry is not None and registry.split(":")[0].endswith(UNRESOLVABLE_REGISTRY_SUFFIX)
+
+
+def memory_limit_bytes(container: dict[str, Any]) -> int | None:
+    """The container's memory limit in bytes (resources.limits.memory), None without one."""
+    text = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    if not text:
+        return None
+    for suffix, factor in sorted(QUANTITY_FACTORS.items(), key=lambda item: -len(item[0])):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(float(text))
+
+
+def process_group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every process in the group (the container's processes), from /proc."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5 of stat: the process group
+                total += int((entry / "statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return total
+
+
+def exit_status(returncode: int) -> int:
+    """Popen's return code as a container runtime reports it: a death by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def local_argv(container: dict[str, Any]) -> list[str]:
     """The container's command and args; `python` means this interpreter (the image's Python, locally)."""
     argv = [*(container.get("command") or []), *(container.get("args") or [])]
@@ -241,6 +298,8 @@ class RunningPod:
     termination_path: Path
     started_at: str
     deleting_since: float | None = None
+    memory_limit: int | None = None
+    oom_killed: bool = False
 
 
 @dataclass
@@ -333,6 +392,10 @@ class KubeletStandin:
         log_path = self.log_path(namespace, name)
         termination_path = self.pod_dir / f"{namespace}_{name}.termination"
         termination_path.unlink(missing_ok=True)
+        if cannot_pull(container.get("image", "")):
+            self.finished.add(key)  # reported once: the pull never succeeds here
+            self._write_waiting(core, pod, container)
+            return
         try:
             env = {**self._base_env(), **resolve_env(container, pod, core), **self.extra_env}
             env["KUBECONFIG"] = self._pod_kubeconfig(pod)
@@ -352,7 +415,9 @@ class KubeletStandin:
                 start_new_session=True,
             )
         started = now_rfc3339()
-        self.running[key] = RunningPod(process, log_path, termination_path, started)
+        self.running[key] = RunningPod(
+            process, log_path, termination_path, started, memory_limit=memory_limit_bytes(container)
+        )
         status = {
             "phase": "Running",
             "podIP": "127.0.0.1",
@@ -378,11 +443,49 @@ class KubeletStandin:
         }
         core.patch_namespaced_pod_status(name, namespace, {"status": status})
 
+    def _write_waiting(self, core: Any, pod: dict[str, Any], container: dict[str, Any]) -> None:
+        """The pod stays Pending with its container waiting on the image, as a kubelet reports a failing pull
+        (ErrImagePull once, then ImagePullBackOff between retries; this stand-in never succeeds, so the latter)."""
+        image = container.get("image", "")
+        registry = image_registry(image)
+        status = {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": image,
+                    "imageID": "",
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {
+                        "waiting": {
+                            "reason": "ImagePullBackOff",
+                            "message": f'Back-off pulling image "{image}": dial tcp: lookup {registry}: no such host',
+                        }
+                    },
+                }
+            ],
+        }
+        core.patch_namespaced_pod_status(pod["metadata"]["name"], pod["metadata"]["namespace"], {"status": status})
+
+    def _enforce_memory_limit(self, running: RunningPod) -> None:
+        """SIGKILL the container's processes once together they use more than the memory limit (the cgroup OOM
+        killer's verdict)."""
+        if running.memory_limit is None or running.oom_killed or running.process.poll() is not None:
+            return
+        if process_group_rss_bytes(running.process.pid) > running.memory_limit:
+            running.oom_killed = True
+            os.killpg(running.process.pid, signal.SIGKILL)
+
     def _reap(self, core: Any, pod: dict[str, Any], key: str) -> None:
         running = self.running[key]
-        code = running.process.poll()
-        if code is None:
+        self._enforce_memory_limit(running)
+        returncode = running.process.poll()
+        if returncode is None:
             return
+        code = exit_status(returncode)
         del self.running[key]
         self.finished.add(key)
         message = ""
@@ -391,7 +494,7 @@ class KubeletStandin:
         if not message and code != 0:
             # terminationMessagePolicy FallbackToLogsOnError: the log tail stands in for the message.
             message = "\n".join(running.log_path.read_text(errors="replace").splitlines()[-80:])[-2048:]
-        reason = "Completed" if code == 0 else ("OOMKilled" if code == 137 else "Error")
+        reason = "Completed" if code == 0 else ("OOMKilled" if running.oom_killed else "Error")
         self._write_terminated(core, pod, code, reason, message, running.started_at)
 
     def _write_terminated(
