@@ -2,7 +2,8 @@
 
 It imports transformers at the top because it subclasses TrainerCallback; only the benchmark's child processes import
 it. The same meter goes into our trainer and the plain TRL script, so both are counted the same way: a forward
-pre-hook on the model sums the attention mask, or counts every token of a padding-free (packed) batch, which has none.
+pre-hook on the model sums the attention mask; a packed batch has none, and counts every token but a row's pad tail
+(TRL's padding-free row has no tail; our trainer's [rows, longest row] batches on the CPU have one per shorter row).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from transformers import TrainerCallback
+
+IGNORED_LABEL = -100
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,26 @@ def fed_tokens(inputs: dict[str, Any]) -> int:
     return int(ids.numel()) if ids is not None else 0
 
 
+def pad_tail_tokens(position_ids: Any, labels: Any) -> int:
+    """Pad-tail tokens of packed rows: a row's last attention block (from its last position 0 on) when none of its
+    labels is trained, which a packed example always has (its completion, or every token of plain text)."""
+    tail = 0
+    for positions, row_labels in zip(position_ids.tolist(), labels.tolist(), strict=True):
+        start = len(positions) - 1 - positions[::-1].index(0)
+        if all(label == IGNORED_LABEL for label in row_labels[start:]):
+            tail += len(positions) - start
+    return tail
+
+
 def real_tokens(inputs: dict[str, Any]) -> int:
-    """Non-pad tokens of one forward's inputs: the attention mask's ones, or all of a padding-free batch."""
+    """Non-pad tokens of one forward's inputs: the attention mask's ones, or a packed batch's tokens but pad tails."""
     mask = inputs.get("attention_mask")
     if mask is not None:
         return int(mask.sum().item())
-    return fed_tokens(inputs)
+    position_ids, labels = inputs.get("position_ids"), inputs.get("labels")
+    if position_ids is None or labels is None:
+        return fed_tokens(inputs)
+    return fed_tokens(inputs) - pad_tail_tokens(position_ids, labels)
 
 
 class ThroughputMeter(TrainerCallback):

@@ -6,7 +6,7 @@ SmolLM2-135M-Instruct, qLoRA (4-bit nf4 base, LoRA r16 on every linear layer), t
 learning-rate schedule and seed for both. Every configuration runs in its own process (so peak RSS is its own), for
 `warmup` unmeasured steps and then `steps` measured ones; the rounds alternate the order of the configurations, so a
 burst of load from elsewhere on the machine hits both sides. Real tokens are counted by the same forward hook in both
-(bench/throughput_meter.py): attention-mask ones, or every token of a padding-free packed batch.
+(bench/throughput_meter.py): attention-mask ones, or every token of a packed batch but its rows' pad tails.
 
 Data: AG News rows (classification: the label list in the prompt, the label as the answer) for the plain comparison,
 and a length-skewed set built from the shared samples (three short Banking77 questions for every long row of four
@@ -14,8 +14,9 @@ AG News articles) for packing. Both sides get the same examples: the plain scrip
 produced, so the token streams are identical and only the training loop differs.
 
 With packing, TRL concatenates a batch's packed rows into one padding-free row; the plain script keeps that. Our
-trainer on the CPU feeds one packed row per forward and accumulates the batch (training.sft_batch_shape), since
-without a variable-length attention kernel attention over the concatenated row is quadratic in batch x length.
+trainer on the CPU feeds the batch's packed rows as one [batch, longest row] tensor with block-diagonal attention
+(training.BlockDiagonalPackedCollator), since without a variable-length attention kernel attention over the
+concatenated row is quadratic in batch x length.
 
 Results: a markdown table on stdout and in bench/results/trainer_throughput.md, with the machine and its load.
 """
@@ -419,8 +420,9 @@ def render_report(results: Sequence[RunResult], settings: Settings, rows: int, s
         f"{settings.steps} measured steps per run, each run in its own process; rounds alternate the order. "
         f"Data: {rows} rows of each set (AG News classification; skewed = {SHORT_PER_LONG} short Banking77 "
         f"questions per long row of {ARTICLES_PER_LONG_ROW} AG News articles). Real tokens = non-pad tokens fed "
-        "to the model (prompt included). With packing our trainer feeds one packed row per forward on the CPU "
-        "(accumulating the batch); the plain script feeds TRL's concatenated batch row.",
+        "to the model (prompt included). With packing our trainer feeds the batch's packed rows as one "
+        "[batch, longest row] tensor with block-diagonal attention on the CPU; the plain script feeds TRL's "
+        "concatenated batch row.",
         "",
         *configuration_rows(results),
         "",

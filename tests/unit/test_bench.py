@@ -70,6 +70,17 @@ def test_real_tokens_are_the_attention_mask_or_every_token_of_a_padding_free_bat
     assert (real_tokens(packed), fed_tokens(packed)) == (9, 9)
 
 
+def test_packed_rows_with_a_pad_tail_count_every_token_but_the_tail() -> None:
+    import torch
+
+    # Row 1: examples of 3 and 2 tokens, then a 2-token pad tail; row 2 fills the width with examples of 4 and 3.
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 0, 1, 2]])
+    labels = torch.tensor([[-100, 5, 6, -100, 7, -100, -100], [-100, -100, 8, 9, -100, 3, 4]])
+    batch = {"input_ids": torch.ones(2, 7, dtype=torch.long), "position_ids": positions, "labels": labels}
+
+    assert (real_tokens(batch), fed_tokens(batch)) == (12, 14)
+
+
 def test_ratios_compare_mean_throughputs_and_tables_say_whether_targets_are_met() -> None:
     results = [
         result("ag_news/plain", 1000, 10.0),

@@ -30,6 +30,7 @@ from kubetune_trainer.training import (
     build_sft_config,
     classification_records,
     common_arguments,
+    counted_input_tokens,
     record_kind,
     sft_batch_shape,
     sft_record,
@@ -344,9 +345,9 @@ def test_sft_config_carries_loss_masking_packing_and_length(tmp_path: Path) -> N
 
     assert config.max_length == 200 and config.packing and config.completion_only_loss is False
     assert config.save_steps == 9 and config.report_to == [] and config.use_cpu
-    # Packed batches have no padding (and the pad token is often EOS): every token fed is a real one.
-    assert config.include_num_input_tokens_seen == "all"
-    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 8)
+    # A packed batch on the CPU is batchSize rows at once, as on CUDA; its real tokens are counted from the collator.
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (8, 1)
+    assert config.include_num_input_tokens_seen == "non_padding"
     unpacked = build_sft_config(spec.model_copy(update={"training": TrainingSpec()}), tmp_path, "no", on_cuda=False)
     assert unpacked.include_num_input_tokens_seen == "non_padding"
 
@@ -355,16 +356,23 @@ def test_sft_config_carries_loss_masking_packing_and_length(tmp_path: Path) -> N
 # Records
 
 
-@pytest.mark.parametrize(
-    ("packing", "on_cuda", "expected"),
-    [(True, False, (1, 24)), (True, True, (8, 3)), (False, False, (8, 3)), (False, True, (8, 3))],
-)
-def test_packed_rows_go_through_one_at_a_time_on_the_cpu(
-    packing: bool, on_cuda: bool, expected: tuple[int, int]
+@pytest.mark.parametrize(("packing", "on_cuda"), [(True, False), (True, True), (False, False), (False, True)])
+def test_the_sft_batch_is_batch_size_rows_with_or_without_packing_on_either_device(
+    packing: bool, on_cuda: bool
 ) -> None:
     training = TrainingSpec(batch_size=8, gradient_accumulation_steps=3, packing=packing)
 
-    assert sft_batch_shape(training, on_cuda) == expected
+    assert sft_batch_shape(training, on_cuda) == (8, 3)
+
+
+@pytest.mark.parametrize(
+    ("packing", "on_cuda", "expected"),
+    # Padding-free packed rows (CUDA) are all real tokens; the others carry an attention mask or, packed on the CPU,
+    # their real-token counts (which the packed trainer adds instead).
+    [(True, True, "all"), (True, False, "non_padding"), (False, True, "non_padding"), (False, False, "non_padding")],
+)
+def test_how_real_tokens_are_counted(packing: bool, on_cuda: bool, expected: str) -> None:
+    assert counted_input_tokens(packing, on_cuda) == expected
 
 
 def test_chat_examples_become_conversational_prompt_completion() -> None:
