@@ -14,8 +14,6 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-IGNORED_LABEL = -100
-
 
 @dataclass(frozen=True)
 class WindowMeasure:
@@ -37,26 +35,29 @@ def fed_tokens(inputs: dict[str, Any]) -> int:
     return int(ids.numel()) if ids is not None else 0
 
 
-def pad_tail_tokens(position_ids: Any, labels: Any) -> int:
-    """Pad-tail tokens of packed rows: a row's last attention block (from its last position 0 on) when none of its
-    labels is trained, which a packed example always has (its completion, or every token of plain text)."""
+def pad_tail_tokens(position_ids: Any, input_ids: Any, pad_token_id: int | None) -> int:
+    """Pad-tail tokens of packed rows: a row's last attention block (from its last position 0 on) when it is pad
+    tokens only. (Its labels cannot tell: a packed example cut at maxLength before its completion trains no token
+    either.)"""
+    if pad_token_id is None:
+        return 0
     tail = 0
-    for positions, row_labels in zip(position_ids.tolist(), labels.tolist(), strict=True):
+    for positions, ids in zip(position_ids.tolist(), input_ids.tolist(), strict=True):
         start = len(positions) - 1 - positions[::-1].index(0)
-        if all(label == IGNORED_LABEL for label in row_labels[start:]):
+        if start > 0 and all(token == pad_token_id for token in ids[start:]):
             tail += len(positions) - start
     return tail
 
 
-def real_tokens(inputs: dict[str, Any]) -> int:
+def real_tokens(inputs: dict[str, Any], pad_token_id: int | None = None) -> int:
     """Non-pad tokens of one forward's inputs: the attention mask's ones, or a packed batch's tokens but pad tails."""
     mask = inputs.get("attention_mask")
     if mask is not None:
         return int(mask.sum().item())
-    position_ids, labels = inputs.get("position_ids"), inputs.get("labels")
-    if position_ids is None or labels is None:
+    position_ids, input_ids = inputs.get("position_ids"), inputs.get("input_ids")
+    if position_ids is None or input_ids is None:
         return fed_tokens(inputs)
-    return fed_tokens(inputs) - pad_tail_tokens(position_ids, labels)
+    return fed_tokens(inputs) - pad_tail_tokens(position_ids, input_ids, pad_token_id)
 
 
 class ThroughputMeter(TrainerCallback):
@@ -70,14 +71,19 @@ class ThroughputMeter(TrainerCallback):
         self.fed = 0
         self.window_start: tuple[float, int, int] | None = None
         self.result: WindowMeasure | None = None
+        self.pad_token_id: int | None = None
         self._hook: Any = None
 
     def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if module.training:
-            self.tokens += real_tokens(kwargs)
+            self.tokens += real_tokens(kwargs, self.pad_token_id)
             self.fed += fed_tokens(kwargs)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        tokenizer = kwargs.get("processing_class")
+        if tokenizer is not None:
+            # What TRL pads with: the tokenizer's pad token, else its EOS.
+            self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if model is not None and self._hook is None:
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 

@@ -73,12 +73,14 @@ def test_real_tokens_are_the_attention_mask_or_every_token_of_a_padding_free_bat
 def test_packed_rows_with_a_pad_tail_count_every_token_but_the_tail() -> None:
     import torch
 
-    # Row 1: examples of 3 and 2 tokens, then a 2-token pad tail; row 2 fills the width with examples of 4 and 3.
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 0, 1, 2]])
-    labels = torch.tensor([[-100, 5, 6, -100, 7, -100, -100], [-100, -100, 8, 9, -100, 3, 4]])
-    batch = {"input_ids": torch.ones(2, 7, dtype=torch.long), "position_ids": positions, "labels": labels}
+    pad = 2
+    # Row 1: examples of 3 and 2 tokens, then a 2-token pad tail; row 2 fills the width with examples of 4 and 3, the
+    # last ending in the pad token (an EOS that is also the pad token); row 3 is one example cut before its answer.
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6]])
+    ids = torch.tensor([[5, 6, 2, 7, 2, 2, 2], [5, 6, 7, 2, 8, 9, 2], [5, 6, 7, 8, 9, 10, 11]])
+    batch = {"input_ids": ids, "position_ids": positions, "labels": torch.full((3, 7), -100)}
 
-    assert (real_tokens(batch), fed_tokens(batch)) == (12, 14)
+    assert (real_tokens(batch, pad_token_id=pad), fed_tokens(batch)) == (19, 21)
 
 
 def test_ratios_compare_mean_throughputs_and_tables_say_whether_targets_are_met() -> None:
