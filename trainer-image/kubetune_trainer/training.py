@@ -480,6 +480,7 @@ def train(
         ProgressCallback,
         RunFlags,
         RunGuardCallback,
+        leave_process_group,
     )
 
     flags = RunFlags()
@@ -510,9 +511,12 @@ def train(
             "it. Lower training.learningRate, raise training.warmupSteps or check the data for empty completions"
         )
     if guard.stopped_for_preemption and state.global_step < state.max_steps:
+        leave_process_group()
         raise TrainingPreempted(state.global_step, state.global_step in uploader.uploaded_steps)
     adapter_dir = work_dir / ADAPTER_SUBDIR
     save_outputs(trainer, loaded, data.labels, adapter_dir)
+    # Nothing collective comes after saving: rank 0 alone merges, evaluates and publishes.
+    leave_process_group()
     merged_dir = None
     if spec.output.merge_adapter and spec.method != "full" and trainer.is_world_process_zero():
         merged_dir = merge_adapter(model_dir, adapter_dir, work_dir / MERGED_SUBDIR, loaded, data.labels)

@@ -48,6 +48,18 @@ def synchronize() -> None:
         torch.distributed.barrier()
 
 
+def leave_process_group() -> None:
+    """Wait for every rank, then tear the torch.distributed group down (a no-op in a single process).
+
+    Left to the interpreter's exit, gloo's destructor raced the peer closing its sockets: a rank that exited while
+    rank 0 went on to evaluate was sometimes killed by std::terminate (SIGABRT, "terminate called without an active
+    exception") after a run that had succeeded.
+    """
+    if distributed_world() > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def any_rank(values: list[bool], device: Any) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks, so that every rank stops (or saves) at the same step."""
     if distributed_world() == 1:
