@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +60,7 @@ TARGETS: dict[str, Target] = {
     "ag_news": Target(accuracy=0.90, train_minutes=15, naive_accuracy=0.88),
     "banking77": Target(accuracy=0.80, train_minutes=30, naive_accuracy=0.38),
 }
+DEFAULT_BASELINES = ("zeroShot", "fewShot")
 DEFAULT_OBJECTIVE: dict[str, Objective] = {"ag_news": "causal-lm", "banking77": "sequence-classification"}
 
 # The recipes, as FineTuneJob fields (camelCase, as in a manifest). Anything left out takes the API default.
@@ -104,7 +105,7 @@ def recipe_job(
     output_uri: str,
     max_samples: int,
     max_steps: int | None = None,
-    baselines: tuple[str, ...] = ("zeroShot", "fewShot"),
+    baselines: tuple[str, ...] = DEFAULT_BASELINES,
     data_dir: Path = DATA_DIR,
 ) -> Any:
     """The FineTuneJob this bench runs for one dataset and objective (validated by the API models)."""
@@ -259,6 +260,13 @@ def machine_lines(started: datetime, load: LoadSampler) -> list[str]:
     ]
 
 
+def baselines_option(baselines: Sequence[str]) -> str:
+    """The --baselines option of the command line that ran these baselines ("" for the default pair)."""
+    if list(baselines) == list(DEFAULT_BASELINES):
+        return ""
+    return f' --baselines "{",".join(baselines)}"'
+
+
 def render_report(
     dataset: str,
     job: Any,
@@ -281,7 +289,7 @@ def render_report(
             f"# Quality: {dataset}, objective {spec.training.objective}",
             "",
             f"Command: `python -m bench.quality --dataset {dataset} --objective {spec.training.objective} "
-            f"--max-samples {spec.evaluation.max_samples}`",
+            f"--max-samples {spec.evaluation.max_samples}{baselines_option(spec.evaluation.baselines)}`",
             "",
             f"SmolLM2-135M-Instruct, qLoRA, our trainer (`run_job`) on the CPU; {report['samples']} held-out rows "
             f"(the test file), every model scored on the same rows. Training steps: {int(metrics.get('trainSteps', 0))}"
@@ -333,7 +341,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 @click.option("--max-steps", type=int, default=None, help="Cap the optimizer steps (a quick check, not the recipe).")
 @click.option(
     "--baselines",
-    default="zeroShot,fewShot",
+    default=",".join(DEFAULT_BASELINES),
     show_default=True,
     help="Comma-separated prompting baselines to score beside the tuned model; empty for none.",
 )

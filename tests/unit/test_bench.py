@@ -9,7 +9,7 @@ import pytest
 from kubetune_trainer.evaluation_results import EvalSample, EvaluationResults, ModelResult
 from kubetune_trainer.report import build_report
 
-from bench.quality import RECIPES, TARGETS, model_rows, recipe_job, table_lines, verdict_lines
+from bench.quality import RECIPES, TARGETS, baselines_option, model_rows, recipe_job, table_lines, verdict_lines
 from bench.throughput_meter import fed_tokens, real_tokens
 from bench.trainer_throughput import (
     COMPARISONS,
@@ -129,6 +129,12 @@ def test_every_recipe_is_a_valid_job_on_the_shared_files(dataset: str, objective
 def test_max_steps_caps_a_recipe_for_a_quick_check(tmp_path: Path) -> None:
     job = recipe_job("ag_news", "causal-lm", model_dir=tmp_path, output_uri=str(tmp_path), max_samples=8, max_steps=3)
     assert job.spec.training.max_steps == 3
+
+
+def test_the_reported_command_names_baselines_other_than_the_default() -> None:
+    assert baselines_option(["zeroShot", "fewShot"]) == ""
+    assert baselines_option([]) == ' --baselines ""'
+    assert baselines_option(["zeroShot"]) == ' --baselines "zeroShot"'
 
 
 def test_quality_table_reads_the_trainers_report_json() -> None:
