@@ -56,7 +56,7 @@ def leave_process_group() -> None:
     exception") after a run that had succeeded.
     """
     if distributed_world() > 1:
-        torch.distributed.barrier()
+        synchronize()
         torch.distributed.destroy_process_group()
 
 
