@@ -34,9 +34,9 @@ from typing import Any, Literal
 import click
 
 from bench.machine import cpu_line, library_versions
+from tests.testbed.shared_data import shared_sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 # See bench/trainer_throughput.py: spinning OpenMP threads halve a 2-thread matmul when other processes share the CPU.
 OMP_WAIT_POLICY = "PASSIVE"
@@ -106,7 +106,7 @@ def recipe_job(
     max_samples: int,
     max_steps: int | None = None,
     baselines: tuple[str, ...] = DEFAULT_BASELINES,
-    data_dir: Path = DATA_DIR,
+    data_dir: Path | None = None,
 ) -> Any:
     """The FineTuneJob this bench runs for one dataset and objective (validated by the API models)."""
     from kubetune.api import FineTuneJob
@@ -118,8 +118,8 @@ def recipe_job(
     spec: dict[str, Any] = {
         "model": {"uri": str(model_dir)},
         "dataset": {
-            "train": str(data_dir / dataset / "train.jsonl"),
-            "validation": str(data_dir / dataset / "test.jsonl"),
+            "train": str(shared_sample(dataset, "train", data_dir)),
+            "validation": str(shared_sample(dataset, "test", data_dir)),
             "format": "classification",
             **recipe["dataset"],
         },

@@ -41,9 +41,9 @@ from typing import Any, Literal
 import click
 
 from bench.machine import cpu_line, library_versions
+from tests.testbed.shared_data import shared_sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 RESULTS_FILE = REPO_ROOT / "bench" / "results" / "trainer_throughput.md"
 RESULT_PREFIX = "THROUGHPUT-RESULT "
 
@@ -169,8 +169,8 @@ def skewed_rows(ag_news: Sequence[dict[str, Any]], banking77: Sequence[dict[str,
 
 def write_datasets(target: Path, rows: int, seed: int) -> dict[str, tuple[Path, str]]:
     """The two training files: {name: (path, dataset.format)}."""
-    ag_news = read_jsonl(DATA_DIR / "ag_news" / "train.jsonl")
-    banking77 = read_jsonl(DATA_DIR / "banking77" / "train.jsonl")
+    ag_news = read_jsonl(shared_sample("ag_news"))
+    banking77 = read_jsonl(shared_sample("banking77"))
     target.mkdir(parents=True, exist_ok=True)
     files = {
         "ag_news": (target / "ag_news.jsonl", "classification", ag_news[:rows]),

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from kubetune.api import DatasetSpec, FineTuneJob
 from kubetune.manifests import load_finetunejobs
+from tests.testbed.shared_data import MISSING_DATA_HINT, SHARED_DATA_DIR, SharedDataMissingError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_ROOT / "examples"
 EXAMPLE_DATA_DIR = EXAMPLES_DIR / "data"
-# The AG News and Banking77 samples are not in the repository; shared/ sits beside the checkout, in CI as here.
-SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 # Each S3 prefix the manifests read data from, and the local directory holding the same files.
 DATA_MIRRORS: dict[str, Path] = {
@@ -62,7 +61,10 @@ def local_path(uri: str) -> Path:
     """The local copy of a file an example reads from S3."""
     for prefix, directory in DATA_MIRRORS.items():
         if uri.startswith(prefix):
-            return directory / uri[len(prefix) :]
+            path = directory / uri[len(prefix) :]
+            if directory.is_relative_to(SHARED_DATA_DIR) and not path.is_file():
+                raise SharedDataMissingError(f"{uri} is mirrored by {path}, which is missing ({MISSING_DATA_HINT})")
+            return path
     raise AssertionError(f"{uri} is under no prefix of DATA_MIRRORS; add the local copy of its data there")
 
 

@@ -24,13 +24,13 @@ from tests.testbed.demo import create_s3_secret, helm_values, loopback_ports, sc
 from tests.testbed.processes import REPO_ROOT, wait_for
 from tests.testbed.prometheus import PrometheusServer
 from tests.testbed.s3 import S3Server
+from tests.testbed.shared_data import shared_sample
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.e2e
 
 OPERATOR_NAMESPACE = "kubetune-e2e"
 JOBS_NAMESPACE = "e2e-jobs"
-AG_NEWS = REPO_ROOT.parent / "shared" / "data" / "ag_news"
 DASHBOARD = REPO_ROOT / "charts" / "kubetune" / "dashboards" / "kubetune.json"
 
 
@@ -83,7 +83,7 @@ def upload_tiny_model(s3: S3Server, bucket: str, work: Path) -> str:
 
 
 def upload_dataset(s3: S3Server, bucket: str) -> tuple[str, str]:
-    rows = (AG_NEWS / "train.jsonl").read_text().splitlines()
+    rows = shared_sample("ag_news").read_text().splitlines()
     s3.client().put_object(Bucket=bucket, Key="data/train.jsonl", Body="\n".join(rows[:48]).encode())
     s3.client().put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"text": "ok", "label": "World"}\n{"text": \n')
     return f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/data/bad.jsonl"

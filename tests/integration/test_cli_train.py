@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,10 @@ import yaml
 from click.testing import CliRunner
 
 from kubetune.cli import main
+from tests.testbed.shared_data import shared_sample
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
-
-SAMPLE_TRAIN = Path(os.environ.get("KUBETUNE_SAMPLE_DATA", "/work/shared/data")) / "ag_news" / "train.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()[:40]]
+    rows = [json.loads(line) for line in shared_sample("ag_news").read_text().splitlines()[:40]]
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps({"text": row["text"][:80], "label": row["label"]}) + "\n" for row in rows))
     return path

@@ -28,13 +28,13 @@ from kubetune.contract import TrainerSummary, trainer_command
 from kubetune.crd import CRD_NAME
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.s3 import S3Server
+from tests.testbed.shared_data import shared_sample
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 from tests.testbed.trainer_credentials import trainer_kubeconfig
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_DATA = Path(os.environ.get("KUBETUNE_SAMPLE_DATA", "/work/shared/data")) / "ag_news"
 CRD_FILE = REPO / "crds" / "kubetune.io_finetunejobs.yaml"
 TRAIN_ROWS = 40
 MAX_STEPS = 4
@@ -51,7 +51,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def news_rows(count: int) -> bytes:
-    rows = [json.loads(line) for line in (SAMPLE_DATA / "train.jsonl").read_text().splitlines()[:count]]
+    rows = [json.loads(line) for line in shared_sample("ag_news").read_text().splitlines()[:count]]
     # Short texts keep the tiny model's steps cheap; labels and format are what matter here.
     return "".join(json.dumps({"text": row["text"][:80], "label": row["label"]}) + "\n" for row in rows).encode()
 
@@ -567,7 +567,7 @@ def test_progress_patches_land_on_its_own_job_and_are_refused_for_another(
 @pytest.mark.timeout(1800)  # ~1 minute alone; 14 minutes was seen with a benchmark sharing the 2 cores
 def test_smollm2_learns_ag_news_labels_the_loss_falls(smollm2_dir: Path, tmp_path: Path) -> None:
     train = tmp_path / "train.jsonl"
-    rows = [json.loads(line) for line in (SAMPLE_DATA / "train.jsonl").read_text().splitlines()[:200]]
+    rows = [json.loads(line) for line in shared_sample("ag_news").read_text().splitlines()[:200]]
     train.write_text("".join(json.dumps({"text": row["text"], "label": row["label"]}) + "\n" for row in rows))
     output = tmp_path / "out"
     manifest = job_manifest("smollm2", None, str(smollm2_dir), str(train), str(output))

@@ -38,11 +38,11 @@ from transformers import TrainerCallback
 from kubetune import storage
 from kubetune.api import FineTuneJobSpec, ModelSpec, ProgressStatus
 from kubetune.contract import EXIT_CODE_PREEMPTED, trainer_command
+from tests.testbed.shared_data import shared_sample
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
 
-SAMPLE_TRAIN = Path(os.environ.get("KUBETUNE_SAMPLE_DATA", "/work/shared/data")) / "ag_news" / "train.jsonl"
 DRIVER = Path(__file__).with_name("training_driver.py")
 REGION = "us-east-1"
 TRAIN_ROWS = 40
@@ -97,7 +97,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()[:TRAIN_ROWS]]
+    rows = [json.loads(line) for line in shared_sample("ag_news").read_text().splitlines()[:TRAIN_ROWS]]
     # Short texts keep every step cheap; the labels are the point here, not the news.
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps({"text": row["text"][:80], "label": row["label"]}) + "\n" for row in rows))
@@ -283,7 +283,7 @@ def test_sequence_classification_trains_the_head_and_saves_it_with_the_adapter(
 
 
 def test_packed_text_trains_with_gradient_checkpointing(tiny_model: Path, bucket: str, tmp_path: Path) -> None:
-    rows = [json.loads(line)["text"] for line in SAMPLE_TRAIN.read_text().splitlines()[:TRAIN_ROWS]]
+    rows = [json.loads(line)["text"] for line in shared_sample("ag_news").read_text().splitlines()[:TRAIN_ROWS]]
     text_file = tmp_path / "text.jsonl"
     text_file.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
     dataset = {"train": str(text_file), "format": "text", "maxLength": 128}

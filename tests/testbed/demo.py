@@ -19,13 +19,13 @@ from tests.testbed.controlplane import ControlPlane
 from tests.testbed.processes import REPO_ROOT, ManagedProcess, cache_dir, free_port, testbed_binary, wait_for
 from tests.testbed.prometheus import PrometheusServer
 from tests.testbed.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.testbed.shared_data import shared_sample
 from tests.testbed.smollm2 import convert_smollm2
 
 STANDIN_NODE = "standin-gpu-0"
 JOB_NAMESPACE = "demo"
 OPERATOR_NAMESPACE = "kubetune-system"
 EXAMPLE = REPO_ROOT / "examples" / "agnews-qlora.yaml"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 BUCKETS = ("kubetune-data", "kubetune-models", "kubetune-artifacts")
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 
@@ -39,11 +39,8 @@ def say(text: str) -> None:
 
 
 def shared_data_dir() -> Path:
-    """The shared AG News sample (shared/ sits beside the checkout; KUBETUNE_SHARED_DATA overrides it)."""
-    path = Path(os.environ.get("KUBETUNE_SHARED_DATA", SHARED_DATA))
-    if not (path / "ag_news" / "train.jsonl").exists():
-        raise FileNotFoundError(f"{path}/ag_news/train.jsonl is missing: set KUBETUNE_SHARED_DATA to shared/data")
-    return path
+    """The folder holding the shared AG News sample (SharedDataMissingError, naming the fix, when it is not there)."""
+    return shared_sample("ag_news").parent.parent
 
 
 def upload_inputs(s3: S3Server, model_dir: Path, data_dir: Path) -> None:

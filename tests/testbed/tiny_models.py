@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
-SAMPLE_DATA_DIR = Path(os.environ.get("KUBETUNE_SAMPLE_DATA", "/work/shared/data"))
+from tests.testbed.shared_data import SHARED_DATA_DIR
+
 SAMPLE_FILES = ("ag_news/train.jsonl", "banking77/train.jsonl")
 
 BOS_TOKEN = "<|endoftext|>"
@@ -40,7 +40,7 @@ FALLBACK_TEXTS = (
 )
 
 
-def sample_texts(data_dir: Path = SAMPLE_DATA_DIR) -> list[str]:
+def sample_texts(data_dir: Path = SHARED_DATA_DIR) -> list[str]:
     """The `text` fields of the shared sample train files, or FALLBACK_TEXTS when they are not on this machine."""
     texts: list[str] = []
     for name in SAMPLE_FILES:

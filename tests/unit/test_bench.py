@@ -24,6 +24,7 @@ from bench.trainer_throughput import (
 )
 from bench.trainer_throughput import CONFIGURATIONS as THROUGHPUT_CONFIGURATIONS
 from kubetune.api import FineTuneJob
+from tests.testbed.shared_data import SharedDataMissingError, shared_sample
 
 pytestmark = pytest.mark.unit
 
@@ -116,14 +117,20 @@ def test_every_recipe_is_a_valid_job_on_the_shared_files(dataset: str, objective
         model_dir=tmp_path / "model",
         output_uri=str(tmp_path / "out"),
         max_samples=500,
-        data_dir=tmp_path / "data",
     )
 
     assert isinstance(job, FineTuneJob)
     assert job.spec.training.objective == objective
-    assert job.spec.dataset.validation == str(tmp_path / "data" / dataset / "test.jsonl")
+    assert job.spec.dataset.validation == str(shared_sample(dataset, "test"))
     assert job.spec.evaluation.baselines == ["zeroShot", "fewShot"] and job.spec.evaluation.few_shot_k == 5
     assert job.spec.evaluation.max_samples == 500 and job.spec.training.max_steps is None
+
+
+def test_a_recipe_on_missing_samples_names_the_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SharedDataMissingError, match=str(tmp_path / "banking77" / "train.jsonl")):
+        recipe_job(
+            "banking77", "sequence-classification", model_dir=tmp_path, output_uri="", max_samples=8, data_dir=tmp_path
+        )
 
 
 def test_max_steps_caps_a_recipe_for_a_quick_check(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from kubetune_trainer.main import RunSettings, model_stage
 from kubetune_trainer.progress import ProgressChannel, Reporter
 
 from kubetune.api import DatasetSpec, DatasetStatus, FineTuneJobSpec
-from tests.testbed.tiny_models import SAMPLE_DATA_DIR, build_tiny_llama, build_tiny_tokenizer
+from tests.testbed.shared_data import shared_sample
+from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -75,8 +76,8 @@ def test_banking77_sample_fits_max_length_128_for_the_head(smollm2_dir: Path) ->
 
     tokenizer: Any = AutoTokenizer.from_pretrained(smollm2_dir)
     spec = DatasetSpec(
-        train=str(SAMPLE_DATA_DIR / "banking77" / "train.jsonl"),
-        validation=str(SAMPLE_DATA_DIR / "banking77" / "test.jsonl"),
+        train=str(shared_sample("banking77", "train")),
+        validation=str(shared_sample("banking77", "test")),
         format="classification",
         max_length=128,
     )
