@@ -328,6 +328,7 @@ def build_trainer(
     from transformers import DataCollatorWithPadding, PrinterCallback
     from transformers import ProgressCallback as ConsoleProgressCallback
 
+    from kubetune_trainer.fused_head import score_labelled_positions_only
     from kubetune_trainer.training_callbacks import WatchedSFTTrainer, WatchedTrainer
 
     on_cuda = cuda_available()
@@ -352,6 +353,7 @@ def build_trainer(
             run_flags=flags,
         )
     else:
+        score_labelled_positions_only()
         packed_on_cpu = spec.training.packing and not on_cuda
         sft_trainer = block_diagonal_packed_sft_trainer() if packed_on_cpu else WatchedSFTTrainer
         trainer = sft_trainer(
