@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubetune_trainer import evaluation
 from kubetune_trainer.evaluation import (
     EvaluationInputError,
     completion_loss,
@@ -18,9 +20,10 @@ from kubetune_trainer.evaluation import (
     prompt_token_ids,
     run_evaluation,
     select_shots,
+    shared_prefix_length,
 )
 from kubetune_trainer.examples import Example
-from kubetune_trainer.formats import classification_instruction
+from kubetune_trainer.formats import classification_instruction, few_shot_prompt
 from kubetune_trainer.gate import evaluate_gate
 from kubetune_trainer.judge import LlmJudge
 from kubetune_trainer.metrics import parse_label
@@ -162,6 +165,51 @@ def test_baselines_with_the_adapter_disabled_equal_a_model_without_adapter(
     tuned_again = generate_outputs(peft_model, tokenizer, prompts, batch_size=3, max_new_tokens=6)
     assert tuned_again == results.models["tuned"].outputs
     assert tuned_again != base_outputs
+
+
+def counted_tokens(model: Any) -> list[int]:
+    """Patch the model's forward to record how many input tokens each call feeds it."""
+    fed: list[int] = []
+    forward = model.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        fed.append(int(kwargs["input_ids"].numel()))
+        return forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    return fed
+
+
+def test_the_shared_prompt_head_goes_through_the_model_once_and_changes_no_output(
+    model_dir: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shots = select_shots(TRAIN, 3, seed=7)
+    prompts = [prompt_token_ids(tokenizer, few_shot_prompt(example, shots)) for example in VALIDATION]
+    shared = shared_prefix_length(prompts)
+    assert shared >= evaluation.MIN_SHARED_PREFIX_TOKENS
+
+    cached_model = plain_llama(model_dir)
+    cached_fed = counted_tokens(cached_model)
+    with caplog.at_level(logging.INFO, logger="kubetune_trainer.evaluation"):
+        cached = generate_outputs(cached_model, tokenizer, prompts, batch_size=4, max_new_tokens=6)
+    monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX_TOKENS", 10**9)
+    plain_model = plain_llama(model_dir)
+    plain_fed = counted_tokens(plain_model)
+    plain = generate_outputs(plain_model, tokenizer, prompts, batch_size=4, max_new_tokens=6)
+
+    assert cached == plain and all(cached)
+    assert f"reuses the KV cache of the {shared} prompt tokens" in caplog.text
+    # Prefill: the head once, then each batch's own tokens; without the cache every row carries the head again.
+    assert cached_fed[0] == shared
+    assert sum(plain_fed) - sum(cached_fed) == (len(prompts) - 1) * shared
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own() -> None:
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1], [1, 2]]) == 0
+    assert shared_prefix_length([[7, 2], [8, 2]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # one prompt shares nothing
 
 
 def test_completion_tokens_of_a_chat_prompt_end_with_the_end_of_turn_token(tokenizer: Any) -> None:

@@ -2,8 +2,10 @@
 
 Causal LM: batched greedy generation (left padding, KV cache) for the tuned model, then for the zero-shot and few-shot
 baselines with the adapter disabled (`with model.disable_adapter():`), so the base weights are loaded once. Few-shot
-shots come from TRAIN only, chosen once with the seed and shared by every sample. Eval loss (and perplexity) is the
-token-weighted cross-entropy of the reference completion tokens only, for the tuned model and for the zero-shot base.
+shots come from TRAIN only, chosen once with the seed and shared by every sample, so the prompts of one model share a
+long head (instruction, label list, shots): it is computed once per model and its KV cache reused by every batch.
+Eval loss (and perplexity) is the token-weighted cross-entropy of the reference completion tokens only, for the tuned
+model and for the zero-shot base.
 
 Sequence classification: the tuned model's prediction is the argmax of its head. A head with its adapter disabled is
 untrained (PEFT trains and saves the head with the adapter), so it is no baseline; prompting baselines need the base
@@ -13,6 +15,7 @@ baselines are left out and the report says why. The head reads each example's `i
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -53,6 +56,8 @@ While the judge runs it is called from the judge's worker threads, one call at a
 NEW_TOKENS_MARGIN = 16
 """Tokens allowed beyond the longest reference, so a baseline that wraps its answer in a sentence still finishes it."""
 NEW_TOKENS_CAP = 512
+MIN_SHARED_PREFIX_TOKENS = 16
+"""Below this a shared prompt head is not worth a cache copy per batch."""
 IGNORE_INDEX = -100
 MAX_EXP_ARGUMENT = 700.0
 """math.exp overflows just above this; a larger loss reports no perplexity."""
@@ -197,6 +202,34 @@ def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
     return ids, mask
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt has in common, leaving each prompt at least one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    # Sequences sort lexicographically, so what the smallest and the largest share, all of them share.
+    first, last = min(prompts), max(prompts)
+    limit = min(len(prompt) for prompt in prompts) - 1
+    length = 0
+    while length < limit and first[length] == last[length]:
+        length += 1
+    return length
+
+
+def prefix_cache(model: Any, prefix: Sequence[int]) -> Any:
+    """The KV cache of one pass over the shared prefix (call under inference_mode, in the entry's adapter state)."""
+    import torch
+
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=model_device(model))
+    return model(input_ids=ids, use_cache=True).past_key_values
+
+
+def batch_cache(cache: Any, rows: int) -> Any:
+    """A copy of the prefix cache for a batch of `rows` (generation extends the cache it is given)."""
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(rows)
+    return copied
+
+
 def generate_outputs(
     model: Any,
     tokenizer: Any,
@@ -206,7 +239,13 @@ def generate_outputs(
     max_new_tokens: int,
     on_batch: Callable[[int], None] = lambda size: None,
 ) -> list[str]:
-    """Greedy completions of tokenized prompts, in batches, with the KV cache; the new text only, stripped."""
+    """Greedy completions of tokenized prompts, in batches, with the KV cache; the new text only, stripped.
+
+    Prompts built from one template share their head (the system prompt, the instruction and label list, the
+    few-shot examples): those tokens go through the model once, and each batch continues from a copy of their cache.
+    A batch is then [shared prefix | left padding | each prompt's own tokens]; the attention mask hides the padding
+    and generation numbers positions from the mask, so every prompt sees the positions it has unpadded.
+    """
     import torch
     from transformers import GenerationConfig
 
@@ -222,11 +261,25 @@ def generate_outputs(
     )
     device = model_device(model)
     outputs = [""] * len(prompts)
+    shared = shared_prefix_length(prompts)
+    if shared < MIN_SHARED_PREFIX_TOKENS:
+        shared = 0
+    with torch.inference_mode():
+        cache = prefix_cache(model, prompts[0][:shared]) if shared else None
+    if shared:
+        log.info("generation reuses the KV cache of the %d prompt tokens every sample shares", shared)
     for batch in batches(longest_first(prompts), batch_size):
-        ids, mask = left_padded([prompts[index] for index in batch], pad)
+        ids, mask = left_padded([prompts[index][shared:] for index in batch], pad)
+        if cache is not None:
+            head = torch.tensor([list(prompts[batch[0]][:shared])], dtype=torch.long).expand(len(batch), -1)
+            ids = torch.cat([head, ids], dim=1)
+            mask = torch.cat([torch.ones_like(head), mask], dim=1)
         with torch.inference_mode():
             generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                past_key_values=None if cache is None else batch_cache(cache, len(batch)),
             )
         texts = tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
         for index, text in zip(batch, texts, strict=True):
