@@ -207,7 +207,7 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     if len(prompts) < 2:
         return 0
     # Sequences sort lexicographically, so what the smallest and the largest share, all of them share.
-    first, last = min(prompts), max(prompts)
+    first, last = min(map(list, prompts)), max(map(list, prompts))
     limit = min(len(prompt) for prompt in prompts) - 1
     length = 0
     while length < limit and first[length] == last[length]:
