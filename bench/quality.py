@@ -65,8 +65,9 @@ DEFAULT_OBJECTIVE: dict[str, Objective] = {"ag_news": "causal-lm", "banking77": 
 
 # The recipes, as FineTuneJob fields (camelCase, as in a manifest). Anything left out takes the API default. None uses
 # LoRA dropout: on the CPU its masks (a random draw per activation of every adapted layer) were 15% of an AG News
-# causal-lm step and 30% of a Banking77 classification step in py-spy, and these runs are one epoch or end on a
-# cosine schedule at a loss near zero, where dropout's regularisation showed no measured benefit to buy back.
+# causal-lm step and 30% of a Banking77 classification step in py-spy. The two recipes measured both ways lost
+# nothing without it (AG News causal-lm 0.900 both ways, Banking77 classification 0.852 -> 0.856); the other two
+# follow unmeasured.
 RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     # The label is a word the base model already knows, so generating it is data-efficient; the prompt (4 labels and
     # the article, p50 118 tokens) fits 256. The lift over the naive script (0.88 at 3e-4) comes from the learning

@@ -6,8 +6,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from tests.testbed.processes import REPO_ROOT
+
 ENV_VAR = "KUBETUNE_SHARED_DATA"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def configured_dir(environ: Mapping[str, str] = os.environ) -> Path:

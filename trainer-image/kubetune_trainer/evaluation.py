@@ -207,7 +207,8 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     if len(prompts) < 2:
         return 0
     # Sequences sort lexicographically, so what the smallest and the largest share, all of them share.
-    first, last = min(map(list, prompts)), max(map(list, prompts))
+    rows = [list(prompt) for prompt in prompts]
+    first, last = min(rows), max(rows)
     limit = min(len(prompt) for prompt in prompts) - 1
     length = 0
     while length < limit and first[length] == last[length]:
@@ -215,12 +216,9 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def prefix_cache(model: Any, prefix: Sequence[int]) -> Any:
-    """The KV cache of one pass over the shared prefix (call under inference_mode, in the entry's adapter state)."""
-    import torch
-
-    ids = torch.tensor([list(prefix)], dtype=torch.long, device=model_device(model))
-    return model(input_ids=ids, use_cache=True).past_key_values
+def prefix_cache(model: Any, head: Any) -> Any:
+    """The KV cache of one pass over the shared head ([1, length]), run in the entry's adapter state."""
+    return model(input_ids=head.to(model_device(model)), use_cache=True).past_key_values
 
 
 def batch_cache(cache: Any, rows: int) -> Any:
@@ -264,16 +262,18 @@ def generate_outputs(
     shared = shared_prefix_length(prompts)
     if shared < MIN_SHARED_PREFIX_TOKENS:
         shared = 0
-    with torch.inference_mode():
-        cache = prefix_cache(model, prompts[0][:shared]) if shared else None
+    head = torch.tensor([list(prompts[0][:shared])], dtype=torch.long)
+    cache = None
     if shared:
+        with torch.inference_mode():
+            cache = prefix_cache(model, head)
         log.info("generation reuses the KV cache of the %d prompt tokens every sample shares", shared)
     for batch in batches(longest_first(prompts), batch_size):
         ids, mask = left_padded([prompts[index][shared:] for index in batch], pad)
         if cache is not None:
-            head = torch.tensor([list(prompts[batch[0]][:shared])], dtype=torch.long).expand(len(batch), -1)
-            ids = torch.cat([head, ids], dim=1)
-            mask = torch.cat([torch.ones_like(head), mask], dim=1)
+            rows_head = head.expand(len(batch), -1)
+            ids = torch.cat([rows_head, ids], dim=1)
+            mask = torch.cat([torch.ones_like(rows_head), mask], dim=1)
         with torch.inference_mode():
             generated = model.generate(
                 input_ids=ids.to(device),
