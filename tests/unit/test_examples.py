@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +14,7 @@ from kubetune_trainer.metrics import default_metrics, json_fields
 from kubetune.cli import main
 from kubetune.manifests import load_finetunejobs_text
 from tests.example_jobs import EXAMPLE_JOBS, EXAMPLES_DIR, REPO_ROOT, ExampleJob, load_example, local_dataset
+from tests.testbed.shared_data import SHARED_DATA_DIR
 
 pytestmark = pytest.mark.unit
 
@@ -143,6 +145,12 @@ def readme_local_substitutions() -> list[tuple[str, str]]:
     return re.findall(r"-e 's#([^#]+)#([^#]*)#'", readme)
 
 
+def checkout_path(path: str) -> Path:
+    """A recipe path as the README runs it from the checkout; its ../shared/data is wherever the samples are here."""
+    readme_shared = "../shared/data/"
+    return SHARED_DATA_DIR / path[len(readme_shared) :] if path.startswith(readme_shared) else REPO_ROOT / path
+
+
 @pytest.mark.parametrize("example", EXAMPLE_JOBS, ids=JOB_IDS)
 def test_readme_local_recipe_turns_the_example_into_local_paths(example: ExampleJob) -> None:
     text = example.path.read_text()
@@ -154,6 +162,6 @@ def test_readme_local_recipe_turns_the_example_into_local_paths(example: Example
     assert "s3://" not in json.dumps(job.spec.to_wire())
     # The recipe's paths are relative to the checkout, where the README runs it.
     data_files = [job.spec.dataset.train, job.spec.dataset.validation]
-    assert [path for path in data_files if path is not None and not (REPO_ROOT / path).is_file()] == []
+    assert [path for path in data_files if path is not None and not checkout_path(path).is_file()] == []
     assert job.spec.model.uri == ".cache/models/smollm2-135m-instruct"
     assert job.spec.output.uri == f"runs/{example.name}/"
