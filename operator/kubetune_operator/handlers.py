@@ -261,18 +261,20 @@ def newer_body(seen: dict[str, Any], known: dict[str, Any] | None) -> dict[str, 
     return seen if seen_version >= known_version else known
 
 
-def compact(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of an object without metadata.managedFields, which nothing here reads (memory of the indexes)."""
-    copy = plain(body)
-    copy.get("metadata", {}).pop("managedFields", None)
-    return copy
+def compact(body: Mapping[str, Any], drop_from_spec: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A plain copy of an object without metadata.managedFields, which nothing here reads (memory of the indexes),
+    nor the `drop_from_spec` keys of its spec. What is dropped is never copied: it is most of a Job's body."""
+    pruned = dict(body)
+    if isinstance(body.get("metadata"), Mapping):
+        pruned["metadata"] = {key: value for key, value in body["metadata"].items() if key != "managedFields"}
+    if drop_from_spec and isinstance(body.get("spec"), Mapping):
+        pruned["spec"] = {key: value for key, value in body["spec"].items() if key not in drop_from_spec}
+    return plain(pruned)
 
 
 def compact_job(body: Mapping[str, Any]) -> dict[str, Any]:
     """A trainer Job as the status derivation reads it: without its pod template (most of its size), which is ours."""
-    copy = compact(body)
-    (copy.get("spec") or {}).pop("template", None)
-    return copy
+    return compact(body, drop_from_spec=("template",))
 
 
 @dataclass(frozen=True)

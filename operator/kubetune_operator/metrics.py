@@ -125,8 +125,7 @@ class OperatorMetrics:
         key = (namespace, job)
         with self._lock:
             if status.phase:
-                self._phases[key] = status.phase
-            self._recount_phases()
+                self._move_phase(key, status.phase)
             progress = status.progress
             _set_or_clear(self.progress, key, progress_ratio(status))
             _set_or_clear(self.train_loss, key, progress.loss if progress else None)
@@ -143,8 +142,7 @@ class OperatorMetrics:
         """Drop every series of a deleted job and its phase from the counts."""
         key = (namespace, job)
         with self._lock:
-            self._phases.pop(key, None)
-            self._recount_phases()
+            self._move_phase(key, None)
             for gauge in (self.progress, self.train_loss, self.tokens_per_second, self.gpu_seconds):
                 _remove(gauge, key)
             for model in self._eval_models.pop(key, set()):
@@ -172,12 +170,18 @@ class OperatorMetrics:
         server, thread = start_http_server(port, address, registry=self.registry)
         return MetricsServer(server, thread)
 
-    def _recount_phases(self) -> None:
-        counts = dict.fromkeys(PHASES, 0)
-        for phase in self._phases.values():
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase, count in counts.items():
-            self.jobs.labels(phase).set(count)
+    def _move_phase(self, key: tuple[str, str], phase: str | None) -> None:
+        # Only the two phases involved change: a recount of every job on every status write would make a burst of
+        # N jobs cost N^2 (lock held meanwhile).
+        previous = self._phases.pop(key, None)
+        if phase is not None:
+            self._phases[key] = phase
+        if previous == phase:
+            return
+        if previous is not None:
+            self.jobs.labels(previous).dec()
+        if phase is not None:
+            self.jobs.labels(phase).inc()
 
 
 @dataclass

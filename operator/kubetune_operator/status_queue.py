@@ -107,10 +107,13 @@ class DeferredQueue(Generic[Key]):
     def next_ready(self, now: float) -> tuple[Key | None, float | None]:
         """(a key to process now, None) or (None, seconds to wait before asking again; None = until woken).
         Call with the lock held."""
-        ready = [(since, key) for key, since in self._pending.items() if key not in self._active]
-        if not ready:
+        # _pending keeps first-put order (a key is deleted when taken), so the first key not in progress is the one
+        # waiting longest: found past at most `workers` keys, not by a scan of every pending key (500 in a burst,
+        # scanned by every worker after every create).
+        oldest = next(((key, since) for key, since in self._pending.items() if key not in self._active), None)
+        if oldest is None:
             return None, None
-        since, key = min(ready, key=lambda item: item[0])
+        key, since = oldest
         deferred_until = since + self.max_defer_seconds
         if self._creates == 0:
             deferred_until = min(deferred_until, self._last_create_end + self.quiet_seconds)

@@ -3,6 +3,7 @@ the in-memory view of trainer Jobs and pods, and which of two FineTuneJob bodies
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import kopf
@@ -13,6 +14,7 @@ from kubetune_operator.handlers import (
     Children,
     NoDiffBase,
     OperatorContext,
+    compact,
     compact_job,
     configure_kopf,
     format_validation_error,
@@ -172,3 +174,13 @@ def test_an_indexed_job_keeps_no_pod_template_and_no_managed_fields() -> None:
         "status": {"active": 1},
     }
     assert "template" in raw["spec"]
+    assert raw["metadata"]["managedFields"] == [{"manager": "kubetune"}]
+
+
+def test_a_compacted_body_is_plain_dicts_and_lists_even_from_read_only_mappings() -> None:
+    raw = MappingProxyType(
+        {"metadata": MappingProxyType({"name": "p", "labels": MappingProxyType({"a": "b"})}), "status": {"c": (1, 2)}}
+    )
+    copy = compact(raw)
+    assert copy == {"metadata": {"name": "p", "labels": {"a": "b"}}, "status": {"c": [1, 2]}}
+    assert type(copy["metadata"]["labels"]) is dict and type(copy["status"]["c"]) is list

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from kubetune_operator.metrics import MetricsServer, OperatorMetrics, gpu_seconds, progress_ratio
+from kubetune_operator.metrics import PHASES, MetricsServer, OperatorMetrics, gpu_seconds, progress_ratio
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.api import FineTuneJobStatus
@@ -68,6 +68,22 @@ def test_jobs_by_phase_counts_each_job_once(served: tuple[OperatorMetrics, Metri
     assert samples["kubetune_jobs", (("phase", "Failed"),)] == 0
     metrics.forget_job("team", "a")
     assert scrape(server)["kubetune_jobs", (("phase", "Succeeded"),)] == 0
+
+
+def test_jobs_by_phase_never_count_a_repeated_status_or_an_unknown_job(
+    served: tuple[OperatorMetrics, MetricsServer],
+) -> None:
+    metrics, server = served
+    for _ in range(3):
+        metrics.observe_job("team", "a", RUNNING, 1, NOW)
+    metrics.observe_job("team", "a", FineTuneJobStatus(), 1, NOW)  # no phase yet: keeps the known one
+    metrics.forget_job("team", "never-seen")
+    metrics.forget_job("team", "a")
+    metrics.forget_job("team", "a")
+    samples = scrape(server)
+    assert all(samples["kubetune_jobs", (("phase", phase),)] == 0 for phase in PHASES)
+    metrics.observe_job("team", "b", RUNNING, 1, NOW)
+    assert scrape(server)["kubetune_jobs", (("phase", "Running"),)] == 1
 
 
 def test_per_job_gauges_follow_the_status(served: tuple[OperatorMetrics, MetricsServer]) -> None:

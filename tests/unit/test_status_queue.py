@@ -60,15 +60,31 @@ def test_work_waits_a_quiet_moment_after_the_last_create() -> None:
     assert queue.next_ready(clock()) == ("a", None)
 
 
-def test_the_oldest_key_goes_first() -> None:
+def test_keys_go_in_the_order_first_put_and_one_in_progress_is_passed_over() -> None:
     clock = FakeClock()
-    queue: DeferredQueue[str] = DeferredQueue(lambda _: None, workers=1, clock=clock)
-    queue.put("late")
-    clock.now -= 1  # put earlier
-    queue.put("early")
-    clock.now += 1
+    started = threading.Event()
+    release = threading.Event()
 
-    assert queue.next_ready(clock())[0] == "early"
+    def process(_key: str) -> None:
+        started.set()
+        release.wait(5)
+
+    queue: DeferredQueue[str] = DeferredQueue(process, workers=1, clock=clock)
+    queue.put("a")
+    clock.now += 1
+    queue.put("b")
+    queue.put("a")  # put again while waiting: keeps its place
+    assert queue.next_ready(clock())[0] == "a"
+
+    queue.start()
+    try:
+        assert started.wait(5)  # the worker holds "a"
+        queue.put("a")
+        with queue._changed:
+            assert queue.next_ready(clock())[0] == "b"
+    finally:
+        release.set()
+        queue.stop()
 
 
 def test_workers_process_every_key_never_one_key_twice_at_once_and_survive_failures() -> None:
