@@ -77,6 +77,7 @@ def test_jobs_by_phase_never_count_a_repeated_status_or_an_unknown_job(
     for _ in range(3):
         metrics.observe_job("team", "a", RUNNING, 1, NOW)
     metrics.observe_job("team", "a", FineTuneJobStatus(), 1, NOW)  # no phase yet: keeps the known one
+    assert scrape(server)["kubetune_jobs", (("phase", "Running"),)] == 1
     metrics.forget_job("team", "never-seen")
     metrics.forget_job("team", "a")
     metrics.forget_job("team", "a")
