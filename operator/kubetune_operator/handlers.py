@@ -10,14 +10,14 @@ drives hosted fine-tuning from a pod without GPUs (kubetune_trainer.hosted), so 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -85,6 +85,8 @@ class OperatorContext:
     _children_ensured: set[str] = field(default_factory=set)
     # Namespaces whose trainer ServiceAccount and RoleBinding this replica has created or found.
     _identities_ensured: set[str] = field(default_factory=set)
+    # One lock per namespace around creating its trainer identity: the first jobs of a burst wait for one create.
+    _identity_locks: dict[str, threading.Lock] = field(default_factory=dict)
     # Status derivations, deferred behind trainer Job creates and coalesced per job (started by the startup handler).
     status_queue: DeferredQueue[tuple[str, str]] | None = None
     # kopf's indexes of trainer Jobs and pods, as the first handler call handed them over (live views).
@@ -196,6 +198,14 @@ class OperatorContext:
         with self._locks_guard:
             return namespace in self._identities_ensured
 
+    @contextmanager
+    def identity_lock(self, namespace: str) -> Iterator[None]:
+        """Serialise creating one namespace's trainer identity across the handler threads."""
+        with self._locks_guard:
+            lock = self._identity_locks.setdefault(namespace, threading.Lock())
+        with lock:
+            yield
+
     def set_identity_ensured(self, namespace: str) -> None:
         """Record that the namespace's trainer identity exists."""
         with self._locks_guard:
@@ -218,10 +228,22 @@ def operator_context(memo: Any) -> OperatorContext:
     return context
 
 
-def counted(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Count the handler's failures in kubetune_handler_errors_total{handler}."""
+def check_handler_name(handler: str) -> None:
     if handler not in HANDLERS:
         raise ValueError(f"handler {handler!r} is missing from kubetune_operator.metrics.HANDLERS")
+
+
+def record_handler_failure(handler: str, kwargs: Mapping[str, Any]) -> None:
+    """Count a failure of `handler` in the context kopf's memo holds, when there is one."""
+    memo: Any = kwargs.get("memo")
+    context = memo.get(MEMO_KEY) if memo is not None else None
+    if isinstance(context, OperatorContext):
+        context.metrics.record_handler_error(handler)
+
+
+def counted(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Count the handler's failures in kubetune_handler_errors_total{handler}."""
+    check_handler_name(handler)
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(function)
@@ -229,10 +251,25 @@ def counted(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return function(*args, **kwargs)
             except Exception:
-                memo: Any = kwargs.get("memo")
-                context = memo.get(MEMO_KEY) if memo is not None else None
-                if isinstance(context, OperatorContext):
-                    context.metrics.record_handler_error(handler)
+                record_handler_failure(handler, kwargs)
+                raise
+
+        return wrapper
+
+    return decorate
+
+
+def counted_async(handler: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """counted() for a coroutine handler (kopf runs those on its event loop, not in a thread)."""
+    check_handler_name(handler)
+
+    def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(function)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await function(*args, **kwargs)
+            except Exception:
+                record_handler_failure(handler, kwargs)
                 raise
 
         return wrapper
@@ -437,22 +474,28 @@ def create_shared(api_client: Any, manifest: dict[str, Any]) -> bool:
 
 
 def ensure_namespace_identity(context: OperatorContext, namespace: str, logger: kopf.Logger) -> None:
-    """The trainer ServiceAccount and its RoleBinding in this namespace, created once per namespace and replica."""
+    """The trainer ServiceAccount and its RoleBinding in this namespace, created once per namespace and replica.
+
+    The first jobs of a burst arrive on several threads at once: one creates, the others wait for it (they all raced
+    before, and all but one lost with a 409: 30 wasted writes, RoleBinding escalation checks included, per namespace).
+    """
     if context.identity_ensured(namespace):
         return
-    created = [
-        f"{manifest['kind']} {manifest['metadata']['name']}"
-        for manifest in build_namespace_identity(namespace, context.settings)
-        if create_shared(context.api_client, manifest)
-    ]
-    context.set_identity_ensured(namespace)
+    with context.identity_lock(namespace):
+        if context.identity_ensured(namespace):
+            return
+        created = [
+            f"{manifest['kind']} {manifest['metadata']['name']}"
+            for manifest in build_namespace_identity(namespace, context.settings)
+            if create_shared(context.api_client, manifest)
+        ]
+        context.set_identity_ensured(namespace)
     if created:
         logger.info("created the namespace's trainer identity: %s", ", ".join(created))
 
 
-def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> tuple[bool, dict[str, Any]]:
-    """Create one child; (True, the object) when created, (False, the object) when it existed and is ours (409 is
-    success).
+def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> bool:
+    """Create one child; True when created, False when it existed and is ours (409 is success).
 
     An existing object owned by someone else (e.g. a deleted FineTuneJob of the same name whose children GC has not
     removed yet) is a temporary conflict: retry later rather than adopt it.
@@ -463,11 +506,12 @@ def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> t
     api = getattr(client, api_name)(api_client)
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     try:
-        # The answer as JSON, not as the client's model objects: building those was a tenth of the operator's CPU in a
-        # burst (and sanitize_for_serialization would turn them back into dicts).
+        # The answer is read but not parsed: nothing here needs the created object (the Job watch brings it), and
+        # decoding it (or building the client's model objects from it) was a tenth of the operator's CPU in a burst.
         response = with_retries(lambda: getattr(api, create)(namespace, manifest, _preload_content=False))
-        created: dict[str, Any] = json.loads(response.data)
-        return True, created
+        response.drain_conn()
+        response.release_conn()  # back to the pool for the next create
+        return True
     except Exception as error:
         if api_error_status(error) != 409:
             raise
@@ -481,7 +525,7 @@ def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> t
             f"(uid {owner_uid}); waiting for it to be garbage-collected",
             delay=CONFLICT_RETRY_SECONDS,
         )
-    return False, existing
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -807,7 +851,7 @@ def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[str, An
         created_any = False
         for child in build_children(job, context.settings):
             kopf.adopt(child, owner=as_kopf_body(raw))
-            was_created, _ = create_child(context.api_client, child, metadata["uid"])
+            was_created = create_child(context.api_client, child, metadata["uid"])
             if was_created:
                 logger.info("created %s %s", child["kind"], child["metadata"]["name"])
                 created_any = True
@@ -877,11 +921,13 @@ def job_logger(namespace: str, name: str) -> JobLogger:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainer Job and Pod handlers: they only ask for a status derivation of the owning FineTuneJob and return None.
+# Coroutines, so that kopf runs them on its event loop: a thread-pool round trip per Job and pod event cost more than
+# the queue put they do.
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
-@counted("trainer_job_event")
-def trainer_job_event(
+@counted_async("trainer_job_event")
+async def trainer_job_event(
     *,
     type: str,
     namespace: str | None,
@@ -894,20 +940,35 @@ def trainer_job_event(
     context.attach_children(Children.from_kwargs(kwargs))
     namespace, name = in_namespace(namespace), labels[LABEL_JOB_NAME]
     if type == "DELETED":
-        body = read_finetunejob(context.api_client, namespace, name)
-        if body is not None:
-            # Deleted by hand while its FineTuneJob runs: put it back (the trainer resumes from its checkpoint).
-            # reconcile_finetunejob leaves finished and deleted FineTuneJobs alone.
-            context.set_children_ensured(body["metadata"]["uid"], False)
-            reconcile_finetunejob(context, compact(body), job_logger(namespace, name))
+        await asyncio.to_thread(restore_trainer_job, context, namespace, name)
         return
-    context.request_status(namespace, name)
+    await request_status_from_loop(context, namespace, name)
+
+
+def restore_trainer_job(context: OperatorContext, namespace: str, name: str) -> None:
+    """A trainer Job was deleted: put it back while its FineTuneJob runs (the trainer resumes from its checkpoint).
+    reconcile_finetunejob leaves finished and deleted FineTuneJobs alone."""
+    body = read_finetunejob(context.api_client, namespace, name)
+    if body is not None:
+        context.set_children_ensured(body["metadata"]["uid"], False)
+        reconcile_finetunejob(context, compact(body), job_logger(namespace, name))
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
-@counted("trainer_pod_event")
-def trainer_pod_event(*, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **kwargs: Any) -> None:
+@counted_async("trainer_pod_event")
+async def trainer_pod_event(
+    *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **kwargs: Any
+) -> None:
     """A trainer pod changed (scheduled, image pull, running, terminated with its summary)."""
     context = operator_context(memo)
     context.attach_children(Children.from_kwargs(kwargs))
-    context.request_status(in_namespace(namespace), labels[LABEL_JOB_NAME])
+    await request_status_from_loop(context, in_namespace(namespace), labels[LABEL_JOB_NAME])
+
+
+async def request_status_from_loop(context: OperatorContext, namespace: str, name: str) -> None:
+    """request_status from kopf's event loop: a queue put at once (it only takes a lock for a moment); without a
+    queue (unit tests) the derivation's API calls run in a thread."""
+    if context.status_queue is not None:
+        context.status_queue.put((namespace, name))
+    else:
+        await asyncio.to_thread(context.request_status, namespace, name)

@@ -26,6 +26,10 @@ class DeferredQueue(Generic[Key]):
 
     Work waits while a create is in flight or ended less than `quiet_seconds` ago, but never longer than
     `max_defer_seconds` after its key was put: a steady stream of creates cannot starve the statuses.
+
+    Workers are woken one at a time, and only when what they wait for may have come sooner: a first key to wait
+    for, the last create in flight ending, a key taken with more behind it. In a burst every create ends and every
+    trainer Job puts a key; waking all workers each time cost the creates CPU for nothing.
     """
 
     def __init__(
@@ -48,7 +52,9 @@ class DeferredQueue(Generic[Key]):
         self._creates = 0
         self._last_create_end = float("-inf")
         self._stopping = False
-        self._changed = threading.Condition()
+        lock = threading.Lock()
+        self._changed = threading.Condition(lock)  # workers wait here
+        self._settled = threading.Condition(lock)  # wait_idle waits here
         self._threads: list[threading.Thread] = []
 
     def start(self, context: contextvars.Context | None = None) -> DeferredQueue[Key]:
@@ -72,8 +78,12 @@ class DeferredQueue(Generic[Key]):
     def put(self, key: Key) -> None:
         """Ask for `key` to be processed (again) soon."""
         with self._changed:
-            self._pending.setdefault(key, self.clock())
-            self._changed.notify()
+            if key in self._pending:
+                return
+            self._pending[key] = self.clock()
+            # Workers that wait for an older key's moment wake no later than this key's; only a first one needs one.
+            if self._first_waiting() == key:
+                self._changed.notify()
 
     @contextmanager
     def creating(self) -> Iterator[None]:
@@ -86,7 +96,9 @@ class DeferredQueue(Generic[Key]):
             with self._changed:
                 self._creates -= 1
                 self._last_create_end = self.clock()
-                self._changed.notify_all()
+                # The last create ending may bring waiting work forward (quiet_seconds instead of max_defer_seconds).
+                if self._creates == 0 and self._pending:
+                    self._changed.notify()
 
     @property
     def pending(self) -> int:
@@ -96,13 +108,17 @@ class DeferredQueue(Generic[Key]):
     def wait_idle(self, timeout: float) -> bool:
         """Until nothing is pending or in progress (tests); False on timeout."""
         deadline = self.clock() + timeout
-        with self._changed:
+        with self._settled:
             while self._pending or self._active:
                 left = deadline - self.clock()
                 if left <= 0:
                     return False
-                self._changed.wait(min(left, 0.05))
+                self._settled.wait(min(left, 0.05))
         return True
+
+    def _first_waiting(self) -> Key | None:
+        """The key waiting longest that no worker holds. Call with the lock held."""
+        return next((key for key in self._pending if key not in self._active), None)
 
     def next_ready(self, now: float) -> tuple[Key | None, float | None]:
         """(a key to process now, None) or (None, seconds to wait before asking again; None = until woken).
@@ -133,6 +149,8 @@ class DeferredQueue(Generic[Key]):
                     self._changed.wait(wait)
                 del self._pending[key]
                 self._active.add(key)
+                if self._first_waiting() is not None:
+                    self._changed.notify()  # the next key may be ready too: another worker takes it
             try:
                 self.process(key)
             except Exception as error:  # a worker must outlive any one job's failure
@@ -142,7 +160,10 @@ class DeferredQueue(Generic[Key]):
             finally:
                 with self._changed:
                     self._active.discard(key)
-                    self._changed.notify_all()
+                    if key in self._pending:
+                        self._changed.notify()  # put again while held: now it can be taken
+                    if not self._pending and not self._active:
+                        self._settled.notify_all()
 
 
 def _in_copy(context: contextvars.Context, function: Callable[[], None]) -> Callable[[], None]:

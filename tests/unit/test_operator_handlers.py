@@ -3,11 +3,14 @@ the in-memory view of trainer Jobs and pods, and which of two FineTuneJob bodies
 
 from __future__ import annotations
 
+import threading
+import time
 from types import MappingProxyType
 from typing import Any
 
 import kopf
 import pytest
+from kubetune_operator import handlers
 from kubetune_operator.handlers import (
     CHILD_SELECTOR,
     HANDLER_THREADS,
@@ -17,6 +20,7 @@ from kubetune_operator.handlers import (
     compact,
     compact_job,
     configure_kopf,
+    ensure_namespace_identity,
     format_validation_error,
     newer_body,
     plain,
@@ -184,3 +188,34 @@ def test_a_compacted_body_is_plain_dicts_and_lists_even_from_read_only_mappings(
     copy = compact(raw)
     assert copy == {"metadata": {"name": "p", "labels": {"a": "b"}}, "status": {"c": [1, 2]}}
     assert type(copy["metadata"]["labels"]) is dict and type(copy["status"]["c"]) is list
+
+
+def test_the_first_jobs_of_a_burst_create_the_namespace_identity_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sixteen handler threads reach a new namespace at once; they all used to create its ServiceAccount and
+    # RoleBinding, and all but one lost with a 409.
+    creates: list[tuple[str, str]] = []
+
+    def create_shared(_api_client: Any, manifest: dict[str, Any]) -> bool:
+        creates.append((manifest["kind"], manifest["metadata"]["namespace"]))
+        time.sleep(0.02)  # a create takes a while: the other threads arrive meanwhile
+        return True
+
+    monkeypatch.setattr(handlers, "create_shared", create_shared)
+    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+    logger = kopf.LocalObjectLogger(body=kopf.Body({}), settings=kopf.OperatorSettings())
+    threads = [
+        threading.Thread(target=ensure_namespace_identity, args=(context, namespace, logger))
+        for namespace in ["team-a"] * 8 + ["team-b"] * 8
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+    assert sorted(creates) == [
+        ("RoleBinding", "team-a"),
+        ("RoleBinding", "team-b"),
+        ("ServiceAccount", "team-a"),
+        ("ServiceAccount", "team-b"),
+    ]
+    assert context.identity_ensured("team-a") and context.identity_ensured("team-b")

@@ -123,3 +123,64 @@ def test_workers_process_every_key_never_one_key_twice_at_once_and_survive_failu
     assert {"a", "b", "bad"} <= set(done)
     assert errors and set(errors) == {"bad"}
     assert queue.pending == 0
+
+
+class CountingCondition(threading.Condition):
+    """A Condition that counts the workers it was asked to wake."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__(lock)
+        self.wakes = 0
+
+    def notify(self, n: int = 1) -> None:
+        self.wakes += n
+        super().notify(n)
+
+    def notify_all(self) -> None:
+        self.wakes += 1_000
+        super().notify_all()
+
+
+def test_a_burst_of_creates_and_puts_wakes_workers_only_when_work_may_have_come_sooner() -> None:
+    # Every trainer Job create ends and every Job event puts a key: waking the workers each time cost the creates CPU.
+    clock = FakeClock()
+    queue: DeferredQueue[str] = DeferredQueue(lambda _: None, workers=8, clock=clock)
+    counting = CountingCondition(queue._changed._lock)  # type: ignore[attr-defined]
+    queue._changed = counting
+    with queue.creating():  # a create stays in flight all along, as in a burst with 16 handler threads
+        for index in range(500):
+            with queue.creating():
+                pass
+            queue.put(f"job-{index}")
+            queue.put(f"job-{index}")
+
+    # One wake for the first key to wait for, one when the last create ends; none per create or per later key.
+    assert counting.wakes == 2
+    assert queue.pending == 500
+
+
+def test_ready_keys_are_taken_by_several_workers_at_once_after_one_wake() -> None:
+    running = 0
+    most_at_once = 0
+    guard = threading.Lock()
+
+    def process(_key: str) -> None:
+        nonlocal running, most_at_once
+        with guard:
+            running += 1
+            most_at_once = max(most_at_once, running)
+        time.sleep(0.3)
+        with guard:
+            running -= 1
+
+    queue: DeferredQueue[str] = DeferredQueue(process, workers=4, quiet_seconds=0.05).start()
+    try:
+        with queue.creating():
+            for key in "abcd":
+                queue.put(key)
+        # The last create's end wakes one worker; each worker that takes a key wakes the next.
+        assert queue.wait_idle(10)
+    finally:
+        queue.stop()
+
+    assert most_at_once == 4
