@@ -128,6 +128,8 @@ class OperatorFigures:
     rss_after_mb: float
     cpu_seconds: float
     quiet_after_seconds: float | None
+    # CPU seconds from the first create until every trainer Job existed: what competed with the creates.
+    window_cpu_seconds: float | None = None
     handler_runs: Mapping[str, int] = field(default_factory=dict)
     api_requests: Mapping[str, float] = field(default_factory=dict)
 
@@ -512,6 +514,7 @@ def operator_run(
         cpu_before = read_cpu_seconds(pid)
         requests_before = read_request_counts(bed.plane)
         figures = measure(bed, "operator", f"{count} FineTuneJobs", 1, count, threads, timeout, submit)
+        window_cpu = read_cpu_seconds(pid) - cpu_before
         # Status patches and Events go on after the last Job exists: the peak may come then.
         quiet_after = wait_until_quiet(pid)
         requests = requests_between(requests_before, read_request_counts(bed.plane))
@@ -520,6 +523,7 @@ def operator_run(
             peak_rss_mb=read_status_mb(pid, "VmHWM"),
             rss_after_mb=read_status_mb(pid, "VmRSS"),
             cpu_seconds=read_cpu_seconds(pid) - cpu_before,
+            window_cpu_seconds=window_cpu,
             quiet_after_seconds=None if quiet_after is None else figures_end(figures) + quiet_after,
         )
     runs = handler_runs(process.log_path.read_text(encoding="utf-8", errors="replace"))
@@ -645,10 +649,15 @@ def operator_lines(memory: OperatorFigures, jobs: int) -> list[str]:
     return [
         f"- Operator resident memory: {memory.rss_idle_mb:.0f} MB idle before the burst, peak (VmHWM) "
         f"{memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it.",
-        f"- Operator CPU over the burst: {memory.cpu_seconds:.1f} s (user + system); it {quiet}.",
+        f"- Operator CPU over the burst: {memory.cpu_seconds:.1f} s (user + system), "
+        f"{window_cpu_text(memory)} until every trainer Job existed; it {quiet}.",
         handler_line(memory.handler_runs, jobs),
         requests_line(memory.api_requests, jobs),
     ]
+
+
+def window_cpu_text(memory: OperatorFigures) -> str:
+    return "—" if memory.window_cpu_seconds is None else f"{memory.window_cpu_seconds:.1f} s"
 
 
 def plane_cpu_line(runs: Sequence[RunFigures]) -> str:
