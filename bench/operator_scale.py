@@ -250,12 +250,19 @@ def pooled_client(kubeconfig: str, connections: int) -> Any:
     return client.ApiClient(configuration)
 
 
-def create_object(api_client: Any, manifest: dict[str, Any]) -> None:
-    """Create one child with the same API call the operator's create_child makes."""
-    from kubernetes import client
-    from kubetune_operator.handlers import CHILD_CALLS
+# kind -> (the kubernetes package's API class, its create method): a plain client's calls for what the operator creates.
+PLAIN_CLIENT_CREATES: dict[str, tuple[str, str]] = {
+    "ServiceAccount": ("CoreV1Api", "create_namespaced_service_account"),
+    "RoleBinding": ("RbacAuthorizationV1Api", "create_namespaced_role_binding"),
+    "Job": ("BatchV1Api", "create_namespaced_job"),
+}
 
-    api_name, create, _ = CHILD_CALLS[manifest["kind"]]
+
+def create_object(api_client: Any, manifest: dict[str, Any]) -> None:
+    """Create one child as a plain client would: the kubernetes package's create call for its kind."""
+    from kubernetes import client
+
+    api_name, create = PLAIN_CLIENT_CREATES[manifest["kind"]]
     getattr(getattr(client, api_name)(api_client), create)(manifest["metadata"]["namespace"], manifest)
 
 

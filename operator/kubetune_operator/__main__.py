@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+
+# Objects the cyclic garbage collector may gather before a young collection: CPython's default is 700. A burst of
+# FineTuneJobs allocates millions of short-lived objects; with the default, collections took 0.5 s of the operator's
+# 3 s of CPU in a 500-job burst (three full ones of 100 ms each). bench/operator_scale.py measures the effect.
+YOUNG_GENERATION_THRESHOLD = 50_000
+OLDER_GENERATION_THRESHOLDS = (50, 10)
+
+
+def tune_garbage_collector() -> None:
+    """Freeze what start-up made (modules, classes: never garbage) out of every later collection, and collect the
+    young generation less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *OLDER_GENERATION_THRESHOLDS)
 
 
 def main() -> int:
@@ -25,6 +40,7 @@ def main() -> int:
     )
     kopf_settings = kopf.OperatorSettings()
     handlers.configure_kopf(kopf_settings, settings)
+    tune_garbage_collector()
     kopf.run(
         settings=kopf_settings,
         clusterwide=settings.clusterwide,

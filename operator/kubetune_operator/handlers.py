@@ -13,17 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar, cast
 
 import kopf
+
+# kopf's own API client (aiohttp on its event loop, authenticated from its credentials vault): the creates of a burst
+# go through it instead of the kubernetes package's client in handler threads. Private modules of a pinned kopf;
+# tests/unit/test_operator_handlers.py fails if a kopf bump moves them.
+from kopf._cogs.clients import api as kopf_api
+from kopf._cogs.clients import errors as kopf_errors
 from pydantic import ValidationError
 
 from kubetune.api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, FineTuneJob, FineTuneJobStatus
@@ -51,10 +58,11 @@ from kubetune_operator.trainer_identity import build_namespace_identity
 MEMO_KEY = "kubetune"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
 MERGE_PATCH = "application/merge-patch+json"
-# Threads for sync handlers and pooled connections of the API client, sized together: a thread never waits for a
-# connection, and a burst of FineTuneJobs is created as fast as a 16-thread client could (bench/operator_scale.py).
-# kopf's default executor has min(32, CPUs + 4) threads: 6 on a 2-core node.
+# Threads for sync handlers and pooled connections of the kubernetes client (status patches), sized together: a thread
+# never waits for a connection. kopf's default executor has min(32, CPUs + 4) threads: 6 on a 2-core node.
 HANDLER_THREADS = 16
+# Creates in flight at once on kopf's loop (each holds one keep-alive connection): as many as a 16-thread client's.
+CREATES_IN_FLIGHT = 16
 # Status derivations run on their own threads, behind the creates (status_queue.DeferredQueue).
 STATUS_THREADS = 8
 # Backoff of a failed create or suspend (kopf does not retry event handlers).
@@ -63,6 +71,8 @@ RETRY_MAX_SECONDS = 60.0
 # Transient API failures inside watch-event handlers are retried here: kopf does not retry event handlers.
 API_ATTEMPTS = 3
 API_RETRY_SECONDS = 1.0
+# The same retries for requests made with kopf's client (it retries 429, 5xx, 403 and connection errors).
+API_BACKOFFS = tuple(API_RETRY_SECONDS * attempt for attempt in range(1, API_ATTEMPTS))
 CONFLICT_RETRY_SECONDS = 10
 
 P = ParamSpec("P")
@@ -86,7 +96,12 @@ class OperatorContext:
     # Namespaces whose trainer ServiceAccount and RoleBinding this replica has created or found.
     _identities_ensured: set[str] = field(default_factory=set)
     # One lock per namespace around creating its trainer identity: the first jobs of a burst wait for one create.
-    _identity_locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _identity_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # kopf's settings (its API client takes them) and a cap on creates in flight (both set by the startup handler).
+    kopf_settings: kopf.OperatorSettings = field(default_factory=kopf.OperatorSettings)
+    create_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CREATES_IN_FLIGHT))
+    # Retries waiting on the event loop (a reference keeps each task alive until it ends).
+    _background: set[asyncio.Future[None]] = field(default_factory=set)
     # Status derivations, deferred behind trainer Job creates and coalesced per job (started by the startup handler).
     status_queue: DeferredQueue[tuple[str, str]] | None = None
     # kopf's indexes of trainer Jobs and pods, as the first handler call handed them over (live views).
@@ -134,16 +149,22 @@ class OperatorContext:
                 yield
 
     def retry_later(self, namespace: str, name: str, uid: str) -> float:
-        """Handle the job again after a delay that doubles per failure (1 s to 60 s); returns the delay."""
+        """Handle the job again after a delay that doubles per failure (1 s to 60 s); returns the delay. Call on
+        kopf's event loop: the retry runs there, in the caller's context variables (kopf's client needs them)."""
         with self._locks_guard:
             attempts = self._retries.get(uid, 0)
             self._retries[uid] = attempts + 1
         delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2**attempts)
-        base = self.kopf_context or contextvars.copy_context()
-        timer = threading.Timer(delay, lambda: base.copy().run(retry_finetunejob, self, namespace, name))
-        timer.daemon = True
-        timer.start()
+        asyncio.get_running_loop().call_later(
+            delay, lambda: self.in_background(retry_finetunejob(self, namespace, name, uid))
+        )
         return float(delay)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine as a task of the loop, kept referenced until it ends."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def retry_done(self, uid: str) -> None:
         """The job's create (or suspend) went through: the next failure starts the backoff over."""
@@ -198,13 +219,9 @@ class OperatorContext:
         with self._locks_guard:
             return namespace in self._identities_ensured
 
-    @contextmanager
-    def identity_lock(self, namespace: str) -> Iterator[None]:
-        """Serialise creating one namespace's trainer identity across the handler threads."""
-        with self._locks_guard:
-            lock = self._identity_locks.setdefault(namespace, threading.Lock())
-        with lock:
-            yield
+    def identity_lock(self, namespace: str) -> asyncio.Lock:
+        """The lock that serialises creating one namespace's trainer identity (on kopf's loop)."""
+        return self._identity_locks.setdefault(namespace, asyncio.Lock())
 
     def set_identity_ensured(self, namespace: str) -> None:
         """Record that the namespace's trainer identity exists."""
@@ -361,17 +378,20 @@ def format_validation_error(error: ValidationError) -> str:
 
 
 def plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A kopf Body (or any mapping of mappings) as plain dicts and lists, for pydantic and the API client."""
+    """A kopf Body (or any mapping of mappings) as plain dicts and lists, for pydantic and the API client.
 
-    def convert(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {key: convert(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [convert(item) for item in value]
-        return value
-
-    converted: dict[str, Any] = convert(body)
+    Through JSON: a Kubernetes object is JSON, and the C encoder and decoder copy one several times faster than a
+    recursive Python copy (a tenth of the operator's event-loop time in a burst).
+    """
+    converted: dict[str, Any] = json.loads(json.dumps(body, default=json_default))
     return converted
+
+
+def json_default(value: Any) -> Any:
+    """What json.dumps cannot encode by itself: a mapping that is not a dict (kopf's views, read-only mappings)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def as_kopf_body(raw: Mapping[str, Any]) -> kopf.Body:
@@ -384,10 +404,12 @@ def as_kopf_body(raw: Mapping[str, Any]) -> kopf.Body:
 
 
 def api_error_status(error: Exception) -> int | None:
-    """The HTTP status of a kubernetes ApiException, None for anything else."""
+    """The HTTP status of a kubernetes ApiException or a kopf API error, None for anything else."""
     from kubernetes.client.exceptions import ApiException
 
-    return error.status if isinstance(error, ApiException) else None
+    if isinstance(error, ApiException | kopf_errors.APIError):
+        return error.status
+    return None
 
 
 def with_retries(call: Callable[[], R]) -> R:
@@ -449,80 +471,88 @@ def patch_finetunejob_status(
     return patched
 
 
-CHILD_CALLS: dict[str, tuple[str, str, str]] = {
-    # kind: (API class, create method, read method)
-    "ServiceAccount": ("CoreV1Api", "create_namespaced_service_account", "read_namespaced_service_account"),
-    "RoleBinding": ("RbacAuthorizationV1Api", "create_namespaced_role_binding", "read_namespaced_role_binding"),
-    "Job": ("BatchV1Api", "create_namespaced_job", "read_namespaced_job"),
+# Where each kind of child is created: kind -> (API group path, plural).
+CHILD_PATHS: dict[str, tuple[str, str]] = {
+    "ServiceAccount": ("api/v1", "serviceaccounts"),
+    "RoleBinding": ("apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Job": ("apis/batch/v1", "jobs"),
 }
 
 
-def create_shared(api_client: Any, manifest: dict[str, Any]) -> bool:
-    """Create an object no FineTuneJob owns (the namespace's trainer identity); True when created, False when it
-    existed (409 is success: whoever made it, it serves the namespace's trainers)."""
-    from kubernetes import client
+def collection_url(kind: str, namespace: str) -> str:
+    """The URL (from the API root) of the namespaced collection an object of this kind is created in."""
+    group_path, plural = CHILD_PATHS[kind]
+    return f"/{group_path}/namespaces/{namespace}/{plural}"
 
-    api_name, create, _ = CHILD_CALLS[manifest["kind"]]
-    api = getattr(client, api_name)(api_client)
+
+async def post_object(context: OperatorContext, manifest: Mapping[str, Any], logger: Any) -> bool:
+    """Create the object with kopf's client; True when created, False when it exists (409). The answer is read
+    but not parsed: nothing here needs the created object (the Job watch brings it), and decoding it was a tenth of the
+    operator's CPU in a burst."""
     try:
-        with_retries(lambda: getattr(api, create)(manifest["metadata"]["namespace"], manifest, _preload_content=False))
-    except Exception as error:
-        if api_error_status(error) != 409:
-            raise
+        async with context.create_slots:
+            response = await kopf_api.request(
+                "post",
+                collection_url(manifest["kind"], manifest["metadata"]["namespace"]),
+                payload=manifest,
+                settings=context.kopf_settings,
+                backoffs=API_BACKOFFS,
+                logger=logger,
+            )
+            async with response:
+                await response.read()
+    except kopf_errors.APIConflictError:
         return False
     return True
 
 
-def ensure_namespace_identity(context: OperatorContext, namespace: str, logger: kopf.Logger) -> None:
-    """The trainer ServiceAccount and its RoleBinding in this namespace, created once per namespace and replica.
+async def read_object(context: OperatorContext, url: str, logger: Any) -> dict[str, Any] | None:
+    """GET with kopf's client; None when the object is gone (404)."""
+    try:
+        found: dict[str, Any] = await kopf_api.get(url, settings=context.kopf_settings, logger=logger)
+    except kopf_errors.APINotFoundError:
+        return None
+    return found
 
-    The first jobs of a burst arrive on several threads at once: one creates, the others wait for it (they all raced
-    before, and all but one lost with a 409: 30 wasted writes, RoleBinding escalation checks included, per namespace).
+
+async def ensure_namespace_identity(context: OperatorContext, namespace: str, logger: Any) -> None:
+    """The trainer ServiceAccount and its RoleBinding in this namespace, created once per namespace and replica
+    (409 is success: whoever made them, they serve the namespace's trainers).
+
+    The first jobs of a burst arrive together: one creates, the others wait for it (they all raced before, and all but
+    one lost with a 409: 30 wasted writes, RoleBinding escalation checks included, per namespace).
     """
     if context.identity_ensured(namespace):
         return
-    with context.identity_lock(namespace):
+    async with context.identity_lock(namespace):
         if context.identity_ensured(namespace):
             return
         created = [
             f"{manifest['kind']} {manifest['metadata']['name']}"
             for manifest in build_namespace_identity(namespace, context.settings)
-            if create_shared(context.api_client, manifest)
+            if await post_object(context, manifest, logger)
         ]
         context.set_identity_ensured(namespace)
     if created:
         logger.info("created the namespace's trainer identity: %s", ", ".join(created))
 
 
-def create_child(api_client: Any, manifest: dict[str, Any], owner_uid: str) -> bool:
+async def create_child(context: OperatorContext, manifest: dict[str, Any], owner_uid: str, logger: Any) -> bool:
     """Create one child; True when created, False when it existed and is ours (409 is success).
 
     An existing object owned by someone else (e.g. a deleted FineTuneJob of the same name whose children GC has not
     removed yet) is a temporary conflict: retry later rather than adopt it.
     """
-    from kubernetes import client
-
-    api_name, create, read = CHILD_CALLS[manifest["kind"]]
-    api = getattr(client, api_name)(api_client)
-    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    try:
-        # The answer is read but not parsed: nothing here needs the created object (the Job watch brings it), and
-        # decoding it (or building the client's model objects from it) was a tenth of the operator's CPU in a burst.
-        response = with_retries(lambda: getattr(api, create)(namespace, manifest, _preload_content=False))
-        response.drain_conn()
-        response.release_conn()  # back to the pool for the next create
+    if await post_object(context, manifest, logger):
         return True
-    except Exception as error:
-        if api_error_status(error) != 409:
-            raise
-    existing: dict[str, Any] = api_client.sanitize_for_serialization(
-        with_retries(lambda: getattr(api, read)(name, namespace))
-    )
-    owners = {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}
-    if owner_uid not in owners:
+    kind, namespace, name = manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    existing = await read_object(context, f"{collection_url(kind, namespace)}/{name}", logger)
+    if existing is None:
+        raise kopf.TemporaryError(f"{kind} {namespace}/{name} was deleted while being created", delay=1)
+    if not is_owned_by(existing, owner_uid):
         raise kopf.TemporaryError(
-            f"{manifest['kind']} {namespace}/{name} exists but is not owned by this FineTuneJob "
-            f"(uid {owner_uid}); waiting for it to be garbage-collected",
+            f"{kind} {namespace}/{name} exists but is not owned by this FineTuneJob (uid {owner_uid}); waiting for "
+            "it to be garbage-collected",
             delay=CONFLICT_RETRY_SECONDS,
         )
     return False
@@ -709,7 +739,7 @@ def start_operator(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: 
         raise kopf.PermanentError(str(error)) from error
     configure_kopf(settings, ours)
     api_client = new_api_client()
-    context = OperatorContext(settings=ours, api_client=api_client, metrics=OperatorMetrics())
+    context = OperatorContext(settings=ours, api_client=api_client, metrics=OperatorMetrics(), kopf_settings=settings)
     if ours.metrics_port:
         context.metrics_server = context.metrics.serve(ours.metrics_port, ours.listen_address)
         logger.info("metrics on %s:%d/metrics", ours.listen_address, context.metrics_server.port)
@@ -772,8 +802,8 @@ async def trainer_pods_index(
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-@counted("finetunejob_event")
-def finetunejob_event(
+@counted_async("finetunejob_event")
+async def finetunejob_event(
     *,
     type: str,
     body: kopf.Body,
@@ -783,7 +813,12 @@ def finetunejob_event(
     logger: kopf.Logger,
     **kwargs: Any,
 ) -> None:
-    """A FineTuneJob appeared (or was listed at start), changed, or went."""
+    """A FineTuneJob appeared (or was listed at start), changed, or went.
+
+    A coroutine: the checks and builders are pure and quick, and the creates go through kopf's client on its loop.
+    Handler threads and the kubernetes client's urllib3 requests cost a burst more CPU than the creates themselves, and
+    the threads took the GIL from the event loop that reads the watches.
+    """
     context = operator_context(memo)
     namespace = in_namespace(namespace)
     context.attach_children(Children.from_kwargs(kwargs))
@@ -791,10 +826,10 @@ def finetunejob_event(
         context.metrics.forget_job(namespace, name)
         context.forget_job(namespace, name, body.get("metadata", {}).get("uid"))
         return
-    reconcile_finetunejob(context, compact(body), logger)
+    await reconcile_finetunejob(context, compact(body), logger)
 
 
-def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], logger: Any) -> None:
+async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], logger: Any) -> None:
     """Bring the trainer Job in line with the FineTuneJob, then queue a status derivation."""
     metadata = raw["metadata"]
     namespace, name = metadata["namespace"], metadata["name"]
@@ -805,10 +840,10 @@ def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], logger:
         try:
             job = FineTuneJob.model_validate(raw)
         except ValidationError as error:
-            refuse_invalid_spec(context, raw, format_validation_error(error))
+            await asyncio.to_thread(refuse_invalid_spec, context, raw, format_validation_error(error))
             return
         try:
-            created = ensure_trainer(context, job, raw, logger)
+            created = await ensure_trainer(context, job, raw, logger)
         except Exception as error:
             context.metrics.record_handler_error("ensure_trainer")
             delay = context.retry_later(namespace, name, metadata["uid"])
@@ -818,21 +853,21 @@ def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], logger:
         if created:
             return  # the Job watch's ADDED event derives the first status
         try:
-            apply_suspend(context, job, logger)
+            await apply_suspend(context, job, logger)
         except Exception as error:
             context.metrics.record_handler_error("apply_suspend")
             delay = context.retry_later(namespace, name, metadata["uid"])
             logger.warning("cannot suspend or resume the trainer Job (retrying in %.0f s): %s", delay, error)
-    context.request_status(namespace, name)
+    await request_status_from_loop(context, namespace, name)
 
 
 def describe_error(error: Exception) -> str:
     """An API error's status and reason, else the exception's text."""
     status = api_error_status(error)
-    return f"HTTP {status}: {getattr(error, 'reason', '')}" if status is not None else str(error)
+    return f"HTTP {status}: {getattr(error, 'reason', '') or error}" if status is not None else str(error)
 
 
-def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[str, Any], logger: Any) -> bool:
+async def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[str, Any], logger: Any) -> bool:
     """Create the trainer Job (and, once per namespace, the trainer identity) unless it exists; True when created.
 
     The Job index is filled from the watch before any handler runs, so a job whose Job exists (an operator restart,
@@ -847,12 +882,11 @@ def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[str, An
         context.set_children_ensured(metadata["uid"], True)
         return False
     with context.status_queue_creating():
-        ensure_namespace_identity(context, namespace, logger)
+        await ensure_namespace_identity(context, namespace, logger)
         created_any = False
         for child in build_children(job, context.settings):
             kopf.adopt(child, owner=as_kopf_body(raw))
-            was_created = create_child(context.api_client, child, metadata["uid"])
-            if was_created:
+            if await create_child(context, child, metadata["uid"], logger):
                 logger.info("created %s %s", child["kind"], child["metadata"]["name"])
                 created_any = True
     context.set_children_ensured(metadata["uid"], True)
@@ -874,14 +908,12 @@ def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: 
     apply_status_change(context, raw, change, gpus=0)
 
 
-def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any) -> None:
+async def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any) -> None:
     """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend (a Kueue job is unsuspended by Kueue).
 
     Level-triggered: a Job suspended or resumed by hand against the spec is put back. Nothing to do before the Job
     exists (it is created suspended or not already) or after it finished.
     """
-    from kubernetes import client
-
     namespace, name = job.metadata.namespace or "", job.metadata.name
     trainer_job = context.children().trainer_job(namespace, name)
     desired = desired_job_suspend(job)
@@ -892,19 +924,33 @@ def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any) -> No
     if bool((trainer_job.get("spec") or {}).get("suspend")) == desired:
         return
     trainer_name = trainer_resource_name(name)
-    with_retries(
-        lambda: client.BatchV1Api(context.api_client).patch_namespaced_job(
-            trainer_name, namespace, {"spec": {"suspend": desired}}, _content_type=MERGE_PATCH
-        )
+    await kopf_api.patch(
+        f"{collection_url('Job', namespace)}/{trainer_name}",
+        payload={"spec": {"suspend": desired}},
+        headers={"Content-Type": MERGE_PATCH},
+        settings=context.kopf_settings,
+        logger=logger,
     )
     logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
 
 
-def retry_finetunejob(context: OperatorContext, namespace: str, name: str) -> None:
+def finetunejob_url(namespace: str, name: str) -> str:
+    """The FineTuneJob's URL from the API root."""
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+
+
+async def retry_finetunejob(context: OperatorContext, namespace: str, name: str, uid: str) -> None:
     """A retry after a failed create or suspend: the FineTuneJob as it is now, handled as if an event came."""
-    body = read_finetunejob(context.api_client, namespace, name)
+    logger = job_logger(namespace, name)
+    try:
+        body = await read_object(context, finetunejob_url(namespace, name), logger)
+    except Exception as error:  # a failed read backs off like a failed create
+        context.metrics.record_handler_error("ensure_trainer")
+        delay = context.retry_later(namespace, name, uid)
+        logger.warning("cannot read the FineTuneJob to retry (retrying in %.0f s): %s", delay, describe_error(error))
+        return
     if body is not None:
-        reconcile_finetunejob(context, compact(body), job_logger(namespace, name))
+        await reconcile_finetunejob(context, compact(body), logger)
 
 
 class JobLogger(logging.LoggerAdapter):
@@ -940,18 +986,18 @@ async def trainer_job_event(
     context.attach_children(Children.from_kwargs(kwargs))
     namespace, name = in_namespace(namespace), labels[LABEL_JOB_NAME]
     if type == "DELETED":
-        await asyncio.to_thread(restore_trainer_job, context, namespace, name)
+        await restore_trainer_job(context, namespace, name, job_logger(namespace, name))
         return
     await request_status_from_loop(context, namespace, name)
 
 
-def restore_trainer_job(context: OperatorContext, namespace: str, name: str) -> None:
+async def restore_trainer_job(context: OperatorContext, namespace: str, name: str, logger: Any) -> None:
     """A trainer Job was deleted: put it back while its FineTuneJob runs (the trainer resumes from its checkpoint).
     reconcile_finetunejob leaves finished and deleted FineTuneJobs alone."""
-    body = read_finetunejob(context.api_client, namespace, name)
+    body = await read_object(context, finetunejob_url(namespace, name), logger)
     if body is not None:
         context.set_children_ensured(body["metadata"]["uid"], False)
-        reconcile_finetunejob(context, compact(body), job_logger(namespace, name))
+        await reconcile_finetunejob(context, compact(body), logger)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
