@@ -864,7 +864,10 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
 def describe_error(error: Exception) -> str:
     """An API error's status and reason, else the exception's text."""
     status = api_error_status(error)
-    return f"HTTP {status}: {getattr(error, 'reason', '') or error}" if status is not None else str(error)
+    if status is None:
+        return str(error)
+    # kopf's errors carry the API server's message (what was refused and why); the kubernetes client's its reason.
+    return f"HTTP {status}: {getattr(error, 'message', None) or getattr(error, 'reason', '')}"
 
 
 async def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[str, Any], logger: Any) -> bool:

@@ -560,3 +560,26 @@ def test_a_trainer_job_deleted_by_hand_is_put_back(jobs: Jobs, operator: Operato
     }
     assert len(jobs.children_of("resilient", "jobs")) == 1
     jobs.wait_condition("resilient", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+
+
+def test_a_trainer_job_the_api_server_refuses_is_created_once_it_is_allowed(jobs: Jobs, operator: Operator) -> None:
+    # A ResourceQuota of no Jobs makes the API server refuse the create (403); the operator backs off and retries
+    # until the quota is gone, then creates the Job once.
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-jobs", "namespace": jobs.namespace},
+        "spec": {"hard": {"count/jobs.batch": "0"}},
+    }
+    jobs.kube.apply(quota)
+    jobs.create(finetunejob("held", NOWHERE))
+
+    wait_for(lambda: "cannot create the trainer Job (retrying in" in operator.log(), 60, "a refused create")
+    refusal = next(line for line in operator.log().splitlines() if "cannot create the trainer Job" in line)
+    assert "HTTP 403" in refusal and "quota" in refusal, refusal
+    assert jobs.child("job", "held-trainer") is None
+    deleted = jobs.kube.kubectl("delete", "resourcequota", "no-jobs", "-n", jobs.namespace, "--wait=true")
+    assert deleted.returncode == 0, deleted.stderr
+
+    jobs.wait_condition("held", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator, timeout=120)
+    assert len(jobs.children_of("held", "jobs")) == 1
