@@ -1,6 +1,6 @@
 """How fast the operator turns a burst of FineTuneJobs into trainer Jobs, beside a plain client creating them directly.
 
-    python -m bench.operator_scale [--jobs 500] [--threads 16]
+    python -m bench.operator_scale [--jobs 500] [--threads 16] [--rounds 3]
 
 One control plane on this machine: etcd and kube-apiserver only. No controller-manager and no scheduler run, so no
 pod is ever made and nobody writes a Job's status: both sides pay for creating objects and nothing else (a pod per
@@ -9,20 +9,24 @@ watches). The operator runs as a local process (`python -m kubetune_operator`), 
 the chart's RBAC: the chart is installed with Helm and the operator acts with a token of the chart's ServiceAccount
 and the chart's KUBETUNE_* environment.
 
-Three runs, each in a fresh namespace, in this order:
+Each round runs three runs, each in a fresh namespace, in this order:
 1. floor, Jobs only: a plain Python client (the kubernetes package, T threads) creates the N trainer Jobs that
    `kubetune_operator.builders.build_children` makes (a FineTuneJob owns its trainer Job and nothing else): the
    issue's floor;
 2. floor, Jobs as the operator: the same creates with the operator's ServiceAccount token instead of the admin's
    (system:masters skips authorization);
-3. operator: the client creates N FineTuneJobs from T threads; the operator creates the trainer Jobs (and, once for
-   the namespace, the trainer ServiceAccount and its RoleBinding).
+3. operator: the client creates N FineTuneJobs from T threads; a new operator process creates the trainer Jobs (and,
+   once for the namespace, the trainer ServiceAccount and its RoleBinding).
+A ratio compares runs of one round; the report gives each round's and judges the targets on the median: on a shared
+2-core machine one run's ratio moves by a third from run to run.
 
 Latency of one job: from the moment a client thread sends the job's first create to the moment a watch on Jobs (in a
 process of its own, so the client threads never delay it) receives the trainer Job's ADDED event, on the wall clock:
 creationTimestamp has one-second resolution. Operator memory: VmHWM (peak resident set) from /proc/<pid>/status.
 API requests of the operator run: kube-apiserver's apiserver_request_total before and after it (until the operator
-is quiet), per FineTuneJob, by verb and resource.
+is quiet), per FineTuneJob, by verb and resource. CPU of every process of a run (this client, the Job watch, etcd +
+kube-apiserver, the operator) from its first create to its last Job seen: every process shares the cores, so where
+the CPU went says what the ratio is made of.
 
 Results: a markdown table on stdout and in bench/results/operator_scale.md, with the machine and its load.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -81,6 +86,25 @@ class Submission:
 
 
 @dataclass(frozen=True)
+class CpuFigures:
+    """CPU seconds (user + system) each process of a run used from its first create until every trainer Job was seen.
+    On this bed every process shares the same cores: a run that keeps them busy takes its total CPU / cores."""
+
+    client: float
+    watch: float
+    plane: float
+    operator: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.client + self.watch + self.plane + self.operator
+
+    @property
+    def without_operator(self) -> float:
+        return self.total - self.operator
+
+
+@dataclass(frozen=True)
 class RunFigures:
     """One run: what was submitted when, and when the watch saw each trainer Job."""
 
@@ -91,7 +115,8 @@ class RunFigures:
     job_seen_at: Mapping[str, float]
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
-    plane_cpu_seconds: float | None = None
+    cpu: CpuFigures | None = None
+    namespace: str = ""
 
     @property
     def started_at(self) -> float:
@@ -128,10 +153,39 @@ class OperatorFigures:
     rss_after_mb: float
     cpu_seconds: float
     quiet_after_seconds: float | None
-    # CPU seconds from the first create until every trainer Job existed: what competed with the creates.
-    window_cpu_seconds: float | None = None
     handler_runs: Mapping[str, int] = field(default_factory=dict)
     api_requests: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round: the two floors, then the operator run, each in a fresh namespace."""
+
+    floors: tuple[RunFigures, ...]
+    operator: RunFigures
+    memory: OperatorFigures
+
+    @property
+    def runs(self) -> tuple[RunFigures, ...]:
+        return (*self.floors, self.operator)
+
+    def total_ratio(self, floor_index: int = 0) -> float | None:
+        """All Jobs exist: operator / floor."""
+        return ratio(self.operator.total_seconds, self.floors[floor_index].total_seconds)
+
+    def p50_ratio(self, floor_index: int = 0) -> float | None:
+        """create→Job p50: operator / floor."""
+        return ratio(median_latency(self.operator), median_latency(self.floors[floor_index]))
+
+
+def median_latency(run: RunFigures) -> float | None:
+    return percentile(run.latencies, 0.5) if run.latencies else None
+
+
+def median_of(values: Sequence[float | None]) -> float | None:
+    """The median of the known values; None when none is known."""
+    known = [value for value in values if value is not None]
+    return percentile(known, 0.5) if known else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -159,6 +213,12 @@ def read_status_mb(pid: int, key: str) -> float:
 
 def read_cpu_seconds(pid: int) -> float:
     return proc_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (every thread of it: the client's) has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def plane_cpu_seconds(plane: Any) -> float:
@@ -334,7 +394,7 @@ class JobWatch:
         while time.monotonic() < deadline:
             if len(self.seen) >= self.count:
                 return True
-            time.sleep(0.2)
+            time.sleep(0.01)
         return len(self.seen) >= self.count
 
     def stop(self) -> None:
@@ -452,9 +512,10 @@ def measure(
     timeout: float,
     submit: Callable[[Any, str, str], None],
     kubeconfig: str | None = None,
+    operator_pid: int | None = None,
 ) -> RunFigures:
     """One run in a fresh namespace: start the watch, submit every job (as `kubeconfig`'s identity, the admin's by
-    default), wait for every trainer Job."""
+    default), wait for every trainer Job; CPU of each process (the operator's too, given its pid) over the run."""
     from kubetune_operator.builders import trainer_resource_name
 
     namespace = create_namespace(bed.plane, "scale")
@@ -462,20 +523,42 @@ def measure(
     api_client = pooled_client(kubeconfig or bed.plane.kubeconfig, threads)
     watch = JobWatch(bed.plane.kubeconfig, namespace, count, timeout).start()
     load_before = os.getloadavg()
-    plane_cpu_before = plane_cpu_seconds(bed.plane)
+    cpu_before = cpu_reading(bed, watch, operator_pid)
     try:
         submissions = submit_all(names, threads, lambda name: submit(api_client, namespace, name))
         watch.wait(timeout)
+        cpu = cpu_used(cpu_before, cpu_reading(bed, watch, operator_pid))
     finally:
         watch.stop()
         api_client.close()
     seen = {
         name: watch.seen[trainer_resource_name(name)] for name in names if trainer_resource_name(name) in watch.seen
     }
-    plane_cpu = plane_cpu_seconds(bed.plane) - plane_cpu_before
-    figures = RunFigures(label, creates, writes_per_job, submissions, seen, load_before, os.getloadavg(), plane_cpu)
+    figures = RunFigures(
+        label, creates, writes_per_job, submissions, seen, load_before, os.getloadavg(), cpu, namespace
+    )
     click.echo(f"{label}: {len(seen)}/{count} Jobs, {seconds(figures.total_seconds)} in all", err=True)
     return figures
+
+
+def cpu_reading(bed: Bed, watch: JobWatch, operator_pid: int | None) -> CpuFigures:
+    """Each process's CPU seconds so far."""
+    assert watch.process is not None
+    return CpuFigures(
+        client=own_cpu_seconds(),
+        watch=read_cpu_seconds(watch.process.pid),
+        plane=plane_cpu_seconds(bed.plane),
+        operator=read_cpu_seconds(operator_pid) if operator_pid is not None else 0.0,
+    )
+
+
+def cpu_used(before: CpuFigures, after: CpuFigures) -> CpuFigures:
+    return CpuFigures(
+        client=after.client - before.client,
+        watch=after.watch - before.watch,
+        plane=after.plane - before.plane,
+        operator=after.operator - before.operator,
+    )
 
 
 def floor_run(bed: Bed, count: int, threads: int, timeout: float, label: str, as_operator: bool = False) -> RunFigures:
@@ -520,8 +603,9 @@ def operator_run(
         rss_idle = read_status_mb(pid, "VmRSS")
         cpu_before = read_cpu_seconds(pid)
         requests_before = read_request_counts(bed.plane)
-        figures = measure(bed, "operator", f"{count} FineTuneJobs", 1, count, threads, timeout, submit)
-        window_cpu = read_cpu_seconds(pid) - cpu_before
+        figures = measure(
+            bed, "operator", f"{count} FineTuneJobs", 1, count, threads, timeout, submit, operator_pid=pid
+        )
         # Status patches and Events go on after the last Job exists: the peak may come then.
         quiet_after = wait_until_quiet(pid)
         requests = requests_between(requests_before, read_request_counts(bed.plane))
@@ -530,11 +614,40 @@ def operator_run(
             peak_rss_mb=read_status_mb(pid, "VmHWM"),
             rss_after_mb=read_status_mb(pid, "VmRSS"),
             cpu_seconds=read_cpu_seconds(pid) - cpu_before,
-            window_cpu_seconds=window_cpu,
             quiet_after_seconds=None if quiet_after is None else figures_end(figures) + quiet_after,
         )
     runs = handler_runs(process.log_path.read_text(encoding="utf-8", errors="replace"))
     return figures, replace(operator, handler_runs=runs, api_requests=requests)
+
+
+def measure_round(bed: Bed, count: int, threads: int, timeout: float, log_dir: Path) -> Round:
+    """The two floors, then the operator run (its own process, started after the floors' Jobs are gone)."""
+    floors = (
+        floor_run(bed, count, threads, timeout, label="floor: Jobs only"),
+        floor_run(bed, count, threads, timeout, label="floor: Jobs as the operator", as_operator=True),
+    )
+    delete_floor_jobs(bed)
+    operator, memory = operator_run(bed, count, threads, timeout, log_dir)
+    delete_operator_run(bed, operator.namespace)
+    return Round(floors, operator, memory)
+
+
+def delete_operator_run(bed: Bed, namespace: str) -> None:
+    """Remove the operator run's FineTuneJobs and trainer Jobs (no garbage collector runs here): the next round's
+    operator would list them at start and handle each, and the next floors' cleanup would delete the Jobs alone, which
+    that operator would then create again for FineTuneJobs nobody submitted in its round."""
+    from kubetune.api import PLURAL
+    from tests.testbed.processes import wait_for
+
+    for kind in (PLURAL, "jobs"):
+        bed.plane.kubectl("delete", kind, "--all", "-n", namespace, "--wait=false", check=True)
+    wait_for(
+        lambda: (
+            not bed.plane.kubectl("get", f"{PLURAL},jobs", "-n", namespace, "-o", "name", check=True).stdout.strip()
+        ),
+        120,
+        f"the operator run's FineTuneJobs and Jobs in {namespace} to be deleted",
+    )
 
 
 def handler_runs(log_text: str) -> dict[str, int]:
@@ -568,56 +681,108 @@ def verdict(met: bool | None) -> str:
     return "—" if met is None else ("yes" if met else "**no**")
 
 
-def run_rows(runs: Sequence[RunFigures]) -> list[str]:
-    """One line per run: what was created, how fast, create→Job percentiles."""
+def run_rows(rounds: Sequence[Round]) -> list[str]:
+    """One line per run of every round: what was created, how fast, create→Job percentiles."""
     rows = []
-    for run in runs:
-        latencies = run.latencies
-        cells = [f"{percentile(latencies, share):.2f} s" if latencies else "—" for share in (0.5, 0.95)] + [
-            f"{max(latencies):.2f} s" if latencies else "—"
-        ]
-        rows.append(
-            [
-                run.label,
-                run.creates,
-                str(len(run.submissions) * run.writes_per_job),
-                seconds(run.submit_seconds),
-                f"{len(run.job_seen_at)}/{len(run.submissions)}",
-                seconds(run.total_seconds),
-                *cells,
+    for number, round_ in enumerate(rounds, start=1):
+        for run in round_.runs:
+            latencies = run.latencies
+            cells = [f"{percentile(latencies, share):.2f} s" if latencies else "—" for share in (0.5, 0.95)] + [
+                f"{max(latencies):.2f} s" if latencies else "—"
             ]
-        )
+            rows.append(
+                [
+                    str(number),
+                    run.label,
+                    run.creates,
+                    str(len(run.submissions) * run.writes_per_job),
+                    seconds(run.submit_seconds),
+                    f"{len(run.job_seen_at)}/{len(run.submissions)}",
+                    seconds(run.total_seconds),
+                    *cells,
+                ]
+            )
     header = [
-        "run", "the client creates", "client writes", "client submits all in", "trainer Jobs seen",
+        "round", "run", "the client creates", "client writes", "client submits all in", "trainer Jobs seen",
         "all Jobs exist after", "create→Job p50", "p95", "max",
     ]  # fmt: skip
-    return markdown_table(header, rows, right=(2, 3, 4, 5, 6, 7, 8))
+    return markdown_table(header, rows, right=(0, 3, 4, 5, 6, 7, 8, 9))
 
 
-def target_rows(operator: RunFigures, floors: Sequence[RunFigures], memory: OperatorFigures) -> list[str]:
-    """The issue's targets, and the comparison with the floor that makes the same writes."""
+def times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def per_round(values: Sequence[float | None]) -> str:
+    return ", ".join(times(value) for value in values)
+
+
+def target_rows(rounds: Sequence[Round]) -> list[str]:
+    """The issue's targets on the median over the rounds (each round's value beside it), and the comparison with the
+    floor that makes the same writes."""
     rows = []
-    for floor, target in zip(floors, (TARGET_RATIO, None), strict=False):
-        value = ratio(operator.total_seconds, floor.total_seconds)
+    floor_labels = [floor.label for floor in rounds[0].floors]
+    for index, (label, target) in enumerate(zip(floor_labels, (TARGET_RATIO, None), strict=False)):
+        totals = [round_.total_ratio(index) for round_ in rounds]
+        value = median_of(totals)
         met = None if value is None or target is None else value <= target
         rows.append(
             [
-                f"all Jobs exist: operator / {floor.label}",
-                "—" if value is None else f"{value:.2f}×",
+                f"all Jobs exist: operator / {label}",
+                times(value),
+                per_round(totals),
                 "—" if target is None else f"≤ {target:.0f}×",
                 verdict(met),
             ]
         )
-        p50 = ratio(
-            percentile(operator.latencies, 0.5) if operator.latencies else None,
-            percentile(floor.latencies, 0.5) if floor.latencies else None,
-        )
-        rows.append([f"create→Job p50: operator / {floor.label}", "—" if p50 is None else f"{p50:.2f}×", "—", "—"])
+        p50s = [round_.p50_ratio(index) for round_ in rounds]
+        rows.append([f"create→Job p50: operator / {label}", times(median_of(p50s)), per_round(p50s), "—", "—"])
+    peaks = [round_.memory.peak_rss_mb for round_ in rounds]
     rows.append(
-        ["operator peak RSS (VmHWM)", f"{memory.peak_rss_mb:.0f} MB", f"< {TARGET_RSS_MB:.0f} MB",
-         verdict(memory.peak_rss_mb < TARGET_RSS_MB)]
+        ["operator peak RSS (VmHWM), highest", f"{max(peaks):.0f} MB", ", ".join(f"{peak:.0f} MB" for peak in peaks),
+         f"< {TARGET_RSS_MB:.0f} MB", verdict(max(peaks) < TARGET_RSS_MB)]
     )  # fmt: skip
-    return markdown_table(["figure", "value", "target", "met"], rows, right=(1, 2))
+    header = ["figure", f"value (median of {len(rounds)} rounds)", "each round", "target", "met"]
+    return markdown_table(header, rows, right=(1, 3))
+
+
+def cpu_rows(rounds: Sequence[Round], cores: int) -> list[str]:
+    """Where the CPU went in each run, from its first create to the last trainer Job seen."""
+    rows = []
+    for number, round_ in enumerate(rounds, start=1):
+        for run in round_.runs:
+            if run.cpu is None or run.total_seconds is None:
+                continue
+            cpu = run.cpu
+            rows.append(
+                [
+                    str(number), run.label, f"{cpu.client:.2f} s", f"{cpu.watch:.2f} s", f"{cpu.plane:.2f} s",
+                    f"{cpu.operator:.2f} s" if run is round_.operator else "—", f"{cpu.total:.2f} s",
+                    f"{cpu.total / run.total_seconds:.2f} of {cores}",
+                ]
+            )  # fmt: skip
+    header = [
+        "round", "run", "client (this process)", "Job watch", "etcd + kube-apiserver", "operator", "all",
+        "cores busy",
+    ]  # fmt: skip
+    return markdown_table(header, rows, right=(0, 2, 3, 4, 5, 6, 7))
+
+
+def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
+    """What the CPU accounting says about the ratio: a bed whose cores are busy throughout runs about as long as its
+    CPU takes, so the operator run's CPU without the operator's, over the floor's, is the ratio before operator work."""
+    pairs = [(round_.operator.cpu, round_.floors[0].cpu) for round_ in rounds]
+    without = [ratio(ours.without_operator, floor.total) for ours, floor in pairs if ours and floor]
+    shares = [ratio(ours.operator, ours.total) for ours, _ in pairs if ours]
+    if not without:
+        return []
+    return [
+        f"- The operator run's CPU without the operator's own (client, Job watch, control plane: the FineTuneJob "
+        f"creates, the trainer Job creates, the watches) is {times(median_of(without))} the floor's whole CPU "
+        f"(median; rounds: {per_round(without)}). With the cores busy throughout, that is about the ratio a "
+        "zero-cost operator would reach on this bed. The operator's own share of its run's CPU: "
+        f"{', '.join(f'{share:.0%}' for share in shares if share is not None)}.",
+    ]
 
 
 def handler_line(runs: Mapping[str, int], jobs: int) -> str:
@@ -646,41 +811,39 @@ def requests_line(requests: Mapping[str, float], jobs: int) -> str:
     )
 
 
-def operator_lines(memory: OperatorFigures, jobs: int) -> list[str]:
-    quiet = (
-        "did not go quiet within the bench's wait"
-        if memory.quiet_after_seconds is None
-        else f"went quiet (under {QUIET_CPU_SHARE:.0%} of a core) {memory.quiet_after_seconds:.1f} s after the "
-        "first create (status patches and Events go on after the Jobs exist)"
-    )
+def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
+    """Per round: the operator's memory and CPU; handler runs and API requests of the last round."""
+    lines = []
+    for number, round_ in enumerate(rounds, start=1):
+        memory, cpu = round_.memory, round_.operator.cpu
+        quiet = (
+            "did not go quiet within the bench's wait"
+            if memory.quiet_after_seconds is None
+            else f"went quiet (under {QUIET_CPU_SHARE:.0%} of a core) {memory.quiet_after_seconds:.1f} s after the "
+            "first create"
+        )
+        window = "—" if cpu is None else f"{cpu.operator:.1f} s"
+        lines.append(
+            f"- Round {number}, operator: resident memory {memory.rss_idle_mb:.0f} MB idle before the burst, peak "
+            f"(VmHWM) {memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it; CPU "
+            f"{memory.cpu_seconds:.1f} s over the burst (user + system), {window} of it until every trainer Job "
+            f"existed; it {quiet} (status patches and Events go on after the Jobs exist)."
+        )
+    last = rounds[-1].memory
+    return [*lines, handler_line(last.handler_runs, jobs), requests_line(last.api_requests, jobs)]
+
+
+def run_loads(rounds: Sequence[Round]) -> list[tuple[str, tuple[float, float, float]]]:
+    """The load after each run, named for the load line."""
     return [
-        f"- Operator resident memory: {memory.rss_idle_mb:.0f} MB idle before the burst, peak (VmHWM) "
-        f"{memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it.",
-        f"- Operator CPU over the burst: {memory.cpu_seconds:.1f} s (user + system), "
-        f"{window_cpu_text(memory)} until every trainer Job existed; it {quiet}.",
-        handler_line(memory.handler_runs, jobs),
-        requests_line(memory.api_requests, jobs),
+        (f"after round {number} {run.label}", run.load_after)
+        for number, round_ in enumerate(rounds, start=1)
+        for run in round_.runs
     ]
 
 
-def window_cpu_text(memory: OperatorFigures) -> str:
-    return "—" if memory.window_cpu_seconds is None else f"{memory.window_cpu_seconds:.1f} s"
-
-
-def plane_cpu_line(runs: Sequence[RunFigures]) -> str:
-    """The control plane's CPU per run, from the first create to the last Job seen: the API work each run caused."""
-    parts = ", ".join(f"{run.label} {run.plane_cpu_seconds:.1f} s" for run in runs if run.plane_cpu_seconds is not None)
-    return f"- Control-plane CPU (etcd + kube-apiserver, user + system) from first create to last Job seen: {parts}."
-
-
-def run_loads(runs: Sequence[RunFigures]) -> list[tuple[str, tuple[float, float, float]]]:
-    """The load after each run, named for the load line."""
-    return [(f"after {run.label}", run.load_after) for run in runs]
-
-
 def render_report(
-    runs: Sequence[RunFigures],
-    memory: OperatorFigures,
+    rounds: Sequence[Round],
     threads: int,
     started: datetime,
     server_version: str,
@@ -689,14 +852,13 @@ def render_report(
     """The markdown the bench prints and writes."""
     from importlib.metadata import version
 
-    floors = [run for run in runs if run.label.startswith("floor")]
-    operator = next(run for run in runs if run.label == "operator")
-    count = len(operator.submissions)
+    count = len(rounds[0].operator.submissions)
+    cores = os.cpu_count() or 0
     return "\n".join(
         [
             f"# Operator scale: {count} FineTuneJobs at once",
             "",
-            f"Command: `python -m bench.operator_scale --jobs {count} --threads {threads}`.",
+            f"Command: `python -m bench.operator_scale --jobs {count} --threads {threads} --rounds {len(rounds)}`.",
             "",
             "Test bed: etcd + kube-apiserver only. No controller-manager or scheduler runs, so no pod is made and no "
             "Job status is written: every run pays for creating objects and nothing else. The operator is "
@@ -708,15 +870,25 @@ def render_report(
             "RoleBinding creates pay for RBAC's escalation checks. create→Job: from the client sending a job's "
             "first create to a watch (a "
             "process of its own) receiving the trainer Job's ADDED event, wall clock. Each run has a fresh "
-            "namespace; they ran in the order below, and the floors' Jobs were deleted before the operator "
-            "started (they carry its labels, so its Job watch would have handled them).",
+            "namespace; they ran in the order below, one round after another (a new operator process each round), "
+            "and the floors' Jobs were deleted before the operator started (they carry its labels, so its Job watch "
+            "would have handled them). Each ratio compares runs of the same round; the targets are judged on the "
+            "median over the rounds.",
             "",
-            *run_rows(runs),
+            *run_rows(rounds),
             "",
-            *target_rows(operator, floors, memory),
+            *target_rows(rounds),
             "",
-            *operator_lines(memory, count),
-            plane_cpu_line(runs),
+            *operator_lines(rounds, count),
+            "",
+            "## Where the CPU went",
+            "",
+            "Every process of a run shares this machine's cores; CPU seconds (user + system) from the run's first "
+            "create to the last trainer Job seen.",
+            "",
+            *cpu_rows(rounds, cores),
+            "",
+            *cpu_bound_lines(rounds),
             "",
             "## Machine",
             "",
@@ -724,7 +896,7 @@ def render_report(
             f"- CPU: {cpu_line()}",
             f"- Kubernetes {server_version} (etcd with --unsafe-no-fsync, API priority and fairness off); "
             f"kopf {version('kopf')}, kubernetes (Python) {version('kubernetes')}",
-            f"- {load_line(loads, os.cpu_count() or 0)}",
+            f"- {load_line(loads, cores)}",
             "",
         ]
     )
@@ -745,9 +917,18 @@ def render_report(
     show_default=True,
     help="Where the markdown goes.",
 )
+@click.option(
+    "--rounds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 20),
+    help="Rounds of (floors, operator run); the targets are judged on the median.",
+)
 @click.option("--keep-logs", is_flag=True, help="Keep the test bed's logs (.cache/bench-runs/...) after a success.")
 @click.pass_context
-def main(context: click.Context, count: int, threads: int, timeout: float, output: Path, keep_logs: bool) -> None:
+def main(
+    context: click.Context, count: int, threads: int, timeout: float, output: Path, rounds: int, keep_logs: bool
+) -> None:
     """Time the operator against the plain-client floor and print the table."""
     if context.invoked_subcommand is not None:
         return
@@ -761,21 +942,17 @@ def main(context: click.Context, count: int, threads: int, timeout: float, outpu
     with control_plane(work) as bed:
         # Untimed: the first requests pay for connections, the API server's caches and the client's lazy imports.
         floor_run(bed, min(count, WARM_UP_JOBS), threads, timeout, label="warm-up")
-        runs = [
-            floor_run(bed, count, threads, timeout, label="floor: Jobs only"),
-            floor_run(bed, count, threads, timeout, label="floor: Jobs as the operator", as_operator=True),
+        measured = [
+            measure_round(bed, count, threads, timeout, work / f"operator-{number}") for number in range(rounds)
         ]
-        delete_floor_jobs(bed)
-        operator, memory = operator_run(bed, count, threads, timeout, work / "operator")
-        runs.append(operator)
         end_load = os.getloadavg()
-    loads = [("start", start_load), *run_loads(runs), ("end", end_load)]
-    report = render_report(runs, memory, threads, started, bed.server_version, loads)
+    loads = [("start", start_load), *run_loads(measured), ("end", end_load)]
+    report = render_report(measured, threads, started, bed.server_version, loads)
     click.echo(report)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report, encoding="utf-8")
     click.echo(f"wrote {output}", err=True)
-    if not all(run.complete for run in runs):
+    if not all(run.complete for round_ in measured for run in round_.runs):
         raise click.ClickException(f"some trainer Jobs never appeared; logs kept in {work}")
     if not keep_logs:
         shutil.rmtree(work, ignore_errors=True)
