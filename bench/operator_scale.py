@@ -709,8 +709,8 @@ def run_rows(rounds: Sequence[Round]) -> list[str]:
     return markdown_table(header, rows, right=(0, 3, 4, 5, 6, 7, 8, 9))
 
 
-def times(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}×"
+def times(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}×"
 
 
 def per_round(values: Sequence[float | None]) -> str:
@@ -729,7 +729,8 @@ def target_rows(rounds: Sequence[Round]) -> list[str]:
         rows.append(
             [
                 f"all Jobs exist: operator / {label}",
-                times(value),
+                # Three digits where a target judges it: 2.004× must not read as 2.00×.
+                times(value, 3 if target is not None else 2),
                 per_round(totals),
                 "—" if target is None else f"≤ {target:.0f}×",
                 verdict(met),

@@ -168,7 +168,7 @@ def test_scale_tables_give_percentiles_ratios_and_verdicts_on_the_median_of_the_
     assert "| 3 | operator | 4 things | 4 | 0.01 s | 4/4 | 1.50 s | 1.25 s | 1.50 s | 1.50 s |" in runs
     targets = "\n".join(target_rows(rounds))
     # One slow round does not decide: the median of 2.50×, 1.80× and 1.50× is 1.80×.
-    assert "| all Jobs exist: operator / floor: Jobs only | 1.80× | 2.50×, 1.80×, 1.50× | ≤ 2× | yes |" in targets
+    assert "| all Jobs exist: operator / floor: Jobs only | 1.800× | 2.50×, 1.80×, 1.50× | ≤ 2× | yes |" in targets
     assert "| all Jobs exist: operator / floor: all children | 0.60× | 0.83×, 0.60×, 0.50× | — | — |" in targets
     assert "| operator peak RSS (VmHWM), highest | 250 MB | 250 MB, 150 MB, 140 MB | < 200 MB | **no** |" in targets
     assert ratio(None, 1.0) is None and ratio(1.0, 0.0) is None
