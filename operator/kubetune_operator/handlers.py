@@ -58,8 +58,9 @@ from kubetune_operator.trainer_identity import build_namespace_identity
 MEMO_KEY = "kubetune"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
 MERGE_PATCH = "application/merge-patch+json"
-# Threads for sync handlers and pooled connections of the kubernetes client (status patches), sized together: a thread
-# never waits for a connection. kopf's default executor has min(32, CPUs + 4) threads: 6 on a 2-core node.
+# kopf's executor (the few sync handlers: start-up, clean-up, probes) and the kubernetes client's connection pool, which
+# the status workers and the rare blocking calls moved off the loop (asyncio.to_thread) share; sized together, so a
+# thread never waits for a connection. Every watch event is handled on kopf's loop.
 HANDLER_THREADS = 16
 # Creates in flight at once on kopf's loop (each holds one keep-alive connection): as many as a 16-thread client's.
 CREATES_IN_FLIGHT = 16
@@ -71,9 +72,9 @@ RETRY_MAX_SECONDS = 60.0
 # Transient API failures inside watch-event handlers are retried here: kopf does not retry event handlers.
 API_ATTEMPTS = 3
 API_RETRY_SECONDS = 1.0
-# The same retries for requests made with kopf's client (it retries 429, 5xx, 403 and connection errors).
-API_BACKOFFS = tuple(API_RETRY_SECONDS * attempt for attempt in range(1, API_ATTEMPTS))
 CONFLICT_RETRY_SECONDS = 10
+# The logger kopf's client writes its request failures to: the operator's log, never an Event on a FineTuneJob.
+API_LOGGER = logging.getLogger("kubetune_operator.api")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -485,19 +486,32 @@ def collection_url(kind: str, namespace: str) -> str:
     return f"/{group_path}/namespaces/{namespace}/{plural}"
 
 
-async def post_object(context: OperatorContext, manifest: Mapping[str, Any], logger: Any) -> bool:
+async def api_request(
+    context: OperatorContext, method: str, url: str, payload: object = None, headers: dict[str, str] | None = None
+) -> Any:
+    """One request with kopf's client, once: a failure goes back to the caller at once, whose job is handled again
+    with a growing delay (OperatorContext.retry_later). kopf's own retries would sleep inside a create, holding back
+    every status derivation meanwhile (status_queue), and would retry a 403 (a terminating namespace, a quota) that
+    waiting seconds does not mend. Its log lines go to the operator's log only, not to Events on the FineTuneJob."""
+    return await kopf_api.request(
+        method,
+        url,
+        payload=payload,
+        headers=headers,
+        settings=context.kopf_settings,
+        backoffs=(),
+        logger=API_LOGGER,
+    )
+
+
+async def post_object(context: OperatorContext, manifest: Mapping[str, Any]) -> bool:
     """Create the object with kopf's client; True when created, False when it exists (409). The answer is read
     but not parsed: nothing here needs the created object (the Job watch brings it), and decoding it was a tenth of the
     operator's CPU in a burst."""
     try:
         async with context.create_slots:
-            response = await kopf_api.request(
-                "post",
-                collection_url(manifest["kind"], manifest["metadata"]["namespace"]),
-                payload=manifest,
-                settings=context.kopf_settings,
-                backoffs=API_BACKOFFS,
-                logger=logger,
+            response = await api_request(
+                context, "post", collection_url(manifest["kind"], manifest["metadata"]["namespace"]), manifest
             )
             async with response:
                 await response.read()
@@ -506,10 +520,12 @@ async def post_object(context: OperatorContext, manifest: Mapping[str, Any], log
     return True
 
 
-async def read_object(context: OperatorContext, url: str, logger: Any) -> dict[str, Any] | None:
+async def read_object(context: OperatorContext, url: str) -> dict[str, Any] | None:
     """GET with kopf's client; None when the object is gone (404)."""
     try:
-        found: dict[str, Any] = await kopf_api.get(url, settings=context.kopf_settings, logger=logger)
+        response = await api_request(context, "get", url)
+        async with response:
+            found: dict[str, Any] = await response.json()
     except kopf_errors.APINotFoundError:
         return None
     return found
@@ -530,7 +546,7 @@ async def ensure_namespace_identity(context: OperatorContext, namespace: str, lo
         created = [
             f"{manifest['kind']} {manifest['metadata']['name']}"
             for manifest in build_namespace_identity(namespace, context.settings)
-            if await post_object(context, manifest, logger)
+            if await post_object(context, manifest)
         ]
         context.set_identity_ensured(namespace)
     if created:
@@ -543,12 +559,12 @@ async def create_child(context: OperatorContext, manifest: dict[str, Any], owner
     An existing object owned by someone else (e.g. a deleted FineTuneJob of the same name whose children GC has not
     removed yet) is a temporary conflict: retry later rather than adopt it.
     """
-    if await post_object(context, manifest, logger):
+    if await post_object(context, manifest):
         return True
     kind, namespace, name = manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    existing = await read_object(context, f"{collection_url(kind, namespace)}/{name}", logger)
+    existing = await read_object(context, f"{collection_url(kind, namespace)}/{name}")
     if existing is None:
-        raise kopf.TemporaryError(f"{kind} {namespace}/{name} was deleted while being created", delay=1)
+        raise kopf.TemporaryError(f"{kind} {namespace}/{name} was deleted while being created")
     if not is_owned_by(existing, owner_uid):
         raise kopf.TemporaryError(
             f"{kind} {namespace}/{name} exists but is not owned by this FineTuneJob (uid {owner_uid}); waiting for "
@@ -927,13 +943,15 @@ async def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any)
     if bool((trainer_job.get("spec") or {}).get("suspend")) == desired:
         return
     trainer_name = trainer_resource_name(name)
-    await kopf_api.patch(
+    response = await api_request(
+        context,
+        "patch",
         f"{collection_url('Job', namespace)}/{trainer_name}",
-        payload={"spec": {"suspend": desired}},
+        {"spec": {"suspend": desired}},
         headers={"Content-Type": MERGE_PATCH},
-        settings=context.kopf_settings,
-        logger=logger,
     )
+    async with response:
+        await response.read()
     logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
 
 
@@ -946,7 +964,7 @@ async def retry_finetunejob(context: OperatorContext, namespace: str, name: str,
     """A retry after a failed create or suspend: the FineTuneJob as it is now, handled as if an event came."""
     logger = job_logger(namespace, name)
     try:
-        body = await read_object(context, finetunejob_url(namespace, name), logger)
+        body = await read_object(context, finetunejob_url(namespace, name))
     except Exception as error:  # a failed read backs off like a failed create
         context.metrics.record_handler_error("ensure_trainer")
         delay = context.retry_later(namespace, name, uid)
@@ -997,7 +1015,7 @@ async def trainer_job_event(
 async def restore_trainer_job(context: OperatorContext, namespace: str, name: str, logger: Any) -> None:
     """A trainer Job was deleted: put it back while its FineTuneJob runs (the trainer resumes from its checkpoint).
     reconcile_finetunejob leaves finished and deleted FineTuneJobs alone."""
-    body = await read_object(context, finetunejob_url(namespace, name), logger)
+    body = await read_object(context, finetunejob_url(namespace, name))
     if body is not None:
         context.set_children_ensured(body["metadata"]["uid"], False)
         await reconcile_finetunejob(context, compact(body), logger)
