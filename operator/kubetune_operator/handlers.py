@@ -69,7 +69,7 @@ STATUS_THREADS = 8
 # Backoff of a failed create or suspend (kopf does not retry event handlers).
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
-# Transient API failures inside watch-event handlers are retried here: kopf does not retry event handlers.
+# Transient API failures of the status path (the kubernetes client, on the status threads) are retried briefly.
 API_ATTEMPTS = 3
 API_RETRY_SECONDS = 1.0
 CONFLICT_RETRY_SECONDS = 10
@@ -246,40 +246,10 @@ def operator_context(memo: Any) -> OperatorContext:
     return context
 
 
-def check_handler_name(handler: str) -> None:
+def counted(handler: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Count the (coroutine) handler's failures in kubetune_handler_errors_total{handler}."""
     if handler not in HANDLERS:
         raise ValueError(f"handler {handler!r} is missing from kubetune_operator.metrics.HANDLERS")
-
-
-def record_handler_failure(handler: str, kwargs: Mapping[str, Any]) -> None:
-    """Count a failure of `handler` in the context kopf's memo holds, when there is one."""
-    memo: Any = kwargs.get("memo")
-    context = memo.get(MEMO_KEY) if memo is not None else None
-    if isinstance(context, OperatorContext):
-        context.metrics.record_handler_error(handler)
-
-
-def counted(handler: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Count the handler's failures in kubetune_handler_errors_total{handler}."""
-    check_handler_name(handler)
-
-    def decorate(function: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(function)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
-                return function(*args, **kwargs)
-            except Exception:
-                record_handler_failure(handler, kwargs)
-                raise
-
-        return wrapper
-
-    return decorate
-
-
-def counted_async(handler: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """counted() for a coroutine handler (kopf runs those on its event loop, not in a thread)."""
-    check_handler_name(handler)
 
     def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(function)
@@ -287,7 +257,10 @@ def counted_async(handler: str) -> Callable[[Callable[P, Awaitable[R]]], Callabl
             try:
                 return await function(*args, **kwargs)
             except Exception:
-                record_handler_failure(handler, kwargs)
+                memo: Any = kwargs.get("memo")
+                context = memo.get(MEMO_KEY) if memo is not None else None
+                if isinstance(context, OperatorContext):
+                    context.metrics.record_handler_error(handler)
                 raise
 
         return wrapper
@@ -818,7 +791,7 @@ async def trainer_pods_index(
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-@counted_async("finetunejob_event")
+@counted("finetunejob_event")
 async def finetunejob_event(
     *,
     type: str,
@@ -993,7 +966,7 @@ def job_logger(namespace: str, name: str) -> JobLogger:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
-@counted_async("trainer_job_event")
+@counted("trainer_job_event")
 async def trainer_job_event(
     *,
     type: str,
@@ -1022,7 +995,7 @@ async def restore_trainer_job(context: OperatorContext, namespace: str, name: st
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
-@counted_async("trainer_pod_event")
+@counted("trainer_pod_event")
 async def trainer_pod_event(
     *, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **kwargs: Any
 ) -> None:

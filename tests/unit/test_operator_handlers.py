@@ -261,3 +261,18 @@ def test_plain_copies_through_json_and_refuses_what_json_cannot_hold() -> None:
     assert source["status"] == {"phase": None}
     with pytest.raises(TypeError, match="set is not JSON"):
         plain({"odd": {1, 2}})
+
+
+def test_a_failing_handler_is_counted_and_still_raises_and_an_unknown_name_is_refused() -> None:
+    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+
+    @handlers.counted("trainer_pod_event")
+    async def failing(**_: Any) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(failing(memo={handlers.MEMO_KEY: context}))
+    registry = context.metrics.registry
+    assert registry.get_sample_value("kubetune_handler_errors_total", {"handler": "trainer_pod_event"}) == 1
+    with pytest.raises(ValueError, match="'no_such_handler' is missing"):
+        handlers.counted("no_such_handler")
