@@ -113,8 +113,8 @@ class OperatorContext:
     kopf_context: contextvars.Context | None = None
 
     def attach_children(self, children: Children) -> None:
-        """Called by every handler first: keep kopf's indexes and its handlers' context variables for the work done
-        outside the handlers (status derivations, retries), and start the status workers in that context.
+        """Called by every handler first: keep kopf's indexes and its handlers' context variables for the status
+        derivations done outside the handlers, and start the status workers in that context.
 
         kopf.event needs variables kopf sets for its handlers only (not yet for the startup handler), and a new
         thread starts without any: the workers run in copies of a handler's context.
@@ -1008,7 +1008,7 @@ async def trainer_pod_event(
 async def request_status_from_loop(context: OperatorContext, namespace: str, name: str) -> None:
     """request_status from kopf's event loop: a queue put at once (it only takes a lock for a moment); without a
     queue (unit tests) the derivation's API calls run in a thread."""
-    if context.status_queue is not None:
-        context.status_queue.put((namespace, name))
-    else:
+    if context.status_queue is None:
         await asyncio.to_thread(context.request_status, namespace, name)
+    else:
+        context.request_status(namespace, name)
