@@ -9,13 +9,16 @@ watches). The operator runs as a local process (`python -m kubetune_operator`), 
 the chart's RBAC: the chart is installed with Helm and the operator acts with a token of the chart's ServiceAccount
 and the chart's KUBETUNE_* environment.
 
-Each round runs three runs, each in a fresh namespace, in this order:
+Each round runs four runs, each in a fresh namespace, in this order:
 1. floor, Jobs only: a plain Python client (the kubernetes package, T threads) creates the N trainer Jobs that
    `kubetune_operator.builders.build_children` makes (a FineTuneJob owns its trainer Job and nothing else): the
    issue's floor;
 2. floor, Jobs as the operator: the same creates with the operator's ServiceAccount token instead of the admin's
    (system:masters skips authorization);
-3. operator: the client creates N FineTuneJobs from T threads; a new operator process creates the trainer Jobs (and,
+3. bare controller: the client creates N FineTuneJobs from T threads; a process of its own watches them and, for each
+   new one, creates its trainer Job, built before the run (no validation, no building, no kopf, no status): the least
+   any controller does per job, measured on the same bed. Its FineTuneJobs and Jobs are deleted before the next run;
+4. operator: the client creates N FineTuneJobs from T threads; a new operator process creates the trainer Jobs (and,
    once for the namespace, the trainer ServiceAccount and its RoleBinding).
 A ratio compares runs of one round; the report gives each round's and judges the targets on the median: on a shared
 2-core machine one run's ratio moves by a third from run to run.
@@ -45,7 +48,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +64,7 @@ RESULTS_FILE = REPO_ROOT / "bench" / "results" / "operator_scale.md"
 OPERATOR_NAMESPACE = "kubetune-system"
 RELEASE = "kubetune"
 READY_LINE = "READY"
+BARE_LABEL = "bare controller"
 # The issue's targets.
 TARGET_RATIO = 2.0
 TARGET_RSS_MB = 200.0
@@ -159,15 +163,29 @@ class OperatorFigures:
 
 @dataclass(frozen=True)
 class Round:
-    """One round: the two floors, then the operator run, each in a fresh namespace."""
+    """One round: the two floors, the bare controller, then the operator run, each in a fresh namespace."""
 
     floors: tuple[RunFigures, ...]
     operator: RunFigures
     memory: OperatorFigures
+    bare: RunFigures | None = None
 
     @property
     def runs(self) -> tuple[RunFigures, ...]:
-        return (*self.floors, self.operator)
+        return (*self.floors, *((self.bare,) if self.bare is not None else ()), self.operator)
+
+    @property
+    def controllers(self) -> tuple[RunFigures, ...]:
+        """The runs with a controller process whose CPU was read: the bare controller's and the operator's."""
+        return (*((self.bare,) if self.bare is not None else ()), self.operator)
+
+    def bare_ratio(self) -> float | None:
+        """All Jobs exist: bare controller / floor (Jobs only): the bed's bound for any controller."""
+        return None if self.bare is None else ratio(self.bare.total_seconds, self.floors[0].total_seconds)
+
+    def over_bare_ratio(self) -> float | None:
+        """All Jobs exist: operator / bare controller: what the operator costs above the least a controller does."""
+        return None if self.bare is None else ratio(self.operator.total_seconds, self.bare.total_seconds)
 
     def total_ratio(self, floor_index: int = 0) -> float | None:
         """All Jobs exist: operator / floor."""
@@ -363,30 +381,19 @@ class JobWatch:
     seen: dict[str, float] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
     _reader: threading.Thread | None = None
-    _ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> JobWatch:
         command = [
             sys.executable, "-m", "bench.operator_scale", "watch-jobs", "--kubeconfig", self.kubeconfig,
             "--namespace", self.namespace, "--count", str(self.count), "--timeout", str(self.timeout),
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, name="job-watch-reader", daemon=True)
-        self._reader.start()
-        if not self._ready.wait(60):
-            self.stop()
-            raise click.ClickException(f"the Job watch on namespace {self.namespace} did not start within 60 s")
+        self.process, self._reader = start_ready_process(command, self._line, f"the Job watch on {self.namespace}")
         return self
 
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.strip() == READY_LINE:
-                self._ready.set()
-                continue
-            name, _, received = line.strip().partition("\t")
-            if received:
-                self.seen[name] = float(received)
+    def _line(self, line: str) -> None:
+        name, _, received = line.partition("\t")
+        if received:
+            self.seen[name] = float(received)
 
     def wait(self, timeout: float) -> bool:
         """True once `count` Jobs were seen; False after `timeout` seconds."""
@@ -398,11 +405,39 @@ class JobWatch:
         return len(self.seen) >= self.count
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        if self._reader is not None:
-            self._reader.join(timeout=10)
+        stop_process(self.process, self._reader)
+
+
+def start_ready_process(
+    command: list[str], on_line: Callable[[str], None], what: str
+) -> tuple[subprocess.Popen[str], threading.Thread]:
+    """Start one of this module's subcommands; hand each stdout line after READY to on_line (from a reader thread).
+    Returns once it printed READY."""
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip() == READY_LINE:
+                ready.set()
+            else:
+                on_line(line.strip())
+
+    reader = threading.Thread(target=read, name=f"{command[3]}-reader", daemon=True)
+    reader.start()
+    if not ready.wait(60):
+        stop_process(process, reader)
+        raise click.ClickException(f"{what} did not start within 60 s")
+    return process, reader
+
+
+def stop_process(process: subprocess.Popen[str] | None, reader: threading.Thread | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        process.wait(timeout=10)
+    if reader is not None:
+        reader.join(timeout=10)
 
 
 def watch_jobs(kubeconfig: str, namespace: str, count: int, timeout: float, emit: Callable[[str], None]) -> None:
@@ -424,6 +459,87 @@ def watch_jobs(kubeconfig: str, namespace: str, count: int, timeout: float, emit
             emit(f"{job['metadata']['name']}\t{received:.6f}")
         if len(seen) >= count:
             return
+
+
+def owned_by(job: Mapping[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
+    """The Job with a controller owner reference to the FineTuneJob, as kopf.adopt gives the operator's."""
+    reference = {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    return {**job, "metadata": {**job["metadata"], "ownerReferences": [reference]}}
+
+
+def bare_controller(
+    kubeconfig: str,
+    namespace: str,
+    jobs: Mapping[str, dict[str, Any]],
+    threads: int,
+    timeout: float,
+    emit: Callable[[str], None],
+) -> int:
+    """Watch FineTuneJobs; for each new one named in `jobs`, create that prebuilt trainer Job, owned by it, from a pool
+    of `threads` (the answer read, not parsed). No validation, no building, no status: the least a controller does.
+    Returns the Jobs created once every one is (or the deadline passed)."""
+    from kubernetes import client
+
+    from bench.watch_stream import list_version, watch_events
+    from kubetune.api import GROUP, PLURAL, VERSION
+
+    api_client = pooled_client(kubeconfig, threads)
+    list_call = client.CustomObjectsApi(api_client).list_namespaced_custom_object
+    batch = client.BatchV1Api(api_client)
+
+    def create(manifest: dict[str, Any]) -> None:
+        response = batch.create_namespaced_job(namespace, manifest, _preload_content=False)
+        response.read()
+        response.release_conn()
+
+    version, _ = list_version(list_call, GROUP, VERSION, namespace, PLURAL)
+    emit(READY_LINE)
+    deadline = time.monotonic() + timeout
+    created: set[str] = set()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bare-controller") as pool:
+        creates = []
+        for _, kind, finetunejob in watch_events(
+            list_call, GROUP, VERSION, namespace, PLURAL, resource_version=version, deadline=deadline
+        ):
+            name = finetunejob["metadata"]["name"]
+            if kind == "ADDED" and name in jobs and name not in created:
+                created.add(name)
+                creates.append(pool.submit(create, owned_by(jobs[name], finetunejob)))
+            if len(created) >= len(jobs):
+                break
+        for done in creates:
+            done.result()
+    return len(created)
+
+
+@contextmanager
+def bare_controller_process(
+    bed: Bed, namespace: str, count: int, threads: int, timeout: float, work: Path
+) -> Iterator[int]:
+    """The bare controller as a process of its own, with the operator's ServiceAccount token; yields its pid once it
+    watches. Its Jobs are the floor's (children_of), handed over in a file."""
+    work.mkdir(parents=True, exist_ok=True)
+    jobs_file = work / f"bare-controller-{namespace}.json"
+    jobs = {name: children_of(name, namespace, bed.settings) for name in job_names(count)}
+    if any(len(children) != 1 for children in jobs.values()):
+        raise click.ClickException("the bare controller creates one Job per FineTuneJob; the builders make more")
+    jobs_file.write_text(json.dumps({name: children[0] for name, children in jobs.items()}), encoding="utf-8")
+    command = [
+        sys.executable, "-m", "bench.operator_scale", "bare-controller", "--kubeconfig", bed.operator_kubeconfig,
+        "--namespace", namespace, "--jobs-file", str(jobs_file), "--threads", str(threads), "--timeout", str(timeout),
+    ]  # fmt: skip
+    process, reader = start_ready_process(command, lambda line: None, f"the bare controller on {namespace}")
+    try:
+        yield process.pid
+    finally:
+        stop_process(process, reader)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -513,24 +629,27 @@ def measure(
     submit: Callable[[Any, str, str], None],
     kubeconfig: str | None = None,
     operator_pid: int | None = None,
+    controller: Callable[[str], AbstractContextManager[int]] | None = None,
 ) -> RunFigures:
     """One run in a fresh namespace: start the watch, submit every job (as `kubeconfig`'s identity, the admin's by
-    default), wait for every trainer Job; CPU of each process (the operator's too, given its pid) over the run."""
+    default), wait for every trainer Job; CPU of each process (the operator's too, given its pid) over the run.
+    `controller` starts a controller for the run's namespace and yields its pid (read like the operator's)."""
     from kubetune_operator.builders import trainer_resource_name
 
     namespace = create_namespace(bed.plane, "scale")
     names = job_names(count)
     api_client = pooled_client(kubeconfig or bed.plane.kubeconfig, threads)
-    watch = JobWatch(bed.plane.kubeconfig, namespace, count, timeout).start()
-    load_before = os.getloadavg()
-    cpu_before = cpu_reading(bed, watch, operator_pid)
-    try:
-        submissions = submit_all(names, threads, lambda name: submit(api_client, namespace, name))
-        watch.wait(timeout)
-        cpu = cpu_used(cpu_before, cpu_reading(bed, watch, operator_pid))
-    finally:
-        watch.stop()
-        api_client.close()
+    with controller(namespace) if controller is not None else nullcontext(operator_pid) as controller_pid:
+        watch = JobWatch(bed.plane.kubeconfig, namespace, count, timeout).start()
+        load_before = os.getloadavg()
+        cpu_before = cpu_reading(bed, watch, controller_pid)
+        try:
+            submissions = submit_all(names, threads, lambda name: submit(api_client, namespace, name))
+            watch.wait(timeout)
+            cpu = cpu_used(cpu_before, cpu_reading(bed, watch, controller_pid))
+        finally:
+            watch.stop()
+            api_client.close()
     seen = {
         name: watch.seen[trainer_resource_name(name)] for name in names if trainer_resource_name(name) in watch.seen
     }
@@ -620,22 +739,37 @@ def operator_run(
     return figures, replace(operator, handler_runs=runs, api_requests=requests)
 
 
+def bare_run(bed: Bed, count: int, threads: int, timeout: float, work: Path) -> RunFigures:
+    """The client creates FineTuneJobs; the bare controller (its own process) creates their prebuilt Jobs."""
+
+    def submit(api_client: Any, namespace: str, name: str) -> None:
+        create_finetunejob(api_client, finetunejob_manifest(name, namespace))
+
+    return measure(
+        bed, BARE_LABEL, f"{count} FineTuneJobs", 1, count, threads, timeout, submit,
+        controller=lambda namespace: bare_controller_process(bed, namespace, count, threads, timeout, work),
+    )  # fmt: skip
+
+
 def measure_round(bed: Bed, count: int, threads: int, timeout: float, log_dir: Path) -> Round:
-    """The two floors, then the operator run (its own process, started after the floors' Jobs are gone)."""
+    """The two floors, the bare controller, then the operator run (its own process, started once the Jobs and
+    FineTuneJobs of the runs before are gone)."""
     floors = (
         floor_run(bed, count, threads, timeout, label="floor: Jobs only"),
         floor_run(bed, count, threads, timeout, label="floor: Jobs as the operator", as_operator=True),
     )
+    bare = bare_run(bed, count, threads, timeout, log_dir)
+    delete_controller_run(bed, bare.namespace)
     delete_floor_jobs(bed)
     operator, memory = operator_run(bed, count, threads, timeout, log_dir)
-    delete_operator_run(bed, operator.namespace)
-    return Round(floors, operator, memory)
+    delete_controller_run(bed, operator.namespace)
+    return Round(floors, operator, memory, bare)
 
 
-def delete_operator_run(bed: Bed, namespace: str) -> None:
-    """Remove the operator run's FineTuneJobs and trainer Jobs (no garbage collector runs here): the next round's
-    operator would list them at start and handle each, and the next floors' cleanup would delete the Jobs alone, which
-    that operator would then create again for FineTuneJobs nobody submitted in its round."""
+def delete_controller_run(bed: Bed, namespace: str) -> None:
+    """Remove a controller run's FineTuneJobs and trainer Jobs (no garbage collector runs here): the next operator
+    would list them at start and handle each, and the next floors' cleanup would delete the Jobs alone, which that
+    operator would then create again for FineTuneJobs nobody submitted in its run."""
     from kubetune.api import PLURAL
     from tests.testbed.processes import wait_for
 
@@ -646,7 +780,7 @@ def delete_operator_run(bed: Bed, namespace: str) -> None:
             not bed.plane.kubectl("get", f"{PLURAL},jobs", "-n", namespace, "-o", "name", check=True).stdout.strip()
         ),
         120,
-        f"the operator run's FineTuneJobs and Jobs in {namespace} to be deleted",
+        f"the FineTuneJobs and Jobs in {namespace} to be deleted",
     )
 
 
@@ -738,6 +872,7 @@ def target_rows(rounds: Sequence[Round]) -> list[str]:
         )
         p50s = [round_.p50_ratio(index) for round_ in rounds]
         rows.append([f"create→Job p50: operator / {label}", times(median_of(p50s)), per_round(p50s), "—", "—"])
+    rows.extend(bare_rows(rounds))
     peaks = [round_.memory.peak_rss_mb for round_ in rounds]
     rows.append(
         ["operator peak RSS (VmHWM), highest", f"{max(peaks):.0f} MB", ", ".join(f"{peak:.0f} MB" for peak in peaks),
@@ -745,6 +880,19 @@ def target_rows(rounds: Sequence[Round]) -> list[str]:
     )  # fmt: skip
     header = ["figure", f"value (median of {len(rounds)} rounds)", "each round", "target", "met"]
     return markdown_table(header, rows, right=(1, 3))
+
+
+def bare_rows(rounds: Sequence[Round]) -> list[list[str]]:
+    """The bed's bound (bare controller / floor) and what the operator costs above it, where a bare run was made."""
+    if all(round_.bare is None for round_ in rounds):
+        return []
+    rows = []
+    for figure, values in (
+        (f"all Jobs exist: {BARE_LABEL} / floor: Jobs only", [round_.bare_ratio() for round_ in rounds]),
+        (f"all Jobs exist: operator / {BARE_LABEL}", [round_.over_bare_ratio() for round_ in rounds]),
+    ):
+        rows.append([figure, times(median_of(values)), per_round(values), "—", "—"])
+    return rows
 
 
 def cpu_rows(rounds: Sequence[Round], cores: int) -> list[str]:
@@ -758,12 +906,12 @@ def cpu_rows(rounds: Sequence[Round], cores: int) -> list[str]:
             rows.append(
                 [
                     str(number), run.label, f"{cpu.client:.2f} s", f"{cpu.watch:.2f} s", f"{cpu.plane:.2f} s",
-                    f"{cpu.operator:.2f} s" if run is round_.operator else "—", f"{cpu.total:.2f} s",
+                    f"{cpu.operator:.2f} s" if run in round_.controllers else "—", f"{cpu.total:.2f} s",
                     f"{cpu.total / run.total_seconds:.2f} of {cores}",
                 ]
             )  # fmt: skip
     header = [
-        "round", "run", "client (this process)", "Job watch", "etcd + kube-apiserver", "operator", "all",
+        "round", "run", "client (this process)", "Job watch", "etcd + kube-apiserver", "controller", "all",
         "cores busy",
     ]  # fmt: skip
     return markdown_table(header, rows, right=(0, 2, 3, 4, 5, 6, 7))
@@ -777,13 +925,22 @@ def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
     shares = [ratio(ours.operator, ours.total) for ours, _ in pairs if ours]
     if not without:
         return []
-    return [
+    lines = [
         f"- The operator run's CPU without the operator's own (client, Job watch, control plane: the FineTuneJob "
         f"creates, the trainer Job creates, the watches) is {times(median_of(without))} the floor's whole CPU "
         f"(median; rounds: {per_round(without)}). With the cores busy throughout, that is about the ratio a "
         "zero-cost operator would reach on this bed. The operator's own share of its run's CPU: "
         f"{', '.join(f'{share:.0%}' for share in shares if share is not None)}.",
     ]
+    bare = [(round_.bare.cpu, round_.operator.cpu) for round_ in rounds if round_.bare is not None]
+    if bare:
+        bare_cpu = ", ".join(f"{ours.operator:.2f} s" for ours, _ in bare if ours is not None)
+        operator_cpu = ", ".join(f"{theirs.operator:.2f} s" for _, theirs in bare if theirs is not None)
+        lines.append(
+            f"- Controller CPU until every trainer Job existed, per round: {BARE_LABEL} {bare_cpu}; operator "
+            f"{operator_cpu}."
+        )
+    return lines
 
 
 def handler_line(runs: Mapping[str, int], jobs: int) -> str:
@@ -868,13 +1025,16 @@ def render_report(
             f"KUBETUNE_* environment. Every client is the kubernetes Python package from {threads} threads over "
             f"{threads} pooled connections; the floors act as the admin (system:masters, which skips authorization) "
             "except the last, which uses the operator's ServiceAccount token like the operator: its Role and "
-            "RoleBinding creates pay for RBAC's escalation checks. create→Job: from the client sending a job's "
+            "RoleBinding creates pay for RBAC's escalation checks. The bare controller (a process of its own, with "
+            "the operator's token) watches the FineTuneJobs and creates each one's trainer Job, built before the run "
+            "and owned by it: no validation, no building, no kopf, no status. It is the least any controller does, so "
+            "its ratio to the floor is this bed's bound for any operator. create→Job: from the client sending a job's "
             "first create to a watch (a "
             "process of its own) receiving the trainer Job's ADDED event, wall clock. Each run has a fresh "
             "namespace; they ran in the order below, one round after another (a new operator process each round), "
-            "and the floors' Jobs were deleted before the operator started (they carry its labels, so its Job watch "
-            "would have handled them). Each ratio compares runs of the same round; the targets are judged on the "
-            "median over the rounds.",
+            "and the Jobs and FineTuneJobs of the runs before were deleted before the operator started (they carry "
+            "its labels, so it would have handled them). Each ratio compares runs of the same round; the targets are "
+            "judged on the median over the rounds.",
             "",
             *run_rows(rounds),
             "",
@@ -967,6 +1127,18 @@ def main(
 def watch_jobs_command(kubeconfig: str, namespace: str, count: int, timeout: float) -> None:
     """Print READY, then `name<TAB>wall-clock receive time` for each new Job, until `count` were seen."""
     watch_jobs(kubeconfig, namespace, count, timeout, lambda line: print(line, flush=True))
+
+
+@main.command("bare-controller", hidden=True)
+@click.option("--kubeconfig", required=True)
+@click.option("--namespace", required=True)
+@click.option("--jobs-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--threads", type=int, required=True)
+@click.option("--timeout", type=float, required=True)
+def bare_controller_command(kubeconfig: str, namespace: str, jobs_file: Path, threads: int, timeout: float) -> None:
+    """Print READY once watching, then create each new FineTuneJob's Job from the file ({name: Job manifest})."""
+    jobs = json.loads(jobs_file.read_text(encoding="utf-8"))
+    bare_controller(kubeconfig, namespace, jobs, threads, timeout, lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

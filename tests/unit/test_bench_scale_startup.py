@@ -13,6 +13,7 @@ import pytest
 
 from bench.figures import load_line, markdown_table, percentile, seconds
 from bench.operator_scale import (
+    BARE_LABEL,
     CpuFigures,
     OperatorFigures,
     Round,
@@ -25,6 +26,7 @@ from bench.operator_scale import (
     handler_runs,
     median_of,
     operator_lines,
+    owned_by,
     proc_cpu_seconds,
     proc_status_mb,
     ratio,
@@ -240,6 +242,48 @@ def test_cpu_is_accounted_per_process_and_gives_the_ratio_before_operator_work()
     assert "is 1.60× the floor's whole CPU (median; rounds: 1.60×)" in line
     assert line.endswith("The operator's own share of its run's CPU: 20%.")
     assert cpu_bound_lines([Round((unmeasured,), unmeasured, memory(150))]) == []
+
+
+def test_the_bare_controller_is_reported_as_the_beds_bound_and_beside_the_operator() -> None:
+    floor = replace(run("floor: Jobs only", sent=[0.0], seen=[1.0]), cpu=CpuFigures(client=0.8, watch=0.2, plane=1.0))
+    bare = replace(
+        run(BARE_LABEL, sent=[0.0], seen=[1.6]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.4, operator=0.2)
+    )
+    operator = replace(
+        run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, operator=0.8)
+    )
+    rounds = [Round((floor,), operator, memory(150), bare), Round((floor,), operator, memory(150))]
+
+    assert [figures.label for figures in rounds[0].runs] == ["floor: Jobs only", BARE_LABEL, "operator"]
+    assert rounds[0].bare_ratio() == pytest.approx(1.6) and rounds[0].over_bare_ratio() == pytest.approx(1.25)
+    assert rounds[1].bare_ratio() is None and rounds[1].over_bare_ratio() is None
+    targets = "\n".join(target_rows(rounds))
+    # A round without a bare run leaves the median to the rounds that made one.
+    assert f"| all Jobs exist: {BARE_LABEL} / floor: Jobs only | 1.60× | 1.60×, — | — | — |" in targets
+    assert f"| all Jobs exist: operator / {BARE_LABEL} | 1.25× | 1.25×, — | — | — |" in targets
+    rows = "\n".join(cpu_rows(rounds[:1], cores=2))
+    assert f"| 1 | {BARE_LABEL} | 0.40 s | 0.20 s | 2.40 s | 0.20 s | 3.20 s | 2.00 of 2 |" in rows
+    assert "| 1 | operator | 0.40 s | 0.20 s | 2.60 s | 0.80 s | 4.00 s | 2.00 of 2 |" in rows
+    assert cpu_bound_lines(rounds[:1])[-1] == (
+        f"- Controller CPU until every trainer Job existed, per round: {BARE_LABEL} 0.20 s; operator 0.80 s."
+    )
+    # Without a bare run, no row or line names it.
+    alone = [Round((floor,), operator, memory(150))]
+    assert BARE_LABEL not in "\n".join(target_rows(alone) + cpu_bound_lines(alone))
+
+
+def test_the_bare_controllers_job_is_owned_by_its_finetunejob_and_the_prebuilt_job_is_left_as_it_was() -> None:
+    job = {"kind": "Job", "metadata": {"name": "a-trainer", "namespace": "n", "labels": {"x": "y"}}, "spec": {}}
+    owner = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "a", "uid": "u-1"}}
+
+    owned = owned_by(job, owner)
+
+    assert owned["metadata"]["ownerReferences"] == [
+        {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "a", "uid": "u-1", "controller": True,
+         "blockOwnerDeletion": True}
+    ]  # fmt: skip
+    assert owned["metadata"]["labels"] == {"x": "y"} and owned["spec"] == {}
+    assert "ownerReferences" not in job["metadata"]
 
 
 def test_operator_lines_give_each_rounds_memory_and_cpu() -> None:
