@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import json
 import logging
 import os
 import threading
@@ -290,14 +289,22 @@ def newer_body(seen: dict[str, Any], known: dict[str, Any] | None) -> dict[str, 
 
 
 def compact(body: Mapping[str, Any], drop_from_spec: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A plain copy of an object without metadata.managedFields, which nothing here reads (memory of the indexes),
-    nor the `drop_from_spec` keys of its spec. What is dropped is never copied: it is most of a Job's body."""
-    pruned = dict(body)
-    if isinstance(body.get("metadata"), Mapping):
-        pruned["metadata"] = {key: value for key, value in body["metadata"].items() if key != "managedFields"}
-    if drop_from_spec and isinstance(body.get("spec"), Mapping):
-        pruned["spec"] = {key: value for key, value in body["spec"].items() if key not in drop_from_spec}
-    return plain(pruned)
+    """The object as a dict without metadata.managedFields, which nothing here reads (memory of the indexes), nor the
+    `drop_from_spec` keys of its spec. What is dropped is never copied: it is most of a Job's body.
+
+    Shallow: the top level, metadata and spec are new dicts; every other value is the body's own. Safe because nothing
+    changes a body once received: kopf's bodies are read-only views of the dicts each watch event decoded afresh, the
+    API client's answers are ours alone, and everything here only reads them. A deep copy was a tenth of the
+    operator's event-loop time in a burst of 500 jobs.
+    """
+    pruned = {key: body[key] for key in body}
+    metadata = pruned.get("metadata")
+    if isinstance(metadata, Mapping):
+        pruned["metadata"] = {key: value for key, value in metadata.items() if key != "managedFields"}
+    spec = pruned.get("spec")
+    if drop_from_spec and isinstance(spec, Mapping):
+        pruned["spec"] = {key: value for key, value in spec.items() if key not in drop_from_spec}
+    return pruned
 
 
 def compact_job(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -349,23 +356,6 @@ def format_validation_error(error: ValidationError) -> str:
         where = ".".join(str(part) for part in item["loc"]) or "spec"
         problems.append(f"{where}: {item['msg']}")
     return "invalid FineTuneJob: " + "; ".join(problems)
-
-
-def plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A kopf Body (or any mapping of mappings) as plain dicts and lists, for pydantic and the API client.
-
-    Through JSON: a Kubernetes object is JSON, and the C encoder and decoder copy one several times faster than a
-    recursive Python copy (a tenth of the operator's event-loop time in a burst).
-    """
-    converted: dict[str, Any] = json.loads(json.dumps(body, default=json_default))
-    return converted
-
-
-def json_default(value: Any) -> Any:
-    """What json.dumps cannot encode by itself: a mapping that is not a dict (kopf's views, read-only mappings)."""
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def as_kopf_body(raw: Mapping[str, Any]) -> kopf.Body:
