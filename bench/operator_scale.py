@@ -97,15 +97,15 @@ class CpuFigures:
     client: float
     watch: float
     plane: float
-    operator: float = 0.0
+    controller: float = 0.0  # the operator's, or the bare controller's
 
     @property
     def total(self) -> float:
-        return self.client + self.watch + self.plane + self.operator
+        return self.client + self.watch + self.plane + self.controller
 
     @property
-    def without_operator(self) -> float:
-        return self.total - self.operator
+    def without_controller(self) -> float:
+        return self.total - self.controller
 
 
 @dataclass(frozen=True)
@@ -660,14 +660,14 @@ def measure(
     return figures
 
 
-def cpu_reading(bed: Bed, watch: JobWatch, operator_pid: int | None) -> CpuFigures:
-    """Each process's CPU seconds so far."""
+def cpu_reading(bed: Bed, watch: JobWatch, controller_pid: int | None) -> CpuFigures:
+    """Each process's CPU seconds so far (the controller's too, given its pid)."""
     assert watch.process is not None
     return CpuFigures(
         client=own_cpu_seconds(),
         watch=read_cpu_seconds(watch.process.pid),
         plane=plane_cpu_seconds(bed.plane),
-        operator=read_cpu_seconds(operator_pid) if operator_pid is not None else 0.0,
+        controller=read_cpu_seconds(controller_pid) if controller_pid is not None else 0.0,
     )
 
 
@@ -676,7 +676,7 @@ def cpu_used(before: CpuFigures, after: CpuFigures) -> CpuFigures:
         client=after.client - before.client,
         watch=after.watch - before.watch,
         plane=after.plane - before.plane,
-        operator=after.operator - before.operator,
+        controller=after.controller - before.controller,
     )
 
 
@@ -903,10 +903,11 @@ def cpu_rows(rounds: Sequence[Round], cores: int) -> list[str]:
             if run.cpu is None or run.total_seconds is None:
                 continue
             cpu = run.cpu
+            has_controller = any(run is ours for ours in round_.controllers)
             rows.append(
                 [
                     str(number), run.label, f"{cpu.client:.2f} s", f"{cpu.watch:.2f} s", f"{cpu.plane:.2f} s",
-                    f"{cpu.operator:.2f} s" if run in round_.controllers else "—", f"{cpu.total:.2f} s",
+                    f"{cpu.controller:.2f} s" if has_controller else "—", f"{cpu.total:.2f} s",
                     f"{cpu.total / run.total_seconds:.2f} of {cores}",
                 ]
             )  # fmt: skip
@@ -921,8 +922,8 @@ def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
     """What the CPU accounting says about the ratio: a bed whose cores are busy throughout runs about as long as its
     CPU takes, so the operator run's CPU without the operator's, over the floor's, is the ratio before operator work."""
     pairs = [(round_.operator.cpu, round_.floors[0].cpu) for round_ in rounds]
-    without = [ratio(ours.without_operator, floor.total) for ours, floor in pairs if ours and floor]
-    shares = [ratio(ours.operator, ours.total) for ours, _ in pairs if ours]
+    without = [ratio(ours.without_controller, floor.total) for ours, floor in pairs if ours and floor]
+    shares = [ratio(ours.controller, ours.total) for ours, _ in pairs if ours]
     if not without:
         return []
     lines = [
@@ -934,8 +935,8 @@ def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
     ]
     bare = [(round_.bare.cpu, round_.operator.cpu) for round_ in rounds if round_.bare is not None]
     if bare:
-        bare_cpu = ", ".join(f"{ours.operator:.2f} s" for ours, _ in bare if ours is not None)
-        operator_cpu = ", ".join(f"{theirs.operator:.2f} s" for _, theirs in bare if theirs is not None)
+        bare_cpu = ", ".join(f"{ours.controller:.2f} s" for ours, _ in bare if ours is not None)
+        operator_cpu = ", ".join(f"{theirs.controller:.2f} s" for _, theirs in bare if theirs is not None)
         lines.append(
             f"- Controller CPU until every trainer Job existed, per round: {BARE_LABEL} {bare_cpu}; operator "
             f"{operator_cpu}."
@@ -980,7 +981,7 @@ def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
             else f"went quiet (under {QUIET_CPU_SHARE:.0%} of a core) {memory.quiet_after_seconds:.1f} s after the "
             "first create"
         )
-        window = "—" if cpu is None else f"{cpu.operator:.1f} s"
+        window = "—" if cpu is None else f"{cpu.controller:.1f} s"
         lines.append(
             f"- Round {number}, operator: resident memory {memory.rss_idle_mb:.0f} MB idle before the burst, peak "
             f"(VmHWM) {memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it; CPU "

@@ -229,7 +229,7 @@ def test_cpu_is_accounted_per_process_and_gives_the_ratio_before_operator_work()
     floor = replace(run("floor: Jobs only", sent=[0.0], seen=[1.0]), cpu=CpuFigures(client=0.8, watch=0.2, plane=1.0))
     unmeasured = run("floor: Jobs as the operator", sent=[0.0], seen=[1.0])
     operator = replace(
-        run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, operator=0.8)
+        run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, controller=0.8)
     )
     rounds = [Round((floor, unmeasured), operator, memory(150))]
 
@@ -247,10 +247,10 @@ def test_cpu_is_accounted_per_process_and_gives_the_ratio_before_operator_work()
 def test_the_bare_controller_is_reported_as_the_beds_bound_and_beside_the_operator() -> None:
     floor = replace(run("floor: Jobs only", sent=[0.0], seen=[1.0]), cpu=CpuFigures(client=0.8, watch=0.2, plane=1.0))
     bare = replace(
-        run(BARE_LABEL, sent=[0.0], seen=[1.6]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.4, operator=0.2)
+        run(BARE_LABEL, sent=[0.0], seen=[1.6]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.4, controller=0.2)
     )
     operator = replace(
-        run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, operator=0.8)
+        run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, controller=0.8)
     )
     rounds = [Round((floor,), operator, memory(150), bare), Round((floor,), operator, memory(150))]
 
@@ -288,7 +288,7 @@ def test_the_bare_controllers_job_is_owned_by_its_finetunejob_and_the_prebuilt_j
 
 def test_operator_lines_give_each_rounds_memory_and_cpu() -> None:
     operator = replace(
-        run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, operator=0.8)
+        run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, controller=0.8)
     )
     floor = run("floor: Jobs only", sent=[0.0], seen=[1.0])
     lines = operator_lines([Round((floor,), operator, memory(150)), Round((floor,), operator, memory(160))], jobs=1)
