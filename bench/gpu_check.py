@@ -134,6 +134,7 @@ def job_manifest() -> dict[str, Any]:
 
 def download_wheels(specs: list[str], into: Path) -> None:
     """Python 3.12 manylinux wheels of exactly these versions, without their dependencies."""
+    # The project's venv is made by uv and has no pip; the system Python's pip downloads for any target.
     python = shutil.which("python3") or sys.executable
     platforms = [argument for platform in PLATFORMS for argument in ("--platform", platform)]
     command = [
