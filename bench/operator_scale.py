@@ -1,6 +1,6 @@
 """How fast the operator turns a burst of FineTuneJobs into trainer Jobs, beside a plain client creating them directly.
 
-    python -m bench.operator_scale [--jobs 500] [--threads 16] [--rounds 3]
+    python -m bench.operator_scale [--jobs 500] [--threads 1 --threads 4 --threads 16] [--rounds 3]
 
 One control plane on this machine: etcd and kube-apiserver only. No controller-manager and no scheduler run, so no
 pod is ever made and nobody writes a Job's status: both sides pay for creating objects and nothing else (a pod per
@@ -9,19 +9,27 @@ watches). The operator runs as a local process (`python -m kubetune_operator`), 
 the chart's RBAC: the chart is installed with Helm and the operator acts with a token of the chart's ServiceAccount
 and the chart's KUBETUNE_* environment.
 
-Each round runs four runs, each in a fresh namespace, in this order:
+Every client sends from T threads, for each T given (default 1, 4 and 16). One thread sends one create at a time, as
+one `kubectl apply -f` of a many-object file does; many threads are many clients at once. The concurrency decides
+what the ratio measures here: with the cores to spare, the operator works while the client sends and the ratio says
+what the operator adds; with every core busy (16 threads on 2 cores), every run takes its CPU time and the ratio is
+mostly what a FineTuneJob create costs the API server beside a Job create, which the bare controller run shows.
+
+A round is four runs at one concurrency, each in a fresh namespace, in this order (rounds run interleaved: round 1
+at each concurrency, then round 2, ...):
 1. floor, Jobs only: a plain Python client (the kubernetes package, T threads) creates the N trainer Jobs that
    `kubetune_operator.builders.build_children` makes (a FineTuneJob owns its trainer Job and nothing else): the
    issue's floor;
 2. floor, Jobs as the operator: the same creates with the operator's ServiceAccount token instead of the admin's
    (system:masters skips authorization);
 3. bare controller: the client creates N FineTuneJobs from T threads; a process of its own watches them and, for each
-   new one, creates its trainer Job, built before the run (no validation, no building, no kopf, no status): the least
-   any controller does per job, measured on the same bed. Its FineTuneJobs and Jobs are deleted before the next run;
+   new one, creates its trainer Job, built before the run, from as many threads as the operator's handlers have (no
+   validation, no building, no kopf, no status): the least any controller does per job, measured on the same bed.
+   Its FineTuneJobs and Jobs are deleted before the next run;
 4. operator: the client creates N FineTuneJobs from T threads; a new operator process creates the trainer Jobs (and,
    once for the namespace, the trainer ServiceAccount and its RoleBinding).
-A ratio compares runs of one round; the report gives each round's and judges the targets on the median: on a shared
-2-core machine one run's ratio moves by a third from run to run.
+A ratio compares runs of one round; the report gives each round's and judges the targets on the median over the
+rounds of each concurrency: on a shared 2-core machine one run's ratio moves by a third from run to run.
 
 Latency of one job: from the moment a client thread sends the job's first create to the moment a watch on Jobs (in a
 process of its own, so the client threads never delay it) receives the trainer Job's ADDED event, on the wall clock:
@@ -163,11 +171,13 @@ class OperatorFigures:
 
 @dataclass(frozen=True)
 class Round:
-    """One round: the two floors, the bare controller, then the operator run, each in a fresh namespace."""
+    """One round at one client concurrency: the two floors, the bare controller, then the operator run, each in a
+    fresh namespace, every client sending from `threads` threads."""
 
     floors: tuple[RunFigures, ...]
     operator: RunFigures
     memory: OperatorFigures
+    threads: int
     bare: RunFigures | None = None
 
     @property
@@ -204,6 +214,14 @@ def median_of(values: Sequence[float | None]) -> float | None:
     """The median of the known values; None when none is known."""
     known = [value for value in values if value is not None]
     return percentile(known, 0.5) if known else None
+
+
+def by_threads(rounds: Sequence[Round]) -> dict[int, list[Round]]:
+    """The rounds of each client concurrency, in their order, concurrencies in the order they first ran."""
+    groups: dict[int, list[Round]] = {}
+    for round_ in rounds:
+        groups.setdefault(round_.threads, []).append(round_)
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -740,20 +758,22 @@ def operator_run(
 
 
 def bare_run(bed: Bed, count: int, threads: int, timeout: float, work: Path) -> RunFigures:
-    """The client creates FineTuneJobs; the bare controller (its own process) creates their prebuilt Jobs."""
+    """The client creates FineTuneJobs from `threads` threads; the bare controller (its own process) creates their
+    prebuilt Jobs from as many threads as the operator's handlers have, whatever the client's concurrency."""
+    from kubetune_operator.handlers import HANDLER_THREADS
 
     def submit(api_client: Any, namespace: str, name: str) -> None:
         create_finetunejob(api_client, finetunejob_manifest(name, namespace))
 
     return measure(
         bed, BARE_LABEL, f"{count} FineTuneJobs", 1, count, threads, timeout, submit,
-        controller=lambda namespace: bare_controller_process(bed, namespace, count, threads, timeout, work),
+        controller=lambda namespace: bare_controller_process(bed, namespace, count, HANDLER_THREADS, timeout, work),
     )  # fmt: skip
 
 
 def measure_round(bed: Bed, count: int, threads: int, timeout: float, log_dir: Path) -> Round:
     """The two floors, the bare controller, then the operator run (its own process, started once the Jobs and
-    FineTuneJobs of the runs before are gone)."""
+    FineTuneJobs of the runs before are gone), every client sending from `threads` threads."""
     floors = (
         floor_run(bed, count, threads, timeout, label="floor: Jobs only"),
         floor_run(bed, count, threads, timeout, label="floor: Jobs as the operator", as_operator=True),
@@ -763,7 +783,7 @@ def measure_round(bed: Bed, count: int, threads: int, timeout: float, log_dir: P
     delete_floor_jobs(bed)
     operator, memory = operator_run(bed, count, threads, timeout, log_dir)
     delete_controller_run(bed, operator.namespace)
-    return Round(floors, operator, memory, bare)
+    return Round(floors, operator, memory, threads, bare)
 
 
 def delete_controller_run(bed: Bed, namespace: str) -> None:
@@ -815,10 +835,25 @@ def verdict(met: bool | None) -> str:
     return "—" if met is None else ("yes" if met else "**no**")
 
 
+def in_measured_order(rounds: Sequence[Round]) -> list[tuple[int, Round]]:
+    """Each round with its number among the rounds of its concurrency, in the order they ran."""
+    counts: dict[int, int] = {}
+    numbered = []
+    for round_ in rounds:
+        counts[round_.threads] = counts.get(round_.threads, 0) + 1
+        numbered.append((counts[round_.threads], round_))
+    return numbered
+
+
+def in_table_order(rounds: Sequence[Round]) -> list[tuple[int, Round]]:
+    """Each round with its number among the rounds of its concurrency, grouped by concurrency."""
+    return [(number, round_) for group in by_threads(rounds).values() for number, round_ in enumerate(group, start=1)]
+
+
 def run_rows(rounds: Sequence[Round]) -> list[str]:
     """One line per run of every round: what was created, how fast, create→Job percentiles."""
     rows = []
-    for number, round_ in enumerate(rounds, start=1):
+    for number, round_ in in_table_order(rounds):
         for run in round_.runs:
             latencies = run.latencies
             cells = [f"{percentile(latencies, share):.2f} s" if latencies else "—" for share in (0.5, 0.95)] + [
@@ -826,6 +861,7 @@ def run_rows(rounds: Sequence[Round]) -> list[str]:
             ]
             rows.append(
                 [
+                    str(round_.threads),
                     str(number),
                     run.label,
                     run.creates,
@@ -837,10 +873,10 @@ def run_rows(rounds: Sequence[Round]) -> list[str]:
                 ]
             )
     header = [
-        "round", "run", "the client creates", "client writes", "client submits all in", "trainer Jobs seen",
-        "all Jobs exist after", "create→Job p50", "p95", "max",
+        "client threads", "round", "run", "the client creates", "client writes", "client submits all in",
+        "trainer Jobs seen", "all Jobs exist after", "create→Job p50", "p95", "max",
     ]  # fmt: skip
-    return markdown_table(header, rows, right=(0, 3, 4, 5, 6, 7, 8, 9))
+    return markdown_table(header, rows, right=(0, 1, 4, 5, 6, 7, 8, 9, 10))
 
 
 def times(value: float | None, digits: int = 2) -> str:
@@ -851,13 +887,43 @@ def per_round(values: Sequence[float | None]) -> str:
     return ", ".join(times(value) for value in values)
 
 
-def target_rows(rounds: Sequence[Round]) -> list[str]:
-    """The issue's targets on the median over the rounds (each round's value beside it), and the comparison with the
-    floor that makes the same writes."""
+def median_seconds(runs: Sequence[RunFigures]) -> str:
+    return seconds(median_of([run.total_seconds for run in runs]))
+
+
+def sweep_rows(rounds: Sequence[Round]) -> list[str]:
+    """One line per client concurrency: the medians of the runs' times and of each round's ratios, and whether the
+    issue's ratio target holds there."""
     rows = []
-    floor_labels = [floor.label for floor in rounds[0].floors]
+    for threads, group in by_threads(rounds).items():
+        operator_ratio = median_of([round_.total_ratio() for round_ in group])
+        bares = [round_.bare for round_ in group if round_.bare is not None]
+        rows.append(
+            [
+                str(threads),
+                median_seconds([round_.floors[0] for round_ in group]),
+                median_seconds(bares) if bares else "—",
+                median_seconds([round_.operator for round_ in group]),
+                times(operator_ratio, 3),
+                times(median_of([round_.bare_ratio() for round_ in group])),
+                times(median_of([round_.over_bare_ratio() for round_ in group])),
+                verdict(None if operator_ratio is None else operator_ratio <= TARGET_RATIO),
+            ]
+        )
+    header = [
+        "client threads", "floor: all Jobs exist", f"{BARE_LABEL}: all Jobs exist", "operator: all Jobs exist",
+        "operator / floor", f"{BARE_LABEL} / floor", f"operator / {BARE_LABEL}", f"operator ≤ {TARGET_RATIO:.0f}×",
+    ]  # fmt: skip
+    return markdown_table(header, rows, right=(0, 1, 2, 3, 4, 5, 6))
+
+
+def concurrency_rows(group: Sequence[Round]) -> list[list[str]]:
+    """The ratio target on the median over the rounds of one concurrency (each round's value beside it), the p50
+    ratios, the comparison with the floor that makes the same writes, and the bed's bound."""
+    rows = []
+    floor_labels = [floor.label for floor in group[0].floors]
     for index, (label, target) in enumerate(zip(floor_labels, (TARGET_RATIO, None), strict=False)):
-        totals = [round_.total_ratio(index) for round_ in rounds]
+        totals = [round_.total_ratio(index) for round_ in group]
         value = median_of(totals)
         met = None if value is None or target is None else value <= target
         rows.append(
@@ -870,16 +936,25 @@ def target_rows(rounds: Sequence[Round]) -> list[str]:
                 verdict(met),
             ]
         )
-        p50s = [round_.p50_ratio(index) for round_ in rounds]
+        p50s = [round_.p50_ratio(index) for round_ in group]
         rows.append([f"create→Job p50: operator / {label}", times(median_of(p50s)), per_round(p50s), "—", "—"])
-    rows.extend(bare_rows(rounds))
-    peaks = [round_.memory.peak_rss_mb for round_ in rounds]
+    return rows + bare_rows(group)
+
+
+def target_rows(rounds: Sequence[Round]) -> list[str]:
+    """The issue's targets at each client concurrency, judged on the median over its rounds, and the operator's peak
+    memory over every round."""
+    groups = by_threads(rounds)
+    rows = [[str(threads), *row] for threads, group in groups.items() for row in concurrency_rows(group)]
+    peaks = [round_.memory.peak_rss_mb for _, round_ in in_table_order(rounds)]
+    each_peak = ", ".join(f"{peak:.0f} MB" for peak in peaks)
     rows.append(
-        ["operator peak RSS (VmHWM), highest", f"{max(peaks):.0f} MB", ", ".join(f"{peak:.0f} MB" for peak in peaks),
-         f"< {TARGET_RSS_MB:.0f} MB", verdict(max(peaks) < TARGET_RSS_MB)]
+        ["all", "operator peak RSS (VmHWM), highest", f"{max(peaks):.0f} MB", each_peak, f"< {TARGET_RSS_MB:.0f} MB",
+         verdict(max(peaks) < TARGET_RSS_MB)]
     )  # fmt: skip
-    header = ["figure", f"value (median of {len(rounds)} rounds)", "each round", "target", "met"]
-    return markdown_table(header, rows, right=(1, 3))
+    most = max(len(group) for group in groups.values())
+    header = ["client threads", "figure", f"value (median of {most} rounds)", "each round", "target", "met"]
+    return markdown_table(header, rows, right=(0, 2, 4))
 
 
 def bare_rows(rounds: Sequence[Round]) -> list[list[str]]:
@@ -898,7 +973,7 @@ def bare_rows(rounds: Sequence[Round]) -> list[list[str]]:
 def cpu_rows(rounds: Sequence[Round], cores: int) -> list[str]:
     """Where the CPU went in each run, from its first create to the last trainer Job seen."""
     rows = []
-    for number, round_ in enumerate(rounds, start=1):
+    for number, round_ in in_table_order(rounds):
         for run in round_.runs:
             if run.cpu is None or run.total_seconds is None:
                 continue
@@ -906,41 +981,45 @@ def cpu_rows(rounds: Sequence[Round], cores: int) -> list[str]:
             has_controller = any(run is ours for ours in round_.controllers)
             rows.append(
                 [
-                    str(number), run.label, f"{cpu.client:.2f} s", f"{cpu.watch:.2f} s", f"{cpu.plane:.2f} s",
-                    f"{cpu.controller:.2f} s" if has_controller else "—", f"{cpu.total:.2f} s",
+                    str(round_.threads), str(number), run.label, f"{cpu.client:.2f} s", f"{cpu.watch:.2f} s",
+                    f"{cpu.plane:.2f} s", f"{cpu.controller:.2f} s" if has_controller else "—", f"{cpu.total:.2f} s",
                     f"{cpu.total / run.total_seconds:.2f} of {cores}",
                 ]
             )  # fmt: skip
     header = [
-        "round", "run", "client (this process)", "Job watch", "etcd + kube-apiserver", "controller", "all",
-        "cores busy",
+        "client threads", "round", "run", "client (this process)", "Job watch", "etcd + kube-apiserver", "controller",
+        "all", "cores busy",
     ]  # fmt: skip
-    return markdown_table(header, rows, right=(0, 2, 3, 4, 5, 6, 7))
+    return markdown_table(header, rows, right=(0, 1, 3, 4, 5, 6, 7, 8))
 
 
 def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
-    """What the CPU accounting says about the ratio: a bed whose cores are busy throughout runs about as long as its
-    CPU takes, so the operator run's CPU without the operator's, over the floor's, is the ratio before operator work."""
-    pairs = [(round_.operator.cpu, round_.floors[0].cpu) for round_ in rounds]
-    without = [ratio(ours.without_controller, floor.total) for ours, floor in pairs if ours and floor]
-    shares = [ratio(ours.controller, ours.total) for ours, _ in pairs if ours]
-    if not without:
-        return []
-    lines = [
-        f"- The operator run's CPU without the operator's own (client, Job watch, control plane: the FineTuneJob "
-        f"creates, the trainer Job creates, the watches) is {times(median_of(without))} the floor's whole CPU "
-        f"(median; rounds: {per_round(without)}). With the cores busy throughout, that is about the ratio a "
-        "zero-cost operator would reach on this bed. The operator's own share of its run's CPU: "
-        f"{', '.join(f'{share:.0%}' for share in shares if share is not None)}.",
-    ]
-    bare = [(round_.bare.cpu, round_.operator.cpu) for round_ in rounds if round_.bare is not None]
-    if bare:
-        bare_cpu = ", ".join(f"{ours.controller:.2f} s" for ours, _ in bare if ours is not None)
-        operator_cpu = ", ".join(f"{theirs.controller:.2f} s" for _, theirs in bare if theirs is not None)
+    """What the CPU accounting says about the ratio at each concurrency: a bed whose cores are busy throughout runs
+    about as long as its CPU takes, so the operator run's CPU without the operator's, over the floor's, is the ratio
+    before operator work."""
+    lines = []
+    for threads, group in by_threads(rounds).items():
+        pairs = [(round_.operator.cpu, round_.floors[0].cpu) for round_ in group]
+        without = [ratio(ours.without_controller, floor.total) for ours, floor in pairs if ours and floor]
+        shares = [ratio(ours.controller, ours.total) for ours, _ in pairs if ours]
+        each_share = ", ".join(f"{share:.0%}" for share in shares if share is not None)
+        if not without:
+            continue
         lines.append(
-            f"- Controller CPU until every trainer Job existed, per round: {BARE_LABEL} {bare_cpu}; operator "
-            f"{operator_cpu}."
+            f"- {threads} client threads: the operator run's CPU without the operator's own (client, Job watch, "
+            f"control plane: the FineTuneJob creates, the trainer Job creates, the watches) is "
+            f"{times(median_of(without))} the floor's whole CPU (median; rounds: {per_round(without)}). Where the "
+            "cores are busy throughout, that is about the ratio a zero-cost operator would reach on this bed. The "
+            f"operator's own share of its run's CPU: {each_share}."
         )
+        bare = [(round_.bare.cpu, round_.operator.cpu) for round_ in group if round_.bare is not None]
+        if bare:
+            bare_cpu = ", ".join(f"{ours.controller:.2f} s" for ours, _ in bare if ours is not None)
+            operator_cpu = ", ".join(f"{theirs.controller:.2f} s" for _, theirs in bare if theirs is not None)
+            lines.append(
+                f"- {threads} client threads: controller CPU until every trainer Job existed, per round: "
+                f"{BARE_LABEL} {bare_cpu}; operator {operator_cpu}."
+            )
     return lines
 
 
@@ -971,9 +1050,9 @@ def requests_line(requests: Mapping[str, float], jobs: int) -> str:
 
 
 def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
-    """Per round: the operator's memory and CPU; handler runs and API requests of the last round."""
+    """Per round: the operator's memory and CPU; handler runs and API requests of the last round run."""
     lines = []
-    for number, round_ in enumerate(rounds, start=1):
+    for number, round_ in in_table_order(rounds):
         memory, cpu = round_.memory, round_.operator.cpu
         quiet = (
             "did not go quiet within the bench's wait"
@@ -983,8 +1062,9 @@ def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
         )
         window = "—" if cpu is None else f"{cpu.controller:.1f} s"
         lines.append(
-            f"- Round {number}, operator: resident memory {memory.rss_idle_mb:.0f} MB idle before the burst, peak "
-            f"(VmHWM) {memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after it; CPU "
+            f"- {round_.threads} client threads, round {number}, operator: resident memory {memory.rss_idle_mb:.0f} "
+            f"MB idle before the burst, peak (VmHWM) {memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after "
+            "it; CPU "
             f"{memory.cpu_seconds:.1f} s over the burst (user + system), {window} of it until every trainer Job "
             f"existed; it {quiet} (status patches and Events go on after the Jobs exist)."
         )
@@ -995,15 +1075,19 @@ def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
 def run_loads(rounds: Sequence[Round]) -> list[tuple[str, tuple[float, float, float]]]:
     """The load after each run, named for the load line."""
     return [
-        (f"after round {number} {run.label}", run.load_after)
-        for number, round_ in enumerate(rounds, start=1)
+        (f"after {round_.threads} threads round {number} {run.label}", run.load_after)
+        for number, round_ in in_measured_order(rounds)
         for run in round_.runs
     ]
 
 
+def command_line(count: int, threads: Sequence[int], rounds: int) -> str:
+    flags = " ".join(f"--threads {each}" for each in threads)
+    return f"python -m bench.operator_scale --jobs {count} {flags} --rounds {rounds}"
+
+
 def render_report(
     rounds: Sequence[Round],
-    threads: int,
     started: datetime,
     server_version: str,
     loads: Sequence[tuple[str, tuple[float, float, float]]],
@@ -1013,29 +1097,42 @@ def render_report(
 
     count = len(rounds[0].operator.submissions)
     cores = os.cpu_count() or 0
+    groups = by_threads(rounds)
+    concurrencies = list(groups)
+    per_concurrency = max(len(group) for group in groups.values())
     return "\n".join(
         [
             f"# Operator scale: {count} FineTuneJobs at once",
             "",
-            f"Command: `python -m bench.operator_scale --jobs {count} --threads {threads} --rounds {len(rounds)}`.",
+            f"Command: `{command_line(count, concurrencies, per_concurrency)}`.",
             "",
             "Test bed: etcd + kube-apiserver only. No controller-manager or scheduler runs, so no pod is made and no "
             "Job status is written: every run pays for creating objects and nothing else. The operator is "
             "`python -m kubetune_operator` as a local process, standalone (the chart's default), with the chart's "
             "RBAC (installed with Helm; the operator uses a token of the chart's ServiceAccount) and the chart's "
-            f"KUBETUNE_* environment. Every client is the kubernetes Python package from {threads} threads over "
-            f"{threads} pooled connections; the floors act as the admin (system:masters, which skips authorization) "
-            "except the last, which uses the operator's ServiceAccount token like the operator: its Role and "
-            "RoleBinding creates pay for RBAC's escalation checks. The bare controller (a process of its own, with "
-            "the operator's token) watches the FineTuneJobs and creates each one's trainer Job, built before the run "
-            "and owned by it: no validation, no building, no kopf, no status. It is the least any controller does, so "
-            "its ratio to the floor is this bed's bound for any operator. create→Job: from the client sending a job's "
-            "first create to a watch (a "
+            "KUBETUNE_* environment. Every client is the kubernetes Python package, sending from T threads over T "
+            f"pooled connections, T = {', '.join(map(str, concurrencies))}: one thread sends one create at a time, as "
+            "one `kubectl apply -f` of a file of many objects does; more threads are many clients at once, which "
+            f"on this machine's {cores} shared cores keep every process waiting for CPU. The floors act as the admin "
+            "(system:masters, which skips authorization) except the second, which uses the operator's ServiceAccount "
+            "token like the operator. The bare controller (a process of its own, with the operator's token, "
+            "creating from as many threads as the operator's handlers have) watches the FineTuneJobs and creates "
+            "each one's trainer Job, built before the run and owned by it: no validation, no building, no kopf, no "
+            "status. It is the least any controller does, so its ratio to the floor is this bed's bound for any "
+            "operator at that concurrency. create→Job: from the client sending a job's first create to a watch (a "
             "process of its own) receiving the trainer Job's ADDED event, wall clock. Each run has a fresh "
-            "namespace; they ran in the order below, one round after another (a new operator process each round), "
-            "and the Jobs and FineTuneJobs of the runs before were deleted before the operator started (they carry "
-            "its labels, so it would have handled them). Each ratio compares runs of the same round; the targets are "
-            "judged on the median over the rounds.",
+            "namespace; a round is the four runs at one concurrency in the order below, and the rounds ran "
+            "interleaved (round 1 at each concurrency, then round 2, ...: the control plane slows as rounds "
+            "accumulate, and this spreads that over every concurrency); a new operator process each round, started "
+            "once the Jobs and FineTuneJobs of the runs before were deleted (they carry its labels, so it would "
+            "have handled them). Each ratio compares runs of the same round; the targets are judged on the median "
+            "over the rounds of each concurrency.",
+            "",
+            "## By client concurrency (medians over the rounds)",
+            "",
+            *sweep_rows(rounds),
+            "",
+            "## Every run",
             "",
             *run_rows(rounds),
             "",
@@ -1067,10 +1164,25 @@ def render_report(
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
+DEFAULT_THREADS = (1, 4, 16)
+
+
+def distinct(values: Sequence[int]) -> tuple[int, ...]:
+    """The values in their order, each once."""
+    return tuple(dict.fromkeys(values))
+
 
 @click.group(invoke_without_command=True)
 @click.option("--jobs", "count", default=500, show_default=True, type=click.IntRange(1, 10_000), help="FineTuneJobs.")
-@click.option("--threads", default=16, show_default=True, type=click.IntRange(1, 256), help="Client threads.")
+@click.option(
+    "--threads",
+    "threads",
+    multiple=True,
+    default=DEFAULT_THREADS,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Client threads; repeat it to measure each concurrency (every round runs them all in turn).",
+)
 @click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait for every Job of one run.")
 @click.option(
     "--output",
@@ -1084,18 +1196,25 @@ def render_report(
     default=3,
     show_default=True,
     type=click.IntRange(1, 20),
-    help="Rounds of (floors, operator run); the targets are judged on the median.",
+    help="Rounds of (floors, bare controller, operator run) at each concurrency; the targets are judged on the median.",
 )
 @click.option("--keep-logs", is_flag=True, help="Keep the test bed's logs (.cache/bench-runs/...) after a success.")
 @click.pass_context
 def main(
-    context: click.Context, count: int, threads: int, timeout: float, output: Path, rounds: int, keep_logs: bool
+    context: click.Context,
+    count: int,
+    threads: tuple[int, ...],
+    timeout: float,
+    output: Path,
+    rounds: int,
+    keep_logs: bool,
 ) -> None:
     """Time the operator against the plain-client floor and print the table."""
     if context.invoked_subcommand is not None:
         return
     from tests.testbed.processes import cache_dir
 
+    concurrencies = distinct(threads)
     started = datetime.now(UTC)
     work = cache_dir() / "bench-runs" / f"operator-scale-{started.strftime('%Y%m%d-%H%M%S')}"
     start_load = os.getloadavg()
@@ -1103,13 +1222,15 @@ def main(
     click.echo(f"test bed in {work}", err=True)
     with control_plane(work) as bed:
         # Untimed: the first requests pay for connections, the API server's caches and the client's lazy imports.
-        floor_run(bed, min(count, WARM_UP_JOBS), threads, timeout, label="warm-up")
+        floor_run(bed, min(count, WARM_UP_JOBS), max(concurrencies), timeout, label="warm-up")
         measured = [
-            measure_round(bed, count, threads, timeout, work / f"operator-{number}") for number in range(rounds)
+            measure_round(bed, count, each, timeout, work / f"operator-{number}-threads-{each}")
+            for number in range(rounds)
+            for each in concurrencies
         ]
         end_load = os.getloadavg()
     loads = [("start", start_load), *run_loads(measured), ("end", end_load)]
-    report = render_report(measured, threads, started, bed.server_version, loads)
+    report = render_report(measured, started, bed.server_version, loads)
     click.echo(report)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report, encoding="utf-8")

@@ -20,8 +20,10 @@ from bench.operator_scale import (
     RunFigures,
     Submission,
     children_of,
+    command_line,
     cpu_bound_lines,
     cpu_rows,
+    distinct,
     handler_line,
     handler_runs,
     median_of,
@@ -33,7 +35,9 @@ from bench.operator_scale import (
     request_counts,
     requests_between,
     requests_line,
+    run_loads,
     run_rows,
+    sweep_rows,
     target_rows,
 )
 from bench.run_all import BENCHMARKS, Outcome, chosen, command_of, demoted, render_readme
@@ -159,20 +163,22 @@ def test_scale_tables_give_percentiles_ratios_and_verdicts_on_the_median_of_the_
     fast = run("operator", sent=[0.0, 0.0, 0.0, 0.0], seen=[0.5, 1.0, 1.5, 1.8])
     faster = run("operator", sent=[0.0, 0.0, 0.0, 0.0], seen=[0.5, 1.0, 1.5, 1.5])
     rounds = [
-        Round((floor, children), slow, memory(250)),
-        Round((floor, children), fast, memory(150)),
-        Round((floor, children), faster, memory(140)),
+        Round((floor, children), slow, memory(250), threads=16),
+        Round((floor, children), fast, memory(150), threads=16),
+        Round((floor, children), faster, memory(140), threads=16),
     ]
 
     runs = "\n".join(run_rows(rounds))
-    assert "| 1 | floor: all children | 4 things | 20 | 0.01 s | 4/4 | 3.00 s | 0.50 s | 2.62 s | 3.00 s |" in runs
-    assert "| 1 | operator | 4 things | 4 | 0.01 s | 4/4 | 2.50 s | 1.25 s | 2.35 s | 2.50 s |" in runs
-    assert "| 3 | operator | 4 things | 4 | 0.01 s | 4/4 | 1.50 s | 1.25 s | 1.50 s | 1.50 s |" in runs
+    assert "| 16 | 1 | floor: all children | 4 things | 20 | 0.01 s | 4/4 | 3.00 s | 0.50 s | 2.62 s | 3.00 s |" in runs
+    assert "| 16 | 1 | operator | 4 things | 4 | 0.01 s | 4/4 | 2.50 s | 1.25 s | 2.35 s | 2.50 s |" in runs
+    assert "| 16 | 3 | operator | 4 things | 4 | 0.01 s | 4/4 | 1.50 s | 1.25 s | 1.50 s | 1.50 s |" in runs
     targets = "\n".join(target_rows(rounds))
     # One slow round does not decide: the median of 2.50×, 1.80× and 1.50× is 1.80×.
-    assert "| all Jobs exist: operator / floor: Jobs only | 1.800× | 2.50×, 1.80×, 1.50× | ≤ 2× | yes |" in targets
-    assert "| all Jobs exist: operator / floor: all children | 0.60× | 0.83×, 0.60×, 0.50× | — | — |" in targets
-    assert "| operator peak RSS (VmHWM), highest | 250 MB | 250 MB, 150 MB, 140 MB | < 200 MB | **no** |" in targets
+    assert "| 16 | all Jobs exist: operator / floor: Jobs only | 1.800× | 2.50×, 1.80×, 1.50× | ≤ 2× | yes |" in targets
+    assert "| 16 | all Jobs exist: operator / floor: all children | 0.60× | 0.83×, 0.60×, 0.50× | — | — |" in targets
+    assert (
+        "| all | operator peak RSS (VmHWM), highest | 250 MB | 250 MB, 150 MB, 140 MB | < 200 MB | **no** |" in targets
+    )
     assert ratio(None, 1.0) is None and ratio(1.0, 0.0) is None
 
 
@@ -231,17 +237,18 @@ def test_cpu_is_accounted_per_process_and_gives_the_ratio_before_operator_work()
     operator = replace(
         run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, controller=0.8)
     )
-    rounds = [Round((floor, unmeasured), operator, memory(150))]
+    rounds = [Round((floor, unmeasured), operator, memory(150), threads=16)]
 
     rows = "\n".join(cpu_rows(rounds, cores=2))
-    assert "| 1 | floor: Jobs only | 0.80 s | 0.20 s | 1.00 s | — | 2.00 s | 2.00 of 2 |" in rows
-    assert "| 1 | operator | 0.40 s | 0.20 s | 2.60 s | 0.80 s | 4.00 s | 2.00 of 2 |" in rows
+    assert "| 16 | 1 | floor: Jobs only | 0.80 s | 0.20 s | 1.00 s | — | 2.00 s | 2.00 of 2 |" in rows
+    assert "| 16 | 1 | operator | 0.40 s | 0.20 s | 2.60 s | 0.80 s | 4.00 s | 2.00 of 2 |" in rows
     assert "floor: Jobs as the operator" not in rows  # no CPU read for it
     (line,) = cpu_bound_lines(rounds)
     # (0.4 + 0.2 + 2.6) / 2.0: the operator run's CPU without the operator's, over the floor's.
+    assert line.startswith("- 16 client threads: the operator run's CPU without the operator's own")
     assert "is 1.60× the floor's whole CPU (median; rounds: 1.60×)" in line
     assert line.endswith("The operator's own share of its run's CPU: 20%.")
-    assert cpu_bound_lines([Round((unmeasured,), unmeasured, memory(150))]) == []
+    assert cpu_bound_lines([Round((unmeasured,), unmeasured, memory(150), threads=16)]) == []
 
 
 def test_the_bare_controller_is_reported_as_the_beds_bound_and_beside_the_operator() -> None:
@@ -252,24 +259,67 @@ def test_the_bare_controller_is_reported_as_the_beds_bound_and_beside_the_operat
     operator = replace(
         run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, controller=0.8)
     )
-    rounds = [Round((floor,), operator, memory(150), bare), Round((floor,), operator, memory(150))]
+    rounds = [
+        Round((floor,), operator, memory(150), threads=16, bare=bare),
+        Round((floor,), operator, memory(150), threads=16),
+    ]
 
     assert [figures.label for figures in rounds[0].runs] == ["floor: Jobs only", BARE_LABEL, "operator"]
     assert rounds[0].bare_ratio() == pytest.approx(1.6) and rounds[0].over_bare_ratio() == pytest.approx(1.25)
     assert rounds[1].bare_ratio() is None and rounds[1].over_bare_ratio() is None
     targets = "\n".join(target_rows(rounds))
     # A round without a bare run leaves the median to the rounds that made one.
-    assert f"| all Jobs exist: {BARE_LABEL} / floor: Jobs only | 1.60× | 1.60×, — | — | — |" in targets
-    assert f"| all Jobs exist: operator / {BARE_LABEL} | 1.25× | 1.25×, — | — | — |" in targets
+    assert f"| 16 | all Jobs exist: {BARE_LABEL} / floor: Jobs only | 1.60× | 1.60×, — | — | — |" in targets
+    assert f"| 16 | all Jobs exist: operator / {BARE_LABEL} | 1.25× | 1.25×, — | — | — |" in targets
     rows = "\n".join(cpu_rows(rounds[:1], cores=2))
-    assert f"| 1 | {BARE_LABEL} | 0.40 s | 0.20 s | 2.40 s | 0.20 s | 3.20 s | 2.00 of 2 |" in rows
-    assert "| 1 | operator | 0.40 s | 0.20 s | 2.60 s | 0.80 s | 4.00 s | 2.00 of 2 |" in rows
+    assert f"| 16 | 1 | {BARE_LABEL} | 0.40 s | 0.20 s | 2.40 s | 0.20 s | 3.20 s | 2.00 of 2 |" in rows
+    assert "| 16 | 1 | operator | 0.40 s | 0.20 s | 2.60 s | 0.80 s | 4.00 s | 2.00 of 2 |" in rows
     assert cpu_bound_lines(rounds[:1])[-1] == (
-        f"- Controller CPU until every trainer Job existed, per round: {BARE_LABEL} 0.20 s; operator 0.80 s."
+        f"- 16 client threads: controller CPU until every trainer Job existed, per round: {BARE_LABEL} 0.20 s; "
+        "operator 0.80 s."
     )
     # Without a bare run, no row or line names it.
-    alone = [Round((floor,), operator, memory(150))]
+    alone = [Round((floor,), operator, memory(150), threads=16)]
     assert BARE_LABEL not in "\n".join(target_rows(alone) + cpu_bound_lines(alone))
+
+
+def test_each_client_concurrency_is_judged_on_the_median_of_its_own_rounds() -> None:
+    def at(threads: int, floor_s: float, bare_s: float, operator_s: float) -> Round:
+        return Round(
+            (run("floor: Jobs only", sent=[0.0], seen=[floor_s]),),
+            run("operator", sent=[0.0], seen=[operator_s]),
+            memory(150),
+            threads=threads,
+            bare=run(BARE_LABEL, sent=[0.0], seen=[bare_s]),
+        )
+
+    # As the bench runs them: round 1 at each concurrency, then round 2.
+    rounds = [at(1, 2.0, 2.6, 3.0), at(16, 1.0, 1.9, 2.2), at(1, 2.0, 2.4, 2.8), at(16, 1.0, 1.8, 2.4)]
+
+    sweep = "\n".join(sweep_rows(rounds))
+    # 1 thread: ratios 1.50× and 1.40× (median 1.45×), the bare controller 1.30× and 1.20×; 16: 2.20× and 2.40×.
+    assert "| 1 | 2.00 s | 2.50 s | 2.90 s | 1.450× | 1.25× | 1.16× | yes |" in sweep
+    assert "| 16 | 1.00 s | 1.85 s | 2.30 s | 2.300× | 1.85× | 1.25× | **no** |" in sweep
+    assert sweep.index("| 1 |") < sweep.index("| 16 |")
+    targets = "\n".join(target_rows(rounds))
+    assert "| 1 | all Jobs exist: operator / floor: Jobs only | 1.450× | 1.50×, 1.40× | ≤ 2× | yes |" in targets
+    assert "| 16 | all Jobs exist: operator / floor: Jobs only | 2.300× | 2.20×, 2.40× | ≤ 2× | **no** |" in targets
+    assert "value (median of 2 rounds)" in targets
+    runs = "\n".join(run_rows(rounds))
+    # Grouped by concurrency in the tables, each numbered among its own rounds.
+    assert runs.index("| 1 | 2 | operator |") < runs.index("| 16 | 1 | floor: Jobs only |")
+    loads = [name for name, _ in run_loads(rounds)]
+    assert loads[:4] == [
+        "after 1 threads round 1 floor: Jobs only",
+        f"after 1 threads round 1 {BARE_LABEL}",
+        "after 1 threads round 1 operator",
+        "after 16 threads round 1 floor: Jobs only",
+    ]
+    assert loads[-1] == "after 16 threads round 2 operator"
+    assert distinct((16, 1, 16, 4)) == (16, 1, 4)
+    assert (
+        command_line(500, (1, 16), 5) == "python -m bench.operator_scale --jobs 500 --threads 1 --threads 16 --rounds 5"
+    )
 
 
 def test_the_bare_controllers_job_is_owned_by_its_finetunejob_and_the_prebuilt_job_is_left_as_it_was() -> None:
@@ -291,9 +341,13 @@ def test_operator_lines_give_each_rounds_memory_and_cpu() -> None:
         run("operator", sent=[0.0], seen=[2.0]), cpu=CpuFigures(client=0.4, watch=0.2, plane=2.6, controller=0.8)
     )
     floor = run("floor: Jobs only", sent=[0.0], seen=[1.0])
-    lines = operator_lines([Round((floor,), operator, memory(150)), Round((floor,), operator, memory(160))], jobs=1)
+    lines = operator_lines(
+        [Round((floor,), operator, memory(150), threads=16), Round((floor,), operator, memory(160), threads=16)], jobs=1
+    )
 
-    assert lines[0].startswith("- Round 1, operator: resident memory 90 MB idle before the burst, peak (VmHWM) 150 MB")
+    assert lines[0].startswith(
+        "- 16 client threads, round 1, operator: resident memory 90 MB idle before the burst, peak (VmHWM) 150 MB"
+    )
     assert "0.8 s of it until every trainer Job existed" in lines[0]
     assert "peak (VmHWM) 160 MB" in lines[1]
     assert lines[2] == "- Handler runs: none found in the operator's log."
