@@ -835,6 +835,10 @@ def verdict(met: bool | None) -> str:
     return "—" if met is None else ("yes" if met else "**no**")
 
 
+def client_threads(threads: int) -> str:
+    return f"{threads} client thread" if threads == 1 else f"{threads} client threads"
+
+
 def in_measured_order(rounds: Sequence[Round]) -> list[tuple[int, Round]]:
     """Each round with its number among the rounds of its concurrency, in the order they ran."""
     counts: dict[int, int] = {}
@@ -1006,7 +1010,7 @@ def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
         if not without:
             continue
         lines.append(
-            f"- {threads} client threads: the operator run's CPU without the operator's own (client, Job watch, "
+            f"- {client_threads(threads)}: the operator run's CPU without the operator's own (client, Job watch, "
             f"control plane: the FineTuneJob creates, the trainer Job creates, the watches) is "
             f"{times(median_of(without))} the floor's whole CPU (median; rounds: {per_round(without)}). Where the "
             "cores are busy throughout, that is about the ratio a zero-cost operator would reach on this bed. The "
@@ -1017,7 +1021,7 @@ def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
             bare_cpu = ", ".join(f"{ours.controller:.2f} s" for ours, _ in bare if ours is not None)
             operator_cpu = ", ".join(f"{theirs.controller:.2f} s" for _, theirs in bare if theirs is not None)
             lines.append(
-                f"- {threads} client threads: controller CPU until every trainer Job existed, per round: "
+                f"- {client_threads(threads)}: controller CPU until every trainer Job existed, per round: "
                 f"{BARE_LABEL} {bare_cpu}; operator {operator_cpu}."
             )
     return lines
@@ -1062,7 +1066,7 @@ def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
         )
         window = "—" if cpu is None else f"{cpu.controller:.1f} s"
         lines.append(
-            f"- {round_.threads} client threads, round {number}, operator: resident memory {memory.rss_idle_mb:.0f} "
+            f"- {client_threads(round_.threads)}, round {number}, operator: resident memory {memory.rss_idle_mb:.0f} "
             f"MB idle before the burst, peak (VmHWM) {memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after "
             "it; CPU "
             f"{memory.cpu_seconds:.1f} s over the burst (user + system), {window} of it until every trainer Job "
@@ -1075,7 +1079,7 @@ def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
 def run_loads(rounds: Sequence[Round]) -> list[tuple[str, tuple[float, float, float]]]:
     """The load after each run, named for the load line."""
     return [
-        (f"after {round_.threads} threads round {number} {run.label}", run.load_after)
+        (f"after {client_threads(round_.threads)} round {number} {run.label}", run.load_after)
         for number, round_ in in_measured_order(rounds)
         for run in round_.runs
     ]

@@ -48,8 +48,8 @@ BENCHMARKS = (
     Benchmark(
         "operator_scale", "bench.operator_scale", "operator_scale.md", ("--jobs", "500", "--rounds", "5"),
         ("--jobs", "100", "--rounds", "1"),
-        "500 FineTuneJobs at once: time until every trainer Job exists vs a plain client (median of 5 rounds), "
-        "operator peak RSS",
+        "500 FineTuneJobs at once from 1, 4 and 16 client threads: time until every trainer Job exists vs a plain "
+        "client (median of 5 rounds each), operator peak RSS",
     ),
     Benchmark(
         "trainer_throughput", "bench.trainer_throughput", "trainer_throughput.md", (),

@@ -310,12 +310,12 @@ def test_each_client_concurrency_is_judged_on_the_median_of_its_own_rounds() -> 
     assert runs.index("| 1 | 2 | operator |") < runs.index("| 16 | 1 | floor: Jobs only |")
     loads = [name for name, _ in run_loads(rounds)]
     assert loads[:4] == [
-        "after 1 threads round 1 floor: Jobs only",
-        f"after 1 threads round 1 {BARE_LABEL}",
-        "after 1 threads round 1 operator",
-        "after 16 threads round 1 floor: Jobs only",
+        "after 1 client thread round 1 floor: Jobs only",
+        f"after 1 client thread round 1 {BARE_LABEL}",
+        "after 1 client thread round 1 operator",
+        "after 16 client threads round 1 floor: Jobs only",
     ]
-    assert loads[-1] == "after 16 threads round 2 operator"
+    assert loads[-1] == "after 16 client threads round 2 operator"
     assert distinct((16, 1, 16, 4)) == (16, 1, 4)
     assert (
         command_line(500, (1, 16), 5) == "python -m bench.operator_scale --jobs 500 --threads 1 --threads 16 --rounds 5"
