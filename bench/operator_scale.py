@@ -1005,10 +1005,10 @@ def cpu_bound_lines(rounds: Sequence[Round]) -> list[str]:
     for threads, group in by_threads(rounds).items():
         pairs = [(round_.operator.cpu, round_.floors[0].cpu) for round_ in group]
         without = [ratio(ours.without_controller, floor.total) for ours, floor in pairs if ours and floor]
-        shares = [ratio(ours.controller, ours.total) for ours, _ in pairs if ours]
-        each_share = ", ".join(f"{share:.0%}" for share in shares if share is not None)
         if not without:
             continue
+        shares = [ratio(ours.controller, ours.total) for ours, _ in pairs if ours]
+        each_share = ", ".join(f"{share:.0%}" for share in shares if share is not None)
         lines.append(
             f"- {client_threads(threads)}: the operator run's CPU without the operator's own (client, Job watch, "
             f"control plane: the FineTuneJob creates, the trainer Job creates, the watches) is "
@@ -1068,9 +1068,8 @@ def operator_lines(rounds: Sequence[Round], jobs: int) -> list[str]:
         lines.append(
             f"- {client_threads(round_.threads)}, round {number}, operator: resident memory {memory.rss_idle_mb:.0f} "
             f"MB idle before the burst, peak (VmHWM) {memory.peak_rss_mb:.0f} MB, {memory.rss_after_mb:.0f} MB after "
-            "it; CPU "
-            f"{memory.cpu_seconds:.1f} s over the burst (user + system), {window} of it until every trainer Job "
-            f"existed; it {quiet} (status patches and Events go on after the Jobs exist)."
+            f"it; CPU {memory.cpu_seconds:.1f} s over the burst (user + system), {window} of it until every trainer "
+            f"Job existed; it {quiet} (status patches and Events go on after the Jobs exist)."
         )
     last = rounds[-1].memory
     return [*lines, handler_line(last.handler_runs, jobs), requests_line(last.api_requests, jobs)]
