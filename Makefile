@@ -40,13 +40,24 @@ lock: | $(UV) ## Re-resolve requirements/dev.lock from pyproject.toml
 	$(UV) pip compile -q pyproject.toml --extra dev --python-version $(PYTHON_VERSION) \
 	  --python-platform x86_64-manylinux_2_28 -o requirements/dev.lock
 
+# Debian's packages the test bed runs: Prometheus, and a real node's container runtime, CNI plugins and image tools.
+TESTBED_PACKAGES := prometheus containerd runc containernetworking-plugins iptables conntrack podman buildah skopeo debootstrap
+
+.PHONY: testbed-packages
+testbed-packages: ## Install Debian's packages the test bed needs (only those missing)
+	missing=$$(for p in $(TESTBED_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; }
+
 .PHONY: testbed
-testbed: venv ## Build/locate the test bed: etcd, kube-apiserver, controllers, kwok, helm (Go modules), Prometheus, SmolLM2
+testbed: venv testbed-packages ## Build/locate the test bed: control plane, kubelet, kwok, helm, registry (Go modules), Prometheus, SmolLM2
 	bash tests/testbed/build-binaries.sh $(CACHE)/testbed
-	command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.smollm2 >/dev/null
 
 ##@ Development
+
+.PHONY: images
+images: venv testbed-packages ## Build the operator and trainer images from their Dockerfiles (buildah, on a Debian base made here)
+	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.images
 
 .PHONY: crds
 crds: venv ## Generate crds/ and the chart's CRD copies from kubetune/api.py (the one typed source of the spec)
@@ -72,7 +83,7 @@ format: venv ## Apply ruff's fixes and formatting
 ##@ Tests
 
 .PHONY: test
-test: venv testbed lint ## Every test tier (unit, integration, e2e, slow) on the local test bed; what CI runs
+test: venv testbed images lint ## Every test tier (unit, integration, e2e, slow) on the local test bed; what CI runs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -80,7 +91,7 @@ test-unit: venv ## Unit tests only (no external process)
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 .PHONY: test-integration
-test-integration: venv testbed ## Integration tests on the real control plane, S3 and Prometheus
+test-integration: venv testbed images ## Integration tests on the real control plane, S3 and Prometheus
 	$(PY) -m pytest -m "integration and not slow" $(PYTEST_ARGS)
 
 .PHONY: clean
@@ -90,7 +101,7 @@ clean: ## Remove the virtualenv and test-run leftovers (keeps the built binaries
 ##@ Demo
 
 .PHONY: demo
-demo: venv testbed ## The main job end to end on the local test bed (CPU only); prints set-up and run times
+demo: venv testbed images ## The main job end to end on the local test bed (CPU only); prints set-up and run times
 	@echo "set-up done in $$(( $$(date +%s) - $(START_TIME) ))s"
 	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.demo up
 
