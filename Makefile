@@ -40,8 +40,10 @@ lock: | $(UV) ## Re-resolve requirements/dev.lock from pyproject.toml
 	$(UV) pip compile -q pyproject.toml --extra dev --python-version $(PYTHON_VERSION) \
 	  --python-platform x86_64-manylinux_2_28 -o requirements/dev.lock
 
-# Debian's packages the test bed runs: Prometheus, and a real node's container runtime, CNI plugins and image tools.
-TESTBED_PACKAGES := prometheus containerd runc containernetworking-plugins iptables conntrack podman buildah skopeo debootstrap
+# Debian's packages the test bed runs: Prometheus; a real node's container runtime, CNI plugins, iptables and the
+# compiler of its pause binary; the image tools (buildah, podman, skopeo, debootstrap).
+TESTBED_PACKAGES := prometheus containerd runc containernetworking-plugins iptables iproute2 kmod openssl gcc libc6-dev \
+  podman buildah skopeo debootstrap
 
 .PHONY: testbed-packages
 testbed-packages: ## Install Debian's packages the test bed needs (only those missing)

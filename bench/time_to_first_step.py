@@ -2,19 +2,21 @@
 
     python -m bench.time_to_first_step [--rows 64] [--max-steps 3]
 
-The test bed of `make demo` (tests/testbed/demo.py: control plane with controllers and scheduler, the kubelet
-stand-in's GPU node, moto S3, Prometheus), kubetune installed with Helm so that the operator runs as the chart's pod
-on the stand-in node, SmolLM2-135M-Instruct and a small AG News slice in S3. One FineTuneJob (qLoRA, maxSteps 3,
+The test bed of `make demo` (tests/testbed/demo.py: control plane with controllers and scheduler, a real node
+(kubelet, containerd, runc) pulling the images `make images` built from a local registry, moto S3, Prometheus),
+kubetune installed with Helm so that the operator image runs as the chart's pod on the real node,
+SmolLM2-135M-Instruct and a small AG News slice in S3. One FineTuneJob (qLoRA, maxSteps 3,
 evaluation off) is created; the bench records, on the wall clock of this machine:
 
 - the client's create call, and watch events on the FineTuneJob, its trainer Job and pod (receive times: the
   objects' own timestamps have one-second resolution): trainer Job created, pod created, scheduled, Running;
-- the trainer's JSON-lines log in the stand-in's pod log (millisecond timestamps): each stage's start, the model
+- the trainer's JSON-lines log, as the kubelet serves it (millisecond timestamps): each stage's start, the model
   download, and the first `progress` record (the tracker reports step 1 at once, whatever the interval);
 - when each stage and the first step became visible in FineTuneJob.status.progress to a watcher.
 
-The trainer's model cache starts empty (its TMPDIR is the bench's fresh work directory), so the model is really
-fetched from S3. Results: a markdown table on stdout and in bench/results/time_to_first_step.md.
+The trainer's model cache starts empty (an emptyDir of the new pod), so the model is really fetched from S3; the
+trainer image is already on the node (pulled when the node started), as on a node that ran a job before. Results: a
+markdown table on stdout and in bench/results/time_to_first_step.md.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ MILESTONES = (
     Milestone("job", "trainer Job created", "watch: Job ADDED", "operator: FineTuneJob → children and trainer Job"),
     Milestone("pod", "pod created", "watch: Pod ADDED", "Job controller: Job → pod"),
     Milestone("scheduled", "pod scheduled", "watch: spec.nodeName set", "scheduler: bind the pod to the GPU node"),
-    Milestone("running", "pod Running", "watch: status.phase", "kubelet (stand-in): start the container"),
+    Milestone("running", "pod Running", "watch: status.phase", "kubelet: sandbox, network and the container"),
     Milestone("data", "data stage begins", "log: stage data", "trainer start-up: interpreter, imports, config"),
     Milestone("model", "data stage done", "log: stage model", "data: fetch from S3, parse, validate, split"),
     Milestone("fetched", "model fetched from S3", "log: downloaded … model", "model download from S3 (cold cache)"),
@@ -304,9 +306,10 @@ def render_report(
             "Command: `python -m bench.time_to_first_step "
             f"--rows {settings['rows']} --max-steps {settings['max_steps']}`.",
             "",
-            "The `make demo` test bed: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the kubelet "
-            "stand-in's GPU node (it runs pods as local processes), moto S3. kubetune installed with Helm: the "
-            "operator runs as the chart's pod on the stand-in node. One FineTuneJob: SmolLM2-135M-Instruct "
+            "The `make demo` test bed: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, a real node "
+            "(kubelet, containerd, runc; the images `make images` built, pulled from a local registry), moto S3. "
+            "kubetune installed with Helm: the operator image runs as the chart's pod on the real node, the trainer "
+            "image as the Job's pod. One FineTuneJob: SmolLM2-135M-Instruct "
             f"(`{MODEL_URI}`, bf16 safetensors, cold model cache), {settings['rows']} AG News rows "
             f"(classification), qLoRA, batch {settings['batch_size']}, maxSteps {settings['max_steps']}, evaluation "
             f"off; status progress interval {settings['progress_interval']} s (stage changes are sent at once). "
@@ -444,7 +447,6 @@ class Bed:
 
     plane: Any
     s3: Any
-    ports: dict[str, int]
     progress_interval: float
 
 
@@ -452,22 +454,21 @@ class Bed:
 def demo_testbed(work: Path) -> Iterator[Bed]:
     """tests/testbed/demo.py's test bed and Helm install; the operator pod healthy before the yield."""
     from tests.testbed import demo
-    from tests.testbed.processes import http_ok, wait_for
+    from tests.testbed.cluster import product_values
+    from tests.testbed.processes import wait_for
     from tests.testbed.smollm2 import convert_smollm2
 
-    plane = s3 = prometheus = None
+    bed = demo.start_testbed(work)
     try:
-        plane, s3, prometheus, ports = demo.start_testbed(work)
-        demo.upload_inputs(s3, convert_smollm2(), demo.shared_data_dir())
-        demo.install_chart(plane, s3, ports, work)
-        health = f"http://127.0.0.1:{ports['operator_health']}/healthz"
-        wait_for(lambda: http_ok(health), 120, "the operator pod's /healthz")
-        interval = float(demo.helm_values(s3, ports)["trainer"]["progressIntervalSeconds"])
-        yield Bed(plane, s3, ports, interval)
+        demo.upload_inputs(bed.s3, convert_smollm2(), demo.shared_data_dir())
+        demo.install_chart(bed, work)
+        ready = ["get", "pods", "-n", demo.OPERATOR_NAMESPACE, "-o", "jsonpath={..status.containerStatuses[0].ready}"]
+        wait_for(lambda: bed.plane.kubectl(*ready).stdout.strip() == "true", 120, "the operator pod to be ready")
+        interval = float(product_values(bed.s3, bed.parts.images)["trainer"]["progressIntervalSeconds"])
+        yield Bed(bed.plane, bed.s3, interval)
     finally:
-        for server in (prometheus, s3, plane):
-            if server is not None:
-                server.stop()
+        for server in (bed.prometheus, bed.s3, bed.parts, bed.plane):
+            server.stop()
 
 
 def upload_slice(s3: Any, rows: int) -> str:
@@ -481,11 +482,9 @@ def upload_slice(s3: Any, rows: int) -> str:
 
 
 def pod_log(plane: Any, namespace: str, pod: str) -> str:
-    """The stand-in's log of the pod's process."""
-    from tests.testbed.kubelet_standin import KubeletStandin
-
-    path = KubeletStandin(plane, []).log_path(namespace, pod)
-    return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    """The trainer container's log, as the kubelet serves it to the API server."""
+    result = plane.kubectl("logs", "-n", namespace, pod)
+    return str(result.stdout) if result.returncode == 0 else ""
 
 
 def run_job(bed: Bed, rows: int, max_steps: int, batch_size: int, timeout: float) -> dict[str, float]:

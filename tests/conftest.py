@@ -1,4 +1,5 @@
-"""Session fixtures of the local test bed: a real control plane, kwok GPU nodes, a kubelet stand-in, S3, Prometheus."""
+"""Session fixtures of the local test bed: a real control plane, kwok GPU nodes, a real node with the product's images
+in a local registry, S3 and Prometheus."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.testbed.cluster import start_node_parts
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.kubelet_standin import KubeletStandin, gpu_node_manifest
+from tests.testbed.hostnet import ensure_host_address
+from tests.testbed.images import ProductImages
+from tests.testbed.kwok import KWOK_NODE, gpu_node_manifest
+from tests.testbed.node import RealNode, machine_footprint
 from tests.testbed.processes import cache_dir, wait_for
-from tests.testbed.prometheus import PrometheusServer
+from tests.testbed.prometheus import PodDiscovery, PrometheusServer
+from tests.testbed.registry import LocalRegistry
 from tests.testbed.s3 import S3Server
-
-KWOK_NODE = "kwok-gpu-0"
-STANDIN_NODE = "standin-gpu-0"
 
 _failed_tests: list[str] = []
 
@@ -44,8 +47,9 @@ def testbed_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def kube(testbed_dir: Path) -> Iterator[ControlPlane]:
-    """A real etcd + kube-apiserver (RBAC, token auth, service-account signing) with an admin kubeconfig."""
-    plane = ControlPlane(work_dir=testbed_dir / "control-plane")
+    """A real etcd + kube-apiserver (RBAC, token auth, service-account signing) with an admin kubeconfig, listening on
+    the test bed's host address, where pods on the real node reach it."""
+    plane = ControlPlane(work_dir=testbed_dir / "control-plane", address=ensure_host_address())
     try:
         plane.start()
     except Exception:
@@ -57,26 +61,33 @@ def kube(testbed_dir: Path) -> Iterator[ControlPlane]:
 
 @dataclass
 class KwokCluster:
-    """The control plane plus controllers, scheduler, kwok and a kubelet stand-in, with fake GPU nodes."""
+    """The control plane plus controllers, scheduler and two kinds of GPU node: kwok's fake one, whose pods kwok
+    completes at once, and a real node (kubelet, containerd, runc), whose pods run the product's images."""
 
     kube: ControlPlane
-    standin: KubeletStandin
+    node: RealNode
+    registry: LocalRegistry
+    images: ProductImages
     kwok_node: str = KWOK_NODE
-    standin_node: str = STANDIN_NODE
 
     @property
     def kubeconfig(self) -> str:
         return self.kube.kubeconfig
 
+    @property
+    def node_name(self) -> str:
+        return self.node.name
+
 
 @pytest.fixture(scope="session")
 def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
-    """Jobs get Pods on GPU nodes: `kwok-gpu-0` (kwok fakes its pods) and `standin-gpu-0` (pods really run)."""
+    """Jobs get Pods on GPU nodes: `kwok-gpu-0` (kwok fakes its pods) and the real node (pods run in containers)."""
     from kubernetes import client
 
-    kube.start_controllers()
+    # Node lifecycle is on, as in a cluster: a node whose kubelet stops is tainted and its pods are evicted.
+    kube.start_controllers(node_lifecycle=True)
     kube.start_kwok()
-    kube.apply(gpu_node_manifest(KWOK_NODE, "kwok"))
+    kube.apply(gpu_node_manifest(KWOK_NODE))
     core = client.CoreV1Api(kube.api_client())
 
     def kwok_node_ready() -> bool:
@@ -84,9 +95,11 @@ def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
         return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
     wait_for(kwok_node_ready, 60, f"kwok to mark {KWOK_NODE} Ready")
-    standin = KubeletStandin(kube, [STANDIN_NODE], extra_env={"HF_HUB_OFFLINE": "1"}).start()
-    yield KwokCluster(kube=kube, standin=standin)
-    standin.stop()
+    footprint = machine_footprint()
+    parts = start_node_parts(kube)
+    yield KwokCluster(kube=kube, node=parts.node, registry=parts.registry, images=parts.images)
+    parts.stop()
+    assert machine_footprint() == footprint, "the stopped node left something behind on this machine"
 
 
 @pytest.fixture
@@ -104,7 +117,7 @@ def namespace(kube: ControlPlane) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_server(testbed_dir: Path) -> Iterator[S3Server]:
     """moto's S3 server on loopback; use `.client()` or `.env` with real boto3."""
-    server = S3Server(log_dir=testbed_dir / "s3").start()
+    server = S3Server(log_dir=testbed_dir / "s3", host=ensure_host_address()).start()
     yield server
     server.stop()
 
@@ -126,12 +139,14 @@ def s3_bucket(s3_server: S3Server) -> str:
 
 
 @pytest.fixture(scope="session")
-def prometheus(testbed_dir: Path) -> Iterator[Callable[[dict[str, list[str]]], PrometheusServer]]:
-    """Start Prometheus scraping the given {job: [host:port]} targets every second."""
+def prometheus(testbed_dir: Path) -> Iterator[Callable[..., PrometheusServer]]:
+    """Start Prometheus scraping the given {job: [host:port]} targets, and kubetune's pods where `pods` says, every
+    second."""
     servers: list[PrometheusServer] = []
 
-    def start(jobs: dict[str, list[str]]) -> PrometheusServer:
-        server = PrometheusServer(work_dir=testbed_dir / f"prometheus-{uuid.uuid4().hex[:6]}", jobs=jobs).start()
+    def start(jobs: dict[str, list[str]], pods: PodDiscovery | None = None) -> PrometheusServer:
+        work_dir = testbed_dir / f"prometheus-{uuid.uuid4().hex[:6]}"
+        server = PrometheusServer(work_dir=work_dir, jobs=jobs, pods=pods).start()
         servers.append(server)
         return server
 

@@ -24,7 +24,7 @@ CONTAINER_NAME = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_UID = 1000
 TMP_DIR = "/tmp"
-# Inside /tmp so that a trainer run as a local process (the test bed's kubelet stand-in) can write it too.
+# The model cache: an emptyDir of its own, as the root filesystem is read-only.
 HF_CACHE_DIR = "/tmp/hf-cache"
 SHM_DIR = "/dev/shm"
 # Long enough for the trainer to write a checkpoint to S3 after SIGTERM (suspend, preemption, deletion).

@@ -1,7 +1,8 @@
 """The product end to end: Helm install → operator pod → FineTuneJob → trainer pod → S3 artifacts, status, Prometheus.
 
-The operator runs as the chart's Deployment on the kubelet stand-in's GPU node, so it acts with exactly the chart's
-ServiceAccount and RBAC; the trainer runs as the Job's pod there too, with the per-job ServiceAccount the operator made.
+Everything runs as it ships: the operator image runs as the chart's Deployment on the real node (kubelet, containerd,
+runc), so it acts with exactly the chart's ServiceAccount and RBAC; the trainer image runs as the Job's pod there too,
+with the namespace's trainer identity the operator made. Prometheus finds both pods through the API server.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import yaml
 
 from tests.conftest import KwokCluster
 from tests.testbed.chart import ChartRelease, install_chart
+from tests.testbed.cluster import pod_discovery, product_values
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.demo import create_s3_secret, helm_values, loopback_ports, scrape_jobs, wait_for_operator_pod
+from tests.testbed.demo import create_s3_secret, wait_for_operator_pod
 from tests.testbed.processes import REPO_ROOT, wait_for
 from tests.testbed.prometheus import PrometheusServer
 from tests.testbed.s3 import S3Server
@@ -65,7 +67,7 @@ class Product:
             if phase in phases:
                 return job
             time.sleep(0.5)
-        logs = self.kube.work_dir / "standin-pods"
+        logs = self.kube.log_dir / "pods"
         raise TimeoutError(f"{name} stayed in {seen} for {timeout}s; pod logs in {logs}")
 
     def s3_object(self, uri: str) -> bytes:
@@ -116,18 +118,18 @@ def finetunejob(name: str, model_uri: str, train_uri: str, output_uri: str) -> d
 def product(
     kwok_cluster: KwokCluster,
     s3_server: S3Server,
-    prometheus: Callable[[dict[str, list[str]]], PrometheusServer],
+    prometheus: Callable[..., PrometheusServer],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Product]:
     kube = kwok_cluster.kube
-    ports = loopback_ports()
-    release = install_chart(kube, "kubetune", OPERATOR_NAMESPACE, helm_values(s3_server, ports, progress_interval=1))
+    values = product_values(s3_server, kwok_cluster.images, progress_interval=1)
+    release = install_chart(kube, "kubetune", OPERATOR_NAMESPACE, values)
     kube.kubectl("create", "namespace", JOBS_NAMESPACE, check=True)
     create_s3_secret(kube, JOBS_NAMESPACE)
     wait_for_operator_pod(kube, OPERATOR_NAMESPACE)
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
-    server = prometheus(scrape_jobs(ports))
+    server = prometheus({}, pods=pod_discovery(kube))
     yield Product(kube, s3_server, release, server, bucket)
     kube.kubectl("delete", "namespace", JOBS_NAMESPACE, "--wait=false")
     release.uninstall()

@@ -189,6 +189,24 @@ def test_resources_and_image_are_set(rendered: dict[str, Objects]) -> None:
     assert container["imagePullPolicy"] == "IfNotPresent"
 
 
+def test_image_digests_pin_both_images_over_their_tags() -> None:
+    operator_digest, trainer_digest = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    values = {
+        "image": {"repository": "registry.example/kubetune/operator", "tag": "1.0", "digest": operator_digest},
+        "trainer": {"image": {"repository": "registry.example/kubetune/trainer", "digest": trainer_digest}},
+    }
+
+    objects = render_chart(values=values, release=RELEASE)
+
+    assert operator_container(objects)["image"] == f"registry.example/kubetune/operator@{operator_digest}"
+    assert operator_env(objects)["KUBETUNE_TRAINER_IMAGE"] == f"registry.example/kubetune/trainer@{trainer_digest}"
+
+
+def test_a_digest_that_is_not_sha256_is_refused_by_the_values_schema() -> None:
+    with pytest.raises(HelmError, match="digest"):
+        render_chart(values={"image": {"repository": "r", "digest": "latest"}}, release=RELEASE)
+
+
 def test_placement_values_reach_the_operator_pod() -> None:
     placement = {
         "nodeSelector": {"kubernetes.io/os": "linux"},

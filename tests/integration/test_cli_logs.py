@@ -1,4 +1,4 @@
-"""`kubetune logs NAME` against a real control plane: the API server fetches the log from the kubelet stand-in."""
+"""`kubetune logs NAME` against a real control plane: the API server fetches the log from the real node's kubelet."""
 
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def create_finetunejob(cluster: KwokCluster, namespace: str, name: str, trainer_
         api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
 
 
-def run_trainer_stand_in(cluster: KwokCluster, namespace: str, name: str, script: str, backoff_limit: int = 0) -> str:
-    """A batch Job labelled as the operator labels a trainer Job, on the stand-in node, running `script`."""
+def run_trainer_pod(cluster: KwokCluster, namespace: str, name: str, script: str, backoff_limit: int = 0) -> str:
+    """A batch Job labelled as the operator labels a trainer Job, on the real node, running `script` in the trainer
+    image's Python."""
     job_name = trainer_resource_name(name)
     manifest: dict[str, Any] = {
         "apiVersion": "batch/v1",
@@ -64,9 +65,10 @@ def run_trainer_stand_in(cluster: KwokCluster, namespace: str, name: str, script
                 "metadata": {"labels": trainer_labels(name)},
                 "spec": {
                     "restartPolicy": "Never",
-                    "nodeSelector": {"kubernetes.io/hostname": cluster.standin_node},
+                    "nodeSelector": {"kubernetes.io/hostname": cluster.node_name},
+                    "terminationGracePeriodSeconds": 1,
                     "containers": [
-                        {"name": "trainer", "image": "kubetune-trainer:test", "command": ["python", "-c", script]}
+                        {"name": "trainer", "image": cluster.images.trainer, "command": ["python", "-c", script]}
                     ],
                 },
             },
@@ -96,9 +98,9 @@ PRINT_TWO_LINES = "print('step 1 loss 2.5', flush=True); print('step 2 loss 1.9'
 
 def test_logs_print_the_trainer_pods_log(kwok_cluster: KwokCluster, crd: str, namespace: str) -> None:
     name = f"logs-{uuid.uuid4().hex[:6]}"
-    job_name = run_trainer_stand_in(kwok_cluster, namespace, name, PRINT_TWO_LINES)
+    job_name = run_trainer_pod(kwok_cluster, namespace, name, PRINT_TWO_LINES)
     create_finetunejob(kwok_cluster, namespace, name, job_name)
-    wait_for(lambda: pod_phases(kwok_cluster, namespace, name) == ["Succeeded"], 90, "the stand-in to run the pod")
+    wait_for(lambda: pod_phases(kwok_cluster, namespace, name) == ["Succeeded"], 90, "the real node to run the pod")
 
     result = logs(kwok_cluster, name, "-n", namespace)
 
@@ -113,7 +115,7 @@ def test_logs_print_the_trainer_pods_log(kwok_cluster: KwokCluster, crd: str, na
 def test_follow_streams_until_the_trainer_exits(kwok_cluster: KwokCluster, crd: str, namespace: str) -> None:
     name = f"follow-{uuid.uuid4().hex[:6]}"
     script = "import time\nprint('started', flush=True)\ntime.sleep(4)\nprint('finished', flush=True)"
-    job_name = run_trainer_stand_in(kwok_cluster, namespace, name, script)
+    job_name = run_trainer_pod(kwok_cluster, namespace, name, script)
     create_finetunejob(kwok_cluster, namespace, name, job_name)
     wait_for(lambda: pod_phases(kwok_cluster, namespace, name) == ["Running"], 90, "the trainer pod to run")
 
@@ -128,7 +130,7 @@ def test_previous_is_the_attempt_before_the_newest(kwok_cluster: KwokCluster, cr
     name = f"retry-{uuid.uuid4().hex[:6]}"
     # Each attempt prints a line and fails retryably: the Job runs a second pod, and the stderr names which is which.
     script = "import sys; print('attempt', flush=True); sys.exit(75)"
-    job_name = run_trainer_stand_in(kwok_cluster, namespace, name, script, backoff_limit=1)
+    job_name = run_trainer_pod(kwok_cluster, namespace, name, script, backoff_limit=1)
     create_finetunejob(kwok_cluster, namespace, name, job_name)
     wait_for(lambda: pod_phases(kwok_cluster, namespace, name) == ["Failed", "Failed"], 120, "two failed attempts")
     newest, older = sorted(
@@ -166,15 +168,3 @@ def test_missing_job_or_pod_is_a_clear_error_naming_the_job(
     assert no_pod.stderr == f"Error: FineTuneJob {namespace}/no-pod: trainer Job no-pod-trainer has no pod yet\n"
     one = logs(kwok_cluster, "no-pod", "-n", namespace, "--previous")
     assert "no-pod-trainer has no pod yet" in one.stderr
-
-
-def test_the_stand_in_serves_logs_to_kubectl_too(kwok_cluster: KwokCluster, crd: str, namespace: str) -> None:
-    name = f"kubectl-{uuid.uuid4().hex[:6]}"
-    run_trainer_stand_in(kwok_cluster, namespace, name, PRINT_TWO_LINES)
-    wait_for(lambda: pod_phases(kwok_cluster, namespace, name) == ["Succeeded"], 90, "the stand-in to run the pod")
-    pod = pods_of(kwok_cluster, namespace, name)[0].metadata.name
-
-    result = kwok_cluster.kube.kubectl("logs", pod, "-n", namespace)
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "step 1 loss 2.5\nstep 2 loss 1.9\n"

@@ -27,7 +27,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_NAME, render_crd_yaml
 from tests.conftest import KwokCluster
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.kubelet_standin import STANDIN_LABEL
+from tests.testbed.node import NODE_KIND_LABEL
 from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
 from tests.testbed.trainer_credentials import SETTINGS as TRAINER_SETTINGS
 from tests.testbed.trainer_credentials import install_trainer_rbac
@@ -38,8 +38,8 @@ OPERATOR_NAMESPACE = "kubetune-system"
 # Not the chart's names: the e2e test installs the chart (release kubetune) into the same control plane.
 OPERATOR_ACCOUNT = "testbed-operator"
 PEERING_YAML = Path(__file__).resolve().parents[2] / "operator" / "kubetune_operator" / "peering.yaml"
-ON_KWOK = {STANDIN_LABEL: "kwok"}  # kwok runs the pod and completes it at once
-ON_STANDIN = {STANDIN_LABEL: "standin"}  # the kubelet stand-in runs the pod's command for real
+ON_KWOK = {NODE_KIND_LABEL: "kwok"}  # kwok runs the pod and completes it at once
+ON_NODE = {NODE_KIND_LABEL: "real"}  # the real node runs the trainer image in a container
 NOWHERE = {"pool": "no-such-pool"}  # no node matches: the pod stays unschedulable
 # What a FineTuneJob owns: its trainer Job (whose pods the Job owns). The trainer identity is per namespace.
 CHILD_KINDS = ("job",)
@@ -100,6 +100,7 @@ class Operator:
 
     kubeconfig: str
     log_dir: Path
+    trainer_image: str = "kubetune-trainer:test"
     metrics_port: int = 0
     health_port: int = 0
     process: ManagedProcess | None = None
@@ -119,7 +120,7 @@ class Operator:
                 "KUBETUNE_METRICS_PORT": str(self.metrics_port),
                 "KUBETUNE_HEALTH_PORT": str(self.health_port),
                 "KUBETUNE_PEERING_PRIORITY": str(next(_priorities)),
-                "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test",
+                "KUBETUNE_TRAINER_IMAGE": self.trainer_image,
                 "KUBETUNE_S3_ENDPOINT": "http://127.0.0.1:9",
                 "KUBETUNE_S3_REGION": "us-east-1",
                 "KUBETUNE_TRAINER_CLUSTER_ROLE": TRAINER_SETTINGS.trainer_cluster_role,
@@ -155,8 +156,8 @@ class Operator:
 
 
 @pytest.fixture
-def operator(operator_kubeconfig: str, testbed_dir: Path) -> Iterator[Operator]:
-    running = Operator(operator_kubeconfig, testbed_dir / "operator").start()
+def operator(operator_kubeconfig: str, testbed_dir: Path, kwok_cluster: KwokCluster) -> Iterator[Operator]:
+    running = Operator(operator_kubeconfig, testbed_dir / "operator", kwok_cluster.images.trainer).start()
     yield running
     running.stop()
 
@@ -367,46 +368,63 @@ def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: O
     )
 
 
-def test_a_pod_that_really_fails_fails_the_job_with_the_cause(jobs: Jobs, operator: Operator) -> None:
-    # The S3 credentials Secret does not exist: the (stand-in) kubelet cannot build the container's environment.
-    jobs.create(
-        finetunejob("broken", ON_STANDIN, s3={"credentialsSecretRef": "missing-s3"}, runPolicy={"backoffLimit": 0})
-    )
+def test_a_trainer_that_really_fails_fails_the_job_with_the_cause(jobs: Jobs, operator: Operator) -> None:
+    # The trainer image runs on the real node with no S3 credentials at all (neither the job nor the operator names a
+    # Secret): it reports a storage failure, naming what to set, before it loads anything.
+    jobs.create(finetunejob("broken", ON_NODE, runPolicy={"backoffLimit": 0}))
     failed = jobs.wait_condition(
-        "broken", c.CONDITION_FAILED, "True", c.REASON_BACKOFF_LIMIT_EXCEEDED, operator=operator
+        "broken", c.CONDITION_FAILED, "True", c.TRAINER_REASON_STORAGE_ERROR, operator=operator, timeout=180
     )
-    assert "missing-s3" in failed["message"]
-    assert "failed 1 time (runPolicy.backoffLimit 0)" in failed["message"]
+    assert "s3://data/train.jsonl: cannot read dataset.train: no S3 credentials" in failed["message"]
+    assert "(after 1 attempt)" in failed["message"]
     assert jobs.get("broken")["status"]["phase"] == "Failed"
     wait_for(
         lambda: any(
-            e["type"] == "Warning" and e["reason"] == c.REASON_BACKOFF_LIMIT_EXCEEDED for e in jobs.events("broken")
+            e["type"] == "Warning" and e["reason"] == c.TRAINER_REASON_STORAGE_ERROR for e in jobs.events("broken")
         ),
         30,
         "a Warning Event for the failure",
     )
 
 
-def test_an_image_that_cannot_be_pulled_keeps_the_job_pending_with_the_cause(jobs: Jobs, operator: Operator) -> None:
-    # The (stand-in) kubelet's pull from a registry that does not resolve fails, as it would on a node.
-    jobs.create(finetunejob("no-image", ON_STANDIN, image="registry.invalid/kubetune/trainer:missing"))
+def test_a_missing_credentials_secret_keeps_the_job_pending_naming_it(jobs: Jobs, operator: Operator) -> None:
+    # The kubelet cannot build the container's environment, and keeps retrying: the job waits, saying why.
+    jobs.create(finetunejob("no-secret", ON_NODE, s3={"credentialsSecretRef": "missing-s3"}))
 
     waiting = jobs.wait_condition(
-        "no-image", c.CONDITION_RUNNING, "False", c.REASON_IMAGE_PULL_BACKOFF, operator=operator
+        "no-secret", c.CONDITION_RUNNING, "False", "CreateContainerConfigError", operator=operator, timeout=120
     )
 
-    assert "registry.invalid/kubetune/trainer:missing" in waiting["message"]
+    assert "missing-s3" in waiting["message"]
+    assert jobs.get("no-secret")["status"]["phase"] == "Pending"
+
+
+def test_an_image_that_cannot_be_pulled_keeps_the_job_pending_with_the_cause(
+    jobs: Jobs, operator: Operator, kwok_cluster: KwokCluster
+) -> None:
+    # A real pull from the test bed's registry, of a tag it does not hold.
+    image = kwok_cluster.registry.image("kubetune/trainer:missing")
+    jobs.create(finetunejob("no-image", ON_NODE, image=image))
+
+    waiting = jobs.wait_condition(
+        "no-image", c.CONDITION_RUNNING, "False", c.REASON_IMAGE_PULL_BACKOFF, operator=operator, timeout=120
+    )
+
+    assert image in waiting["message"]
+    assert "not found" in waiting["message"]
     assert jobs.get("no-image")["status"]["phase"] == "Pending"
 
 
 def test_a_trainer_over_its_memory_limit_is_oom_killed_and_the_job_fails_saying_so(
     jobs: Jobs, operator: Operator
 ) -> None:
-    # The real trainer under a 64 MiB limit: importing its libraries alone needs more, and the (stand-in) kubelet
-    # kills it as the cgroup OOM killer would.
-    jobs.create(finetunejob("hungry", ON_STANDIN, resources={"memory": "64Mi"}, runPolicy={"backoffLimit": 0}))
+    # The trainer image under a 64 MiB cgroup limit: importing its libraries alone needs more, and the kernel's OOM
+    # killer ends it.
+    jobs.create(finetunejob("hungry", ON_NODE, resources={"memory": "64Mi"}, runPolicy={"backoffLimit": 0}))
 
-    failed = jobs.wait_condition("hungry", c.CONDITION_FAILED, "True", c.REASON_OOM_KILLED, operator=operator)
+    failed = jobs.wait_condition(
+        "hungry", c.CONDITION_FAILED, "True", c.REASON_OOM_KILLED, operator=operator, timeout=180
+    )
 
     assert "raise resources.memory" in failed["message"]
     assert jobs.get("hungry")["status"]["phase"] == "Failed"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -150,45 +149,6 @@ def test_kwok_completes_a_job_pod_on_a_fake_gpu_node(kwok_cluster: KwokCluster, 
     pod = job_pod(kube, namespace, "fake")
     assert pod["spec"]["nodeName"] == kwok_cluster.kwok_node
     assert pod["status"]["phase"] == "Succeeded"
-
-
-def test_standin_runs_the_pod_command_and_reports_its_exit_code(kwok_cluster: KwokCluster, namespace: str) -> None:
-    kube = kwok_cluster.kube
-    script = (
-        "import os, sys; print(os.environ['GREETING']); "
-        "open(os.environ['KUBETUNE_TERMINATION_MESSAGE_PATH'], 'w').write('bye'); sys.exit(3)"
-    )
-    manifest = job_manifest("real", "standin", ["python", "-c", script])
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(manifest), check=True)
-    wait_job_condition(kube, namespace, "real", "Failed")
-    pod = job_pod(kube, namespace, "real")
-    assert pod["spec"]["nodeName"] == kwok_cluster.standin_node
-    assert pod["status"]["phase"] == "Failed"
-    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 3
-    assert terminated["message"] == "bye"
-    log = kwok_cluster.standin.log_path(namespace, pod["metadata"]["name"]).read_text()
-    assert "hello from the pod" in log
-
-
-def test_standin_completes_a_successful_job(kwok_cluster: KwokCluster, namespace: str) -> None:
-    kube = kwok_cluster.kube
-    manifest = job_manifest("ok", "standin", ["python", "-c", "print('done')"])
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(manifest), check=True)
-    wait_job_condition(kube, namespace, "ok", "Complete")
-    assert job_pod(kube, namespace, "ok")["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
-
-
-def test_deleting_a_running_pod_stops_its_process(kwok_cluster: KwokCluster, namespace: str) -> None:
-    kube = kwok_cluster.kube
-    manifest = job_manifest("sleeper", "standin", ["python", "-c", "import time; time.sleep(600)"])
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(manifest), check=True)
-    wait_for(lambda: job_pod(kube, namespace, "sleeper")["status"].get("phase") == "Running", 60, "sleeper running")
-    started = time.monotonic()
-    kube.kubectl("delete", "job", "sleeper", "-n", namespace, "--cascade=foreground", "--wait=true", check=True)
-    assert time.monotonic() - started < 60
-    remaining = kube.kubectl("get", "pods", "-n", namespace, "-o", "name", check=True).stdout.strip()
-    assert remaining == ""
 
 
 def test_s3_object_round_trips_through_boto3(s3_server: S3Server, s3_bucket: str) -> None:

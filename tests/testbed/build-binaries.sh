@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test-bed binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm) from Go modules.
+# Builds the test-bed binaries from Go modules: etcd, the control plane, kubelet, kube-proxy, kwok, helm and the CNCF
+# distribution registry, plus the pause binary (Kubernetes' own pause.c) of the real node's pod sandboxes.
 # Usage: build-binaries.sh CACHE_DIR. Rebuilds only when the pinned versions change (a stamp file decides).
 set -euo pipefail
 
@@ -7,12 +8,13 @@ K8S_VERSION=${K8S_VERSION:-v1.33.13}
 ETCD_VERSION=${ETCD_VERSION:-v3.5.21}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
+REGISTRY_VERSION=${REGISTRY_VERSION:-v3.1.2}
 
 cache=$(realpath -m "${1:?usage: build-binaries.sh CACHE_DIR}")
 bin="$cache/bin"
 stamp="$bin/.versions"
-want="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
-tools="etcd kube-apiserver kube-controller-manager kube-scheduler kwok kwokctl helm"
+want="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION registry=$REGISTRY_VERSION"
+tools="etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy pause kwok kwokctl helm registry"
 files="kwok-stages.yaml"
 
 all_present() { for t in $tools; do [ -x "$bin/$t" ] || return 1; done; for f in $files; do [ -s "$bin/$f" ] || return 1; done; }
@@ -48,14 +50,19 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
   go mod tidy
   local V=k8s.io/component-base/version
   go build -trimpath -o "$bin/" \
     -ldflags "-s -w -X $V.gitVersion=$K8S_VERSION -X $V.gitMajor=1 -X $V.gitMinor=$minor -X $V.gitTreeState=clean" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
+  # The pod sandbox's process, from the same release's source (a static binary: the image holds nothing else).
+  gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION" -o "$bin/pause" "$kdir/build/pause/linux/pause.c"
 }
 
 build_etcd() {
@@ -89,8 +96,14 @@ build_helm() {
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
+build_registry() {
+  GOBIN="$bin" go install -trimpath \
+    -ldflags "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" \
+    "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+}
+
 start=$(date +%s)
-for part in etcd kwok helm kubernetes; do
+for part in etcd kwok helm registry kubernetes; do
   log "building $part"; t0=$(date +%s)
   "build_$part"
   log "$part built in $(( $(date +%s) - t0 ))s"

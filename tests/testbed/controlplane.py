@@ -1,4 +1,4 @@
-"""A real Kubernetes control plane on loopback: etcd and kube-apiserver, optionally controllers, scheduler and kwok."""
+"""A real Kubernetes control plane: etcd and kube-apiserver, optionally controllers, scheduler and kwok."""
 
 from __future__ import annotations
 
@@ -16,19 +16,31 @@ import yaml
 
 from tests.testbed.processes import ManagedProcess, free_port, http_ok, testbed_binary, wait_for
 
-ADMIN_TOKEN = "kubetune-testbed-admin"  # loopback-only test credential, never used outside the test bed
+ADMIN_TOKEN = "kubetune-testbed-admin"  # test-bed credential, never used outside the test bed
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+# How long a node may miss heartbeats before node lifecycle marks it Unknown (Kubernetes' default: 40 s).
+NODE_MONITOR_GRACE_SECONDS = 20
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"  # the API server's identity towards kubelets (logs, exec)
 
 
 def kubeconfig_document(
-    server: str, token: str, ca_file: Path, user: str = "admin", namespace: str = "default"
+    server: str,
+    token: str | None,
+    ca_file: Path,
+    user: str = "admin",
+    namespace: str = "default",
+    client_certificate: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
-    """A kubeconfig for `server` authenticating with a bearer token, trusting the API server's self-signed cert."""
+    """A kubeconfig for `server` authenticating with a bearer token or a client (certificate, key), trusting the API
+    server's self-signed cert."""
+    credentials: dict[str, str] = {"token": token} if token else {}
+    if client_certificate:
+        credentials = {"client-certificate": str(client_certificate[0]), "client-key": str(client_certificate[1])}
     return {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "testbed", "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
-        "users": [{"name": user, "user": {"token": token}}],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": user, "namespace": namespace}}],
         "current-context": "testbed",
     }
@@ -39,14 +51,57 @@ def write_service_account_key(path: Path) -> None:
     subprocess.run(["openssl", "genrsa", "-out", str(path), "2048"], check=True, capture_output=True)
 
 
+def certificate_subject(user: str, groups: tuple[str, ...] = ()) -> str:
+    """An openssl -subj for a Kubernetes client identity: the API server reads CN as the user, each O as a group."""
+    return "".join(f"/O={group}" for group in groups) + f"/CN={user}"
+
+
+def write_client_ca(directory: Path) -> tuple[Path, Path]:
+    """A CA (EC P-256: instant to generate) whose certificates the API server and kubelets accept as identities."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "client-ca.crt", directory / "client-ca.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", "/CN=kubetune-testbed-client-ca"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def issue_client_certificate(
+    ca: tuple[Path, Path], directory: Path, user: str, groups: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
+    """A client certificate and key for `user` in `groups`, signed by the client CA `ca` (certificate, key)."""
+    stem = user.replace(":", "_")
+    cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "30", "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+         "-subj", certificate_subject(user, groups), "-addext", "extendedKeyUsage=clientAuth",
+         "-addext", "basicConstraints=critical,CA:FALSE"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 @dataclass
 class ControlPlane:
-    """etcd + kube-apiserver with RBAC, token auth and service-account signing; `start_controllers` adds the rest."""
+    """etcd + kube-apiserver with Node and RBAC authorization, token and client-certificate auth and service-account
+    signing; `start_controllers` adds the rest.
+
+    `address` is where the API server listens and what it advertises as the `kubernetes` Service's endpoint: loopback
+    by default; the test-bed host address (tests.testbed.hostnet) when pods of a real node must reach it.
+    `eviction_toleration_seconds` is how long pods stay bound to a NotReady or unreachable node before node lifecycle
+    (see `start_controllers`) evicts them; Kubernetes' default is 300.
+    """
 
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kubetune-testbed-")))
+    address: str = "127.0.0.1"
+    eviction_toleration_seconds: int = 300
     processes: list[ManagedProcess] = field(default_factory=list)
     server: str = ""
     kubeconfig: str = ""
+    node_lifecycle: bool = False
 
     @property
     def log_dir(self) -> Path:
@@ -54,12 +109,18 @@ class ControlPlane:
 
     @property
     def ca_file(self) -> Path:
-        """The API server's self-signed serving certificate (it includes IP SAN 127.0.0.1), as a trust anchor."""
+        """The API server's self-signed serving certificate, as a trust anchor. The API server generates it with IP SANs
+        for its address and the `kubernetes` Service IP (10.96.0.1) and DNS SANs kubernetes.default.svc and the like."""
         return self.work_dir / "certs" / "apiserver.crt"
+
+    @property
+    def client_ca(self) -> tuple[Path, Path]:
+        """The CA (certificate, key) of client certificates: nodes and kube-proxy to the API server, it to kubelets."""
+        return self.work_dir / "pki" / "client-ca.crt", self.work_dir / "pki" / "client-ca.key"
 
     def start(self) -> ControlPlane:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        etcd_port, peer_port = free_port(), free_port()
         etcd = self._spawn(
             "etcd",
             [
@@ -80,23 +141,38 @@ class ControlPlane:
         write_service_account_key(sa_key)
         tokens = self.work_dir / "tokens.csv"
         tokens.write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
-        self.server = f"https://127.0.0.1:{api_port}"
+        client_ca = write_client_ca(self.work_dir / "pki")
+        kubelet_client = issue_client_certificate(
+            client_ca, self.work_dir / "pki", KUBELET_CLIENT_USER, ("system:masters",)
+        )
+        api_port = free_port(self.address)
+        self.server = f"https://{self.address}:{api_port}"
         apiserver = self._spawn(
             "kube-apiserver",
             [
                 testbed_binary("kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
                 f"--cert-dir={self.work_dir / 'certs'}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={api_port}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-                "--authorization-mode=RBAC",
+                # Node: a kubelet (user system:node:NAME) may touch only its node and the pods bound to it.
+                "--authorization-mode=Node,RBAC",
                 f"--token-auth-file={tokens}",
+                f"--client-ca-file={client_ca[0]}",
+                # `kubectl logs` and the like: the API server calls the kubelet at the node's InternalIP (a real
+                # node's hostname need not resolve) and proves who it is with this certificate.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_client[0]}",
+                f"--kubelet-client-key={kubelet_client[1]}",
+                f"--default-not-ready-toleration-seconds={self.eviction_toleration_seconds}",
+                f"--default-unreachable-toleration-seconds={self.eviction_toleration_seconds}",
                 f"--service-account-issuer={self.server}",
                 f"--service-account-key-file={sa_key}",
                 f"--service-account-signing-key-file={sa_key}",
                 "--allow-privileged=true",
-                # New nodes get a not-ready taint that only node lifecycle (off here: no kubelet heartbeats) lifts.
+                # New nodes get a not-ready taint that only node lifecycle lifts, and it is off unless asked for.
                 "--disable-admission-plugins=TaintNodesByCondition",
                 "--enable-priority-and-fairness=false",  # one client at a time here; APF only costs CPU
                 "--profiling=false",
@@ -114,17 +190,38 @@ class ControlPlane:
         self.kubeconfig = str(kubeconfig_path)
         return self
 
-    def start_controllers(self) -> None:
-        """kube-controller-manager (Jobs → Pods, GC, service accounts) and kube-scheduler."""
+    def start_controllers(
+        self, node_lifecycle: bool = False, node_monitor_grace_seconds: int = NODE_MONITOR_GRACE_SECONDS
+    ) -> None:
+        """kube-controller-manager (Jobs → Pods, GC, service accounts) and kube-scheduler.
+
+        With `node_lifecycle`, a node whose kubelet stops heartbeating (its Lease and Ready condition) for
+        `node_monitor_grace_seconds` turns Ready=Unknown, is tainted unreachable, and its pods are evicted
+        `eviction_toleration_seconds` later, as in a real cluster. Real kubelets heartbeat and kwok then renews its
+        nodes' Leases (see `start_kwok`); off by default, so that the scale benches' many kwok nodes renew no Leases.
+        It evicts only while some node is Ready: with every node
+        unhealthy it assumes the control plane lost them ("master disruption mode") and evicts nothing, so a test
+        stopping the only real kubelet needs another Ready node, e.g. a kwok one.
+        """
         sa_key = self.work_dir / "sa.key"
+        self.node_lifecycle = node_lifecycle
+        lifecycle_flags = [
+            # Kubernetes' default is 40s+: a test waiting on a stopped kubelet need not wait that long.
+            f"--node-monitor-grace-period={node_monitor_grace_seconds}s",
+            "--node-monitor-period=2s",
+        ]
+        disabled = "-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route"
         self._spawn(
             "kube-controller-manager",
             [
                 testbed_binary("kube-controller-manager"),
                 f"--kubeconfig={self.kubeconfig}",
                 "--leader-elect=false",
-                # No kubelets heartbeat here: node lifecycle would taint every fake node NotReady and evict its pods.
-                "--controllers=*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
+                *(
+                    [f"--controllers=*,{disabled}", *lifecycle_flags]
+                    if node_lifecycle
+                    else [f"--controllers=*,-nodelifecycle,{disabled}"]
+                ),
                 f"--service-account-private-key-file={sa_key}",
                 f"--root-ca-file={self.ca_file}",
                 "--use-service-account-credentials=false",
@@ -153,10 +250,15 @@ class ControlPlane:
 
     def start_kwok(self) -> None:
         """The kwok controller, managing nodes annotated kwok.x-k8s.io/node=fake and the pods bound to them."""
+        # Without Leases node lifecycle would find kwok's nodes silent: they would flap Unknown (kwok's stages set
+        # them Ready again) and with all nodes unhealthy it would stop evicting anywhere. Off otherwise: the scale
+        # benches' hundreds of nodes would renew a Lease each every 10s for nothing.
+        leases = ["--node-lease-duration-seconds=40"] if self.node_lifecycle else []
         self._spawn(
             "kwok",
             [
                 testbed_binary("kwok"),
+                *leases,
                 f"--kubeconfig={self.kubeconfig}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
@@ -165,6 +267,17 @@ class ControlPlane:
                 "--cidr=10.244.0.0/16",
             ],
         )
+
+    def client_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> str:
+        """A kubeconfig with a client certificate for `user` in `groups` (e.g. a node: system:node:NAME in
+        system:nodes, or kube-proxy: system:kube-proxy), to act with exactly that identity's permissions."""
+        directory = self.work_dir / "pki"
+        cert_and_key = issue_client_certificate(self.client_ca, directory, user, groups)
+        path = directory / f"{user.replace(':', '_')}.kubeconfig"
+        path.write_text(
+            yaml.safe_dump(kubeconfig_document(self.server, None, self.ca_file, user, client_certificate=cert_and_key))
+        )
+        return str(path)
 
     def kubectl(
         self, *args: str, input_text: str | None = None, check: bool = False

@@ -10,19 +10,22 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.testbed.cluster import NodeParts, pod_discovery, product_values, start_node_parts
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.processes import REPO_ROOT, ManagedProcess, cache_dir, free_port, testbed_binary, wait_for
+from tests.testbed.hostnet import ensure_host_address
+from tests.testbed.node import RealNode
+from tests.testbed.processes import REPO_ROOT, cache_dir, testbed_binary, wait_for
 from tests.testbed.prometheus import PrometheusServer
-from tests.testbed.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.testbed.s3 import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from tests.testbed.shared_data import shared_sample
 from tests.testbed.smollm2 import convert_smollm2
 
-STANDIN_NODE = "standin-gpu-0"
 JOB_NAMESPACE = "demo"
 OPERATOR_NAMESPACE = "kubetune-system"
 EXAMPLE = REPO_ROOT / "examples" / "agnews-qlora.yaml"
@@ -55,36 +58,6 @@ def upload_inputs(s3: S3Server, model_dir: Path, data_dir: Path) -> None:
             client.upload_file(str(path), "kubetune-models", f"smollm2-135m-instruct/{path.name}")
 
 
-def helm_values(s3: S3Server, ports: dict[str, int], progress_interval: float = 5) -> dict[str, Any]:
-    """Chart values for this machine: the operator and trainers run on the stand-in's fake GPU node."""
-    standin = {"kubetune.io/testbed-kubelet": "standin"}
-    return {
-        "nodeSelector": standin,
-        "s3": {"endpoint": s3.endpoint, "region": REGION, "credentialsSecret": "kubetune-s3"},
-        "metrics": {"port": ports["operator_metrics"]},
-        "healthPort": ports["operator_health"],
-        "trainer": {
-            "gpuNodeSelector": standin,
-            "gpuTolerations": [],
-            "metricsPort": ports["trainer_metrics"],
-            "progressIntervalSeconds": progress_interval,
-        },
-    }
-
-
-def loopback_ports() -> dict[str, int]:
-    """Free ports for the operator's metrics and health endpoints and the trainer's metrics (all on 127.0.0.1)."""
-    return {name: free_port() for name in ("operator_metrics", "operator_health", "trainer_metrics")}
-
-
-def scrape_jobs(ports: dict[str, int]) -> dict[str, list[str]]:
-    """Prometheus targets: the operator and the trainer pod (one at a time) on the stand-in node."""
-    return {
-        "kubetune-operator": [f"127.0.0.1:{ports['operator_metrics']}"],
-        "kubetune-trainer": [f"127.0.0.1:{ports['trainer_metrics']}"],
-    }
-
-
 def create_s3_secret(plane: ControlPlane, namespace: str) -> None:
     """The `kubetune-s3` Secret the chart values name, holding moto's credentials."""
     plane.kubectl(
@@ -100,44 +73,42 @@ def wait_for_operator_pod(plane: ControlPlane, namespace: str) -> None:
         pods = json.loads(plane.kubectl("get", "pods", "-n", namespace, "-o", "json", check=True).stdout)
         return any(pod["status"].get("phase") == "Running" for pod in pods["items"])
 
-    wait_for(operator_running, 120, "the chart's operator pod to run on the stand-in node")
+    wait_for(operator_running, 180, "the chart's operator pod to run on the real node")
 
 
-def start_testbed(work: Path) -> tuple[ControlPlane, S3Server, PrometheusServer, dict[str, int]]:
-    plane = ControlPlane(work_dir=work / "control-plane").start()
-    plane.start_controllers()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "KUBECONFIG": plane.kubeconfig}
-    standin = ManagedProcess(
-        "kubelet-standin",
-        [
-            sys.executable, "-m", "tests.testbed.kubelet_standin", "--work-dir", str(plane.work_dir),
-            "--server", plane.server, "--node", STANDIN_NODE, "--env", "HF_HUB_OFFLINE=1",
-        ],
-        plane.log_dir,
-        env=env,
-    ).start()  # fmt: skip
-    plane.processes.append(standin)
-    wait_for(lambda: plane.kubectl("get", "node", STANDIN_NODE).returncode == 0, 60, "the stand-in's GPU node")
-    s3 = S3Server(log_dir=work / "s3").start()
-    ports = loopback_ports()
-    prometheus = PrometheusServer(work_dir=work / "prometheus", jobs=scrape_jobs(ports)).start()
-    return plane, s3, prometheus, ports
+@dataclass
+class Testbed:
+    """What the demo runs on: the control plane, the real node with its registry, S3 and Prometheus."""
+
+    plane: ControlPlane
+    parts: NodeParts
+    s3: S3Server
+    prometheus: PrometheusServer
 
 
-def install_chart(plane: ControlPlane, s3: S3Server, ports: dict[str, int], work: Path) -> None:
+def start_testbed(work: Path) -> Testbed:
+    plane = ControlPlane(work_dir=work / "control-plane", address=ensure_host_address()).start()
+    plane.start_controllers(node_lifecycle=True)
+    parts = start_node_parts(plane)
+    s3 = S3Server(log_dir=work / "s3", host=plane.address).start()
+    prometheus = PrometheusServer(work_dir=work / "prometheus", jobs={}, pods=pod_discovery(plane)).start()
+    return Testbed(plane, parts, s3, prometheus)
+
+
+def install_chart(bed: Testbed, work: Path) -> None:
     values = work / "values.yaml"
-    values.write_text(yaml.safe_dump(helm_values(s3, ports)))
+    values.write_text(yaml.safe_dump(product_values(bed.s3, bed.parts.images)))
     for namespace in (OPERATOR_NAMESPACE, JOB_NAMESPACE):
-        plane.kubectl("create", "namespace", namespace, check=True)
-    create_s3_secret(plane, JOB_NAMESPACE)
+        bed.plane.kubectl("create", "namespace", namespace, check=True)
+    create_s3_secret(bed.plane, JOB_NAMESPACE)
     subprocess.run(
         [
             testbed_binary("helm"), "install", "kubetune", str(REPO_ROOT / "charts" / "kubetune"),
-            "--namespace", OPERATOR_NAMESPACE, "--kubeconfig", plane.kubeconfig, "-f", str(values), "--wait=false",
+            "--namespace", OPERATOR_NAMESPACE, "--kubeconfig", bed.plane.kubeconfig, "-f", str(values), "--wait=false",
         ],
         check=True,
     )  # fmt: skip
-    wait_for_operator_pod(plane, OPERATOR_NAMESPACE)
+    wait_for_operator_pod(bed.plane, OPERATOR_NAMESPACE)
 
 
 def job_status(plane: ControlPlane, name: str) -> dict[str, Any]:
@@ -205,7 +176,7 @@ def print_look_around(plane: ControlPlane, s3: S3Server, prometheus: PrometheusS
     print(f"  kubectl get events -n {JOB_NAMESPACE} --sort-by=.lastTimestamp")
     print(f"  Prometheus: {prometheus.url}/graph?g0.expr=kubetune_job_train_loss")
     print(f"  S3 (moto): {s3.endpoint}  (AWS_ACCESS_KEY_ID={ACCESS_KEY_ID}, any secret)")
-    print(f"  logs: {plane.log_dir}  and pod logs in {plane.work_dir / 'standin-pods'}")
+    print(f"  logs: {plane.log_dir}  (pods: kubectl logs, or {plane.log_dir / 'pods'})")
 
 
 def up(timeout: float) -> int:
@@ -217,15 +188,21 @@ def up(timeout: float) -> int:
     # A fresh cluster every time: the last demo's etcd data and logs would only get in the way.
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    say("Starting the test bed: etcd, kube-apiserver, controllers, a fake GPU node, moto S3, Prometheus")
-    plane, s3, prometheus, ports = start_testbed(work)
-    processes = [*plane.processes, s3.process, prometheus.process]
+    say(
+        "Starting the test bed: etcd, kube-apiserver, controllers, a local registry holding the images `make images` "
+        "built, a real node (kubelet, containerd, runc), moto S3, Prometheus"
+    )
+    bed = start_testbed(work)
+    plane, s3, prometheus = bed.plane, bed.s3, bed.prometheus
+    node = bed.parts.node
+    processes = [*plane.processes, bed.parts.registry.process, node.containerd, node.kubelet, node.kube_proxy]
+    processes += [s3.process, prometheus.process]
     pids = [p.process.pid for p in processes if p is not None and p.process is not None]
     (work / "state.json").write_text(json.dumps({"kubeconfig": plane.kubeconfig, "pids": pids}))
     say("Uploading the AG News sample and SmolLM2-135M-Instruct to S3")
     upload_inputs(s3, convert_smollm2(), shared_data_dir())
-    say("Installing kubetune with Helm (the operator runs as a pod on the stand-in node, with the chart's RBAC)")
-    install_chart(plane, s3, ports, work)
+    say("Installing kubetune with Helm (the operator image runs as a pod on the real node, with the chart's RBAC)")
+    install_chart(bed, work)
     name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
     say(f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)}")
     plane.kubectl("apply", "-n", JOB_NAMESPACE, "-f", str(EXAMPLE), check=True)
@@ -266,13 +243,14 @@ def down() -> int:
         print("no demo is up")
         return 0
     pids = list(reversed(json.loads(state_file.read_text())["pids"]))
-    # The stand-in goes first (in reverse start order) so that it stops the pods it runs.
     stopped = sum(signal_group(pid, signal.SIGTERM) for pid in pids)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(group_alive(pid) for pid in pids):
         time.sleep(0.5)
     for pid in pids:
         signal_group(pid, signal.SIGKILL)  # the API server can hang on an etcd that is already gone
+    # The node's containers, iptables chains, pod bridge and cgroups outlive its processes: remove them too.
+    RealNode(ControlPlane(work_dir=work / "control-plane")).clean_up_after()
     state_file.unlink()
     print(f"stopped {stopped} demo process group(s); logs kept in {work}")
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.testbed.processes import REPO_ROOT, cache_dir
+from tests.testbed.registry import LocalRegistry
 
 LOCAL_BASE = "localhost/kubetune/debian-python:bookworm"
 DEBIAN_SUITE = "bookworm"
@@ -91,7 +92,7 @@ def debootstrap_command(target: Path) -> list[str]:
 
 
 def build_local_base() -> None:
-    """The stand-in for python:3.11-slim and the CUDA base: Debian bookworm's own Python 3.11, as a podman image."""
+    """What replaces python:3.11-slim and the CUDA base here: Debian bookworm's own Python 3.11, as a podman image."""
     with tempfile.TemporaryDirectory(prefix="kubetune-base-", dir=cache_dir()) as scratch:
         rootfs = Path(scratch) / "rootfs"
         run(debootstrap_command(rootfs))
@@ -185,6 +186,31 @@ def run_in_image(
 def image_config(image: str) -> dict[str, Any]:
     """The image's OCI config (User, Entrypoint, Cmd, Env, ...)."""
     return dict(json.loads(run(["podman", "image", "inspect", image]))[0]["Config"])
+
+
+@dataclass(frozen=True)
+class ProductImages:
+    """Digest-pinned references of the product's images in the test bed's registry, as pods name them."""
+
+    operator: str
+    trainer: str
+
+    @staticmethod
+    def repository_and_digest(reference: str) -> tuple[str, str]:
+        repository, _, digest = reference.partition("@")
+        return repository, digest
+
+
+def publish_images(registry: LocalRegistry) -> ProductImages:
+    """Push what `make images` built to the registry (only layers it lacks travel); their pinned references."""
+    missing = [recipe.tag for recipe in RECIPES.values() if not image_exists(recipe.tag)]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} not built: run `make images`")
+    pushed = {
+        name: registry.push(f"containers-storage:{recipe.tag}", recipe.tag.removeprefix("localhost/"))
+        for name, recipe in RECIPES.items()
+    }
+    return ProductImages(operator=pushed["operator"], trainer=pushed["trainer"])
 
 
 def say(text: str) -> None:

@@ -29,10 +29,10 @@ def testbed_binary(name: str) -> str:
     return str(path)
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
+def free_port(address: str = "127.0.0.1") -> int:
+    """A free TCP port on `address` (loopback by default)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return int(sock.getsockname()[1])
 
 
@@ -76,6 +76,7 @@ class ManagedProcess:
     argv: Sequence[str]
     log_dir: Path
     env: dict[str, str] | None = None
+    pass_fds: tuple[int, ...] = ()  # open files the process inherits (e.g. a lock it must hold while it lives)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -87,7 +88,12 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             # A new session so that stopping the test bed also stops the process's children.
             self.process = subprocess.Popen(
-                list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                list(self.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                pass_fds=self.pass_fds,
             )
         return self
 

@@ -1,9 +1,9 @@
-"""moto's S3 server over HTTP on loopback, used through real boto3 clients."""
+"""moto's S3 server over HTTP on this machine, used through real boto3 clients."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,13 @@ class S3Server:
     """A moto S3 server process; `env` is what a client needs to reach it."""
 
     log_dir: Path
-    port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"  # the test bed's host address when pods on the real node must reach it
+    port: int = 0
     process: ManagedProcess | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -38,7 +39,8 @@ class S3Server:
         }
 
     def start(self) -> S3Server:
-        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.port = self.port or free_port(self.host)
+        argv = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
         self.process = ManagedProcess("moto-s3", argv, self.log_dir).start()
         process = self.process
         wait_for(lambda: process.alive() and http_ok(f"{self.endpoint}/moto-api/"), 60, "moto S3 server")

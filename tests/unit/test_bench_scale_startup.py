@@ -422,7 +422,7 @@ def test_the_later_steps_pace_estimates_the_model_load_when_the_trainer_does_not
 
 def test_watch_milestones_take_the_first_event_that_shows_each_change() -> None:
     pod = {"metadata": {"name": "p"}, "spec": {}, "status": {"phase": "Pending"}}
-    scheduled = {**pod, "spec": {"nodeName": "standin-gpu-0"}}
+    scheduled = {**pod, "spec": {"nodeName": "kwok-gpu-0"}}
     running = {**scheduled, "status": {"phase": "Running"}}
 
     def ftj(phase: str, progress: dict[str, object]) -> dict[str, object]:

@@ -56,12 +56,21 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{- /* repository@digest when a digest is set (immutable: what was tested is what runs), else repository:tag. */}}
+{{- define "kubetune.imageReference" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .appVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
 {{- define "kubetune.operatorImage" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "kubetune.imageReference" (dict "image" .Values.image "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "kubetune.trainerImage" -}}
-{{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
+{{- include "kubetune.imageReference" (dict "image" .Values.trainer.image "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
 {{/* "true" when the operator replicas run with kopf peering: asked for, or implied by more than one replica. */}}
