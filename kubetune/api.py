@@ -624,6 +624,11 @@ class TrainerStatus(ApiModel):
 
     job_name: str | None = Field(default=None, description="Name of the trainer Job.")
     attempts: int | None = Field(default=None, description="Trainer pods started so far.")
+    disruptions: int | None = Field(
+        default=None,
+        description="Trainer pods the cluster stopped (eviction, preemption, a lost node): not failures, not counted "
+        "against runPolicy.backoffLimit; each next pod resumed from the newest checkpoint.",
+    )
     start_time: str | None = Field(default=None, description="When the trainer Job started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the trainer Job finished (RFC 3339).")
 

@@ -31,6 +31,12 @@ REASON_TRAINER_JOB_MISSING = "TrainerJobMissing"
 REASON_RESUMING = "Resuming"
 REASON_JOB_FAILED = "JobFailed"
 REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
+# A trainer pod stopped by the cluster, not by its own failure (the pod's DisruptionTarget condition): the Job does
+# not count it against backoffLimit, and the next pod resumes from the newest checkpoint.
+REASON_NODE_LOST = "NodeLost"
+REASON_EVICTED = "Evicted"
+REASON_PREEMPTED = "Preempted"
+REASON_DISRUPTED = "Disrupted"
 
 # Reasons the trainer reports in its summary when it fails (status.conditions[Failed].reason).
 TRAINER_REASON_CONFIG_ERROR = "ConfigError"

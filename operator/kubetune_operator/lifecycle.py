@@ -151,6 +151,41 @@ def pod_summary(pod: Mapping[str, Any]) -> TrainerSummary | None:
     return TrainerSummary.from_termination_message(str(terminated["message"]))
 
 
+# DisruptionTarget reasons (Kubernetes' own) → (condition reason, why the pod was stopped).
+DISRUPTIONS: dict[str, tuple[str, str]] = {
+    "DeletionByTaintManager": (c.REASON_NODE_LOST, "its node stopped responding"),
+    "DeletionByPodGC": (c.REASON_NODE_LOST, "its node is gone"),
+    "EvictionByEvictionAPI": (c.REASON_EVICTED, "it was evicted (the Eviction API: a node drain or an autoscaler)"),
+    "TerminationByKubelet": (c.REASON_EVICTED, "its node ran short of a resource and the kubelet evicted it"),
+    "PreemptionByScheduler": (c.REASON_PREEMPTED, "a pod of higher priority preempted it"),
+}
+
+
+def disruption_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(condition reason, why) when the cluster stopped the pod (its DisruptionTarget condition is True)."""
+    condition = pod_condition(pod, "DisruptionTarget")
+    if not condition or condition.get("status") != "True":
+        return None
+    return DISRUPTIONS.get(str(condition.get("reason")), (c.REASON_DISRUPTED, "the cluster stopped it"))
+
+
+def observe_disrupted(pod: Mapping[str, Any]) -> Observation:
+    """The newest pod was stopped by the cluster and no new one runs yet: waiting for the Job's next pod."""
+    disruption = disruption_of(pod)
+    assert disruption is not None
+    reason, why = disruption
+    name, node = pod["metadata"].get("name"), (pod.get("spec") or {}).get("nodeName") or "its node"
+    message = f"trainer pod {name} on {node} was stopped because {why}: not a failure; a new pod resumes from the "
+    message += "newest checkpoint"
+    if reason == c.REASON_NODE_LOST and pod["metadata"].get("deletionTimestamp") and not is_pod_finished(pod):
+        # The Job replaces the pod only once it is known to have stopped: a lost node's kubelet cannot say so.
+        message += (
+            f" once {node}'s kubelet confirms the pod stopped, or an administrator marks the node out of service "
+            "(taint node.kubernetes.io/out-of-service)"
+        )
+    return _pending(reason, message)
+
+
 def container_started_at(pod: Mapping[str, Any]) -> str | None:
     """When the trainer container (else the pod) started, RFC 3339 UTC."""
     running = container_state(pod, "running")
@@ -398,13 +433,17 @@ def observe_finishing(job: FineTuneJob) -> Observation:
 def observe_active(job: FineTuneJob, job_name: str, pods: Sequence[Mapping[str, Any]]) -> Observation:
     """The Job runs: the newest live pod says whether it is stuck, starting, training or evaluating."""
     live = [pod for pod in pods if not is_pod_finished(pod) and not pod["metadata"].get("deletionTimestamp")]
-    failed = [pod for pod in pods if pod_phase(pod) == "Failed"]
+    failed = [pod for pod in pods if pod_phase(pod) == "Failed" and disruption_of(pod) is None]
     retry = ""
     if failed:
         last_failure = failure_of_pod(failed[0])
-        retry = f" (attempt {len(failed) + 1}; the last one failed: {last_failure[1] if last_failure else 'unknown'})"
+        # This pod's attempt, or the next one's: one more than the pods that ended (failed, or stopped by the cluster).
+        attempt = 1 + sum(1 for pod in pods if is_pod_finished(pod) or pod["metadata"].get("deletionTimestamp"))
+        retry = f" (attempt {attempt}; the last one failed: {last_failure[1] if last_failure else 'unknown'})"
     if not live and any(pod_phase(pod) == "Succeeded" for pod in pods):
         return observe_finishing(job)
+    if not live and pods and disruption_of(pods[0]):
+        return observe_disrupted(pods[0])
     if not live:
         return _pending(c.REASON_JOB_CREATED, f"trainer Job {job_name} created; waiting for its pod{retry}")
     pod = live[0]
@@ -491,11 +530,13 @@ def trainer_status(
     pods: Sequence[Mapping[str, Any]],
     previous: TrainerStatus | None,
 ) -> TrainerStatus:
-    """status.trainer: the Job's name, pods started (never decreasing: finished pods may be gone), start and end."""
+    """status.trainer: the Job's name, pods started and pods the cluster stopped (neither decreasing: finished pods may
+    be gone), start and end."""
     previous = previous or TrainerStatus()
     job_status: Mapping[str, Any] = (trainer_job or {}).get("status") or {}
     counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded"))
     attempts = max(counted, len(pods), previous.attempts or 0)
+    disruptions = max(sum(1 for pod in pods if disruption_of(pod)), previous.disruptions or 0)
     completion = job_status.get("completionTime")
     if completion is None and trainer_job is not None:
         failed = job_condition(trainer_job, "Failed")
@@ -503,6 +544,7 @@ def trainer_status(
     return TrainerStatus(
         job_name=job_name,
         attempts=attempts or None,
+        disruptions=disruptions or None,
         start_time=job_status.get("startTime") or previous.start_time,
         completion_time=completion or previous.completion_time,
     )

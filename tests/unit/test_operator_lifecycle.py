@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -73,11 +73,15 @@ class PodState:
     scheduled: dict[str, str] | None = None
     state: dict[str, Any] = field(default_factory=dict)
     deleting: bool = False
+    disruption: str | None = None  # the reason of a True DisruptionTarget condition
 
     def manifest(self) -> dict[str, Any]:
         status: dict[str, Any] = {"phase": self.phase}
-        if self.scheduled is not None:
-            status["conditions"] = [{"type": "PodScheduled", **self.scheduled}]
+        conditions = [{"type": "PodScheduled", **self.scheduled}] if self.scheduled is not None else []
+        if self.disruption:
+            conditions.append({"type": "DisruptionTarget", "status": "True", "reason": self.disruption})
+        if conditions:
+            status["conditions"] = conditions
         if self.state:
             status["containerStatuses"] = [{"name": "trainer", "image": "trainer:1", "state": self.state}]
         metadata: dict[str, Any] = {
@@ -87,7 +91,7 @@ class PodState:
         }
         if self.deleting:
             metadata["deletionTimestamp"] = T2
-        return {"metadata": metadata, "status": status}
+        return {"metadata": metadata, "spec": {"nodeName": "gpu-node-3"}, "status": status}
 
 
 def summary(**fields: Any) -> str:
@@ -510,6 +514,49 @@ CASES = [
         "PodFailurePolicy happened",
     ),
     Case(
+        "the node of the only pod stopped responding: evicted, its deletion waits on the lost kubelet",
+        {},
+        trainer_job(active=1),
+        [replace(RUNNING_POD, deleting=True, disruption="DeletionByTaintManager")],
+        "Pending",
+        c.REASON_NODE_LOST,
+        {c.CONDITION_RUNNING: ("False", c.REASON_NODE_LOST)},
+        "on gpu-node-3 was stopped because its node stopped responding: not a failure; a new pod resumes from the "
+        "newest checkpoint once gpu-node-3's kubelet confirms the pod stopped",
+        status={"phase": "Running"},
+    ),
+    Case(
+        "evicted through the Eviction API, checkpointing on SIGTERM",
+        {},
+        trainer_job(active=1),
+        [replace(RUNNING_POD, deleting=True, disruption="EvictionByEvictionAPI")],
+        "Pending",
+        c.REASON_EVICTED,
+        {c.CONDITION_RUNNING: ("False", c.REASON_EVICTED)},
+        "was stopped because it was evicted (the Eviction API: a node drain or an autoscaler): not a failure",
+        status={"phase": "Running"},
+    ),
+    Case(
+        "the next pod of a preempted one runs: no failure is named",
+        {},
+        trainer_job(active=1),
+        [
+            PodState(
+                name="b",
+                created=T1,
+                phase="Running",
+                scheduled={"status": "True"},
+                state={"running": {"startedAt": T1}},
+            ),
+            PodState(name="a", phase="Failed", state=terminated("Error", 143), disruption="PreemptionByScheduler"),
+        ],
+        "Validating",
+        c.REASON_VALIDATING,
+        {c.CONDITION_RUNNING: ("True", c.REASON_VALIDATING)},
+        "checking the spec and every dataset row",
+        status={"phase": "Pending"},
+    ),
+    Case(
         "the Job vanished mid-run",
         {},
         None,
@@ -680,6 +727,24 @@ def test_attempts_count_every_pod_the_job_started() -> None:
     change = derive_status(finetunejob(), trainer_job(active=1, failed=1), pods, T2)
     assert change.status.trainer is not None
     assert change.status.trainer.attempts == 2
+
+
+def test_disruptions_are_counted_apart_from_failures_and_never_decrease() -> None:
+    pods = [
+        PodState(name="c", created=T2, phase="Running", state={"running": {"startedAt": T2}}).manifest(),
+        PodState(name="b", created=T1, phase="Failed", state=terminated("Error", 137)).manifest(),
+        PodState(
+            name="a", phase="Failed", state=terminated("Error", 143), disruption="EvictionByEvictionAPI"
+        ).manifest(),
+    ]
+    change = derive_status(finetunejob(), trainer_job(active=1, failed=1), pods, T2)
+    later = derive_status(apply(finetunejob(), change), trainer_job(active=1, failed=1), pods[:1], T2)
+
+    assert change.status.trainer is not None
+    assert (change.status.trainer.attempts, change.status.trainer.disruptions) == (3, 1)
+    assert "(attempt 3; the last one failed: the trainer exited with code 137)" in (change.status.message or "")
+    assert later.status.trainer is not None
+    assert later.status.trainer.disruptions == 1
 
 
 def test_observed_generation_follows_metadata_generation() -> None:
