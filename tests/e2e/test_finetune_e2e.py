@@ -8,138 +8,17 @@ with the namespace's trainer identity the operator made. Prometheus finds both p
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import KwokCluster
-from tests.testbed.chart import ChartRelease, install_chart
-from tests.testbed.cluster import pod_discovery, product_values
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.demo import create_s3_secret, wait_for_operator_pod
+from tests.e2e.conftest import JOBS_NAMESPACE, Product, finetunejob
 from tests.testbed.processes import REPO_ROOT, wait_for
-from tests.testbed.prometheus import PrometheusServer
-from tests.testbed.s3 import S3Server
-from tests.testbed.shared_data import shared_sample
-from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.e2e
 
-OPERATOR_NAMESPACE = "kubetune-e2e"
-JOBS_NAMESPACE = "e2e-jobs"
 DASHBOARD = REPO_ROOT / "charts" / "kubetune" / "dashboards" / "kubetune.json"
-
-
-@dataclass
-class Product:
-    """kubetune installed on the test bed, with its inputs in S3 and Prometheus scraping it."""
-
-    kube: ControlPlane
-    s3: S3Server
-    release: ChartRelease
-    prometheus: PrometheusServer
-    bucket: str
-    seen_phases: dict[str, list[str]] = field(default_factory=dict)
-
-    def apply(self, manifest: dict[str, Any]) -> None:
-        result = self.kube.kubectl("apply", "-n", JOBS_NAMESPACE, "-f", "-", input_text=json.dumps(manifest))
-        assert result.returncode == 0, result.stderr
-
-    def get(self, name: str) -> dict[str, Any]:
-        result = self.kube.kubectl("get", "finetunejob", name, "-n", JOBS_NAMESPACE, "-o", "json", check=True)
-        return dict(json.loads(result.stdout))
-
-    def wait_for_phase(self, name: str, phases: set[str], timeout: float = 420) -> dict[str, Any]:
-        """Poll until the job reaches one of `phases`, recording every phase seen on the way."""
-        seen = self.seen_phases.setdefault(name, [])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.get(name)
-            phase = (job.get("status") or {}).get("phase")
-            if phase and (not seen or seen[-1] != phase):
-                seen.append(phase)
-            if phase in phases:
-                return job
-            time.sleep(0.5)
-        logs = self.kube.log_dir / "pods"
-        raise TimeoutError(f"{name} stayed in {seen} for {timeout}s; pod logs in {logs}")
-
-    def s3_object(self, uri: str) -> bytes:
-        bucket, key = uri.removeprefix("s3://").split("/", 1)
-        return bytes(self.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
-
-
-def upload_tiny_model(s3: S3Server, bucket: str, work: Path) -> str:
-    tokenizer = build_tiny_tokenizer(work / "tokenizer")
-    model = build_tiny_llama(work / "model", tokenizer)
-    for path in sorted(Path(model).iterdir()):
-        if path.is_file():
-            s3.client().upload_file(str(path), bucket, f"models/tiny/{path.name}")
-    return f"s3://{bucket}/models/tiny/"
-
-
-def upload_dataset(s3: S3Server, bucket: str) -> tuple[str, str]:
-    rows = shared_sample("ag_news").read_text().splitlines()
-    s3.client().put_object(Bucket=bucket, Key="data/train.jsonl", Body="\n".join(rows[:48]).encode())
-    s3.client().put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"text": "ok", "label": "World"}\n{"text": \n')
-    return f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/data/bad.jsonl"
-
-
-def finetunejob(name: str, model_uri: str, train_uri: str, output_uri: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": model_uri},
-            # The tiny test tokenizer spends many tokens on the label instruction: room for it.
-            "dataset": {"train": train_uri, "format": "classification", "validationSplit": 0.25, "maxLength": 512},
-            "method": "qlora",
-            "training": {"maxSteps": 6, "batchSize": 4, "checkpointEvery": 3, "learningRate": 1e-3, "loggingSteps": 1},
-            "evaluation": {
-                "maxSamples": 6,
-                "fewShotK": 2,
-                "maxNewTokens": 4,
-                "gate": {"metric": "accuracy", "threshold": 0.0},
-            },
-            "output": {"uri": output_uri},
-            "s3": {"credentialsSecretRef": "kubetune-s3"},
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-def product(
-    kwok_cluster: KwokCluster,
-    s3_server: S3Server,
-    prometheus: Callable[..., PrometheusServer],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Product]:
-    kube = kwok_cluster.kube
-    values = product_values(s3_server, kwok_cluster.images, progress_interval=1)
-    release = install_chart(kube, "kubetune", OPERATOR_NAMESPACE, values)
-    kube.kubectl("create", "namespace", JOBS_NAMESPACE, check=True)
-    create_s3_secret(kube, JOBS_NAMESPACE)
-    wait_for_operator_pod(kube, OPERATOR_NAMESPACE)
-    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    server = prometheus({}, pods=pod_discovery(kube))
-    yield Product(kube, s3_server, release, server, bucket)
-    kube.kubectl("delete", "namespace", JOBS_NAMESPACE, "--wait=false")
-    release.uninstall()
-
-
-@pytest.fixture(scope="module")
-def inputs(product: Product, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    model_uri = upload_tiny_model(product.s3, product.bucket, tmp_path_factory.mktemp("tiny"))
-    train_uri, bad_uri = upload_dataset(product.s3, product.bucket)
-    return {"model": model_uri, "train": train_uri, "bad": bad_uri}
 
 
 @pytest.fixture(scope="module")

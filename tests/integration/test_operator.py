@@ -100,7 +100,7 @@ class Operator:
 
     kubeconfig: str
     log_dir: Path
-    trainer_image: str = "kubetune-trainer:test"
+    trainer_image: str
     metrics_port: int = 0
     health_port: int = 0
     process: ManagedProcess | None = None
@@ -308,7 +308,7 @@ def test_children_are_created_owned_and_the_job_succeeds(jobs: Jobs, operator: O
     pod_spec = jobs.child("job", "happy-trainer")["spec"]["template"]["spec"]  # type: ignore[index]
     env = {item["name"]: item.get("value") for item in pod_spec["containers"][0]["env"]}
     manifest = yaml.safe_load(env["KUBETUNE_JOB_MANIFEST"])
-    assert manifest["spec"]["image"] == "kubetune-trainer:test"
+    assert manifest["spec"]["image"] == operator.trainer_image
     assert manifest["spec"]["s3"]["endpoint"] == "http://127.0.0.1:9"
     assert pod_spec["serviceAccountName"] == TRAINER_ACCOUNT
     # The namespace's trainer identity: shared by its jobs, owned by none, bound to the chart's trainer ClusterRole.
@@ -543,7 +543,7 @@ def test_a_hosted_job_gets_a_trainer_job_without_gpus_that_drives_it(jobs: Jobs,
 def test_only_the_highest_priority_replica_acts(
     jobs: Jobs, operator: Operator, operator_kubeconfig: str, testbed_dir: Path
 ) -> None:
-    second = Operator(operator_kubeconfig, testbed_dir / "operator").start()  # outranks `operator`
+    second = Operator(operator_kubeconfig, testbed_dir / "operator", operator.trainer_image).start()  # outranks `operator`
     try:
         wait_for(lambda: "Pausing operations in favour of" in operator.log(), 30, "the first replica to pause")
         jobs.create(finetunejob("shared", NOWHERE))

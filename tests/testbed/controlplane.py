@@ -336,6 +336,22 @@ class ControlPlane:
             raise RuntimeError(f"kubectl apply failed: {result.stderr.strip()}")
         return result.stdout
 
+    def restart_apiserver(self, down_seconds: float = 0) -> None:
+        """Stop kube-apiserver, wait `down_seconds`, start it again on the same port, certificates and etcd; returns
+        once it is ready. Every client's watches and requests in between fail, as in an upgrade of the control plane."""
+        import time
+
+        (apiserver,) = [process for process in self.processes if process.name == "kube-apiserver"]
+        apiserver.stop()
+        time.sleep(down_seconds)
+        apiserver.start()
+        token_header = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        wait_for(
+            lambda: apiserver.alive() and http_ok(f"{self.server}/readyz", True, token_header),
+            120,
+            "kube-apiserver /readyz after its restart",
+        )
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()

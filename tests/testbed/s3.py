@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,18 @@ class S3Server:
         process = self.process
         wait_for(lambda: process.alive() and http_ok(f"{self.endpoint}/moto-api/"), 60, "moto S3 server")
         return self
+
+    @contextmanager
+    def refusing_connections(self) -> Iterator[None]:
+        """While inside, S3's port answers every new connection with a TCP reset, as a stopped server's does (moto
+        keeps its objects in memory, so it is not stopped: a restart would lose them). Needs root (iptables)."""
+        rule = ["INPUT", "-p", "tcp", "-d", self.host, "--dport", str(self.port), "-j", "REJECT",
+                "--reject-with", "tcp-reset"]  # fmt: skip
+        subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["iptables", "-D", *rule], check=True, capture_output=True)
 
     def client(self) -> Any:
         import boto3

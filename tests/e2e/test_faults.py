@@ -1,0 +1,315 @@
+"""Faults injected into a run of what ships, on the real node: a killed trainer container, an eviction, the operator's
+pod deleted, S3 refusing connections during a checkpoint, kube-apiserver restarted, the node's kubelet lost. Each run
+must end as the README's fault table says: resumed from the newest complete checkpoint, nothing created twice, nothing
+lost for good, never stuck in Running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from typing import Any
+
+import pytest
+
+from tests.conftest import KwokCluster
+from tests.e2e.conftest import JOBS_NAMESPACE, OPERATOR_NAMESPACE, Product, finetunejob
+from tests.testbed.controlplane import NODE_MONITOR_GRACE_SECONDS
+from tests.testbed.processes import wait_for
+
+pytestmark = pytest.mark.e2e
+
+MAX_STEPS = 40
+CHECKPOINT_EVERY = 2
+LOST_NODE_TOLERATION_SECONDS = 10  # the job's own toleration of an unreachable node (Kubernetes' default: 300)
+RESUMED = re.compile(r"resuming from checkpoint step (\d+)")
+STEP_DIR = re.compile(r"checkpoints/step-(\d+)/(.+)$")
+
+
+def fault_job(name: str, inputs: dict[str, str], bucket: str, **spec: Any) -> dict[str, Any]:
+    """A job long enough to hit mid-run (40 steps, a checkpoint every 2), with a short evaluation."""
+    manifest = finetunejob(name, inputs["model"], inputs["train"], f"s3://{bucket}/runs/{name}/")
+    manifest["spec"]["training"].update({"maxSteps": MAX_STEPS, "checkpointEvery": CHECKPOINT_EVERY})
+    manifest["spec"]["evaluation"].update({"maxSamples": 2, "baselines": []})
+    manifest["spec"].update(spec)
+    return manifest
+
+
+def trainer_pods(product: Product, name: str) -> list[dict[str, Any]]:
+    """The job's trainer pods, oldest first."""
+    result = product.kube.kubectl(
+        "get", "pods", "-n", JOBS_NAMESPACE, "-l", f"kubetune.io/job-name={name}", "-o", "json", check=True
+    )
+    pods: list[dict[str, Any]] = json.loads(result.stdout)["items"]
+    return sorted(pods, key=lambda pod: (pod["metadata"]["creationTimestamp"], pod["metadata"]["name"]))
+
+
+class PodRecorder:
+    """Every version of the job's trainer pods seen while recording (every 0.2 s): a pod the cluster deletes once it
+    ends (an evicted one, a lost node's) is still there to read afterwards."""
+
+    def __init__(self, product: Product, name: str) -> None:
+        self.product, self.name = product, name
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._record, daemon=True)
+
+    def __enter__(self) -> PodRecorder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(10)
+
+    def _record(self) -> None:
+        while not self.stopped.wait(0.2):
+            with contextlib.suppress(Exception):  # the API server may be restarting
+                for pod in trainer_pods(self.product, self.name):
+                    self.latest[pod["metadata"]["name"]] = pod
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Every pod seen, oldest first, as last seen."""
+        return sorted(self.latest.values(), key=lambda pod: pod["metadata"]["creationTimestamp"])
+
+
+def exit_code(pod: dict[str, Any]) -> int | None:
+    """The trainer container's exit code once it terminated."""
+    statuses = pod["status"].get("containerStatuses") or [{}]
+    terminated = (statuses[0].get("state") or {}).get("terminated")
+    return int(terminated["exitCode"]) if terminated else None
+
+
+def disruption_reason(pod: dict[str, Any]) -> str | None:
+    """Why the cluster stopped the pod (its DisruptionTarget condition), None when it did not."""
+    conditions = pod["status"].get("conditions") or []
+    return next((c["reason"] for c in conditions if c["type"] == "DisruptionTarget" and c["status"] == "True"), None)
+
+
+def running_pod(product: Product, name: str) -> dict[str, Any]:
+    """The job's trainer pod once its container runs."""
+    found: list[dict[str, Any]] = []
+
+    def running() -> bool:
+        found[:] = [pod for pod in trainer_pods(product, name) if pod["status"].get("phase") == "Running"]
+        return bool(found)
+
+    wait_for(running, 180, f"a running trainer pod of {name}")
+    return found[-1]
+
+
+def checkpoint_steps(product: Product, name: str) -> tuple[set[int], set[int]]:
+    """(steps with a COMPLETE marker, steps with any object) under the job's checkpoints/ in S3."""
+    listed = product.s3.client().list_objects_v2(Bucket=product.bucket, Prefix=f"runs/{name}/checkpoints/")
+    complete, started = set(), set()
+    for item in listed.get("Contents", []):
+        match = STEP_DIR.search(item["Key"])
+        if match:
+            started.add(int(match.group(1)))
+            if match.group(2) == "COMPLETE":
+                complete.add(int(match.group(1)))
+    return complete, started
+
+
+def wait_for_checkpoint(product: Product, name: str) -> int:
+    """The first step whose checkpoint is complete in S3."""
+    wait_for(lambda: bool(checkpoint_steps(product, name)[0]), 240, f"{name}'s first complete checkpoint", 0.1)
+    return min(checkpoint_steps(product, name)[0])
+
+
+def pod_log(product: Product, pod: dict[str, Any]) -> str:
+    result = product.kube.kubectl("logs", "-n", JOBS_NAMESPACE, pod["metadata"]["name"])
+    assert result.returncode == 0, result.stderr
+    return str(result.stdout)
+
+
+def resumed_step(product: Product, pod: dict[str, Any]) -> int | None:
+    """The checkpoint step a trainer pod resumed from, from its own log."""
+    match = RESUMED.search(pod_log(product, pod))
+    return int(match.group(1)) if match else None
+
+
+def container_id(pod: dict[str, Any]) -> str:
+    """The trainer container's id in containerd (containerStatuses[].containerID is `containerd://ID`)."""
+    return str(pod["status"]["containerStatuses"][0]["containerID"]).removeprefix("containerd://")
+
+
+def succeeded(product: Product, name: str, timeout: float = 420) -> dict[str, Any]:
+    job = product.wait_for_phase(name, {"Succeeded", "Failed"}, timeout=timeout)
+    assert job["status"]["phase"] == "Succeeded", json.dumps(job["status"], indent=1)
+    assert job["status"]["progress"]["step"] == MAX_STEPS
+    return job
+
+
+def test_a_killed_trainer_container_is_retried_and_resumes_from_the_newest_complete_checkpoint(
+    product: Product, inputs: dict[str, str], kwok_cluster: KwokCluster
+) -> None:
+    product.apply(fault_job("killed", inputs, product.bucket, runPolicy={"backoffLimit": 2}))
+    pod = running_pod(product, "killed")
+    wait_for_checkpoint(product, "killed")
+
+    kwok_cluster.node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id(pod))
+    wait_for(lambda: len(trainer_pods(product, "killed")) == 2, 120, "the Job's second pod")
+    newest_complete = max(checkpoint_steps(product, "killed")[0])  # nothing is written once the container is dead
+    job = succeeded(product, "killed")
+
+    first, second = trainer_pods(product, "killed")
+    assert exit_code(first) == 137
+    assert resumed_step(product, second) == newest_complete
+    assert job["status"]["trainer"]["attempts"] == 2
+    assert "disruptions" not in job["status"]["trainer"]  # a killed container is the trainer's failure
+
+
+def test_an_evicted_trainer_is_a_disruption_not_a_failure_and_resumes(product: Product, inputs: dict[str, str]) -> None:
+    # backoffLimit 0: were the eviction counted as a failure, the job would fail.
+    product.apply(fault_job("evicted", inputs, product.bucket, runPolicy={"backoffLimit": 0}))
+    with PodRecorder(product, "evicted") as recorder:
+        pod = running_pod(product, "evicted")
+        first_complete = wait_for_checkpoint(product, "evicted")
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod["metadata"]["name"], "namespace": JOBS_NAMESPACE},
+        }
+        result = product.kube.kubectl(
+            "create", "--raw", f"/api/v1/namespaces/{JOBS_NAMESPACE}/pods/{pod['metadata']['name']}/eviction",
+            "-f", "-", input_text=json.dumps(eviction),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        job = succeeded(product, "evicted")
+
+    first, second = recorder.pods()
+    # SIGTERM: the trainer finished its step, saved and uploaded it, and exited 143; the next pod started there.
+    assert exit_code(first) == 143
+    assert {c["type"]: c["reason"] for c in first["status"]["conditions"]}[
+        "DisruptionTarget"
+    ] == "EvictionByEvictionAPI"
+    resumed = resumed_step(product, second)
+    assert resumed is not None
+    assert resumed >= first_complete
+    assert resumed in checkpoint_steps(product, "evicted")[0]
+    assert (job["status"]["trainer"]["attempts"], job["status"]["trainer"]["disruptions"]) == (2, 1)
+    assert "Pending" in product.seen_phases["evicted"]
+
+
+def test_the_operator_pod_deleted_mid_run_creates_nothing_twice_and_status_converges(
+    product: Product, inputs: dict[str, str]
+) -> None:
+    product.apply(fault_job("orphaned", inputs, product.bucket))
+    running_pod(product, "orphaned")
+    trainer_job = json.loads(
+        product.kube.kubectl("get", "job", "orphaned-trainer", "-n", JOBS_NAMESPACE, "-o", "json", check=True).stdout
+    )
+    operator_pods = product.kube.kubectl(
+        "get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "jsonpath={.items[*].metadata.name}", check=True
+    ).stdout.split()
+
+    product.kube.kubectl("delete", "pod", "-n", OPERATOR_NAMESPACE, *operator_pods, "--wait=false", check=True)
+    job = succeeded(product, "orphaned")
+
+    jobs = json.loads(product.kube.kubectl("get", "jobs", "-n", JOBS_NAMESPACE, "-o", "json", check=True).stdout)
+    owned = [j for j in jobs["items"] if j["metadata"]["labels"].get("kubetune.io/job-name") == "orphaned"]
+    assert [j["metadata"]["uid"] for j in owned] == [trainer_job["metadata"]["uid"]]
+    assert job["status"]["trainer"]["attempts"] == 1
+    assert job["status"]["artifacts"]["adapter"].endswith("/adapter/")
+    new_pods = product.kube.kubectl(
+        "get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "jsonpath={.items[*].metadata.name}", check=True
+    ).stdout.split()
+    assert not set(new_pods) & set(operator_pods)
+
+
+def test_s3_refusing_connections_during_a_checkpoint_is_a_storage_error_then_a_resume_from_a_complete_one(
+    product: Product, inputs: dict[str, str]
+) -> None:
+    product.apply(fault_job("s3-outage", inputs, product.bucket, runPolicy={"backoffLimit": 4}))
+    running_pod(product, "s3-outage")
+    first_complete = wait_for_checkpoint(product, "s3-outage")
+
+    with product.s3.refusing_connections():
+        # The next checkpoint's upload fails (the trainer's S3 retries outlasted): the pod exits retryably.
+        wait_for(
+            lambda: any(p["status"].get("phase") == "Failed" for p in trainer_pods(product, "s3-outage")),
+            180,
+            "the trainer to give up on S3",
+        )
+    complete_after_outage, _ = checkpoint_steps(product, "s3-outage")
+    job = succeeded(product, "s3-outage")
+
+    pods = trainer_pods(product, "s3-outage")
+    failed = [pod for pod in pods if pod["status"].get("phase") == "Failed"]
+    terminated = failed[0]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 75, terminated
+    assert "StorageError" in terminated["message"]
+    # The retry resumed from a checkpoint that was complete when S3 came back, never from one cut short.
+    resumed = resumed_step(product, pods[-1])
+    assert resumed is not None
+    assert resumed >= first_complete
+    assert resumed == max(complete_after_outage)
+    assert job["status"]["trainer"]["attempts"] == len(pods)
+
+
+def test_a_restarted_api_server_loses_no_progress_for_good(
+    product: Product, inputs: dict[str, str], kwok_cluster: KwokCluster
+) -> None:
+    product.apply(fault_job("api-restart", inputs, product.bucket))
+    running_pod(product, "api-restart")
+    wait_for_checkpoint(product, "api-restart")
+
+    kwok_cluster.kube.restart_apiserver(down_seconds=5)
+    job = succeeded(product, "api-restart")
+
+    # The operator's watches and the trainer's status channel both came back: the final step and the results landed.
+    assert job["status"]["progress"]["percent"] == 100
+    assert job["status"]["trainer"]["attempts"] == 1
+    assert job["status"]["evaluation"]["tuned"] is not None
+    assert job["status"]["artifacts"]["manifest"].endswith("manifest.json")
+
+
+def test_a_lost_node_ends_running_with_a_clear_reason_and_the_job_resumes_when_it_returns(
+    product: Product, inputs: dict[str, str], kwok_cluster: KwokCluster
+) -> None:
+    tolerations = [
+        {"key": f"node.kubernetes.io/{condition}", "operator": "Exists", "effect": "NoExecute",
+         "tolerationSeconds": LOST_NODE_TOLERATION_SECONDS}
+        for condition in ("unreachable", "not-ready")
+    ]  # fmt: skip
+    resources = {"gpus": 1, "tolerations": tolerations}
+    product.apply(fault_job("node-lost", inputs, product.bucket, resources=resources))
+    node = kwok_cluster.node
+    with PodRecorder(product, "node-lost") as recorder:
+        pod = running_pod(product, "node-lost")
+        wait_for_checkpoint(product, "node-lost")
+        # The machine dies: its kubelet and the trainer's container with it. The pod still reads Running.
+        node.stop_kubelet()
+        try:
+            node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id(pod))
+            timeout = NODE_MONITOR_GRACE_SECONDS + LOST_NODE_TOLERATION_SECONDS + 60
+            lost = wait_until_condition(product, "node-lost", "Running", "False", "NodeLost", timeout)
+            assert product.get("node-lost")["status"]["phase"] == "Pending"
+            assert node.name in lost["message"]
+            assert "out-of-service" in lost["message"]
+        finally:
+            node.start_kubelet()
+        job = succeeded(product, "node-lost")
+
+    first, *_, last = recorder.pods()
+    assert disruption_reason(first) == "DeletionByTaintManager"
+    assert job["status"]["trainer"]["disruptions"] == 1
+    assert resumed_step(product, last) is not None
+
+
+def wait_until_condition(
+    product: Product, name: str, kind: str, status: str, reason: str, timeout: float
+) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    def reached() -> bool:
+        for condition in product.get(name)["status"].get("conditions") or []:
+            if (condition["type"], condition["status"], condition["reason"]) == (kind, status, reason):
+                found.update(condition)
+                return True
+        return False
+
+    wait_for(reached, timeout, f"{name}: {kind}={status} ({reason})", interval=1)
+    return found
