@@ -182,9 +182,7 @@ def test_an_evicted_trainer_is_a_disruption_not_a_failure_and_resumes(product: P
     first, second = recorder.pods()
     # SIGTERM: the trainer finished its step, saved and uploaded it, and exited 143; the next pod started there.
     assert exit_code(first) == 143
-    assert {c["type"]: c["reason"] for c in first["status"]["conditions"]}[
-        "DisruptionTarget"
-    ] == "EvictionByEvictionAPI"
+    assert disruption_reason(first) == "EvictionByEvictionAPI"
     resumed = resumed_step(product, second)
     assert resumed is not None
     assert resumed >= first_complete

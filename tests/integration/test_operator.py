@@ -543,7 +543,9 @@ def test_a_hosted_job_gets_a_trainer_job_without_gpus_that_drives_it(jobs: Jobs,
 def test_only_the_highest_priority_replica_acts(
     jobs: Jobs, operator: Operator, operator_kubeconfig: str, testbed_dir: Path
 ) -> None:
-    second = Operator(operator_kubeconfig, testbed_dir / "operator", operator.trainer_image).start()  # outranks `operator`
+    second = Operator(
+        operator_kubeconfig, testbed_dir / "operator", operator.trainer_image
+    ).start()  # outranks `operator`
     try:
         wait_for(lambda: "Pausing operations in favour of" in operator.log(), 30, "the first replica to pause")
         jobs.create(finetunejob("shared", NOWHERE))
