@@ -534,9 +534,10 @@ def trainer_status(
     be gone), start and end."""
     previous = previous or TrainerStatus()
     job_status: Mapping[str, Any] = (trainer_job or {}).get("status") or {}
-    counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded"))
-    attempts = max(counted, len(pods), previous.attempts or 0)
     disruptions = max(sum(1 for pod in pods if disruption_of(pod)), previous.disruptions or 0)
+    # The Job counts no pod its failure policy ignored (a disrupted one), and such a pod is deleted once it ends.
+    counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded")) + disruptions
+    attempts = max(counted, len(pods), previous.attempts or 0)
     completion = job_status.get("completionTime")
     if completion is None and trainer_job is not None:
         failed = job_condition(trainer_job, "Failed")

@@ -747,6 +747,17 @@ def test_disruptions_are_counted_apart_from_failures_and_never_decrease() -> Non
     assert later.status.trainer.disruptions == 1
 
 
+def test_a_disrupted_pod_counts_as_an_attempt_after_the_cluster_deleted_it() -> None:
+    evicted = PodState(name="a", phase="Failed", state=terminated("Error", 143), disruption="EvictionByEvictionAPI")
+    seen = derive_status(finetunejob(), trainer_job(), [evicted.manifest()], T1)
+    replaced = PodState(name="b", created=T1, phase="Running", state={"running": {"startedAt": T1}})
+
+    later = derive_status(apply(finetunejob(), seen), trainer_job(active=1), [replaced.manifest()], T2)
+
+    assert later.status.trainer is not None
+    assert (later.status.trainer.attempts, later.status.trainer.disruptions) == (2, 1)
+
+
 def test_observed_generation_follows_metadata_generation() -> None:
     change = derive_status(finetunejob(generation=4), trainer_job(), [], T0)
     assert change.patch["status"]["observedGeneration"] == 4

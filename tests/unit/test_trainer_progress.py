@@ -341,7 +341,7 @@ def test_an_unreachable_api_server_is_logged_and_training_goes_on() -> None:
     configuration.host = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     configuration.retries = 0
     api = client.CustomObjectsApi(client.ApiClient(configuration))
-    patcher = StatusPatcher(api, "ns", "job", interval=0)
+    patcher = StatusPatcher(api, "ns", "job", interval=0, flush_seconds=1.5)
     reporter = Reporter([patcher])
 
     started = time.monotonic()
@@ -351,10 +351,38 @@ def test_an_unreachable_api_server_is_logged_and_training_goes_on() -> None:
     reporter.finish()
 
     assert submitted_in < 0.5, "reporting must not wait for the API server"
-    assert patcher.failures >= 1
+    assert patcher.failures >= 2, "closing retries what is pending"
     assert patcher.sent == 0
     assert patcher.last_error is not None
     assert "Connection refused" in patcher.last_error or "MaxRetryError" in patcher.last_error
+
+
+class AwayThenBackStatusApi(RecordingStatusApi):
+    """An API server that refuses the first `away` patches (a restart), then takes them."""
+
+    def __init__(self, away: int) -> None:
+        super().__init__()
+        self.away = away
+        self.calls = 0
+
+    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls <= self.away:
+            raise ConnectionRefusedError("the API server is restarting")
+        return super().patch_namespaced_custom_object_status(*args, **kwargs)
+
+
+def test_the_last_progress_lands_once_the_api_server_is_back_even_after_the_run_ended() -> None:
+    api = AwayThenBackStatusApi(away=3)
+    patcher = StatusPatcher(api, "ns", "job", interval=3600, flush_seconds=10)
+
+    patcher.submit({"progress": {"step": 7}})
+    patcher.submit({"progress": {"step": 40, "percent": 100.0}}, force=True)
+    patcher.close()
+
+    assert api.calls == 4
+    assert api.bodies == [{"status": {"progress": {"step": 40, "percent": 100.0}}}]
+    assert patcher.failures == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,12 @@ FIELD_MANAGER = "kubetune-trainer"
 MERGE_PATCH = "application/merge-patch+json"
 # (connect, read) seconds per status patch; patches go out from a background thread, so a slow API never stalls a step.
 STATUS_REQUEST_TIMEOUT = (3.0, 10.0)
-# How long closing waits for the last status patch; the termination message carries the result if it does not land.
-STATUS_FLUSH_SECONDS = 15.0
+# How long closing keeps retrying the last status patch (the API server may be restarting); the termination message
+# carries the result if it never lands.
+STATUS_FLUSH_SECONDS = 30.0
+# Backoff between attempts after a failed patch: doubling from the first to the second.
+STATUS_RETRY_SECONDS = 0.5
+STATUS_RETRY_MAX_SECONDS = 5.0
 METRIC_PREFIX = "kubetune_trainer"
 
 
@@ -259,8 +263,9 @@ class StatusPatcher(ProgressChannel):
 
     A background thread sends the patches, at most one per `interval` seconds except forced ones (stage changes, the
     dataset, the final update); updates that arrive in between are merged, never dropped. A failed patch is logged and
-    its content retried with the next one: the trainer's own Role may patch only this job's status, and the API server
-    being away must never stop training.
+    its content retried with backoff, merged with anything newer: the API server being away (a restart, an upgrade)
+    must never stop training, and what it missed lands once it is back. Closing keeps retrying what is pending for up
+    to its timeout, so a run that ends while the API server is away still leaves its last progress behind.
     """
 
     def __init__(
@@ -270,11 +275,13 @@ class StatusPatcher(ProgressChannel):
         name: str,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
+        flush_seconds: float = STATUS_FLUSH_SECONDS,
     ) -> None:
         self.api = api
         self.namespace = namespace
         self.name = name
         self.interval = interval
+        self.flush_seconds = flush_seconds
         self.clock = clock
         self.sent = 0
         self.failures = 0
@@ -282,7 +289,9 @@ class StatusPatcher(ProgressChannel):
         self._pending: dict[str, Any] = {}
         self._force = False
         self._closing = False
+        self._close_deadline = math.inf
         self._last_attempt: float | None = None
+        self._retry_delay = 0.0  # after a failed patch: how long to wait before the next attempt
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kubetune-status-patcher", daemon=True)
         self._thread.start()
@@ -311,38 +320,53 @@ class StatusPatcher(ProgressChannel):
             self._force = self._force or force
             self._wake.notify()
 
-    def close(self, timeout: float = STATUS_FLUSH_SECONDS) -> None:
-        """Send what is pending (one attempt) and stop the thread."""
+    def close(self, timeout: float | None = None) -> None:
+        """Send what is pending, retrying for up to `timeout` seconds (flush_seconds by default), and stop the
+        thread."""
+        timeout = self.flush_seconds if timeout is None else timeout
         with self._wake:
             self._closing = True
+            self._close_deadline = self.clock() + timeout
             self._wake.notify()
-        self._thread.join(timeout)
+        self._thread.join(timeout + STATUS_REQUEST_TIMEOUT[0] + STATUS_REQUEST_TIMEOUT[1])
         if self._thread.is_alive():
             log.warning("status patch still in flight after %.0fs; giving up on it", timeout)
+        elif self._pending:
+            log.warning("the last status update was not delivered within %.0fs: %s", timeout, self.last_error)
 
-    def _due_in(self) -> float | None:
-        if self._force or self._closing or self._last_attempt is None:
+    def _due_in(self) -> float:
+        if self._last_attempt is None:
             return 0.0
-        return max(0.0, self._last_attempt + self.interval - self.clock())
+        since = self.clock() - self._last_attempt
+        if self._retry_delay:  # the last patch failed: back off, whatever is asking for this one
+            return max(0.0, self._retry_delay - since)
+        if self._force or self._closing:
+            return 0.0
+        return max(0.0, self.interval - since)
 
     def _run(self) -> None:
         while True:
             with self._wake:
                 while True:
+                    if self._closing and (not self._pending or self.clock() >= self._close_deadline):
+                        return
                     due_in = self._due_in()
                     if self._pending and due_in == 0.0:
                         break
+                    wait = due_in if self._pending else None
                     if self._closing:
-                        return
-                    self._wake.wait(timeout=due_in if self._pending else None)
+                        wait = min(due_in, max(0.0, self._close_deadline - self.clock()))
+                    self._wake.wait(timeout=wait)
                 body, self._pending, self._force = self._pending, {}, False
-                closing = self._closing
             delivered = self._send(body)
             with self._wake:
                 self._last_attempt = self.clock()
-                if not delivered and not closing:
-                    # Newer values win over the failed ones; the rest goes out with the next patch.
+                if delivered:
+                    self._retry_delay = 0.0
+                else:
+                    # Newer values win over the failed ones; everything goes out with the next attempt.
                     self._pending = merged(body, self._pending)
+                    self._retry_delay = min(max(2 * self._retry_delay, STATUS_RETRY_SECONDS), STATUS_RETRY_MAX_SECONDS)
 
     def _send(self, status: dict[str, Any]) -> bool:
         try:
