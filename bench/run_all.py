@@ -57,8 +57,12 @@ BENCHMARKS = (
         "real tokens/s of our trainer vs a plain TRL script, with and without packing",
     ),
     Benchmark(
+        "image_builds", "bench.image_builds", "image_builds.md", (), ("--skip-base",),
+        "the operator and trainer images: sizes, cold and warm builds, first push to an empty registry",
+    ),
+    Benchmark(
         "time_to_first_step", "bench.time_to_first_step", "time_to_first_step.md", (), (),
-        "FineTuneJob created → first training step, stage by stage",
+        "FineTuneJob created → first training step on the real node, stage by stage",
     ),
     Benchmark(
         "quality_ag_news", "bench.quality", "quality-ag_news.md", ("--dataset", "ag_news"),

@@ -34,6 +34,7 @@ class Product:
     kube: ControlPlane
     s3: S3Server
     release: ChartRelease
+    values: dict[str, Any]
     prometheus: PrometheusServer
     bucket: str
     seen_phases: dict[str, list[str]] = field(default_factory=dict)
@@ -121,7 +122,7 @@ def product(
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
     server = prometheus({}, pods=pod_discovery(kube))
-    yield Product(kube, s3_server, release, server, bucket)
+    yield Product(kube, s3_server, release, values, server, bucket)
     kube.kubectl("delete", "namespace", JOBS_NAMESPACE, "--wait=false")
     release.uninstall()
 

@@ -217,6 +217,53 @@ def test_the_operator_pod_deleted_mid_run_creates_nothing_twice_and_status_conve
     assert not set(new_pods) & set(operator_pods)
 
 
+def peering_leader(product: Product) -> str:
+    """The operator pod that acts: the kopf peer of the highest priority (peer ids hold the pod's host name)."""
+    name = product.values.get("peering", {}).get("name", "kubetune")
+    result = product.kube.kubectl("get", "clusterkopfpeering", name, "-o", "json", check=True)
+    peers = json.loads(result.stdout).get("status") or {}
+    leader_id = max(peers, key=lambda peer: peers[peer]["priority"])
+    pods = product.kube.kubectl(
+        "get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "jsonpath={.items[*].metadata.name}", check=True
+    ).stdout.split()
+    (leader,) = [pod for pod in pods if f"@{pod}" in leader_id]
+    return leader
+
+
+def test_with_two_operator_replicas_the_leader_deleted_mid_run_hands_over_and_creates_nothing_twice(
+    product: Product, inputs: dict[str, str]
+) -> None:
+    two_replicas = {**product.values, "replicas": 2}
+    product.release.upgrade(two_replicas)
+    try:
+        ready = ["get", "deployment", "-n", OPERATOR_NAMESPACE, "-o", "jsonpath={.items[0].status.readyReplicas}"]
+        wait_for(lambda: product.kube.kubectl(*ready).stdout.strip() == "2", 240, "two ready operator replicas")
+        wait_for(lambda: len(peers_of(product)) == 2, 60, "both replicas in the peering")
+        product.apply(fault_job("handover", inputs, product.bucket))
+        running_pod(product, "handover")
+        trainer_job = json.loads(
+            product.kube.kubectl("get", "job", "handover-trainer", "-n", JOBS_NAMESPACE, "-o", "json").stdout
+        )
+        leader = peering_leader(product)
+
+        product.kube.kubectl("delete", "pod", "-n", OPERATOR_NAMESPACE, leader, "--wait=false", check=True)
+        job = succeeded(product, "handover")
+    finally:
+        product.release.upgrade(product.values)
+
+    jobs = json.loads(product.kube.kubectl("get", "jobs", "-n", JOBS_NAMESPACE, "-o", "json", check=True).stdout)
+    owned = [j for j in jobs["items"] if j["metadata"]["labels"].get("kubetune.io/job-name") == "handover"]
+    assert [j["metadata"]["uid"] for j in owned] == [trainer_job["metadata"]["uid"]]
+    assert job["status"]["trainer"]["attempts"] == 1
+    assert job["status"]["evaluation"]["tuned"] is not None
+
+
+def peers_of(product: Product) -> dict[str, Any]:
+    name = product.values.get("peering", {}).get("name", "kubetune")
+    result = product.kube.kubectl("get", "clusterkopfpeering", name, "-o", "json")
+    return dict(json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
+
+
 def test_s3_refusing_connections_during_a_checkpoint_is_a_storage_error_then_a_resume_from_a_complete_one(
     product: Product, inputs: dict[str, str]
 ) -> None:

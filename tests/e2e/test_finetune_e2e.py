@@ -117,7 +117,8 @@ def test_prometheus_scraped_the_operator_and_the_trainer(product: Product, succe
     )
     assert product.prometheus.query('kubetune_job_phase_transitions_total{to_phase="Succeeded"}')
     # The trainer's process has exited, so its series are stale now: look back over the run.
-    [step] = product.prometheus.query('max_over_time(kubetune_trainer_step{job="kubetune-trainer"}[10m])')
+    query = 'max_over_time(kubetune_trainer_step{job="kubetune-trainer", pod=~"ok-trainer-.+"}[10m])'
+    [step] = product.prometheus.query(query)
     assert float(step["value"][1]) == 6
 
 

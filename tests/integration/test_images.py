@@ -123,3 +123,13 @@ def test_trainer_stack_imports_and_quantizes_4bit_on_the_cpu_in_the_image() -> N
     torch_version = pinned("trainer-image/requirements.txt")["torch"]
 
     assert python_in(TRAINER.tag, code).splitlines()[-1] == f"{torch_version} (2, 64)"
+
+
+def test_the_trainer_stack_writes_nothing_outside_tmp_on_a_read_only_root() -> None:
+    # The report's chart imports matplotlib, whose cache defaults to the (read-only) home: it must go to /tmp.
+    code = "import matplotlib, matplotlib.pyplot; print(matplotlib.get_configdir(), matplotlib.get_cachedir())"
+    result = run_in_image(TRAINER.tag, ["-c", code], entrypoint="python")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["/tmp/matplotlib", "/tmp/matplotlib"]
+    assert "Read-only file system" not in result.stderr

@@ -91,13 +91,10 @@ class ControlPlane:
 
     `address` is where the API server listens and what it advertises as the `kubernetes` Service's endpoint: loopback
     by default; the test-bed host address (tests.testbed.hostnet) when pods of a real node must reach it.
-    `eviction_toleration_seconds` is how long pods stay bound to a NotReady or unreachable node before node lifecycle
-    (see `start_controllers`) evicts them; Kubernetes' default is 300.
     """
 
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kubetune-testbed-")))
     address: str = "127.0.0.1"
-    eviction_toleration_seconds: int = 300
     processes: list[ManagedProcess] = field(default_factory=list)
     server: str = ""
     kubeconfig: str = ""
@@ -166,8 +163,6 @@ class ControlPlane:
                 "--kubelet-preferred-address-types=InternalIP",
                 f"--kubelet-client-certificate={kubelet_client[0]}",
                 f"--kubelet-client-key={kubelet_client[1]}",
-                f"--default-not-ready-toleration-seconds={self.eviction_toleration_seconds}",
-                f"--default-unreachable-toleration-seconds={self.eviction_toleration_seconds}",
                 f"--service-account-issuer={self.server}",
                 f"--service-account-key-file={sa_key}",
                 f"--service-account-signing-key-file={sa_key}",
@@ -196,12 +191,12 @@ class ControlPlane:
         """kube-controller-manager (Jobs → Pods, GC, service accounts) and kube-scheduler.
 
         With `node_lifecycle`, a node whose kubelet stops heartbeating (its Lease and Ready condition) for
-        `node_monitor_grace_seconds` turns Ready=Unknown, is tainted unreachable, and its pods are evicted
-        `eviction_toleration_seconds` later, as in a real cluster. Real kubelets heartbeat and kwok then renews its
-        nodes' Leases (see `start_kwok`); off by default, so that the scale benches' many kwok nodes renew no Leases.
-        It evicts only while some node is Ready: with every node
-        unhealthy it assumes the control plane lost them ("master disruption mode") and evicts nothing, so a test
-        stopping the only real kubelet needs another Ready node, e.g. a kwok one.
+        `node_monitor_grace_seconds` turns Ready=Unknown, is tainted unreachable, and its pods are evicted once their
+        toleration of the taint runs out (300 s unless the pod says otherwise), as in a real cluster. Real kubelets
+        heartbeat and kwok then renews its nodes' Leases (see `start_kwok`); off by default, so that the scale benches'
+        many kwok nodes renew no Leases. It evicts only while some node is Ready: with every node unhealthy it assumes
+        the control plane lost them ("master disruption mode") and evicts nothing, so a test stopping the only real
+        kubelet needs another Ready node, e.g. a kwok one.
         """
         sa_key = self.work_dir / "sa.key"
         self.node_lifecycle = node_lifecycle

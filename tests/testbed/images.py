@@ -114,7 +114,9 @@ def build_local_uv(uv: Path, tag: str) -> None:
         subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
 
 
-def build_command(recipe: ImageRecipe, uv_image: str, uv_cache: Path, ca_bundle: Path | None) -> list[str]:
+def build_command(
+    recipe: ImageRecipe, uv_image: str, uv_cache: Path, ca_bundle: Path | None, context: Path = REPO_ROOT
+) -> list[str]:
     """buildah bud of one Dockerfile on the local bases; the host's uv cache (and CA bundle) mounted in RUN steps."""
     argv = [
         "buildah", "bud", "--layers", "--isolation", "chroot",
@@ -126,7 +128,7 @@ def build_command(recipe: ImageRecipe, uv_image: str, uv_cache: Path, ca_bundle:
     ]  # fmt: skip
     if ca_bundle is not None:
         argv += ["--volume", f"{ca_bundle}:{BUILD_CA_PATH}:ro", "--build-arg", f"SSL_CERT_FILE={BUILD_CA_PATH}"]
-    return [*argv, str(REPO_ROOT)]
+    return [*argv, str(context)]
 
 
 def host_uv_cache(uv: Path) -> Path:

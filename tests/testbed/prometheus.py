@@ -60,8 +60,10 @@ def pod_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for container in pod["spec"]["containers"]:
             for port in container.get("ports") or []:
                 if port.get("name") == "metrics":
-                    # No target labels: per-job series carry their own namespace, as with static targets.
-                    targets.append({"targets": [f"{ip}:{port['containerPort']}"], "labels": {}})
+                    # The pod's namespace and name, as a PodMonitor labels its targets (honor_labels: a series'
+                    # own namespace, e.g. a FineTuneJob's on the operator's per-job series, wins).
+                    labels = {"namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"]}
+                    targets.append({"targets": [f"{ip}:{port['containerPort']}"], "labels": labels})
     return targets
 
 
