@@ -37,6 +37,7 @@ def start_node_parts(kube: ControlPlane) -> NodeParts:
     try:
         images = publish_images(registry)
         node.start()
+        node.keep_only_images([images.operator, images.trainer])
     except BaseException:
         node.stop()
         registry.stop()

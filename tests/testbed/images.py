@@ -162,6 +162,9 @@ def build_images(names: Sequence[str], log: Path | None = None) -> dict[str, flo
             log.with_name(f"{log.stem}-{name}.log").write_text(output)
         seconds[recipe.tag] = time.monotonic() - started
         say(f"{recipe.tag}: {image_size_bytes(recipe.tag) / 1e9:.2f} GB in {seconds[recipe.tag]:.0f}s")
+    # Earlier builds that no tag reaches any more (gigabytes each for the trainer); the layer cache of the current
+    # ones stays, as their images are parents of the tagged ones.
+    run(["podman", "image", "prune", "--force"])
     return seconds
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.hostnet import POD_CIDR
-from tests.testbed.processes import ManagedProcess, cache_dir, free_port, http_ok, testbed_binary, wait_for
+from tests.testbed.processes import ManagedProcess, cache_dir, free_port, http_ok, machine_dir, testbed_binary, wait_for
 from tests.testbed.registry import REGISTRY_NAME, ImageFile, write_oci_layout
 
 NODE_NAME = "kubetune-node-0"
@@ -318,7 +318,7 @@ class RealNode:
     control_plane: ControlPlane
     name: str = NODE_NAME
     gpus: int = 8
-    node_dir: Path = field(default_factory=lambda: cache_dir() / "node")
+    node_dir: Path = field(default_factory=lambda: machine_dir() / "node")
     run_dir: Path = RUN_DIR
     pod_cidr: str = POD_CIDR
     ready_timeout: float = 120
@@ -553,6 +553,17 @@ class RealNode:
                 for item in sorted(layout.iterdir()):
                     tar.add(item, arcname=item.name)
             self.ctr("images", "import", f"--base-name={repository}", str(archive))
+
+    def keep_only_images(self, references: list[str]) -> None:
+        """Delete every image but the pause image and `references` (digest-pinned), and their blobs: the image store
+        lives on across runs, and each rebuild of the trainer image would otherwise leave gigabytes behind."""
+        listed = self.ctr("images", "list").stdout.splitlines()[1:]
+        digests = {ref: fields[2] for line in listed if len(fields := line.split()) > 2 for ref in [fields[0]]}
+        keep = {digests[name] for name in (*references, pause_image_name(Path(testbed_binary("pause")).read_bytes()))
+                if name in digests}  # fmt: skip
+        stale = [name for name, digest in digests.items() if digest not in keep]
+        if stale:
+            self.ctr("images", "delete", "--sync", *stale, check=False)
 
     def _remove_all_containers(self) -> None:
         """Kill and delete every container (pods' and their sandboxes') with its task and writable snapshot."""

@@ -21,6 +21,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KUBETUNE_CACHE", REPO_ROOT / ".cache")).resolve()
 
 
+def machine_dir() -> Path:
+    """What the test bed keeps per machine rather than per checkout (KUBETUNE_MACHINE_DIR overrides it): the real
+    node's image store and the registry's blobs. The node is machine-wide anyway (one per machine), and every clone of
+    the repository then pulls and pushes only the layers that changed instead of gigabytes again."""
+    return Path(os.environ.get("KUBETUNE_MACHINE_DIR", "/var/lib/kubetune-testbed")).resolve()
+
+
 def testbed_binary(name: str) -> str:
     """Path of a test-bed binary built by `make testbed`; a clear error when it is missing."""
     path = cache_dir() / "testbed" / "bin" / name

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.testbed.processes import ManagedProcess, cache_dir, free_port, http_ok, testbed_binary, wait_for
+from tests.testbed.processes import ManagedProcess, free_port, http_ok, machine_dir, testbed_binary, wait_for
 
 # The name pods use for the local registry: containerd maps it to the registry's real address (see tests.testbed.node),
 # so references stay the same whatever port the registry has this run. `.test` is reserved (RFC 6761): no DNS
@@ -133,7 +133,7 @@ class LocalRegistry:
     the registry lacks. Push with `push`; pods name images `image(name)` (REGISTRY_NAME/NAME...)."""
 
     log_dir: Path
-    storage_dir: Path = field(default_factory=lambda: cache_dir() / "registry")
+    storage_dir: Path = field(default_factory=lambda: machine_dir() / "registry")
     address: str = "127.0.0.1"
     port: int = 0
     process: ManagedProcess | None = None
@@ -150,6 +150,11 @@ class LocalRegistry:
         self.port = self.port or free_port(self.address)
         config = self.log_dir / "registry-config.yml"
         config.write_text(yaml.safe_dump(registry_config(self.storage_dir, self.address, self.port)))
+        # Blobs no tag reaches any more (an image pushed again under its tag leaves its old layers behind).
+        subprocess.run(
+            [testbed_binary("registry"), "garbage-collect", "--delete-untagged", str(config)],
+            capture_output=True, check=False,
+        )  # fmt: skip
         self.process = ManagedProcess("registry", [testbed_binary("registry"), "serve", str(config)], self.log_dir)
         self.process.start()
         process = self.process
