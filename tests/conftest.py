@@ -18,7 +18,7 @@ from tests.testbed.controlplane import ControlPlane
 from tests.testbed.hostnet import ensure_host_address
 from tests.testbed.images import ProductImages
 from tests.testbed.kwok import KWOK_NODE, gpu_node_manifest
-from tests.testbed.node import RealNode, machine_footprint
+from tests.testbed.node import RealNode, footprint_left, machine_footprint
 from tests.testbed.processes import cache_dir, wait_for
 from tests.testbed.prometheus import PodDiscovery, PrometheusServer
 from tests.testbed.registry import LocalRegistry
@@ -99,7 +99,8 @@ def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
     parts = start_node_parts(kube)
     yield KwokCluster(kube=kube, node=parts.node, registry=parts.registry, images=parts.images)
     parts.stop()
-    assert machine_footprint() == footprint, "the stopped node left something behind on this machine"
+    left = footprint_left(footprint, machine_footprint())
+    assert not left, f"the stopped node left something behind on this machine: {left}"
 
 
 @pytest.fixture

@@ -693,11 +693,35 @@ class RealNode:
     def clean_up_after(self) -> None:
         """Once a node's processes were stopped from outside (`make demo-down`): take the machine lock and remove
         what the node left on the machine, as stop() would have."""
+        # The node's processes hold the machine lock (containerd's shims too, having inherited it): they go first.
+        self._kill_leftover_processes()
         self._take_machine_lock()
+        if (self.run_dir / "containerd.toml").exists():
+            # containerd deletes what it knows of the pods (tasks, containers, shim sockets, snapshots) only itself.
+            self._start_containerd()
+            with contextlib.suppress(Exception):
+                self._remove_all_containers()
+            if self.containerd:
+                self.containerd.stop(timeout=20)
         self._sweep()
         if self._lock:
             self._lock.close()
             self._lock = None
+
+
+def footprint_left(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What `after` (a machine_footprint) holds that `before` did not: a stopped node may clean up what an earlier,
+    killed one left behind, but must leave nothing of its own."""
+    left: dict[str, Any] = {}
+    for key, now in after.items():
+        then = before.get(key)
+        if isinstance(now, list):
+            extra = sorted(set(now) - set(then or []))
+            if extra:
+                left[key] = extra
+        elif now != then and (not isinstance(now, bool) or now):
+            left[key] = now
+    return left
 
 
 def machine_footprint() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from tests.testbed.hostnet import HostAddress
 from tests.testbed.node import (
     cni_config,
     containerd_config,
+    footprint_left,
     gpu_capacity_patch,
     kube_iptables_cleanup,
     kube_proxy_config,
@@ -233,3 +234,13 @@ def test_shim_socket_is_containerds_hash_of_address_namespace_and_sandbox() -> N
     assert shim_socket(Path("/run/kubetune-node/containerd.sock"), "k8s.io", sandbox) == Path(
         "/run/containerd/s/6c7000739148d66273d3e13506fa4420b8644c04d610c812fca722a3775c1702"
     )
+
+
+def test_a_node_may_clean_up_what_an_earlier_one_left_but_must_leave_nothing_of_its_own() -> None:
+    before = {"shim sockets": ["old"], "pod bridge": True, "sysctls": {"vm/overcommit_memory": "0\n"}}
+    cleaner = {"shim sockets": [], "pod bridge": False, "sysctls": {"vm/overcommit_memory": "0\n"}}
+    dirtier = {"shim sockets": ["old", "new"], "pod bridge": True, "sysctls": {"vm/overcommit_memory": "1\n"}}
+
+    assert footprint_left(before, cleaner) == {}
+    assert footprint_left(before, dirtier) == {"shim sockets": ["new"], "sysctls": {"vm/overcommit_memory": "1\n"}}
+    assert footprint_left({"pod bridge": False}, {"pod bridge": True}) == {"pod bridge": True}
