@@ -24,7 +24,7 @@ from kubetune_trainer.data import (
     split_indices,
     split_validation,
 )
-from kubetune_trainer.data_files import read_rows
+from kubetune_trainer.data_files import first_oversized_line, read_rows
 from kubetune_trainer.formats import resolve_format
 from pydantic import ValidationError
 
@@ -70,6 +70,21 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_jsonl_rows_are_numbered_by_source_line_and_blank_lines_are_skipped() -> None:
     rows = read_rows(b'{"text": "a"}\n\n{"text": "b"}\n', "train.jsonl")
     assert [(row.line, row.values) for row in rows] == [(1, {"text": "a"}), (3, {"text": "b"})]
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv"])
+def test_a_row_over_the_limit_is_refused_by_line_before_it_is_parsed(name: str) -> None:
+    # Not even valid JSON or CSV: the size is checked first, as parsing such a row is what costs gigabytes.
+    data = b'text,label\n"fine",World\n' + b"x" * 101 + b"\n" + b"broken {\n"
+
+    with pytest.raises(DataError, match=rf"^{name}:3: a row of 101 bytes, more than the 100 a row may have"):
+        read_rows(data, name, max_row_bytes=100)
+
+
+def test_the_first_oversized_line_is_found_with_its_size_and_a_last_line_without_newline_counts() -> None:
+    assert first_oversized_line(b"ab\ncd\n", 2) is None
+    assert first_oversized_line(b"ab\ncde", 2) == (2, 3)
+    assert first_oversized_line(b"", 2) is None
 
 
 def test_json_list_rows_are_numbered_from_one() -> None:

@@ -11,6 +11,11 @@ from typing import Any
 
 from kubetune_trainer.examples import DataError, RowErrors
 
+# A row longer than this is refused before anything parses it: far beyond what any maxLength trains on, and decoding,
+# parsing and tokenizing one line of hundreds of MB takes gigabytes of memory before anything fails.
+MAX_ROW_BYTES = 8 * 2**20
+LINE_FILE_TYPES = frozenset({"jsonl", "csv"})
+
 FILE_TYPES: dict[str, str] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -40,9 +45,29 @@ def file_type(file_name: str) -> str:
     return FILE_TYPES[suffix]
 
 
-def read_rows(data: bytes, file_name: str) -> list[SourceRow]:
-    """Parse a dataset file by its extension; malformed rows are reported together as FILE:LINE: reason."""
+def first_oversized_line(data: bytes, limit: int = MAX_ROW_BYTES) -> tuple[int, int] | None:
+    """(1-based line, its length in bytes) of the first line longer than `limit`; None when every line fits."""
+    start, line = 0, 1
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end == -1 else end
+        if end - start > limit:
+            return line, end - start
+        start, line = end + 1, line + 1
+    return None
+
+
+def read_rows(data: bytes, file_name: str, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceRow]:
+    """Parse a dataset file by its extension; malformed rows are reported together as FILE:LINE: reason. A line of a
+    JSONL or CSV file longer than `max_row_bytes` is refused first, naming its line."""
     kind = file_type(file_name)
+    oversized = first_oversized_line(data, max_row_bytes) if kind in LINE_FILE_TYPES else None
+    if oversized:
+        line, size = oversized
+        raise DataError(
+            f"{file_name}:{line}: a row of {size:,} bytes, more than the {max_row_bytes:,} a row may have "
+            "(one record per line?)"
+        )
     if kind == "parquet":
         rows = _parquet_rows(data, file_name)
     else:
