@@ -385,6 +385,33 @@ def test_the_last_progress_lands_once_the_api_server_is_back_even_after_the_run_
     assert patcher.failures == 3
 
 
+class RefusingStatusApi(RecordingStatusApi):
+    """An API server that refuses every patch as the Kubernetes client reports it (HTTP 403)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        from kubernetes.client import ApiException
+
+        self.calls += 1
+        raise ApiException(status=403, reason="Forbidden")
+
+
+def test_a_refused_patch_is_not_retried_and_closing_does_not_wait_on_it() -> None:
+    api = RefusingStatusApi()
+    patcher = StatusPatcher(api, "ns", "job", interval=3600, flush_seconds=30)
+
+    patcher.submit({"progress": {"step": 40}}, force=True)
+    started = time.monotonic()
+    patcher.close()
+
+    assert api.calls == 1
+    assert time.monotonic() - started < 5
+    assert patcher.last_error == "HTTP 403: Forbidden"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Prometheus endpoint
 

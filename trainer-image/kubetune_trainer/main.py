@@ -570,10 +570,12 @@ def run_in_process(job: FineTuneJob, reporter: Reporter, env: Mapping[str, str])
         log.warning("%s", preempted)
         reporter.finish()
         return EXIT_CODE_PREEMPTED
-    reporter.finish()
     if process_rank(env) == 0:
+        # First: closing the status channel may wait on an API server that is away, and the termination message is
+        # what the operator reads the result from.
         write_termination_message(summary, env)
-        if work_dir is not None:
-            # The other ranks are done with the shared directory once training ended; only rank 0 went on.
-            shutil.rmtree(work_dir, ignore_errors=True)
+    reporter.finish()
+    if process_rank(env) == 0 and work_dir is not None:
+        # The other ranks are done with the shared directory once training ended; only rank 0 went on.
+        shutil.rmtree(work_dir, ignore_errors=True)
     return exit_code(summary)

@@ -292,6 +292,7 @@ class StatusPatcher(ProgressChannel):
         self._close_deadline = math.inf
         self._last_attempt: float | None = None
         self._retry_delay = 0.0  # after a failed patch: how long to wait before the next attempt
+        self._retryable = True  # whether the last failure may pass (the API away), or never will (refused)
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kubetune-status-patcher", daemon=True)
         self._thread.start()
@@ -361,7 +362,7 @@ class StatusPatcher(ProgressChannel):
             delivered = self._send(body)
             with self._wake:
                 self._last_attempt = self.clock()
-                if delivered:
+                if delivered or not self._retryable:  # a refused patch is dropped: sent again, it would fail again
                     self._retry_delay = 0.0
                 else:
                     # Newer values win over the failed ones; everything goes out with the next attempt.
@@ -369,6 +370,7 @@ class StatusPatcher(ProgressChannel):
                     self._retry_delay = min(max(2 * self._retry_delay, STATUS_RETRY_SECONDS), STATUS_RETRY_MAX_SECONDS)
 
     def _send(self, status: dict[str, Any]) -> bool:
+        self._retryable = True
         try:
             self.api.patch_namespaced_custom_object_status(
                 GROUP,
@@ -384,10 +386,20 @@ class StatusPatcher(ProgressChannel):
         except Exception as error:  # any failure of the API must stay out of training
             self.failures += 1
             self.last_error = describe_api_error(error)
+            self._retryable = is_retryable(error)
             log.warning("cannot patch the status of FineTuneJob %s/%s: %s", self.namespace, self.name, self.last_error)
             return False
         self.sent += 1
         return True
+
+
+# Refusals that a retry of the same patch cannot turn into success (forbidden, the FineTuneJob gone, invalid).
+PERMANENT_HTTP_STATUSES = frozenset(range(400, 500)) - {408, 409, 429}
+
+
+def is_retryable(error: Exception) -> bool:
+    """A connection failure, a timeout, a conflict, throttling or a server error: worth sending again."""
+    return getattr(error, "status", None) not in PERMANENT_HTTP_STATUSES
 
 
 def describe_api_error(error: Exception) -> str:
