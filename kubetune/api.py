@@ -629,6 +629,11 @@ class TrainerStatus(ApiModel):
         description="Trainer pods the cluster stopped (eviction, preemption, a lost node): not failures, not counted "
         "against runPolicy.backoffLimit; each next pod resumed from the newest checkpoint.",
     )
+    disrupted_pods: list[str] | None = Field(
+        default=None,
+        max_length=20,
+        description="Names of the newest trainer pods the cluster stopped (at most 20).",
+    )
     start_time: str | None = Field(default=None, description="When the trainer Job started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the trainer Job finished (RFC 3339).")
 

@@ -161,6 +161,9 @@ DISRUPTIONS: dict[str, tuple[str, str]] = {
 }
 
 
+RECORDED_DISRUPTED_PODS = 20  # status.trainer.disruptedPods keeps the newest names only
+
+
 def disruption_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     """(condition reason, why) when the cluster stopped the pod (its DisruptionTarget condition is True)."""
     condition = pod_condition(pod, "DisruptionTarget")
@@ -348,7 +351,9 @@ def observe_failed(
     """The Job failed: the deadline, else the newest pod's own failure, else the Job's reason."""
     job_reason = str(failed_condition.get("reason") or c.REASON_JOB_FAILED)
     job_message = str(failed_condition.get("message") or "")
-    failed_pods = [pod for pod in pods if pod_phase(pod) == "Failed"]
+    # A pod the cluster stopped (evicted, preempted, its node lost) is not the trainer's failure and not an attempt the
+    # Job counted against backoffLimit.
+    failed_pods = [pod for pod in pods if pod_phase(pod) == "Failed" and disruption_of(pod) is None]
     pod_failure = next((f for f in map(failure_of_pod, failed_pods) if f is not None), None)
     summary = next((s for s in map(pod_summary, failed_pods) if s is not None), None)
     attempts = len(failed_pods)
@@ -534,10 +539,17 @@ def trainer_status(
     be gone), start and end."""
     previous = previous or TrainerStatus()
     job_status: Mapping[str, Any] = (trainer_job or {}).get("status") or {}
-    disruptions = max(sum(1 for pod in pods if disruption_of(pod)), previous.disruptions or 0)
-    # The Job counts no pod its failure policy ignored (a disrupted one), and such a pod is deleted once it ends.
-    counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded")) + disruptions
-    attempts = max(counted, len(pods), previous.attempts or 0)
+    # Disrupted pods are deleted once they end, so each is remembered by name when first seen.
+    disrupted = [pod for pod in pods if disruption_of(pod)]
+    recorded = set(previous.disrupted_pods or ())
+    new = [str(pod["metadata"]["name"]) for pod in disrupted if pod["metadata"]["name"] not in recorded]
+    disruptions = (previous.disruptions or 0) + len(new)
+    # The Job counts no pod its failure policy ignored, except as active while one still runs.
+    still_active = sum(
+        1 for pod in disrupted if not is_pod_finished(pod) and not pod["metadata"].get("deletionTimestamp")
+    )
+    counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded"))
+    attempts = max(counted + disruptions - still_active, len(pods), previous.attempts or 0)
     completion = job_status.get("completionTime")
     if completion is None and trainer_job is not None:
         failed = job_condition(trainer_job, "Failed")
@@ -546,6 +558,7 @@ def trainer_status(
         job_name=job_name,
         attempts=attempts or None,
         disruptions=disruptions or None,
+        disrupted_pods=[*(previous.disrupted_pods or ()), *new][-RECORDED_DISRUPTED_PODS:] or None,
         start_time=job_status.get("startTime") or previous.start_time,
         completion_time=completion or previous.completion_time,
     )

@@ -557,6 +557,19 @@ CASES = [
         status={"phase": "Pending"},
     ),
     Case(
+        "out of retries after an eviction and a failure: only the failure counts",
+        {"runPolicy": {"backoffLimit": 0}},
+        trainer_job(("Failed", c.REASON_BACKOFF_LIMIT_EXCEEDED)),
+        [
+            PodState(name="b", created=T1, phase="Failed", state=terminated("Error", 1)),
+            PodState(name="a", phase="Failed", state=terminated("Error", 143), disruption="EvictionByEvictionAPI"),
+        ],
+        "Failed",
+        c.REASON_BACKOFF_LIMIT_EXCEEDED,
+        {c.CONDITION_FAILED: ("True", c.REASON_BACKOFF_LIMIT_EXCEEDED)},
+        "the trainer failed 1 time (runPolicy.backoffLimit 0); last: the trainer exited with code 1",
+    ),
+    Case(
         "the Job vanished mid-run",
         {},
         None,
@@ -756,6 +769,30 @@ def test_a_disrupted_pod_counts_as_an_attempt_after_the_cluster_deleted_it() -> 
 
     assert later.status.trainer is not None
     assert (later.status.trainer.attempts, later.status.trainer.disruptions) == (2, 1)
+
+
+def test_every_disruption_counts_once_though_each_pod_is_gone_before_the_next() -> None:
+    first = PodState(name="a", phase="Failed", state=terminated("Error", 143), disruption="EvictionByEvictionAPI")
+    second = PodState(
+        name="b", created=T1, phase="Failed", state=terminated("Error", 143), disruption="EvictionByEvictionAPI"
+    )
+    job = finetunejob()
+    for pods in ([first], [first], [second], []):
+        job = apply(job, derive_status(job, trainer_job(), [pod.manifest() for pod in pods], T2))
+
+    assert job.status is not None and job.status.trainer is not None
+    assert (job.status.trainer.disruptions, job.status.trainer.disrupted_pods) == (2, ["a", "b"])
+    assert job.status.trainer.attempts == 2
+
+
+def test_a_disrupted_pod_still_running_is_not_counted_twice() -> None:
+    # Marked for preemption, not yet deleted: the Job still counts it as active.
+    marked = replace(RUNNING_POD, disruption="PreemptionByScheduler")
+
+    change = derive_status(finetunejob(), trainer_job(active=1), [marked.manifest()], T2)
+
+    assert change.status.trainer is not None
+    assert (change.status.trainer.attempts, change.status.trainer.disruptions) == (1, 1)
 
 
 def test_observed_generation_follows_metadata_generation() -> None:
