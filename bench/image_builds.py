@@ -109,7 +109,8 @@ def render_report(figures: list[ImageFigures], base_seconds: float | None, start
             "Sizes are uncompressed (what the node stores). A cold build rebuilds every layer with `--no-cache`; the "
             "wheels come from the host's uv cache, as after `make venv`. A warm build follows a one-line change of "
             f"`{EDITED_FILE}`: only the layers that copy code run again. A first push compresses and sends every "
-            "layer to a registry with empty storage; a push again sends nothing. The local Debian base's "
+            "layer to a registry with empty storage (the trainer's after the operator's: the Debian base is there); a "
+            "push again sends nothing. The local Debian base's "
             f"`debootstrap`, run once per machine before any of these: {base}.",
             "",
         ]

@@ -117,7 +117,7 @@ def namespace(kube: ControlPlane) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_server(testbed_dir: Path) -> Iterator[S3Server]:
-    """moto's S3 server on loopback; use `.client()` or `.env` with real boto3."""
+    """moto's S3 server on the test bed's host address; use `.client()` or `.env` with real boto3."""
     server = S3Server(log_dir=testbed_dir / "s3", host=ensure_host_address()).start()
     yield server
     server.stop()

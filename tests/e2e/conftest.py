@@ -111,7 +111,6 @@ def product(
     kwok_cluster: KwokCluster,
     s3_server: S3Server,
     prometheus: Callable[..., PrometheusServer],
-    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Product]:
     kube = kwok_cluster.kube
     values = product_values(s3_server, kwok_cluster.images, progress_interval=1)

@@ -5,7 +5,6 @@ lost for good, never stuck in Running."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import threading
@@ -24,6 +23,7 @@ MAX_STEPS = 40
 CHECKPOINT_EVERY = 2
 LOST_NODE_TOLERATION_SECONDS = 10  # the job's own toleration of an unreachable node (Kubernetes' default: 300)
 RESUMED = re.compile(r"resuming from checkpoint step (\d+)")
+PREEMPTED = re.compile(r"preempted \(SIGTERM\) after step (\d+)")
 STEP_DIR = re.compile(r"checkpoints/step-(\d+)/(.+)$")
 
 
@@ -52,6 +52,8 @@ class PodRecorder:
     def __init__(self, product: Product, name: str) -> None:
         self.product, self.name = product, name
         self.latest: dict[str, dict[str, Any]] = {}
+        self.last_error: Exception | None = None
+        self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._record, daemon=True)
 
@@ -65,13 +67,20 @@ class PodRecorder:
 
     def _record(self) -> None:
         while not self.stopped.wait(0.2):
-            with contextlib.suppress(Exception):  # the API server may be restarting
-                for pod in trainer_pods(self.product, self.name):
-                    self.latest[pod["metadata"]["name"]] = pod
+            try:
+                pods = trainer_pods(self.product, self.name)
+            except Exception as error:  # the API server may be restarting: the next round reads again
+                self.last_error = error
+                continue
+            with self.lock:
+                self.latest.update((pod["metadata"]["name"], pod) for pod in pods)
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod seen, oldest first, as last seen."""
-        return sorted(self.latest.values(), key=lambda pod: pod["metadata"]["creationTimestamp"])
+        with self.lock:
+            seen = list(self.latest.values())
+        assert seen, f"no pod of {self.name} was seen (last error: {self.last_error})"
+        return sorted(seen, key=lambda pod: (pod["metadata"]["creationTimestamp"], pod["metadata"]["name"]))
 
 
 def exit_code(pod: dict[str, Any]) -> int | None:
@@ -130,6 +139,15 @@ def resumed_step(product: Product, pod: dict[str, Any]) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def event_reasons(product: Product, name: str) -> set[str]:
+    """Reasons of the Events on the FineTuneJob (the operator writes one per phase change, with its reason)."""
+    result = product.kube.kubectl(
+        "get", "events", "-n", JOBS_NAMESPACE, "--field-selector", f"involvedObject.name={name}", "-o", "json",
+        check=True,
+    )  # fmt: skip
+    return {event["reason"] for event in json.loads(result.stdout)["items"]}
+
+
 def container_id(pod: dict[str, Any]) -> str:
     """The trainer container's id in containerd (containerStatuses[].containerID is `containerd://ID`)."""
     return str(pod["status"]["containerStatuses"][0]["containerID"]).removeprefix("containerd://")
@@ -180,15 +198,17 @@ def test_an_evicted_trainer_is_a_disruption_not_a_failure_and_resumes(product: P
         job = succeeded(product, "evicted")
 
     first, second = recorder.pods()
-    # SIGTERM: the trainer finished its step, saved and uploaded it, and exited 143; the next pod started there.
+    # SIGTERM: the trainer finished its step, saved and uploaded it, and exited 143 (its log's tail is the pod's
+    # termination message); the next pod started from exactly that step.
     assert exit_code(first) == 143
     assert disruption_reason(first) == "EvictionByEvictionAPI"
-    resumed = resumed_step(product, second)
-    assert resumed is not None
-    assert resumed >= first_complete
-    assert resumed in checkpoint_steps(product, "evicted")[0]
+    preempted = PREEMPTED.search(first["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    assert preempted is not None
+    assert int(preempted.group(1)) >= first_complete
+    assert resumed_step(product, second) == int(preempted.group(1))
     assert (job["status"]["trainer"]["attempts"], job["status"]["trainer"]["disruptions"]) == (2, 1)
-    assert "Pending" in product.seen_phases["evicted"]
+    assert job["status"]["trainer"]["disruptedPods"] == [first["metadata"]["name"]]
+    assert "Evicted" in event_reasons(product, "evicted")
 
 
 def test_the_operator_pod_deleted_mid_run_creates_nothing_twice_and_status_converges(
@@ -250,6 +270,7 @@ def test_with_two_operator_replicas_the_leader_deleted_mid_run_hands_over_and_cr
         job = succeeded(product, "handover")
     finally:
         product.release.upgrade(product.values)
+        wait_for(lambda: product.kube.kubectl(*ready).stdout.strip() == "1", 240, "one ready operator replica")
 
     jobs = json.loads(product.kube.kubectl("get", "jobs", "-n", JOBS_NAMESPACE, "-o", "json", check=True).stdout)
     owned = [j for j in jobs["items"] if j["metadata"]["labels"].get("kubetune.io/job-name") == "handover"]
@@ -278,7 +299,7 @@ def test_s3_refusing_connections_during_a_checkpoint_is_a_storage_error_then_a_r
             180,
             "the trainer to give up on S3",
         )
-    complete_after_outage, _ = checkpoint_steps(product, "s3-outage")
+    complete_after_outage, started_after_outage = checkpoint_steps(product, "s3-outage")
     job = succeeded(product, "s3-outage")
 
     pods = trainer_pods(product, "s3-outage")
@@ -291,6 +312,8 @@ def test_s3_refusing_connections_during_a_checkpoint_is_a_storage_error_then_a_r
     assert resumed is not None
     assert resumed >= first_complete
     assert resumed == max(complete_after_outage)
+    # A checkpoint the outage cut short (objects but no COMPLETE marker) is newer, and was passed over.
+    assert all(step > resumed for step in started_after_outage - complete_after_outage)
     assert job["status"]["trainer"]["attempts"] == len(pods)
 
 
@@ -299,9 +322,14 @@ def test_a_restarted_api_server_loses_no_progress_for_good(
 ) -> None:
     product.apply(fault_job("api-restart", inputs, product.bucket))
     running_pod(product, "api-restart")
-    wait_for_checkpoint(product, "api-restart")
-
-    kwok_cluster.kube.restart_apiserver(down_seconds=5)
+    # Down from the last steps until after the run ended: the trainer's last updates wait for the API server.
+    wait_for(
+        lambda: max(checkpoint_steps(product, "api-restart")[0], default=0) >= MAX_STEPS - 2 * CHECKPOINT_EVERY,
+        240,
+        "the run's last checkpoints",
+        0.1,
+    )
+    kwok_cluster.kube.restart_apiserver(down_seconds=15)
     job = succeeded(product, "api-restart")
 
     # The operator's watches and the trainer's status channel both came back: the final step and the results landed.

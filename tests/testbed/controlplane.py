@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -16,7 +17,6 @@ import yaml
 
 from tests.testbed.processes import ManagedProcess, free_port, http_ok, testbed_binary, wait_for
 
-ADMIN_TOKEN = "kubetune-testbed-admin"  # test-bed credential, never used outside the test bed
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 # How long a node may miss heartbeats before node lifecycle marks it Unknown (Kubernetes' default: 40 s).
 NODE_MONITOR_GRACE_SECONDS = 20
@@ -95,6 +95,8 @@ class ControlPlane:
 
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kubetune-testbed-")))
     address: str = "127.0.0.1"
+    # A new one per control plane: the API server listens where every pod of the real node reaches it.
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     processes: list[ManagedProcess] = field(default_factory=list)
     server: str = ""
     kubeconfig: str = ""
@@ -137,7 +139,7 @@ class ControlPlane:
         sa_key = self.work_dir / "sa.key"
         write_service_account_key(sa_key)
         tokens = self.work_dir / "tokens.csv"
-        tokens.write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
+        tokens.write_text(f'{self.admin_token},admin,admin,"system:masters"\n')
         client_ca = write_client_ca(self.work_dir / "pki")
         kubelet_client = issue_client_certificate(
             client_ca, self.work_dir / "pki", KUBELET_CLIENT_USER, ("system:masters",)
@@ -174,14 +176,14 @@ class ControlPlane:
                 "--v=1",
             ],
         )
-        token_header = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        token_header = {"Authorization": f"Bearer {self.admin_token}"}
         wait_for(
             lambda: apiserver.alive() and http_ok(f"{self.server}/readyz", True, token_header),
             120,
             "kube-apiserver /readyz",
         )
         kubeconfig_path = self.work_dir / "admin.kubeconfig"
-        kubeconfig_path.write_text(yaml.safe_dump(kubeconfig_document(self.server, ADMIN_TOKEN, self.ca_file)))
+        kubeconfig_path.write_text(yaml.safe_dump(kubeconfig_document(self.server, self.admin_token, self.ca_file)))
         self.kubeconfig = str(kubeconfig_path)
         return self
 
@@ -340,7 +342,7 @@ class ControlPlane:
         apiserver.stop()
         time.sleep(down_seconds)
         apiserver.start()
-        token_header = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        token_header = {"Authorization": f"Bearer {self.admin_token}"}
         wait_for(
             lambda: apiserver.alive() and http_ok(f"{self.server}/readyz", True, token_header),
             120,

@@ -87,11 +87,22 @@ class Testbed:
 
 
 def start_testbed(work: Path) -> Testbed:
-    plane = ControlPlane(work_dir=work / "control-plane", address=ensure_host_address()).start()
-    plane.start_controllers(node_lifecycle=True)
-    parts = start_node_parts(plane)
-    s3 = S3Server(log_dir=work / "s3", host=plane.address).start()
-    prometheus = PrometheusServer(work_dir=work / "prometheus", jobs={}, pods=pod_discovery(plane)).start()
+    """Every part started, or none left running: a half-started test bed would hold the machine's node."""
+    plane = ControlPlane(work_dir=work / "control-plane", address=ensure_host_address())
+    started: list[Any] = [plane]
+    try:
+        plane.start()
+        plane.start_controllers(node_lifecycle=True)
+        parts = start_node_parts(plane)
+        started.append(parts)
+        s3 = S3Server(log_dir=work / "s3", host=plane.address)
+        started.append(s3.start())
+        prometheus = PrometheusServer(work_dir=work / "prometheus", jobs={}, pods=pod_discovery(plane))
+        started.append(prometheus.start())
+    except BaseException:
+        for part in reversed(started):
+            part.stop()
+        raise
     return Testbed(plane, parts, s3, prometheus)
 
 

@@ -693,7 +693,11 @@ class RealNode:
     def clean_up_after(self) -> None:
         """Once a node's processes were stopped from outside (`make demo-down`): take the machine lock and remove
         what the node left on the machine, as stop() would have."""
-        # The node's processes hold the machine lock (containerd's shims too, having inherited it): they go first.
+        # The node's processes hold the machine lock (containerd's shims too, having inherited it), so they go first;
+        # but only when the process that started the node is gone, or they may be another live test bed's.
+        holder = lock_holder_pid(MACHINE_LOCK.read_text() if MACHINE_LOCK.exists() else "")
+        if holder is not None and holder != os.getpid() and Path("/proc", str(holder)).exists():
+            raise RuntimeError(f"the real node on this machine is still in use by pid {holder}: not cleaning it up")
         self._kill_leftover_processes()
         self._take_machine_lock()
         if (self.run_dir / "containerd.toml").exists():
@@ -707,6 +711,12 @@ class RealNode:
         if self._lock:
             self._lock.close()
             self._lock = None
+
+
+def lock_holder_pid(text: str) -> int | None:
+    """The pid the machine lock file names (`pid N, node dir ...`), None when it names none."""
+    match = re.match(r"pid (\d+)", text.strip())
+    return int(match.group(1)) if match else None
 
 
 def footprint_left(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from tests.testbed.node import (
     kube_iptables_cleanup,
     kube_proxy_config,
     kubelet_config,
+    lock_holder_pid,
     mounts_under,
     pause_image_name,
     registry_hosts_toml,
@@ -244,3 +245,8 @@ def test_a_node_may_clean_up_what_an_earlier_one_left_but_must_leave_nothing_of_
     assert footprint_left(before, cleaner) == {}
     assert footprint_left(before, dirtier) == {"shim sockets": ["new"], "sysctls": {"vm/overcommit_memory": "1\n"}}
     assert footprint_left({"pod bridge": False}, {"pod bridge": True}) == {"pod bridge": True}
+
+
+def test_the_lock_file_names_the_pid_that_started_the_node() -> None:
+    assert lock_holder_pid("pid 4242, node dir /var/lib/kubetune-testbed/node\n") == 4242
+    assert lock_holder_pid("") is None
