@@ -329,7 +329,8 @@ def test_a_restarted_api_server_loses_no_progress_for_good(
         "the run's last checkpoints",
         0.1,
     )
-    kwok_cluster.kube.restart_apiserver(down_seconds=15)
+    # Stopping takes up to 10 s (a graceful shutdown, then SIGKILL), starting ~5-10 s more: ~20-25 s away in all.
+    kwok_cluster.kube.restart_apiserver(down_seconds=5)
     job = succeeded(product, "api-restart")
 
     # The operator's watches and the trainer's status channel both came back: the final step and the results landed.

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from kubernetes.client import ApiException
 from kubetune_trainer.progress import (
     STAGES,
     JsonLinesFormatter,
@@ -358,22 +359,25 @@ def test_an_unreachable_api_server_is_logged_and_training_goes_on() -> None:
 
 
 class AwayThenBackStatusApi(RecordingStatusApi):
-    """An API server that refuses the first `away` patches (a restart), then takes them."""
+    """An API server that fails the first `away` patches (restarting: connections refused, or 403 until its
+    authorizers have synced), then takes them."""
 
-    def __init__(self, away: int) -> None:
+    def __init__(self, away: int, error: Exception) -> None:
         super().__init__()
         self.away = away
+        self.error = error
         self.calls = 0
 
     def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.calls += 1
         if self.calls <= self.away:
-            raise ConnectionRefusedError("the API server is restarting")
+            raise self.error
         return super().patch_namespaced_custom_object_status(*args, **kwargs)
 
 
-def test_the_last_progress_lands_once_the_api_server_is_back_even_after_the_run_ended() -> None:
-    api = AwayThenBackStatusApi(away=3)
+@pytest.mark.parametrize("away", [ConnectionRefusedError("the API server is restarting"), ApiException(status=403)])
+def test_the_last_progress_lands_once_the_api_server_is_back_even_after_the_run_ended(away: Exception) -> None:
+    api = AwayThenBackStatusApi(away=3, error=away)
     patcher = StatusPatcher(api, "ns", "job", interval=3600, flush_seconds=10)
 
     patcher.submit({"progress": {"step": 7}})
@@ -386,7 +390,7 @@ def test_the_last_progress_lands_once_the_api_server_is_back_even_after_the_run_
 
 
 class RefusingStatusApi(RecordingStatusApi):
-    """An API server that refuses every patch as the Kubernetes client reports it (HTTP 403)."""
+    """An API server on which the FineTuneJob is gone, as the Kubernetes client reports it (HTTP 404)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -396,7 +400,7 @@ class RefusingStatusApi(RecordingStatusApi):
         from kubernetes.client import ApiException
 
         self.calls += 1
-        raise ApiException(status=403, reason="Forbidden")
+        raise ApiException(status=404, reason="Not Found")
 
 
 def test_a_refused_patch_is_not_retried_and_closing_does_not_wait_on_it() -> None:
@@ -409,7 +413,7 @@ def test_a_refused_patch_is_not_retried_and_closing_does_not_wait_on_it() -> Non
 
     assert api.calls == 1
     assert time.monotonic() - started < 5
-    assert patcher.last_error == "HTTP 403: Forbidden"
+    assert patcher.last_error == "HTTP 404: Not Found"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ MERGE_PATCH = "application/merge-patch+json"
 STATUS_REQUEST_TIMEOUT = (3.0, 10.0)
 # How long closing keeps retrying the last status patch (the API server may be restarting); the termination message
 # carries the result if it never lands.
-STATUS_FLUSH_SECONDS = 30.0
+STATUS_FLUSH_SECONDS = 60.0
 # Backoff between attempts after a failed patch: doubling from the first to the second.
 STATUS_RETRY_SECONDS = 0.5
 STATUS_RETRY_MAX_SECONDS = 5.0
@@ -393,12 +393,14 @@ class StatusPatcher(ProgressChannel):
         return True
 
 
-# Refusals that a retry of the same patch cannot turn into success (forbidden, the FineTuneJob gone, invalid).
-PERMANENT_HTTP_STATUSES = frozenset(range(400, 500)) - {408, 409, 429}
+# Refusals that a retry of the same patch cannot turn into success: malformed, the FineTuneJob gone, invalid. 401 and
+# 403 are not among them: an API server that is starting answers them until its authorizers have synced.
+PERMANENT_HTTP_STATUSES = frozenset({400, 404, 410, 422})
 
 
 def is_retryable(error: Exception) -> bool:
-    """A connection failure, a timeout, a conflict, throttling or a server error: worth sending again."""
+    """Anything but a refusal of the patch itself (a connection failure, a timeout, a server error, an API server
+    still starting): worth sending again."""
     return getattr(error, "status", None) not in PERMANENT_HTTP_STATUSES
 
 
