@@ -95,11 +95,10 @@ def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
         return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
     wait_for(kwok_node_ready, 60, f"kwok to mark {KWOK_NODE} Ready")
-    footprint = machine_footprint()
     parts = start_node_parts(kube)
     yield KwokCluster(kube=kube, node=parts.node, registry=parts.registry, images=parts.images)
     parts.stop()
-    left = footprint_left(footprint, machine_footprint())
+    left = footprint_left(parts.node.clean_footprint, machine_footprint())
     assert not left, f"the stopped node left something behind on this machine: {left}"
 
 

@@ -594,8 +594,14 @@ def test_a_trainer_job_the_api_server_refuses_is_created_once_it_is_allowed(jobs
     jobs.kube.apply(quota)
     jobs.create(finetunejob("held", NOWHERE))
 
-    wait_for(lambda: "cannot create the trainer Job (retrying in" in operator.log(), 60, "a refused create")
-    refusal = next(line for line in operator.log().splitlines() if "cannot create the trainer Job" in line)
+    # The operator's log is shared with earlier tests' jobs (whose namespaces may still be terminating): only this
+    # job's lines count.
+    def refusals() -> list[str]:
+        prefix = f"[{jobs.namespace}/held] cannot create the trainer Job (retrying in"
+        return [line for line in operator.log().splitlines() if prefix in line]
+
+    wait_for(refusals, 60, "a refused create")
+    refusal = refusals()[0]
     assert "HTTP 403" in refusal and "quota" in refusal, refusal
     # Each attempt is one request: kopf's client does not sleep and retry inside the create (which would hold every
     # other job's status back meanwhile); the operator's own backoff retries the job.

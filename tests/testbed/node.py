@@ -327,6 +327,8 @@ class RealNode:
     kubelet: ManagedProcess | None = None
     kube_proxy: ManagedProcess | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # The machine as start() found it once an earlier, killed node's leftovers were swept: what stop() must restore.
+    clean_footprint: dict[str, Any] = field(default_factory=dict)
     _kubeconfigs: dict[str, str] = field(default_factory=dict)
     _lock: IO[str] | None = None
 
@@ -367,6 +369,7 @@ class RealNode:
         started = time.monotonic()
         try:
             self._sweep()  # what a killed earlier run left behind
+            self.clean_footprint = machine_footprint()
             self._save_sysctls()
             self._prepare_host()
             self._start_containerd()
@@ -720,8 +723,7 @@ def lock_holder_pid(text: str) -> int | None:
 
 
 def footprint_left(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """What `after` (a machine_footprint) holds that `before` did not: a stopped node may clean up what an earlier,
-    killed one left behind, but must leave nothing of its own."""
+    """What `after` (a machine_footprint) holds that `before` did not (for settings, those whose value changed)."""
     left: dict[str, Any] = {}
     for key, now in after.items():
         then = before.get(key)
@@ -729,6 +731,10 @@ def footprint_left(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
             extra = sorted(set(now) - set(then or []))
             if extra:
                 left[key] = extra
+        elif isinstance(now, dict):
+            changed = {name: value for name, value in now.items() if value != (then or {}).get(name)}
+            if changed:
+                left[key] = changed
         elif now != then and (not isinstance(now, bool) or now):
             left[key] = now
     return left

@@ -245,6 +245,11 @@ def test_a_node_may_clean_up_what_an_earlier_one_left_but_must_leave_nothing_of_
     assert footprint_left(before, cleaner) == {}
     assert footprint_left(before, dirtier) == {"shim sockets": ["new"], "sysctls": {"vm/overcommit_memory": "1\n"}}
     assert footprint_left({"pod bridge": False}, {"pod bridge": True}) == {"pod bridge": True}
+    # Of the settings, only those whose value changed are named.
+    two = {"sysctls": {"kernel/panic": "0\n", "vm/overcommit_memory": "0\n"}}
+    assert footprint_left(two, {"sysctls": {"kernel/panic": "10\n", "vm/overcommit_memory": "0\n"}}) == {
+        "sysctls": {"kernel/panic": "10\n"}
+    }
 
 
 def test_the_lock_file_names_the_pid_that_started_the_node() -> None:
