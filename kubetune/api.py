@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import math
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -63,6 +64,22 @@ def immutable(name: str) -> dict[str, Any]:
     return cel("self == oldSelf", f"{name} is immutable after creation")
 
 
+@overload
+def significant(value: float, digits: int = 4) -> float: ...
+@overload
+def significant(value: None, digits: int = 4) -> None: ...
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """value rounded to `digits` significant digits (0.23025472164 -> 0.2303): what a status column shows."""
+    if value is None or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+def short_model_name(reference: str) -> str:
+    """The last part of a hub id or URI, without a trailing slash: `s3://models/smollm2-135m/` -> `smollm2-135m`."""
+    return reference.rstrip("/").rsplit("/", 1)[-1]
+
+
 class SecretKeyRef(ApiModel):
     """A key in a Secret in the job's namespace."""
 
@@ -94,6 +111,11 @@ class ModelSpec(ApiModel):
     revision: str | None = Field(
         default=None, max_length=128, description="Hub revision (branch, tag or commit) when name is set."
     )
+
+    @property
+    def short_name(self) -> str:
+        """What a person calls the model: the hub id's or the URI's last part (`SmolLM2-135M-Instruct`)."""
+        return short_model_name(self.name or self.uri or "")
 
 
 DatasetFormat = Literal[
@@ -547,6 +569,11 @@ class ProgressStatus(ApiModel):
         default=None, description="Evaluation samples to score, summed over every pass: the samples times the passes."
     )
     eval_percent: float | None = Field(default=None, description="Evaluation progress 0-100.")
+    summary: str | None = Field(
+        default=None,
+        max_length=80,
+        description="The latest progress in words with its unit, e.g. `train 40% (120/300 steps)`.",
+    )
     updated_at: str | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
 
 
@@ -647,6 +674,9 @@ class FineTuneJobStatus(ApiModel):
         default=None, description="Pending, Validating, Queued, Running, Evaluating, Succeeded, Failed or Cancelled."
     )
     message: str | None = Field(default=None, description="The latest human-readable word on the job.")
+    model: str | None = Field(
+        default=None, description="The base model's short name (its hub id's or URI's last part)."
+    )
     observed_generation: int | None = Field(default=None, description="metadata.generation the status reflects.")
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations, one per type.")
     progress: ProgressStatus | None = None

@@ -236,7 +236,7 @@ def progress_line(status: FineTuneJobStatus) -> str | None:
     if progress.epoch is not None:
         parts.append(f"epoch {progress.epoch:.2f}")
     if progress.loss is not None:
-        parts.append(f"loss {progress.loss:.4f}")
+        parts.append(f"loss {progress.loss:.4g}")
     if progress.learning_rate is not None:
         parts.append(f"lr {progress.learning_rate:.2e}")
     if progress.tokens_per_second is not None:
@@ -255,6 +255,8 @@ def progress_line(status: FineTuneJobStatus) -> str | None:
 def describe_status(namespace: str, name: str, status: FineTuneJobStatus) -> list[str]:
     """What `kubetune status` prints: phase, progress, conditions, evaluation, artifacts and usage."""
     lines = [f"FineTuneJob {namespace}/{name}", f"Phase:       {status.phase or 'Pending'}"]
+    if status.model:
+        lines.append(f"Model:       {status.model}")
     if status.message:
         lines.append(f"Message:     {status.message}")
     progress = progress_line(status)
@@ -274,9 +276,9 @@ def describe_status(namespace: str, name: str, status: FineTuneJobStatus) -> lis
         lines.extend(f"  {c.type:<11} {c.status:<7} {c.reason:<22} {c.message}".rstrip() for c in status.conditions)
     evaluation = status.evaluation
     if evaluation is not None and evaluation.tuned is not None:
-        scores = [f"tuned {evaluation.tuned:.4f}"]
+        scores = [f"tuned {evaluation.tuned:.4g}"]
         scores.extend(
-            f"{model} {score:.4f} (lift {evaluation.lift.get(model, evaluation.tuned - score):+.4f})"
+            f"{model} {score:.4g} (lift {evaluation.lift.get(model, evaluation.tuned - score):+.4g})"
             for model, score in evaluation.baselines.items()
         )
         lines.append(f"Evaluation:  {evaluation.metric} on {evaluation.samples} samples: " + ", ".join(scores))

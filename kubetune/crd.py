@@ -60,28 +60,32 @@ _COPIED_KEYWORDS = (
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
-    {"name": "Model", "type": "string", "jsonPath": ".spec.model.name", "description": "Base model hub id."},
+    {"name": "Model", "type": "string", "jsonPath": ".status.model", "description": "The base model's short name."},
     {
         "name": "Progress",
-        "type": "number",
-        "jsonPath": ".status.progress.percent",
-        "description": "Training progress in percent.",
+        "type": "string",
+        "jsonPath": ".status.progress.summary",
+        "description": "The latest progress with its unit: steps trained or samples evaluated.",
     },
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.loss",
+        "description": "Latest training loss (4 significant digits).",
+    },
+    {
+        "name": "Metric",
+        "type": "string",
+        "jsonPath": ".status.evaluation.metric",
+        "description": "The headline evaluation metric.",
+    },
     {
         "name": "Score",
         "type": "number",
         "jsonPath": ".status.evaluation.tuned",
-        "description": "The tuned adapter's headline evaluation score.",
+        "description": "The tuned adapter's headline score (4 significant digits).",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    {
-        "name": "Eval",
-        "type": "number",
-        "jsonPath": ".status.progress.evalPercent",
-        "priority": 1,
-        "description": "Evaluation progress in percent.",
-    },
     {
         "name": "Model URI",
         "type": "string",

@@ -580,6 +580,7 @@ def status_from_observation(
     update: dict[str, Any] = {
         "phase": observation.phase,
         "message": observation.message,
+        "model": job.spec.model.short_name,
         "observed_generation": generation,
         "conditions": merge_conditions(current.conditions, observation.conditions, observation, now, generation),
     }

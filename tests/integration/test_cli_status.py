@@ -69,7 +69,7 @@ def test_status_prints_phase_progress_conditions_evaluation_and_artifacts(
     assert "Phase:       Evaluating" in lines
     assert "Progress:    stage evaluate, step 40/40 (100.0%), loss 0.4321" in lines
     assert any(line.split()[:3] == ["Running", "True", "Evaluating"] for line in lines)
-    assert "Evaluation:  accuracy on 8 samples: tuned 0.7500, zeroShot 0.2500 (lift +0.5000)" in lines
+    assert "Evaluation:  accuracy on 8 samples: tuned 0.75, zeroShot 0.25 (lift +0.5)" in lines
     assert "  adapter      s3://runs/news/adapter" in lines
 
 
@@ -107,10 +107,11 @@ def test_evaluation_progress_reaches_the_status_kubectl_and_kubetune_status(
         480,
         25.0,
     )
-    wide = kube.kubectl("get", "ftj", "evaluating", "-n", namespace, "-o", "wide", check=True).stdout
-    header, row = wide.splitlines()
-    start = header.index("EVAL")
-    assert row[start:].split()[0] == "25"
+    # What a person reads: progress in words with its unit.
+    table = kube.kubectl("get", "ftj", "evaluating", "-n", namespace, check=True).stdout
+    header, row = table.splitlines()
+    assert header.split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "METRIC", "SCORE", "AGE"]
+    assert row[header.index("PROGRESS") :].startswith("evaluate 25% (120/480 samples)")
     result = CliRunner().invoke(main, ["status", "evaluating", "-n", namespace, "--kubeconfig", kube.kubeconfig])
     assert result.exit_code == 0, result.output
     progress_line = next(line for line in result.stdout.splitlines() if line.startswith("Progress:"))

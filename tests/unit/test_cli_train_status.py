@@ -88,6 +88,7 @@ def test_status_shows_phase_progress_dataset_conditions_evaluation_artifacts_and
     status = FineTuneJobStatus.model_validate(
         {
             "phase": "Succeeded",
+            "model": "SmolLM2-135M-Instruct",
             "message": "tuned accuracy 0.880 vs zeroShot 0.080",
             "progress": {"stage": "publish", "step": 250, "totalSteps": 250, "percent": 100.0, "loss": 0.1234},
             "dataset": {"format": "classification", "trainRows": 900, "validationRows": 100, "truncatedFraction": 0},
@@ -113,7 +114,8 @@ def test_status_shows_phase_progress_dataset_conditions_evaluation_artifacts_and
     assert "loss 0.1234" in text
     assert "classification, 900 train / 100 validation rows, 0.0% truncated" in text
     assert "Succeeded   True    Completed" in text
-    assert "accuracy on 100 samples: tuned 0.8800, zeroShot 0.0800 (lift +0.8000)" in text
+    assert "Model:       SmolLM2-135M-Instruct" in text
+    assert "accuracy on 100 samples: tuned 0.88, zeroShot 0.08 (lift +0.8)" in text
     assert "Gate:        passed: accuracy 0.88 >= 0.8" in text
     assert "adapter      s3://b/news/adapter" in text
     assert "Usage:       72000 trained tokens, 0 GPU-seconds, 812s wall" in text

@@ -309,12 +309,12 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
 
     assert [(c["name"], c["type"], c["jsonPath"], c.get("priority", 0)) for c in columns] == [
         ("Phase", "string", ".status.phase", 0),
-        ("Model", "string", ".spec.model.name", 0),
-        ("Progress", "number", ".status.progress.percent", 0),
+        ("Model", "string", ".status.model", 0),
+        ("Progress", "string", ".status.progress.summary", 0),
         ("Loss", "number", ".status.progress.loss", 0),
+        ("Metric", "string", ".status.evaluation.metric", 0),
         ("Score", "number", ".status.evaluation.tuned", 0),
         ("Age", "date", ".metadata.creationTimestamp", 0),
-        ("Eval", "number", ".status.progress.evalPercent", 1),
         ("Model URI", "string", ".spec.model.uri", 1),
         ("Backend", "string", ".spec.backend", 1),
         ("Message", "string", ".status.message", 1),

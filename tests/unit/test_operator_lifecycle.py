@@ -606,6 +606,7 @@ def test_trainer_summary_becomes_metrics_evaluation_artifacts_usage_and_dataset(
     done = trainer_job(("Complete", "CompletionsReached"), succeeded=1, startTime=T0, completionTime=T2)
     pod = PodState(phase="Succeeded", state=terminated("Completed", 0, SUCCEEDED_SUMMARY)).manifest()
     status = derive_status(job, done, [pod], T2).patch["status"]
+    assert status["model"] == "SmolLM2-135M-Instruct"  # the Model column of `kubectl get ftj`
     assert status["metrics"] == {"earlier": 1.0, "train_loss": 0.42, "eval_accuracy": 0.88}
     assert status["evaluation"]["baselines"] == {"zeroShot": 0.08, "fewShot": 0.31}
     assert status["evaluation"]["gate"] == {"passed": True, "message": "accuracy 0.880 >= 0.5"}

@@ -9,7 +9,15 @@ import pytest
 from kubetune_trainer.evaluation_results import EvalSample, EvaluationResults, JudgeCost, ModelResult
 from kubetune_trainer.gate import GateOutcome
 from kubetune_trainer.metrics import ConfusionMatrix
-from kubetune_trainer.report import chart_scores, evaluation_status, plot_scores, write_report
+from kubetune_trainer.report import (
+    chart_scores,
+    evaluation_status,
+    plot_scores,
+    render_markdown,
+    score_figure,
+    write_report,
+)
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from kubetune.api import EvaluationStatus, GateStatus
 
@@ -161,8 +169,9 @@ def test_evaluation_status_summarises_the_headline_metric() -> None:
     status = evaluation_status(hand_built_results(), gate)
     assert isinstance(status, EvaluationStatus)
     assert (status.metric, status.tuned, status.samples) == ("accuracy", 1.0, 3)
-    assert status.baselines == pytest.approx({"zeroShot": 1 / 3, "fewShot": 2 / 3})
-    assert status.lift == pytest.approx({"zeroShot": 2 / 3, "fewShot": 1 / 3})
+    # Four significant digits: what a person reads in `kubectl get ftj`.
+    assert status.baselines == {"zeroShot": 0.3333, "fewShot": 0.6667}
+    assert status.lift == {"zeroShot": 0.6667, "fewShot": 0.3333}
     assert status.gate == GateStatus(passed=True, message="accuracy 1 >= 0.8")
     assert status.to_wire()["gate"] == {"passed": True, "message": "accuracy 1 >= 0.8"}
 
@@ -172,3 +181,38 @@ def test_evaluation_status_without_baselines_has_no_lift() -> None:
     del results.models["zeroShot"], results.models["fewShot"]
     status = evaluation_status(results, None)
     assert (status.tuned, status.baselines, status.lift, status.gate) == (1.0, {}, {}, None)
+
+
+def test_chart_puts_the_headline_first_labels_every_bar_and_keeps_the_legend_off_the_data() -> None:
+    tables = {
+        "zeroShot": {"f1": 0.2, "accuracy": 0.0},
+        "fewShot": {"f1": 0.3, "accuracy": 0.25},
+        "tuned": {"f1": 0.9, "accuracy": 0.875},
+    }
+    figure = score_figure(tables, headline="accuracy")
+    assert figure is not None
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    axes = figure.axes[0]
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["accuracy", "f1"]
+    # A zero score is a labelled bar, not a gap.
+    labels = [text.get_text() for text in axes.texts]
+    assert labels == ["0.00", "0.20", "0.25", "0.30", "0.88", "0.90"]
+    renderer = canvas.get_renderer()
+    legend = figure.legends[0].get_window_extent(renderer)
+    assert not legend.overlaps(axes.get_window_extent(renderer))
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["zero-shot", "few-shot", "fine-tuned"]
+
+
+def test_a_model_without_a_score_gets_no_bar() -> None:
+    figure = score_figure({"zeroShot": {"accuracy": 0.5}, "tuned": {"accuracy": 0.9, "f1": 0.8}}, "accuracy")
+    assert figure is not None
+    FigureCanvasAgg(figure).draw()
+    assert [text.get_text() for text in figure.axes[0].texts] == ["0.50", "0.90", "0.80"]
+
+
+def test_lower_is_better_names_only_the_scores_the_job_computed() -> None:
+    report = {"headlineMetric": "accuracy", "samples": 2, "models": {"tuned": {"metrics": {"accuracy": 1.0}}}}
+    assert "Lower is better" not in render_markdown(report)
+    report["models"]["tuned"]["metrics"]["loss"] = 0.5
+    assert "Lower is better for: loss; higher for the rest." in render_markdown(report)

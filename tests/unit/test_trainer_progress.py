@@ -221,6 +221,20 @@ def test_training_progress_keeps_the_stage_and_fills_the_progress() -> None:
     assert (reporter.progress.step, reporter.progress.total_steps, reporter.progress.loss) == (4, 10, 1.25)
 
 
+def test_the_status_says_progress_with_its_unit_and_the_loss_to_four_significant_digits() -> None:
+    reporter = Reporter([])
+    reporter.enter_stage("data")
+    assert reporter.progress.summary == "data"
+    reporter.enter_stage("train")
+    reporter(ProgressStatus(stage="train", step=120, total_steps=300, percent=40.0, loss=0.23025472164154054))
+    assert (reporter.progress.summary, reporter.progress.loss) == ("train 40% (120/300 steps)", 0.2303)
+
+    reporter.enter_stage("evaluate")
+    assert reporter.progress.summary == "evaluate"
+    reporter.report_evaluation(50, 200)
+    assert reporter.progress.summary == "evaluate 25% (50/200 samples)"
+
+
 def test_the_terminal_reporter_has_no_bar_when_stderr_is_not_a_terminal() -> None:
     reporter = terminal_reporter(io.StringIO())
 
@@ -289,6 +303,7 @@ def test_evaluation_progress_is_paced_like_training_and_its_end_is_sent_at_once(
         "evalTotal": 300,
         "evalPercent": 100.0,
     }
+    assert sent["summary"] == "evaluate 100% (300/300 samples)"
     assert sent["updatedAt"]
     assert reporter.progress.stage == "evaluate"
     assert (reporter.progress.eval_done, reporter.progress.eval_total) == (300, 300)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, EvaluationStatus, ProgressStatus
+from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, EvaluationStatus, ProgressStatus, significant
 from kubetune.contract import ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_METRICS_PORT, ENV_PROGRESS_INTERVAL
 from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, RateLimit
 
@@ -70,7 +70,23 @@ def merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
 def evaluation_progress(done: int, total: int) -> ProgressStatus:
     """status.progress's evaluation fields: samples scored (summed over every pass), of how many, and the percent."""
     percent = round(100.0 * min(done, total) / total, 1) if total > 0 else None
-    return ProgressStatus(eval_done=done, eval_total=total, eval_percent=percent, updated_at=utc_now())
+    progress = ProgressStatus(eval_done=done, eval_total=total, eval_percent=percent, updated_at=utc_now())
+    return progress.model_copy(update={"summary": progress_summary(progress.model_copy(update={"stage": "evaluate"}))})
+
+
+def progress_summary(progress: ProgressStatus) -> str | None:
+    """The progress in words with its unit, as `kubectl get ftj` shows it: `train 40% (120/300 steps)`,
+    `evaluate 25% (50/200 samples)`, or the stage alone."""
+    if progress.stage == "train" and progress.step is not None and progress.total_steps:
+        return f"train {progress.percent or 0:.0f}% ({progress.step}/{progress.total_steps} steps)"
+    if progress.stage == "evaluate" and progress.eval_total and progress.eval_done is not None:
+        return f"evaluate {progress.eval_percent or 0:.0f}% ({progress.eval_done}/{progress.eval_total} samples)"
+    return progress.stage
+
+
+def for_status(progress: ProgressStatus) -> ProgressStatus:
+    """progress as the status shows it: its summary in words, the loss to four significant digits."""
+    return progress.model_copy(update={"summary": progress_summary(progress), "loss": significant(progress.loss)})
 
 
 def progress_interval(env: Mapping[str, str]) -> float:
@@ -462,7 +478,7 @@ class Reporter:
         """Start a stage: data, model, train, evaluate or publish (always reported at once)."""
         with self._lock:
             self.stage = stage
-            self.progress = self.progress.model_copy(update={"stage": stage, "updated_at": utc_now()})
+            self.progress = for_status(self.progress.model_copy(update={"stage": stage, "updated_at": utc_now()}))
             self._each("stage_changed", stage, self.progress)
 
     def report_dataset(self, dataset: DatasetStatus) -> None:
@@ -474,7 +490,9 @@ class Reporter:
         """Training progress from the training stage's tracker (already at a bounded rate)."""
         with self._lock:
             update = progress.model_dump(exclude_none=True)
-            self.progress = self.progress.model_copy(update={**update, "stage": self.stage or progress.stage})
+            self.progress = for_status(
+                self.progress.model_copy(update={**update, "stage": self.stage or progress.stage})
+            )
             self._each("progress_changed", self.progress, False)
 
     def report_step(self, step: TrainingStep) -> None:
@@ -486,7 +504,7 @@ class Reporter:
         """Evaluation work done so far (samples scored, summed over every pass)."""
         with self._lock:
             update = evaluation_progress(done, total).model_dump(exclude_none=True)
-            self.progress = self.progress.model_copy(update=update)
+            self.progress = for_status(self.progress.model_copy(update=update))
             self._each("evaluation_advanced", done, total)
 
     def report_scores(self, tables: Mapping[str, Mapping[str, float]], evaluation: EvaluationStatus) -> None:

@@ -9,12 +9,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubetune.api import EvaluationStatus, GateStatus
+from kubetune.api import EvaluationStatus, GateStatus, significant
 from kubetune_trainer.evaluation_results import MODEL_ORDER, TUNED, EvaluationResults
 from kubetune_trainer.gate import GateOutcome
 from kubetune_trainer.metrics import LOWER_IS_BETTER, ConfusionMatrix, is_better
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
@@ -143,7 +146,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lift = format_cell(best_baseline_lift(name, tables), signed=True)
         lines.append("| " + " | ".join([name, *cells, lift]) + " |")
     lines.append("")
-    lines.append(f"Lower is better for: {', '.join(sorted(LOWER_IS_BETTER))}; higher for the rest.")
+    lower = sorted(LOWER_IS_BETTER & set(names))
+    if lower:
+        lines.append(f"Lower is better for: {', '.join(lower)}; higher for the rest.")
     gate = report.get("gate")
     if gate:
         verdict = "passed" if gate["passed"] else "failed"
@@ -181,10 +186,12 @@ def prediction_rows(results: EvaluationResults) -> list[dict[str, Any]]:
     ]
 
 
-def chart_scores(tables: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Per charted score, each model's value on a 0-1 axis: higher-is-better scores only, the judge divided by 100."""
+def chart_scores(tables: Mapping[str, Mapping[str, float]], headline: str | None = None) -> dict[str, dict[str, float]]:
+    """Per charted score, each model's value on a 0-1 axis: higher-is-better scores only, the judge divided by 100,
+    the headline first."""
     charted: dict[str, dict[str, float]] = {}
-    for name in metric_names(tables):
+    names = metric_names(tables)
+    for name in sorted(names, key=lambda name: name != headline):
         if name in UNCHARTED:
             continue
         scale = JUDGE_SCALE if name == "judge" else 1.0
@@ -195,29 +202,44 @@ def chart_scores(tables: Mapping[str, Mapping[str, float]]) -> dict[str, dict[st
     return charted
 
 
-def plot_scores(tables: Mapping[str, Mapping[str, float]], path: Path) -> bool:
-    """Grouped bars of the baselines and the tuned model per score; False (and no file) when nothing is chartable."""
+def plot_scores(tables: Mapping[str, Mapping[str, float]], path: Path, headline: str | None = None) -> bool:
+    """The score chart as a PNG at path; False (and no file) when nothing is chartable."""
+    figure = score_figure(tables, headline)
+    if figure is None:
+        return False
+    figure.savefig(path, format="png", dpi=100)
+    return True
+
+
+def score_figure(tables: Mapping[str, Mapping[str, float]], headline: str | None = None) -> Figure | None:
+    """Grouped bars of the baselines and the tuned model per score, the headline first, each bar labelled with its
+    value (a zero score reads `0.00`, not as a missing bar), the legend beside the axes; None when nothing is
+    chartable."""
     from matplotlib.figure import Figure
 
-    charted = chart_scores(tables)
+    charted = chart_scores(tables, headline)
     if not charted:
-        return False
+        return None
     models = ordered_models(tables)
     width = 0.8 / len(models)
     # A bare Figure renders through Agg without touching pyplot's global backend state.
-    figure = Figure(figsize=(max(4.0, 1.4 * len(charted) + 2), 4.0), layout="constrained")
+    figure = Figure(figsize=(max(5.0, 1.6 * len(charted) + 3), 4.0), layout="constrained")
     axes = figure.add_subplot()
     for offset, model in enumerate(models):
-        xs = [i + (offset - (len(models) - 1) / 2) * width for i in range(len(charted))]
-        heights = [scores.get(model, 0.0) for scores in charted.values()]
-        axes.bar(xs, heights, width, label=COLUMN_TITLES.get(model, model))
+        # A model without this score gets no bar (and no label), unlike one that scored zero.
+        placed = [
+            (i + (offset - (len(models) - 1) / 2) * width, scores[model])
+            for i, scores in enumerate(charted.values())
+            if model in scores
+        ]
+        bars = axes.bar([x for x, _ in placed], [h for _, h in placed], width, label=COLUMN_TITLES.get(model, model))
+        axes.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
     axes.set_xticks(range(len(charted)), list(charted))
-    axes.set_ylim(0, 1.05)
+    axes.set_ylim(0, 1.12)  # room for the labels above a perfect score
     axes.set_ylabel("score")
     axes.set_title("Fine-tuned adapter vs prompting baselines")
-    axes.legend()
-    figure.savefig(path, format="png", dpi=100)
-    return True
+    figure.legend(loc="outside right upper")
+    return figure
 
 
 def write_report(
@@ -236,7 +258,10 @@ def write_report(
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
     chart = directory / CHART_PNG
     return ReportFiles(
-        report_json, report_markdown, predictions, chart if plot_scores(report_tables(report), chart) else None
+        report_json,
+        report_markdown,
+        predictions,
+        chart if plot_scores(report_tables(report), chart, results.headline_metric) else None,
     )
 
 
@@ -246,11 +271,12 @@ def evaluation_status(results: EvaluationResults, gate: GateOutcome | None) -> E
     tables = results.metric_tables()
     tuned = tables.get(TUNED, {}).get(name)
     baselines = {model: table[name] for model, table in tables.items() if model != TUNED and name in table}
+    # Four significant digits: what `kubectl get ftj` and `kubetune status` show; report.json keeps every digit.
     return EvaluationStatus(
         metric=name,
-        tuned=tuned,
-        baselines=baselines,
-        lift={} if tuned is None else {model: tuned - score for model, score in baselines.items()},
+        tuned=significant(tuned),
+        baselines={model: significant(score) for model, score in baselines.items()},
+        lift={} if tuned is None else {model: significant(tuned - score) for model, score in baselines.items()},
         samples=len(results.samples),
         gate=None if gate is None else GateStatus(passed=gate.passed, message=gate.message),
     )
