@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from kubetune.rules import rule_violations
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -15,6 +20,8 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
+# The error type of a spec that breaks the CRD's CEL rules; its context lists each (path below spec, message).
+RULES_ERROR = "x_kubernetes_validations"
 
 # Patterns shared with the CRD schema so that the API server and `kubetune validate` refuse the same strings.
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|\./.*|[A-Za-z0-9_.\-][^:]*)$"
@@ -24,6 +31,13 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 HF_MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$"
 URL_PATTERN = r"^https?://[^\s]+$"
+# An OCI image reference as the distribution project's grammar has it: [registry[:port]/]path[:tag][@digest].
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE_PATTERN = (
+    rf"^(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?/)?{_PATH_PART}(?:/{_PATH_PART})*"
+    r"(?::[\w][\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
 # A FineTuneJob's trainer pods are named `<name>-trainer-<5 random characters>` (the Job controller's generateName),
 # which must fit a 63-character DNS label uncut: the admission policy that keeps each trainer to its own job's status
 # recognises the trainer pod by that exact name (kubetune_operator.trainer_identity).
@@ -245,6 +259,120 @@ BaselineName = Literal["zeroShot", "fewShot"]
 DEFAULT_BASELINES: tuple[BaselineName, ...] = ("zeroShot", "fewShot")
 
 
+@dataclass(frozen=True)
+class Score:
+    """A figure an evaluation metric reports: its name in the report and status, its range, its direction."""
+
+    name: str
+    low: float
+    high: float | None = None
+    lower_is_better: bool = False
+
+
+def _unit(name: str, lower_is_better: bool = False) -> Score:
+    return Score(name, 0.0, 1.0, lower_is_better)
+
+
+# Each evaluation metric and the scores it reports, its headline score first: the gate's rules and the trainer's
+# scoring read this one table.
+METRIC_SCORES: dict[str, tuple[Score, ...]] = {
+    "loss": (Score("loss", 0.0, None, True), Score("perplexity", 1.0, None, True)),
+    "accuracy": (_unit("accuracy"), _unit("unparsed", lower_is_better=True)),
+    "f1": tuple(
+        _unit(f"{average}{kind}") for average in ("macro", "weighted") for kind in ("F1", "Precision", "Recall")
+    ),
+    "exactMatch": (_unit("exactMatch"),),
+    "json": (_unit("jsonF1"), _unit("jsonValid"), _unit("jsonPrecision"), _unit("jsonRecall")),
+    "rougeL": (_unit("rougeL"),),
+    "judge": (Score("judge", 0.0, 100.0), _unit("judgeUnjudged", lower_is_better=True)),
+}
+# What evaluation.metrics empty means, per dataset.format: the metrics the trainer may infer from the data.
+INFERABLE_METRICS: dict[str, tuple[str, ...]] = {
+    "text": ("loss",),
+    "classification": ("loss", "accuracy", "f1"),
+    "auto": ("loss", "accuracy", "f1", "json", "exactMatch", "rougeL"),
+    **{
+        name: ("loss", "json", "exactMatch", "rougeL")
+        for name in ("messages", "prompt-completion", "instruction", "question-answer")
+    },
+}
+# The hosted backend scores the fine-tuned model's replies; the provider gives no per-token loss.
+HOSTED_UNSCORED_METRICS: tuple[str, ...] = ("loss",)
+
+
+def scores_of(metric: str) -> list[str]:
+    """The names a gate may use for what `metric` reports: the metric's own name and each of its scores."""
+    return list(dict.fromkeys([metric, *(score.name for score in METRIC_SCORES[metric])]))
+
+
+def gate_metric_names() -> list[str]:
+    """Every name evaluation.gate.metric accepts."""
+    return list(dict.fromkeys(name for metric in METRIC_SCORES for name in scores_of(metric)))
+
+
+def cel_list(values: Sequence[str]) -> str:
+    """A CEL list literal of strings."""
+    return "[" + ", ".join(f"'{value}'" for value in values) + "]"
+
+
+def _gate_rules() -> list[Any]:
+    names = gate_metric_names()
+    rules = [
+        cel(
+            f"self.metric in {cel_list(names)}",
+            "evaluation.gate.metric must name a metric or a score: " + ", ".join(names),
+            ".metric",
+        )
+    ]
+    # A threshold outside a score's range is one no model can reach (or every model reaches).
+    ranges: dict[tuple[float, float | None], list[str]] = {}
+    for scores in METRIC_SCORES.values():
+        for score in scores:
+            ranges.setdefault((score.low, score.high), []).append(score.name)
+    for metric, scores in METRIC_SCORES.items():
+        ranges[(scores[0].low, scores[0].high)].append(metric)
+    for (low, high), members in ranges.items():
+        bound = f"self.threshold >= {low}" + ("" if high is None else f" && self.threshold <= {high}")
+        span = f"from {low:g} upwards" if high is None else f"from {low:g} to {high:g}"
+        rules.append(
+            {
+                **cel(
+                    f"!has(self.threshold) || !(self.metric in {cel_list(sorted(set(members)))}) || ({bound})",
+                    f"evaluation.gate.threshold is out of reach: the metric's scores range {span}",
+                    ".threshold",
+                ),
+                # (string(self.threshold) would be cheaper to read but the API server prices a double's string as
+                # unbounded and refuses the CRD.)
+                "messageExpression": f"'evaluation.gate.threshold is out of reach: ' + self.metric + ' ranges {span}'",
+            }
+        )
+    return rules
+
+
+def _evaluation_rules() -> list[Any]:
+    produced_by = "{" + ", ".join(f"'{metric}': {cel_list(scores_of(metric))}" for metric in METRIC_SCORES) + "}"
+    metric_of = "{" + ", ".join(f"'{name}': '{metric}'" for metric in METRIC_SCORES for name in scores_of(metric)) + "}"
+    return [
+        cel("!('judge' in self.metrics) || has(self.judge)", "evaluation.metrics has judge: set evaluation.judge"),
+        cel("!has(self.gate) || self.enabled", "evaluation.gate needs evaluation.enabled: true", ".gate"),
+        {
+            **cel(
+                "!has(self.gate) || !(self.gate.metric in " + cel_list(gate_metric_names()) + ") || "
+                f"size(self.metrics) == 0 || self.metrics.exists(m, self.gate.metric in {produced_by}[m])",
+                "evaluation.gate.metric is not computed by evaluation.metrics",
+                ".gate.metric",
+            ),
+            "messageExpression": "'evaluation.gate.metric ' + self.gate.metric + ' is not computed by "
+            f"evaluation.metrics: add ' + {metric_of}[self.gate.metric] + ' to them'",
+        },
+        cel(
+            "!has(self.gate) || self.gate.mustBeat.all(b, b in self.baselines)",
+            "evaluation.gate.mustBeat names a baseline that evaluation.baselines does not run",
+            ".gate.mustBeat",
+        ),
+    ]
+
+
 class JudgeSpec(ApiModel):
     """An OpenAI-compatible model that grades outputs 0-100."""
 
@@ -263,7 +391,13 @@ class JudgeSpec(ApiModel):
 class GateSpec(ApiModel):
     """A pass/fail rule on the evaluation, reported as the EvalPassed condition."""
 
-    metric: str = Field(max_length=64, description="Metric name, e.g. accuracy, macroF1, judge, rougeL.")
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _gate_rules()})
+
+    metric: str = Field(
+        max_length=64,
+        description="A metric (e.g. f1, its headline macroF1) or one of its scores (e.g. weightedF1, jsonValid); "
+        "it must be one the evaluation computes.",
+    )
     threshold: float | None = Field(default=None, description="The tuned model's metric must reach this value.")
     must_beat: list[BaselineName] = Field(
         default_factory=list, max_length=2, description="Baselines the tuned model must beat on metric."
@@ -276,16 +410,7 @@ class GateSpec(ApiModel):
 class EvaluationSpec(ApiModel):
     """How the tuned adapter is compared with prompting the base model."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!('judge' in self.metrics) || has(self.judge)",
-                    "evaluation.metrics has judge: set evaluation.judge",
-                ),
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _evaluation_rules()})
 
     enabled: bool = Field(default=True, description="Run the evaluation after training.")
     metrics: list[EvaluationMetric] = Field(
@@ -401,11 +526,27 @@ class OpenAISpec(ApiModel):
     hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
 
 
-def _spec_rules() -> list[Any]:
+def _spec_rules(schema: dict[str, Any], spec_class: type[BaseModel]) -> None:
+    """The spec's own rules, set into its JSON schema (pydantic calls this with the class, so the optional fields
+    are read from the model rather than listed by hand)."""
+    optional = [
+        field.alias or name
+        for name, field in spec_class.model_fields.items()
+        if not field.is_required() and field.default is None
+    ]
     # Per-field `self == oldSelf` rules only run when a field exists before and after; adding or removing an
     # optional field is caught here instead.
-    presence = " && ".join(f"has(self.{name}) == has(oldSelf.{name})" for name in OPTIONAL_SPEC_FIELDS)
-    return [
+    presence = " && ".join(f"has(self.{name}) == has(oldSelf.{name})" for name in optional)
+    inferable = (
+        "{"
+        + ", ".join(
+            f"'{name}': {cel_list([score for metric in metrics for score in scores_of(metric)])}"
+            for name, metrics in INFERABLE_METRICS.items()
+        )
+        + "}"
+    )
+    hosted_unscored = cel_list([score for metric in HOSTED_UNSCORED_METRICS for score in scores_of(metric)])
+    schema["x-kubernetes-validations"] = [
         {"rule": presence, "message": "optional spec fields cannot be added or removed after creation"},
         cel(
             "self.method != 'qlora' || !has(self.quantization) || self.quantization.bits == 4",
@@ -429,10 +570,33 @@ def _spec_rules() -> list[Any]:
             "lora settings apply to methods lora and qlora only",
             ".lora",
         ),
+        {
+            # With evaluation.metrics empty the trainer infers them from the format: a gate on anything else would
+            # be found out only after training.
+            **cel(
+                "!has(self.evaluation.gate) || size(self.evaluation.metrics) > 0 || "
+                f"!(self.evaluation.gate.metric in {cel_list(gate_metric_names())}) || "
+                f"self.evaluation.gate.metric in {inferable}[self.dataset.format]",
+                "evaluation.gate.metric is never inferred for this dataset.format: list it in evaluation.metrics",
+                ".evaluation.gate.metric",
+            ),
+            "messageExpression": "'evaluation.gate.metric ' + self.evaluation.gate.metric + ' is never inferred for "
+            "dataset.format ' + self.dataset.format + ': list its metric in evaluation.metrics'",
+        },
+        cel(
+            f"self.backend != 'openai' || !has(self.evaluation.gate) || !(self.evaluation.gate.metric in "
+            f"{hosted_unscored})",
+            "backend openai reports no loss for the hosted model: gate on a metric of its replies",
+            ".evaluation.gate.metric",
+        ),
+        cel(
+            "self.backend != 'openai' || !self.evaluation.enabled || size(self.evaluation.metrics) == 0 || "
+            f"self.evaluation.metrics.exists(m, !(m in {cel_list(HOSTED_UNSCORED_METRICS)}))",
+            "backend openai: loss needs the model's probabilities of the reference tokens, which a hosted model does "
+            "not give; add accuracy, f1, exactMatch, json, rougeL or judge",
+            ".evaluation.metrics",
+        ),
     ]
-
-
-OPTIONAL_SPEC_FIELDS = ("lora", "quantization", "image", "s3", "queueName", "openai")
 
 
 def _immutable_field(description: str, name: str, **kwargs: Any) -> Any:
@@ -442,7 +606,7 @@ def _immutable_field(description: str, name: str, **kwargs: Any) -> Any:
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what, how, and where the results go. Immutable after creation except runPolicy.suspend."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _spec_rules()})
+    model_config = ConfigDict(json_schema_extra=_spec_rules)
 
     model: ModelSpec = _immutable_field("The base model.", "model")
     dataset: DatasetSpec = _immutable_field("Training data and its format.", "dataset")
@@ -462,7 +626,11 @@ class FineTuneJobSpec(ApiModel):
         "Pod resources and placement.", "resources", default_factory=ResourcesSpec
     )
     image: str | None = _immutable_field(
-        "Trainer image; default from the operator's settings.", "image", default=None, max_length=512
+        "Trainer image reference ([registry/]path[:tag][@sha256:digest]); default from the operator's settings.",
+        "image",
+        default=None,
+        max_length=512,
+        pattern=IMAGE_REFERENCE_PATTERN,
     )
     s3: S3Spec | None = _immutable_field("S3 endpoint and credentials.", "s3", default=None)
     queue_name: str | None = _immutable_field(
@@ -481,11 +649,19 @@ class FineTuneJobSpec(ApiModel):
     )
 
     @model_validator(mode="after")
-    def _check_cross_fields(self) -> FineTuneJobSpec:
-        # Mirrors the CEL rules so that `kubetune validate` and `kubetune train` refuse the same specs offline.
-        errors = cross_field_errors(self)
-        if errors:
-            raise ValueError("; ".join(errors))
+    def _check_rules(self) -> FineTuneJobSpec:
+        # The CRD's own CEL rules, evaluated here too: `kubetune validate`, `kubetune train`, the trainer and the
+        # operator refuse what the API server refuses.
+        violations = rule_violations(self)
+        if violations:
+            raise PydanticCustomError(
+                RULES_ERROR,
+                "{summary}",
+                {
+                    "summary": "; ".join(str(v) for v in violations),
+                    "violations": [(v.path, v.message) for v in violations],
+                },
+            )
         return self
 
     def resolved_quantization(self) -> QuantizationSpec | None:
@@ -499,32 +675,6 @@ class FineTuneJobSpec(ApiModel):
         if self.method == "full":
             return None
         return self.lora or LoraSpec()
-
-
-def cross_field_errors(spec: FineTuneJobSpec) -> list[str]:
-    """Messages for every cross-field rule the spec breaks (the same rules as the CRD's CEL)."""
-    errors = []
-    if (spec.model.name is None) == (spec.model.uri is None):
-        errors.append("exactly one of model.name or model.uri must be set")
-    if spec.dataset.validation is not None and spec.dataset.validation_split is not None:
-        errors.append("set dataset.validation or dataset.validationSplit, not both")
-    if spec.method == "qlora" and spec.quantization is not None and spec.quantization.bits != 4:
-        errors.append("method qlora requires quantization.bits 4")
-    if spec.method != "qlora" and spec.quantization is not None:
-        errors.append("quantization applies to method qlora only")
-    if spec.method == "full" and spec.lora is not None:
-        errors.append("lora settings apply to methods lora and qlora only")
-    if spec.backend == "openai" and spec.openai is None:
-        errors.append("backend openai requires spec.openai")
-    if spec.backend != "openai" and spec.openai is not None:
-        errors.append("spec.openai requires backend openai")
-    if spec.training.objective == "sequence-classification" and spec.dataset.format not in ("classification", "auto"):
-        errors.append("training.objective sequence-classification requires dataset.format classification (or auto)")
-    if spec.training.packing and spec.training.objective == "sequence-classification":
-        errors.append("training.packing applies to objective causal-lm only")
-    if "judge" in spec.evaluation.metrics and spec.evaluation.judge is None:
-        errors.append("evaluation.metrics has judge: set evaluation.judge")
-    return errors
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune.api import KIND, FineTuneJob
+from kubetune.api import KIND, RULES_ERROR, FineTuneJob
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,16 @@ def _problem_at(file: str, root: yaml.Node, loc: Sequence[str | int], message: s
     return ManifestProblem(file, mark.line + 1, mark.column + 1, wire_path(loc), message)
 
 
+def issue_problems(file: str, root: yaml.Node, issue: Mapping[str, Any]) -> list[ManifestProblem]:
+    """One problem per pydantic issue, and one per broken CEL rule (at the field the rule names, as the API server
+    reports it)."""
+    if issue["type"] == RULES_ERROR:
+        return [
+            _problem_at(file, root, (*issue["loc"], *path), message) for path, message in issue["ctx"]["violations"]
+        ]
+    return [_problem_at(file, root, issue["loc"], issue["msg"])]
+
+
 def document_problems(document: YamlDocument, file: str) -> tuple[FineTuneJob | None, list[ManifestProblem]]:
     """The FineTuneJob in one document, or the problems that keep it from being one."""
     root, data = document.node, document.data
@@ -144,7 +154,9 @@ def document_problems(document: YamlDocument, file: str) -> tuple[FineTuneJob | 
         # by_name=False: snake_case keys are unknown fields, as they are to the API server.
         job = FineTuneJob.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as error:
-        problems = [_problem_at(file, root, issue["loc"], issue["msg"]) for issue in error.errors(include_url=False)]
+        problems = [
+            problem for issue in error.errors(include_url=False) for problem in issue_problems(file, root, issue)
+        ]
         return None, [*duplicates, *problems]
     return (None if duplicates else job), duplicates
 

@@ -113,47 +113,47 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "spec.resources.tolerations[0].effect",
         'Unsupported value: "Never"',
     ),
+    # The CRD's CEL rules: `kubetune validate` evaluates the same rules and names the same field as the API server.
     InvalidManifest(
         "model-name-and-uri",
         job(
-            "model:\n  name: HuggingFaceTB/SmolLM2-135M-Instruct\n  uri: s3://kubetune-models/smollm2\n"
+            f"model:  {ERROR_MARK}\n  name: HuggingFaceTB/SmolLM2-135M-Instruct\n  uri: s3://kubetune-models/smollm2\n"
             + DATASET
-            + OUTPUT,
-            spec_mark=True,
+            + OUTPUT
         ),
-        "spec",
+        "spec.model",
         "exactly one of model.name or model.uri must be set",
         "spec.model",
         "exactly one of model.name or model.uri must be set",
     ),
     InvalidManifest(
         "model-neither-name-nor-uri",
-        job("model:\n  revision: main\n" + DATASET + OUTPUT, spec_mark=True),
-        "spec",
+        job(f"model:  {ERROR_MARK}\n  revision: main\n" + DATASET + OUTPUT),
+        "spec.model",
         "exactly one of model.name or model.uri must be set",
         "spec.model",
         "exactly one of model.name or model.uri must be set",
     ),
     InvalidManifest(
         "qlora-with-8-bits",
-        job(BASE_SPEC + "method: qlora\nquantization:\n  bits: 8", spec_mark=True),
-        "spec",
+        job(BASE_SPEC + f"method: qlora\nquantization:\n  bits: 8  {ERROR_MARK}"),
+        "spec.quantization.bits",
         "method qlora requires quantization.bits 4",
         "spec.quantization.bits",
         "method qlora requires quantization.bits 4",
     ),
     InvalidManifest(
         "quantization-with-lora",
-        job(BASE_SPEC + "method: lora\nquantization:\n  bits: 4", spec_mark=True),
-        "spec",
+        job(BASE_SPEC + f"method: lora\nquantization:  {ERROR_MARK}\n  bits: 4"),
+        "spec.quantization",
         "quantization applies to method qlora only",
         "spec.quantization",
         "quantization applies to method qlora only",
     ),
     InvalidManifest(
         "full-with-lora-settings",
-        job(BASE_SPEC + "method: full\nlora:\n  r: 8", spec_mark=True),
-        "spec",
+        job(BASE_SPEC + f"method: full\nlora:  {ERROR_MARK}\n  r: 8"),
+        "spec.lora",
         "lora settings apply to methods lora and qlora only",
         "spec.lora",
         "lora settings apply to methods lora and qlora only",
@@ -181,27 +181,26 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         job(
             MODEL
             + OUTPUT
-            + "dataset:\n  train: s3://kubetune-data/train.jsonl\n  validation: s3://kubetune-data/test.jsonl\n"
-            + "  validationSplit: 0.1",
-            spec_mark=True,
+            + f"dataset:  {ERROR_MARK}\n  train: s3://kubetune-data/train.jsonl\n"
+            + "  validation: s3://kubetune-data/test.jsonl\n  validationSplit: 0.1"
         ),
-        "spec",
+        "spec.dataset",
         "set dataset.validation or dataset.validationSplit, not both",
         "spec.dataset",
         "set dataset.validation or dataset.validationSplit, not both",
     ),
     InvalidManifest(
         "openai-backend-without-openai-block",
-        job(BASE_SPEC + "backend: openai", spec_mark=True),
-        "spec",
+        job(BASE_SPEC + "backend: openai", spec_mark=True),  # spec.openai is missing: the spec is pointed at
+        "spec.openai",
         "backend openai requires spec.openai",
         "spec.openai",
         "backend openai requires spec.openai",
     ),
     InvalidManifest(
         "judge-metric-without-judge",
-        job(BASE_SPEC + "evaluation:\n  metrics: [accuracy, judge]", spec_mark=True),
-        "spec",
+        job(BASE_SPEC + f"evaluation:  {ERROR_MARK}\n  metrics: [accuracy, judge]"),
+        "spec.evaluation",
         "evaluation.metrics has judge: set evaluation.judge",
         "spec.evaluation",
         "evaluation.metrics has judge: set evaluation.judge",
@@ -212,21 +211,119 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
             MODEL
             + OUTPUT
             + "dataset:\n  train: s3://kubetune-data/chat.jsonl\n  format: messages\n"
-            + "training:\n  objective: sequence-classification",
-            spec_mark=True,
+            + f"training:\n  objective: sequence-classification  {ERROR_MARK}"
         ),
-        "spec",
+        "spec.training.objective",
         "training.objective sequence-classification requires dataset.format classification",
         "spec.training.objective",
         "training.objective sequence-classification requires dataset.format classification",
     ),
     InvalidManifest(
         "packing-with-sequence-classification",
-        job(BASE_SPEC + "training:\n  objective: sequence-classification\n  packing: true", spec_mark=True),
-        "spec",
+        job(BASE_SPEC + f"training:  {ERROR_MARK}\n  objective: sequence-classification\n  packing: true"),
+        "spec.training",
         "training.packing applies to objective causal-lm only",
         "spec.training",
         "training.packing applies to objective causal-lm only",
+    ),
+    # A gate the evaluation can never meet is refused with the spec, not found out after training.
+    InvalidManifest(
+        "gate-on-an-unknown-score",
+        job(BASE_SPEC + f"evaluation:\n  gate:\n    metric: acuracy  {ERROR_MARK}"),
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric must name a metric or a score: loss, perplexity, accuracy",
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric must name a metric or a score",
+    ),
+    InvalidManifest(
+        "gate-on-a-metric-not-listed",
+        job(BASE_SPEC + f"evaluation:\n  metrics: [loss, rougeL]\n  gate:\n    metric: accuracy  {ERROR_MARK}"),
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric accuracy is not computed by evaluation.metrics: add accuracy to them",
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric accuracy is not computed by evaluation.metrics: add accuracy to them",
+    ),
+    InvalidManifest(
+        "gate-on-a-score-never-inferred-for-the-format",
+        job(
+            MODEL
+            + OUTPUT
+            + "dataset:\n  train: s3://kubetune-data/corpus.jsonl\n  format: text\n"
+            + f"evaluation:\n  gate:\n    metric: macroF1  {ERROR_MARK}\n    threshold: 0.8"
+        ),
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric macroF1 is never inferred for dataset.format text",
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric macroF1 is never inferred for dataset.format text",
+    ),
+    InvalidManifest(
+        "gate-on-the-judge-without-the-judge-metric",
+        job(BASE_SPEC + f"evaluation:\n  gate:\n    metric: judge  {ERROR_MARK}"),
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric judge is never inferred for dataset.format auto",
+        "spec.evaluation.gate.metric",
+        "evaluation.gate.metric judge is never inferred for dataset.format auto",
+    ),
+    InvalidManifest(
+        "gate-threshold-a-bounded-score-cannot-reach",
+        job(BASE_SPEC + f"evaluation:\n  gate:\n    metric: accuracy\n    threshold: 85  {ERROR_MARK}"),
+        "spec.evaluation.gate.threshold",
+        "evaluation.gate.threshold is out of reach: accuracy ranges from 0 to 1",
+        "spec.evaluation.gate.threshold",
+        "evaluation.gate.threshold is out of reach: accuracy ranges from 0 to 1",
+    ),
+    InvalidManifest(
+        "gate-must-beat-a-baseline-not-run",
+        job(
+            BASE_SPEC
+            + "evaluation:\n  baselines: [zeroShot]\n  gate:\n    metric: accuracy\n"
+            + f"    mustBeat: [fewShot]  {ERROR_MARK}"
+        ),
+        "spec.evaluation.gate.mustBeat",
+        "evaluation.gate.mustBeat names a baseline that evaluation.baselines does not run",
+        "spec.evaluation.gate.mustBeat",
+        "evaluation.gate.mustBeat names a baseline that evaluation.baselines does not run",
+    ),
+    InvalidManifest(
+        "gate-with-evaluation-off",
+        job(BASE_SPEC + f"evaluation:\n  enabled: false\n  gate:  {ERROR_MARK}\n    metric: loss"),
+        "spec.evaluation.gate",
+        "evaluation.gate needs evaluation.enabled: true",
+        "spec.evaluation.gate",
+        "evaluation.gate needs evaluation.enabled: true",
+    ),
+    InvalidManifest(
+        "hosted-gate-on-loss",
+        job(
+            BASE_SPEC
+            + "backend: openai\nopenai:\n  model: gpt-4o-mini-2024-07-18\n  apiKeySecretRef:\n"
+            + "    name: openai\n    key: api-key\n"
+            + f"evaluation:\n  metrics: [loss, accuracy]\n  gate:\n    metric: loss  {ERROR_MARK}"
+        ),
+        "spec.evaluation.gate.metric",
+        "backend openai reports no loss for the hosted model",
+        "spec.evaluation.gate.metric",
+        "backend openai reports no loss for the hosted model",
+    ),
+    InvalidManifest(
+        "hosted-loss-only",
+        job(
+            BASE_SPEC
+            + "backend: openai\nopenai:\n  model: gpt-4o-mini-2024-07-18\n  apiKeySecretRef:\n"
+            + f"    name: openai\n    key: api-key\nevaluation:\n  metrics: [loss]  {ERROR_MARK}"
+        ),
+        "spec.evaluation.metrics",
+        "backend openai: loss needs the model's probabilities of the reference tokens",
+        "spec.evaluation.metrics",
+        "backend openai: loss needs the model's probabilities of the reference tokens",
+    ),
+    InvalidManifest(
+        "image-reference-that-cannot-be-valid",
+        job(BASE_SPEC + f"image: https://ghcr.io/kubetune/trainer:latest  {ERROR_MARK}"),
+        "spec.image",
+        "String should match pattern",
+        "spec.image",
+        "should match",
     ),
     InvalidManifest(
         "unknown-field",

@@ -190,7 +190,15 @@ STATUS = {
     "conditions": [
         {"type": "Running", "status": "True", "reason": "TrainerStarted", "lastTransitionTime": "2025-01-01T00:00:00Z"}
     ],
-    "progress": {"step": 12, "totalSteps": 40, "percent": 30.5, "loss": 1.25, "learningRate": 0.0002},
+    "model": "SmolLM2-135M-Instruct",
+    "progress": {
+        "step": 12,
+        "totalSteps": 40,
+        "percent": 30.5,
+        "loss": 1.25,
+        "learningRate": 0.0002,
+        "summary": "train 30% (12/40 steps)",
+    },
     "metrics": {"trainLoss": 1.25},
     "evaluation": {"metric": "accuracy", "tuned": 0.875, "baselines": {"zeroShot": 0.125}, "lift": {"zeroShot": 0.75}},
     "kopf": {"progress": {"on_create": {"started": "2025-01-01T00:00:00Z", "retries": 0}}},
@@ -230,7 +238,7 @@ def table_columns(output: str, names: list[str]) -> dict[str, str]:
     return {name: row[start:end].strip() for name, start, end in zip(names, starts, ends, strict=True)}
 
 
-NARROW_COLUMNS = ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "SCORE", "AGE"]
+NARROW_COLUMNS = ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "METRIC", "SCORE", "AGE"]
 
 
 def test_printer_columns(kube: ControlPlane, jobs: FineTuneJobs) -> None:
@@ -246,9 +254,10 @@ def test_printer_columns(kube: ControlPlane, jobs: FineTuneJobs) -> None:
     assert shown == {
         "NAME": name,
         "PHASE": "Running",
-        "MODEL": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "PROGRESS": "30.5",
+        "MODEL": "SmolLM2-135M-Instruct",
+        "PROGRESS": "train 30% (12/40 steps)",
         "LOSS": "1.25",
+        "METRIC": "accuracy",
         "SCORE": "0.875",
     }
     wide_only = table_columns(wide, [*NARROW_COLUMNS, "MODEL URI", "BACKEND", "MESSAGE"])

@@ -22,7 +22,8 @@ from bench.gpu_check import (
     write_rows,
     write_tiny_model,
 )
-from kubetune.api import FineTuneJob, cross_field_errors
+from kubetune.api import FineTuneJob
+from kubetune.rules import rule_violations
 
 pytestmark = pytest.mark.unit
 
@@ -74,7 +75,7 @@ def test_unpacking_bitsandbytes_leaves_the_other_libraries_in_the_wheel(tmp_path
 def test_the_device_job_is_a_valid_qlora_job_with_both_baselines() -> None:
     job = FineTuneJob.model_validate(job_manifest())
 
-    assert cross_field_errors(job.spec) == []
+    assert rule_violations(job.spec) == []
     assert job.spec.method == "qlora" and job.spec.model.uri == ".gpu/model"
     assert job.spec.evaluation.baselines == ["zeroShot", "fewShot"]
 

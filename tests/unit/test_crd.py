@@ -22,6 +22,7 @@ from kubetune.crd import (
     model_schema,
     render_crd_yaml,
 )
+from kubetune.rules import model_rules
 
 pytestmark = pytest.mark.unit
 
@@ -226,7 +227,7 @@ def test_status_has_no_defaults(root: SchemaNode) -> None:
 
 
 def declared_validations(extra: object) -> list[dict[str, str]]:
-    """The x-kubernetes-validations entries of one json_schema_extra (a dict, a callable or None)."""
+    """The x-kubernetes-validations entries of one field's json_schema_extra (a dict or None)."""
     if not isinstance(extra, dict):
         return []
     entries: list[dict[str, str]] = extra.get("x-kubernetes-validations", [])
@@ -239,8 +240,8 @@ def expected_rules() -> set[str]:
     for _, model in inspect.getmembers(api, inspect.isclass):
         if not (issubclass(model, BaseModel) and model.__module__ == api.__name__):
             continue
-        extras = [model.model_config.get("json_schema_extra")]
-        extras += [field.json_schema_extra for field in model.model_fields.values()]
+        rules |= {entry["rule"] for entry in model_rules(model)}
+        extras = [field.json_schema_extra for field in model.model_fields.values()]
         rules |= {entry["rule"] for extra in extras for entry in declared_validations(extra)}
     return rules
 
@@ -255,7 +256,7 @@ def test_every_cel_rule_from_the_api_appears(root: SchemaNode) -> None:
 def test_cel_rules_sit_on_the_right_nodes(root: SchemaNode) -> None:
     spec_rules = root["properties"]["spec"]["x-kubernetes-validations"]
 
-    assert spec_rules == declared_validations(api.FineTuneJobSpec.model_config.get("json_schema_extra"))
+    assert spec_rules == model_rules(api.FineTuneJobSpec)
     assert rules_at(root, "spec.model") == ["has(self.name) != has(self.uri)", "self == oldSelf"]
     assert rules_at(root, "spec.output") == ["self == oldSelf"]
     assert rules_at(root, "spec.output.uri") == []

@@ -209,14 +209,8 @@ def test_only_suspension_or_deletion_cancels_the_hosted_job(finetunejob: dict[st
     [
         (spec(backend="local", openai=None), API_KEY, "backend local is run by `python -m kubetune_trainer run`"),
         (spec(), "", "OPENAI_API_KEY is empty: the operator fills it from openai.apiKeySecretRef (secret 'openai'"),
-        (spec(evaluation={"metrics": ["loss"]}), API_KEY, "evaluation.metrics: loss needs the model's probabilities"),
-        (
-            spec(evaluation={"metrics": ["accuracy"], "gate": {"metric": "loss"}}),
-            API_KEY,
-            "evaluation.gate.metric loss is not computed for backend openai",
-        ),
     ],
-    ids=["local-backend", "no-key", "loss-only", "gate-on-loss"],
+    ids=["local-backend", "no-key"],
 )
 def test_what_the_hosted_backend_cannot_run_is_refused_naming_the_field(
     job_spec: FineTuneJobSpec, key: str, message: str

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_trainer.examples import Example, PreparedData
 from kubetune_trainer.failures import ConfigError
 from kubetune_trainer.main import (
     EvaluationOutcome,
     RunRecord,
+    check_gate_is_computed,
     check_runnable,
     default_settings,
     load_job,
@@ -168,3 +170,40 @@ def test_stage_timings_include_the_running_stage_and_the_total() -> None:
     assert set(running) == {"data", "publish", "total"}
     assert set(record.timings) == {"data", "publish"}
     assert reporter.stage == "publish"
+
+
+def prepared(format_name: str, completions: list[str]) -> PreparedData:
+    examples = [
+        Example(prompt="q", completion=text, input_text="q", line=line) for line, text in enumerate(completions, 1)
+    ]
+    return PreparedData(format_name, examples, examples, None, "0" * 64, None)
+
+
+@pytest.mark.parametrize(
+    ("gate_metric", "completions", "refused"),
+    [
+        ("exactMatch", ["Paris", "Rome"], False),  # short answers: exactMatch is inferred
+        ("exactMatch", ["a long answer of many words, " * 3] * 2, True),  # long ones: rougeL instead
+        ("jsonF1", ['{"a": 1}', '{"a": 2}'], False),
+        ("rougeL", ['{"a": 1}', '{"a": 2}'], True),
+    ],
+)
+def test_a_gate_on_a_metric_the_data_does_not_infer_fails_pre_flight(
+    gate_metric: str, completions: list[str], refused: bool
+) -> None:
+    spec = FineTuneJobSpec.model_validate(manifest("gated", evaluation={"gate": {"metric": gate_metric}})["spec"])
+    data = prepared("prompt-completion", completions)
+    if not refused:
+        check_gate_is_computed(spec, data)
+        return
+    with pytest.raises(ConfigError) as caught:
+        check_gate_is_computed(spec, data)
+    assert f"evaluation.gate.metric {gate_metric} is not computed" in str(caught.value)
+    assert "list the gate's metric in evaluation.metrics" in str(caught.value)
+
+
+def test_listed_metrics_are_not_second_guessed_by_the_data() -> None:
+    spec = FineTuneJobSpec.model_validate(
+        manifest("gated", evaluation={"metrics": ["rougeL"], "gate": {"metric": "rougeL"}})["spec"]
+    )
+    check_gate_is_computed(spec, prepared("prompt-completion", ['{"a": 1}']))

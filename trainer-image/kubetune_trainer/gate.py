@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kubetune.api import GateSpec
+from kubetune.api import GateSpec, scores_of
 from kubetune_trainer.evaluation_results import TUNED
 from kubetune_trainer.metrics import LOWER_IS_BETTER, is_better, resolve_score_name
 
@@ -88,3 +88,13 @@ def evaluate_gate(gate: GateSpec, tables: Mapping[str, Mapping[str, float]]) -> 
     if not_beaten:
         parts.append(f"does not beat {' and '.join(not_beaten)}")
     return GateOutcome(False, "; ".join(parts))
+
+
+def uncomputed_gate_metric(gate: GateSpec, metrics: list[str], dataset_format: str) -> str | None:
+    """Why the gate's metric is one the evaluation will not compute (the metrics inferred from the data), or None."""
+    if any(gate.metric in scores_of(metric) for metric in metrics):
+        return None
+    return (
+        f"evaluation.gate.metric {gate.metric} is not computed: with evaluation.metrics empty, the evaluation of this "
+        f"{dataset_format} data computes {', '.join(metrics)}; list the gate's metric in evaluation.metrics"
+    )

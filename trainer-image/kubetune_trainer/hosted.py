@@ -52,7 +52,6 @@ from kubetune_trainer.failures import (
     exit_code,
     failed_summary,
 )
-from kubetune_trainer.hosted_evaluation import UNSCORED_METRICS
 from kubetune_trainer.hosted_publish import hosted_publish_stage, hosted_run_metrics, success_message
 from kubetune_trainer.hosted_service import (
     EVENTS_PER_POLL,
@@ -206,14 +205,8 @@ def check_hosted_runnable(spec: FineTuneJobSpec, api_key: str) -> OpenAISpec:
         )
     # The hosted service has the model: no model.uri to check.
     check_spec_uris(spec, include_model=False)
-    evaluation = spec.evaluation
-    if evaluation.enabled and evaluation.metrics and set(evaluation.metrics) <= UNSCORED_METRICS:
-        raise ConfigError(
-            "evaluation.metrics: loss needs the model's probabilities of the reference tokens, which a hosted model "
-            "does not give; add accuracy, f1, exactMatch, json, rougeL or judge"
-        )
-    if evaluation.enabled and evaluation.gate is not None and evaluation.gate.metric in UNSCORED_METRICS:
-        raise ConfigError(f"evaluation.gate.metric {evaluation.gate.metric} is not computed for backend openai")
+    # A loss-only evaluation or a gate on loss is refused with the spec (the CRD's rules): a hosted model gives no
+    # token probabilities.
     return spec.openai
 
 

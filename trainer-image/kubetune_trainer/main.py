@@ -154,10 +154,27 @@ def data_stage(spec: FineTuneJobSpec, reporter: Reporter) -> PreparedData:
     from kubetune_trainer.data import prepare_data
 
     data = prepare_data(spec.dataset, spec.training.seed)
+    check_gate_is_computed(spec, data)
     # A missing output bucket or denied credentials surface now, not after hours of training.
     storage.exists(spec.output.uri)
     reporter.report_dataset(data.dataset_status())
     return data
+
+
+def check_gate_is_computed(spec: FineTuneJobSpec, data: PreparedData) -> None:
+    """A gate on a metric the evaluation will not compute fails pre-flight, not after training (the API server
+    refuses what it can tell from the spec; the metrics inferred from the data are known only now)."""
+    from kubetune_trainer.gate import uncomputed_gate_metric
+    from kubetune_trainer.metrics import default_metrics
+
+    evaluation = spec.evaluation
+    if not evaluation.enabled or evaluation.gate is None or evaluation.metrics:
+        return
+    references = [example.completion for example in data.validation[: evaluation.max_samples]]
+    metrics = default_metrics(data.format, references)
+    problem = uncomputed_gate_metric(evaluation.gate, list(metrics), data.format)
+    if problem:
+        raise ConfigError(problem)
 
 
 def route_library_logs() -> None:

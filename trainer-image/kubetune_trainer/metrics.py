@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.api import EvaluationMetric
+from kubetune.api import METRIC_SCORES, EvaluationMetric
 
 UNPARSED = "<unparsed>"
 """Column of the confusion matrix for replies that named no label, or more than one."""
@@ -18,16 +18,10 @@ SampleScores = dict[str, float | str | None]
 """Per-sample scores of one output, e.g. {"prediction": "Sports", "correct": 1.0, "rougeL": 0.5}."""
 
 # Spec metric names (EvaluationSpec.metrics) to the headline figure each one reports.
-PRIMARY_SCORE: dict[str, str] = {
-    "loss": "loss",
-    "accuracy": "accuracy",
-    "f1": "macroF1",
-    "exactMatch": "exactMatch",
-    "json": "jsonF1",
-    "rougeL": "rougeL",
-    "judge": "judge",
-}
-LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity", "unparsed", "judgeUnjudged"})
+PRIMARY_SCORE: dict[str, str] = {metric: scores[0].name for metric, scores in METRIC_SCORES.items()}
+LOWER_IS_BETTER: frozenset[str] = frozenset(
+    score.name for scores in METRIC_SCORES.values() for score in scores if score.lower_is_better
+)
 TEXT_METRICS: frozenset[str] = frozenset({"accuracy", "f1", "exactMatch", "json", "rougeL"})
 SHORT_ANSWER_WORDS = 5
 SHORT_ANSWER_SHARE = 0.9
