@@ -20,6 +20,9 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
+# status.evaluation.problems: at most this many, each at most this long.
+MAX_PROBLEMS = 8
+PROBLEM_LIMIT = 1024
 # The error type of a spec that breaks the CRD's CEL rules; its context lists each (path below spec, message).
 RULES_ERROR = "x_kubernetes_validations"
 
@@ -255,7 +258,7 @@ class TrainingSpec(ApiModel):
 
 
 EvaluationMetric = Literal["loss", "accuracy", "f1", "exactMatch", "json", "rougeL", "judge"]
-BaselineName = Literal["zeroShot", "fewShot"]
+BaselineName = Literal["zeroShot", "fewShot", "retrievalFewShot"]
 DEFAULT_BASELINES: tuple[BaselineName, ...] = ("zeroShot", "fewShot")
 
 
@@ -400,7 +403,7 @@ class GateSpec(ApiModel):
     )
     threshold: float | None = Field(default=None, description="The tuned model's metric must reach this value.")
     must_beat: list[BaselineName] = Field(
-        default_factory=list, max_length=2, description="Baselines the tuned model must beat on metric."
+        default_factory=list, max_length=3, description="Baselines the tuned model must beat on metric."
     )
     fail_job: bool = Field(
         default=False, description="Mark the job Failed when the gate fails (artifacts are kept either way)."
@@ -418,10 +421,12 @@ class EvaluationSpec(ApiModel):
     )
     baselines: list[BaselineName] = Field(
         default_factory=lambda: list(DEFAULT_BASELINES),
-        max_length=2,
-        description="Prompting baselines scored on the same samples.",
+        max_length=3,
+        description="Prompting baselines scored on the same samples: zeroShot (the bare prompt), fewShot (the same "
+        "fewShotK train rows before every prompt, chosen with the seed) and retrievalFewShot (for each row, the "
+        "fewShotK train rows most like it, by TF-IDF cosine of their inputs).",
     )
-    few_shot_k: int = Field(default=5, ge=1, le=64, description="Examples (from train) in the few-shot prompt.")
+    few_shot_k: int = Field(default=5, ge=1, le=64, description="Examples (from train) in a few-shot prompt.")
     max_samples: int = Field(default=200, ge=1, le=100_000, description="Validation rows scored.")
     max_new_tokens: int | None = Field(
         default=None, ge=1, le=8192, description="Generation cap; default from the reference lengths."
@@ -770,6 +775,11 @@ class EvaluationStatus(ApiModel):
     lift: dict[str, float] = Field(default_factory=dict, description="tuned minus each baseline.")
     samples: int | None = Field(default=None, description="Validation rows scored.")
     gate: GateStatus | None = None
+    problems: list[Annotated[str, Field(max_length=PROBLEM_LIMIT)]] = Field(
+        default_factory=list,
+        max_length=MAX_PROBLEMS,
+        description="What scored too little to mean anything (e.g. a judge that graded under half the outputs).",
+    )
 
 
 class ArtifactsStatus(ApiModel):

@@ -10,6 +10,8 @@ CONDITION_SUSPENDED = "Suspended"
 CONDITION_SUCCEEDED = "Succeeded"
 CONDITION_FAILED = "Failed"
 CONDITION_EVAL_PASSED = "EvalPassed"
+# Set False when part of the evaluation scored too little to mean anything (status.evaluation.problems).
+CONDITION_SCORED = "Scored"
 
 # Reasons the operator derives from the trainer Job and its Pod.
 REASON_JOB_CREATED = "JobCreated"
@@ -27,6 +29,7 @@ REASON_SUSPENDED_BY_USER = "SuspendedByUser"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_GATE_PASSED = "GatePassed"
 REASON_GATE_FAILED = "GateFailed"
+REASON_TOO_FEW_SCORED = "TooFewScored"
 REASON_TRAINER_JOB_MISSING = "TrainerJobMissing"
 REASON_RESUMING = "Resuming"
 REASON_JOB_FAILED = "JobFailed"

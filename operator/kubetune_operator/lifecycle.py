@@ -282,13 +282,23 @@ def gate_condition(job: FineTuneJob, summary: TrainerSummary | None) -> DesiredC
     return DesiredCondition(c.CONDITION_EVAL_PASSED, status, reason, gate.message or default)
 
 
+def scored_condition(summary: TrainerSummary | None) -> DesiredCondition | None:
+    """Scored=False when part of the evaluation scored too little to mean anything; a job that passed its gate (or has
+    none) must not read as a clean success then."""
+    problems = summary.evaluation.problems if summary and summary.evaluation else []
+    if not problems:
+        return None
+    return DesiredCondition(c.CONDITION_SCORED, "False", c.REASON_TOO_FEW_SCORED, shorten("; ".join(problems)))
+
+
 def observe_completed(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> Observation:
     """The Job completed: Succeeded, or Failed when the gate failed and gate.failJob is set."""
     succeeded = [pod for pod in pods if pod_phase(pod) == "Succeeded"]
     summary = next((s for s in map(pod_summary, succeeded) if s is not None), None)
     gate = gate_condition(job, summary)
+    scored = scored_condition(summary)
     spec_gate = job.spec.evaluation.gate
-    extra = (gate,) if gate else ()
+    extra = tuple(condition for condition in (gate, scored) if condition is not None)
     if gate is not None and gate.status == "False" and spec_gate is not None and spec_gate.fail_job:
         message = shorten(f"evaluation gate failed: {gate.message}")
         return Observation(
@@ -306,6 +316,8 @@ def observe_completed(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> Ob
         message = "the trainer finished without a summary in its termination message"
     else:
         message = describe_evaluation(summary) or summary.message or "training and evaluation finished"
+    if scored is not None:
+        message += f"; but {scored.message}"
     message = shorten(message)
     return Observation(
         "Succeeded",

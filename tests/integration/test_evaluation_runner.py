@@ -28,6 +28,7 @@ from kubetune_trainer.gate import evaluate_gate
 from kubetune_trainer.judge import LlmJudge
 from kubetune_trainer.metrics import parse_label
 from kubetune_trainer.report import evaluation_status, write_report
+from kubetune_trainer.retrieval import retrieved_shots
 
 from kubetune.api import EvaluationSpec, GateSpec, JudgeSpec, SecretKeyRef
 from tests.openai_double import OpenAIDouble, RecordedRequest, Reply, chat_completion
@@ -144,6 +145,30 @@ def test_tuned_and_both_baselines_are_scored_and_reported(
     assert files.chart is not None and files.chart.stat().st_size > 0
     status = evaluation_status(results, gate)
     assert (status.metric, status.samples, set(status.baselines)) == ("accuracy", 5, {"zeroShot", "fewShot"})
+
+
+def test_retrieval_few_shot_prompts_each_row_with_its_nearest_train_rows(peft_model: Any, tokenizer: Any) -> None:
+    spec = EvaluationSpec(
+        baselines=["zeroShot", "retrievalFewShot"], few_shot_k=2, max_samples=5, batch_size=3, max_new_tokens=6
+    )
+
+    results = run_evaluation(
+        peft_model, tokenizer, VALIDATION, TRAIN, spec, dataset_format="classification", labels=LABELS
+    )
+
+    assert list(results.models) == ["tuned", "zeroShot", "retrievalFewShot"]
+    retrieval = results.models["retrievalFewShot"]
+    assert len(retrieval.outputs) == 5 and "accuracy" in retrieval.metrics
+    # Rows 3-5 are also train rows: each gets two shots, never itself, and its prompt holds them before the question.
+    nearest = retrieved_shots(TRAIN, VALIDATION[:5], 2)
+    plan, _ = evaluation.plan_models(
+        peft_model, None, VALIDATION[:5], shots=[], baselines=["retrievalFewShot"], loss=False, retrieved=nearest
+    )
+    for example, shots, prompt in zip(VALIDATION[:5], nearest, plan[-1].prompts, strict=True):
+        assert len(shots) == 2
+        assert all(shot.input_text != example.input_text for shot in shots)
+        assert prompt == few_shot_prompt(example, shots)
+    assert len({str(prompt) for prompt in plan[-1].prompts}) == 5
 
 
 def test_baselines_with_the_adapter_disabled_equal_a_model_without_adapter(

@@ -618,6 +618,31 @@ def test_trainer_summary_becomes_metrics_evaluation_artifacts_usage_and_dataset(
     assert "progress" not in status
 
 
+def test_an_evaluation_that_scored_too_little_is_a_condition_and_in_the_message() -> None:
+    problem = "judge smollm2 graded 1 of 40 outputs (response format json_object), too few for a judge score"
+    unjudged = summary(
+        outcome="Succeeded",
+        evaluation={"metric": "rougeL", "tuned": 0.6, "baselines": {"zeroShot": 0.2}, "problems": [problem]},
+    )
+    job = finetunejob({"phase": "Evaluating"})
+    done = trainer_job(("Complete", "CompletionsReached"), succeeded=1)
+    pod = PodState(phase="Succeeded", state=terminated("Completed", 0, unjudged)).manifest()
+    change = derive_status(job, done, [pod], T2)
+
+    assert change.status.phase == "Succeeded"
+    assert conditions_of(change)["Scored"] == ("False", "TooFewScored")
+    scored = next(condition for condition in change.status.conditions if condition.type == "Scored")
+    assert scored.message == problem
+    assert change.status.message == f"tuned rougeL 0.600 vs zeroShot 0.200; but {problem}"
+
+
+def test_a_fully_scored_evaluation_adds_no_scored_condition() -> None:
+    job = finetunejob({"phase": "Evaluating"})
+    done = trainer_job(("Complete", "CompletionsReached"), succeeded=1)
+    pod = PodState(phase="Succeeded", state=terminated("Completed", 0, SUCCEEDED_SUMMARY)).manifest()
+    assert "Scored" not in conditions_of(derive_status(job, done, [pod], T2))
+
+
 def test_a_failed_runs_partial_results_are_kept() -> None:
     failed_summary = summary(
         outcome="Failed", reason="TrainingDiverged", message="loss is NaN at step 40", dataset={"trainRows": 10}

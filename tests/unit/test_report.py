@@ -87,7 +87,9 @@ def test_write_report_produces_the_four_files(tmp_path: Path) -> None:
         "requests": 9,
         "judged": 8,
         "unjudged": 1,
+        "responseFormat": None,
     }
+    assert report["problems"] == []
     assert report["gate"] == {"passed": True, "message": gate.message, "failJob": True}
     assert report["notes"] == ["a note for the reader"]
 
@@ -216,3 +218,30 @@ def test_lower_is_better_names_only_the_scores_the_job_computed() -> None:
     assert "Lower is better" not in render_markdown(report)
     report["models"]["tuned"]["metrics"]["loss"] = 0.5
     assert "Lower is better for: loss; higher for the rest." in render_markdown(report)
+
+
+def test_a_judge_that_graded_too_few_outputs_is_a_problem_in_report_and_status(tmp_path: Path) -> None:
+    results = hand_built_results()
+    results.judge_cost = JudgeCost(
+        model="smollm2",
+        requests=12,
+        judged=1,
+        unjudged=5,
+        response_format="json_object",
+        first_error="malformed reply: score missing or not a number: None",
+    )
+    problem = (
+        "judge smollm2 graded 1 of 6 outputs (response format json_object), too few for a judge score: "
+        "malformed reply: score missing or not a number: None"
+    )
+    files = write_report(tmp_path, results, None)
+    assert json.loads(files.report_json.read_text())["problems"] == [problem]
+    assert f"Problem: {problem}" in files.report_markdown.read_text().splitlines()
+    assert evaluation_status(results, None).problems == [problem]
+
+
+def test_a_model_without_any_score_is_a_problem() -> None:
+    results = hand_built_results()
+    results.judge_cost = None
+    results.models["fewShot"].metrics = {}
+    assert evaluation_status(results, None).problems == ["fewShot produced no score"]

@@ -28,6 +28,8 @@ from typing import Any
 from kubetune.api import BaselineName, EvaluationMetric, EvaluationSpec
 from kubetune_trainer.evaluation_results import (
     FEW_SHOT,
+    MIN_JUDGED_SHARE,
+    RETRIEVAL_FEW_SHOT,
     TUNED,
     ZERO_SHOT,
     EvalSample,
@@ -46,6 +48,7 @@ from kubetune_trainer.metrics import (
     headline_metric,
     score_outputs,
 )
+from kubetune_trainer.retrieval import retrieved_shots
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,15 @@ def default_max_new_tokens(tokenizer: Any, references: Sequence[str]) -> int:
         (len(tokenizer(reference, add_special_tokens=False)["input_ids"]) for reference in references), default=0
     )
     return min(NEW_TOKENS_CAP, longest + NEW_TOKENS_MARGIN)
+
+
+def check_shots_available(spec: EvaluationSpec, train: Sequence[Example]) -> None:
+    """The few-shot baselines take their shots from train: refuse them when there is none."""
+    wanting = [name for name in (FEW_SHOT, RETRIEVAL_FEW_SHOT) if name in spec.baselines]
+    if wanting and not train:
+        raise EvaluationInputError(
+            f"the {' and '.join(wanting)} baseline needs train examples for its shots, and there are none"
+        )
 
 
 def select_shots(train: Sequence[Example], k: int, seed: int) -> list[Example]:
@@ -410,8 +422,12 @@ def judge_outputs(
     cost.requests += run.usage.requests
     cost.judged += len(judged)
     cost.unjudged += len(cases) - len(judged)
+    cost.response_format = run.response_format
+    cost.first_error = cost.first_error or next((v.error for v in run.verdicts if v.error), None)
     scores = {"judgeUnjudged": (len(cases) - len(judged)) / len(cases)} if cases else {}
-    if judged:
+    # A mean over a few judged cases would stand for all of them: too few and there is no judge score (the gate on it
+    # fails, and the job says why).
+    if judged and len(judged) >= MIN_JUDGED_SHARE * len(cases):
         scores["judge"] = sum(judged) / len(judged)
     per_sample: list[SampleScores] = [
         {"judge": verdict.score, "judgeReasoning": verdict.reasoning or verdict.error} for verdict in run.verdicts
@@ -436,6 +452,7 @@ def plan_models(
     shots: Sequence[Example],
     baselines: Sequence[BaselineName],
     loss: bool,
+    retrieved: Sequence[Sequence[Example]] = (),
 ) -> tuple[list[ScoredModel], list[str]]:
     """Which models run on which prompts, and notes on any baseline that cannot run."""
     prompts = [example.prompt for example in examples]
@@ -462,6 +479,9 @@ def plan_models(
     if FEW_SHOT in baselines:
         few_shot = [few_shot_prompt(example, list(shots)) for example in examples]
         plan.append(ScoredModel(FEW_SHOT, base_model, state, few_shot, False))
+    if RETRIEVAL_FEW_SHOT in baselines:
+        nearest = [few_shot_prompt(example, list(own)) for example, own in zip(examples, retrieved, strict=True)]
+        plan.append(ScoredModel(RETRIEVAL_FEW_SHOT, base_model, state, nearest, False))
     return plan, notes
 
 
@@ -632,11 +652,17 @@ def run_evaluation(
     metrics = evaluation_metrics(spec, dataset_format, [sample.reference for sample in samples])
     if "judge" in metrics and judge is None:
         raise EvaluationInputError("evaluation.metrics has judge but no judge was configured (evaluation.judge)")
-    if FEW_SHOT in spec.baselines and not train:
-        raise EvaluationInputError("the fewShot baseline needs train examples for its shots, and there are none")
+    check_shots_available(spec, train)
     shots = select_shots(train, spec.few_shot_k, seed) if FEW_SHOT in spec.baselines else []
+    retrieved = retrieved_shots(train, examples, spec.few_shot_k) if RETRIEVAL_FEW_SHOT in spec.baselines else []
     plan, notes = plan_models(
-        model, baseline_model, examples, shots=shots, baselines=spec.baselines, loss="loss" in metrics
+        model,
+        baseline_model,
+        examples,
+        shots=shots,
+        baselines=spec.baselines,
+        loss="loss" in metrics,
+        retrieved=retrieved,
     )
     run = EvalRun(
         tokenizer=tokenizer,

@@ -9,7 +9,10 @@ from kubetune_trainer.metrics import ConfusionMatrix, SampleScores
 TUNED = "tuned"
 ZERO_SHOT = "zeroShot"
 FEW_SHOT = "fewShot"
-MODEL_ORDER = (ZERO_SHOT, FEW_SHOT, TUNED)
+RETRIEVAL_FEW_SHOT = "retrievalFewShot"
+MODEL_ORDER = (ZERO_SHOT, FEW_SHOT, RETRIEVAL_FEW_SHOT, TUNED)
+MIN_JUDGED_SHARE = 0.5
+"""The share of outputs the judge must grade for its mean to stand as the model's judge score."""
 """How the models are listed in reports: the baselines first, then the fine-tuned adapter."""
 
 
@@ -42,6 +45,8 @@ class JudgeCost:
     requests: int = 0
     judged: int = 0
     unjudged: int = 0
+    response_format: str | None = None  # what the judge endpoint took (json_schema, json_object, text)
+    first_error: str | None = None  # why the first unjudged case was left unjudged
 
     @property
     def total_tokens(self) -> int:

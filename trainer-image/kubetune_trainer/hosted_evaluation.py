@@ -26,12 +26,14 @@ from kubetune_trainer.evaluation import (
     EvaluationInputError,
     Progress,
     ProgressCallback,
+    check_shots_available,
     evaluation_metrics,
     judge_outputs,
     select_shots,
 )
 from kubetune_trainer.evaluation_results import (
     FEW_SHOT,
+    RETRIEVAL_FEW_SHOT,
     TUNED,
     ZERO_SHOT,
     EvalSample,
@@ -43,6 +45,7 @@ from kubetune_trainer.examples import ChatMessages, Example
 from kubetune_trainer.formats import few_shot_prompt
 from kubetune_trainer.judge import LlmJudge, redact
 from kubetune_trainer.metrics import InvalidReferenceError, headline_metric, score_outputs
+from kubetune_trainer.retrieval import retrieved_shots
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -167,11 +170,16 @@ def planned_prompts(
     plan: dict[str, tuple[str, list[ChatMessages | str]]] = {TUNED: (models.tuned, prompts)}
     if ZERO_SHOT in spec.baselines:
         plan[ZERO_SHOT] = (models.base, prompts)
+    check_shots_available(spec, train)
     if FEW_SHOT in spec.baselines:
-        if not train:
-            raise EvaluationInputError("the fewShot baseline needs train examples for its shots, and there are none")
         shots = select_shots(train, spec.few_shot_k, seed)
         plan[FEW_SHOT] = (models.base, [few_shot_prompt(example, shots) for example in examples])
+    if RETRIEVAL_FEW_SHOT in spec.baselines:
+        nearest = retrieved_shots(train, examples, spec.few_shot_k)
+        plan[RETRIEVAL_FEW_SHOT] = (
+            models.base,
+            [few_shot_prompt(example, own) for example, own in zip(examples, nearest, strict=True)],
+        )
     return plan
 
 

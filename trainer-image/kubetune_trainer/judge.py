@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubetune.api import JudgeSpec
 from kubetune.contract import ENV_JUDGE_API_KEY
@@ -53,6 +53,17 @@ VERDICT_SCHEMA: ResponseFormatJSONSchema = {
         },
     },
 }
+# What the judge asks the endpoint for, strictest first. Not every OpenAI-compatible server takes a JSON schema
+# (llama.cpp's server answers json_schema with HTTP 500 but constrains json_object to a schema given beside it; some
+# take neither): a refused format is dropped for the next, and every reply is validated whatever the format.
+RESPONSE_FORMATS: tuple[tuple[str, Any], ...] = (
+    ("json_schema", VERDICT_SCHEMA),
+    ("json_object with schema", {"type": "json_object", "schema": VERDICT_SCHEMA["json_schema"]["schema"]}),
+    ("json_object", {"type": "json_object"}),
+    ("text", None),
+)
+# Statuses with which a server refuses a request it cannot serve as asked (rather than the caller or the load).
+FORMAT_REFUSED_STATUSES = frozenset({400, 422, 500, 501})
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 60.0
 REDACTED = "***"
 
@@ -104,10 +115,18 @@ class TokenUsage:
 
 @dataclass(frozen=True)
 class JudgeRun:
-    """The verdicts, in the order of the cases, and what they cost."""
+    """The verdicts, in the order of the cases, what they cost, and the response format the endpoint took."""
 
     verdicts: list[Verdict]
     usage: TokenUsage
+    response_format: str = RESPONSE_FORMATS[0][0]
+
+
+def refuses_the_format(error: Exception) -> bool:
+    """Whether an API error reads as the server refusing the request's form (not auth, quota, load or a timeout)."""
+    from openai import APIStatusError
+
+    return isinstance(error, APIStatusError) and error.status_code in FORMAT_REFUSED_STATUSES
 
 
 def redact(text: str, secret: str) -> str:
@@ -158,6 +177,8 @@ class LlmJudge:
 
         self.spec = spec
         self._api_key = api_key
+        self._format = 0  # index into RESPONSE_FORMATS, shared by the worker threads
+        self._format_lock = threading.Lock()
         self._client: OpenAI = OpenAI(
             base_url=spec.base_url, api_key=api_key, max_retries=spec.max_retries, timeout=request_timeout
         )
@@ -165,13 +186,39 @@ class LlmJudge:
     def __repr__(self) -> str:
         return f"LlmJudge(model={self.spec.model!r}, base_url={self.spec.base_url!r})"
 
+    @property
+    def response_format(self) -> str:
+        """The response format the endpoint takes (the strictest one not refused so far)."""
+        return RESPONSE_FORMATS[self._format][0]
+
     def request_verdict(self, case: JudgeCase, usage: TokenUsage) -> str | None:
-        """One chat completion asking for a verdict; its tokens are added to usage; the reply's text returned."""
+        """One chat completion asking for a verdict; its tokens are added to usage; the reply's text returned.
+
+        A response format the server refuses is dropped for the next one, for this and every later case."""
+        while True:
+            index = self._format
+            try:
+                return self._complete(case, RESPONSE_FORMATS[index][1], usage)
+            except Exception as error:
+                if not refuses_the_format(error) or index + 1 == len(RESPONSE_FORMATS):
+                    raise
+                with self._format_lock:
+                    if self._format == index:
+                        self._format = index + 1
+                        log.warning(
+                            "the judge endpoint refused response_format %s (%s); asking for %s instead",
+                            RESPONSE_FORMATS[index][0],
+                            redact(f"{type(error).__name__}: {error}", self._api_key)[:200],
+                            RESPONSE_FORMATS[index + 1][0],
+                        )
+
+    def _complete(self, case: JudgeCase, response_format: Any, usage: TokenUsage) -> str | None:
+        extra: dict[str, Any] = {} if response_format is None else {"response_format": response_format}
         reply = self._client.chat.completions.create(
             model=self.spec.model,
             messages=judge_messages(case, self.spec.rubric),
-            response_format=VERDICT_SCHEMA,
             temperature=0,
+            **extra,
         )
         tokens = reply.usage
         usage.add(tokens.prompt_tokens if tokens else 0, tokens.completion_tokens if tokens else 0)
@@ -217,7 +264,7 @@ class LlmJudge:
 
         with ThreadPoolExecutor(max_workers=self.spec.concurrency, thread_name_prefix="judge") as pool:
             verdicts = list(pool.map(grade, cases))
-        return JudgeRun(verdicts=verdicts, usage=usage)
+        return JudgeRun(verdicts=verdicts, usage=usage, response_format=self.response_format)
 
     def close(self) -> None:
         """Release the HTTP connections."""

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.api import EvaluationStatus, GateStatus, significant
-from kubetune_trainer.evaluation_results import MODEL_ORDER, TUNED, EvaluationResults
+from kubetune.api import MAX_PROBLEMS, PROBLEM_LIMIT, EvaluationStatus, GateStatus, significant
+from kubetune_trainer.evaluation_results import MIN_JUDGED_SHARE, MODEL_ORDER, TUNED, EvaluationResults
 from kubetune_trainer.gate import GateOutcome
 from kubetune_trainer.metrics import LOWER_IS_BETTER, ConfusionMatrix, is_better
 
@@ -24,7 +24,12 @@ REPORT_MARKDOWN = "report.md"
 PREDICTIONS_JSONL = "predictions.jsonl"
 CHART_PNG = "chart.png"
 
-COLUMN_TITLES = {"zeroShot": "zero-shot", "fewShot": "few-shot", "tuned": "fine-tuned"}
+COLUMN_TITLES = {
+    "zeroShot": "zero-shot",
+    "fewShot": "few-shot",
+    "retrievalFewShot": "retrieval few-shot",
+    "tuned": "fine-tuned",
+}
 JUDGE_SCALE = 100.0
 """The judge scores 0-100; the chart divides by this to share the 0-1 axis with the other scores."""
 UNCHARTED = LOWER_IS_BETTER | {"perplexity"}
@@ -81,6 +86,20 @@ def confusion_json(confusion: ConfusionMatrix | None) -> dict[str, Any] | None:
     return None if confusion is None else asdict(confusion)
 
 
+def scoring_problems(results: EvaluationResults) -> list[str]:
+    """What scored too little to mean anything: a judge that graded under half the outputs, a model with no score."""
+    problems = [f"{name} produced no score" for name, result in results.models.items() if not result.metrics]
+    cost = results.judge_cost
+    cases = 0 if cost is None else cost.judged + cost.unjudged
+    if cost is not None and cases and cost.judged < MIN_JUDGED_SHARE * cases:
+        why = f": {cost.first_error}" if cost.first_error else ""
+        problems.append(
+            f"judge {cost.model} graded {cost.judged} of {cases} outputs (response format {cost.response_format}), "
+            f"too few for a judge score{why}"
+        )
+    return problems
+
+
 def build_report(results: EvaluationResults, gate: GateOutcome | None, fail_job: bool = False) -> dict[str, Any]:
     """The report.json document."""
     tables = results.metric_tables()
@@ -107,7 +126,9 @@ def build_report(results: EvaluationResults, gate: GateOutcome | None, fail_job:
             "requests": cost.requests,
             "judged": cost.judged,
             "unjudged": cost.unjudged,
+            "responseFormat": cost.response_format,
         },
+        "problems": scoring_problems(results),
         "gate": None if gate is None else {"passed": gate.passed, "message": gate.message, "failJob": fail_job},
         "notes": results.notes,
     }
@@ -161,8 +182,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if judge:
         lines.append(
             f"Judge {judge['model']}: {judge['promptTokens']} prompt + {judge['completionTokens']} completion tokens "
-            f"in {judge['requests']} requests; {judge['judged']} judged, {judge['unjudged']} unjudged."
+            f"in {judge['requests']} requests; {judge['judged']} judged, {judge['unjudged']} unjudged"
+            + (f" (response format {judge['responseFormat']})." if judge.get("responseFormat") else ".")
         )
+    lines.extend(f"Problem: {problem}" for problem in report.get("problems") or [])
     lines.extend(f"Note: {note}" for note in report.get("notes") or [])
     return "\n".join(lines) + "\n"
 
@@ -279,4 +302,5 @@ def evaluation_status(results: EvaluationResults, gate: GateOutcome | None) -> E
         lift={} if tuned is None else {model: significant(tuned - score) for model, score in baselines.items()},
         samples=len(results.samples),
         gate=None if gate is None else GateStatus(passed=gate.passed, message=gate.message),
+        problems=[problem[:PROBLEM_LIMIT] for problem in scoring_problems(results)][:MAX_PROBLEMS],
     )
