@@ -51,9 +51,10 @@ testbed-packages: ## Install Debian's packages the test bed needs (only those mi
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; }
 
 .PHONY: testbed
-testbed: venv testbed-packages ## Build/locate the test bed: control plane, kubelet, kwok, helm, registry (Go modules), Prometheus, SmolLM2
+testbed: venv testbed-packages ## Build/locate the test bed: control plane, kubelet, kwok, helm, registry (Go modules), Prometheus, SmolLM2, llama.cpp's server
 	bash tests/testbed/build-binaries.sh $(CACHE)/testbed
 	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.smollm2 >/dev/null
+	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.llama_server $(UV) >/dev/null
 
 ##@ Development
 

@@ -17,6 +17,7 @@ reached 0.88 on AG News and 0.38 on Banking77 here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,14 @@ LOAD_SAMPLE_SECONDS = 30.0
 
 DatasetName = Literal["ag_news", "banking77"]
 Objective = Literal["causal-lm", "sequence-classification"]
-MODEL_TITLES = {"zeroShot": "zero-shot (label list in the prompt)", "fewShot": "5-shot", "tuned": "tuned (qLoRA)"}
+MODEL_TITLES = {
+    "zeroShot": "zero-shot (label list in the prompt)",
+    "fewShot": "5-shot (random train rows)",
+    "retrievalFewShot": "5-shot retrieved (each row's nearest train rows)",
+    "tuned": "tuned (qLoRA)",
+}
+# The contender --contender-llama adds: the same base model, served by llama.cpp, prompted with retrieved shots.
+LLAMA_CONTENDER = "llama.cpp-retrieval-5-shot"
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ TARGETS: dict[str, Target] = {
     "ag_news": Target(accuracy=0.90, train_minutes=15, naive_accuracy=0.88),
     "banking77": Target(accuracy=0.80, train_minutes=30, naive_accuracy=0.38),
 }
-DEFAULT_BASELINES = ("zeroShot", "fewShot")
+DEFAULT_BASELINES = ("zeroShot", "fewShot", "retrievalFewShot")
 DEFAULT_OBJECTIVE: dict[str, Objective] = {"ag_news": "causal-lm", "banking77": "sequence-classification"}
 
 # The recipes, as FineTuneJob fields (camelCase, as in a manifest). Anything left out takes the API default. None uses
@@ -115,6 +123,7 @@ def recipe_job(
     max_steps: int | None = None,
     baselines: tuple[str, ...] = DEFAULT_BASELINES,
     data_dir: Path | None = None,
+    contenders: Sequence[Mapping[str, Any]] = (),
 ) -> Any:
     """The FineTuneJob this bench runs for one dataset and objective (validated by the API models)."""
     from kubetune.api import FineTuneJob
@@ -138,6 +147,7 @@ def recipe_job(
             "baselines": list(baselines),
             "fewShotK": 5,
             "maxSamples": max_samples,
+            "contenders": list(contenders),
         },
         "output": {"uri": output_uri},
     }
@@ -162,24 +172,28 @@ class ModelRow:
     macro_f1: float | None
     train_seconds: float | None
     eval_seconds: float | None
+    prompt_tokens: float | None = None
+    latency_p50: float | None = None
 
 
 def model_rows(report: Mapping[str, Any], train_seconds: float | None) -> list[ModelRow]:
-    """zero-shot, 5-shot, tuned from report.json; training time on the tuned row only."""
+    """Every model of report.json (baselines, tuned, contenders) with its prompt tokens per request; training time
+    on the tuned row only."""
     seconds = report.get("seconds") or {}
+    serving = report.get("serving") or {}
     rows = []
-    for name in ("zeroShot", "fewShot", "tuned"):
-        model = report["models"].get(name)
-        if model is None:
-            continue
+    for name, model in report["models"].items():
         metrics = model["metrics"]
+        cost = serving.get(name) or {}
         rows.append(
             ModelRow(
-                model=MODEL_TITLES[name],
+                model=MODEL_TITLES.get(name, name),
                 accuracy=metrics.get("accuracy"),
                 macro_f1=metrics.get("macroF1"),
                 train_seconds=train_seconds if name == "tuned" else None,
                 eval_seconds=seconds.get(name),
+                prompt_tokens=cost.get("promptTokensMean"),
+                latency_p50=cost.get("latencyP50Seconds"),
             )
         )
     return rows
@@ -197,9 +211,14 @@ def duration(seconds: float | None) -> str:
 
 def table_lines(rows: list[ModelRow]) -> list[str]:
     """The markdown table."""
-    lines = ["| model | accuracy | macro-F1 | train time | eval time |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | accuracy | macro-F1 | prompt tokens / request | latency p50 | train time | eval time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     lines.extend(
-        f"| {row.model} | {cell(row.accuracy, '.4f')} | {cell(row.macro_f1, '.4f')} | {duration(row.train_seconds)} | "
+        f"| {row.model} | {cell(row.accuracy, '.4f')} | {cell(row.macro_f1, '.4f')} | "
+        f"{cell(row.prompt_tokens, '.0f')} | {cell(row.latency_p50, '.2f')}{'' if row.latency_p50 is None else ' s'} | "
+        f"{duration(row.train_seconds)} | "
         f"{duration(row.eval_seconds)} |"
         for row in rows
     )
@@ -269,7 +288,7 @@ def machine_lines(started: datetime, load: LoadSampler) -> list[str]:
 
 
 def baselines_option(baselines: Sequence[str]) -> str:
-    """The --baselines option of the command line that ran these baselines ("" for the default pair)."""
+    """The --baselines option of the command line that ran these baselines ("" for the default set)."""
     if list(baselines) == list(DEFAULT_BASELINES):
         return ""
     return f' --baselines "{",".join(baselines)}"'
@@ -297,7 +316,8 @@ def render_report(
             f"# Quality: {dataset}, objective {spec.training.objective}",
             "",
             f"Command: `python -m bench.quality --dataset {dataset} --objective {spec.training.objective} "
-            f"--max-samples {spec.evaluation.max_samples}{baselines_option(spec.evaluation.baselines)}`",
+            f"--max-samples {spec.evaluation.max_samples}{baselines_option(spec.evaluation.baselines)}"
+            f"{' --contender-llama' if spec.evaluation.contenders else ''}`",
             "",
             f"SmolLM2-135M-Instruct, qLoRA, our trainer (`run_job`) on the CPU; {report['samples']} held-out rows "
             f"(the test file), every model scored on the same rows. Training steps: {int(metrics.get('trainSteps', 0))}"
@@ -328,6 +348,25 @@ def render_report(
 # Command line
 
 
+def llama_contender(stack: contextlib.ExitStack, log_dir: Path) -> dict[str, Any]:
+    """Start llama.cpp's server (stopped with the stack) and return its contender entry; its key goes where the
+    operator would put it."""
+    from kubetune.contract import contender_api_key_env
+    from tests.testbed.llama_server import LlamaServer
+
+    server = LlamaServer(log_dir=log_dir / "llama-server").start()
+    stack.callback(server.stop)
+    os.environ[contender_api_key_env(0)] = server.api_key
+    return {
+        "name": LLAMA_CONTENDER,
+        "baseUrl": server.base_url,
+        "model": server.model,
+        "apiKeySecretRef": {"name": "llama", "key": "api-key"},
+        "prompting": "retrievalFewShot",
+        "concurrency": 1,
+    }
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON document the run published; a clear error naming it when it is missing."""
     try:
@@ -353,6 +392,12 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     show_default=True,
     help="Comma-separated prompting baselines to score beside the tuned model; empty for none.",
 )
+@click.option(
+    "--contender-llama",
+    is_flag=True,
+    help="Add a contender: the base model served by llama.cpp's OpenAI-compatible server (built by `make testbed`), "
+    "prompted with retrieved shots, with its measured latency and tokens per request.",
+)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Markdown file to write.")
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the artifacts here.")
 def main(
@@ -361,6 +406,7 @@ def main(
     max_samples: int,
     max_steps: int | None,
     baselines: str,
+    contender_llama: bool,
     output: Path | None,
     keep: Path | None,
 ) -> None:
@@ -378,11 +424,14 @@ def main(
     chosen: Objective = objective or DEFAULT_OBJECTIVE[dataset]
     target = output or RESULTS_DIR / f"quality-{dataset}.md"
     chosen_baselines = tuple(name.strip() for name in baselines.split(",") if name.strip())
-    unknown = sorted(set(chosen_baselines) - {"zeroShot", "fewShot"})
+    unknown = sorted(set(chosen_baselines) - set(MODEL_TITLES) - {"tuned"})
     if unknown:
-        raise click.BadParameter(f"{', '.join(unknown)}: use zeroShot and/or fewShot", param_hint="--baselines")
+        raise click.BadParameter(
+            f"{', '.join(unknown)}: use zeroShot, fewShot and/or retrievalFewShot", param_hint="--baselines"
+        )
     started = datetime.now(UTC)
-    with tempfile.TemporaryDirectory(prefix="kubetune-quality-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="kubetune-quality-") as scratch, contextlib.ExitStack() as stack:
+        contenders = [llama_contender(stack, Path(scratch))] if contender_llama else []
         out_dir = keep or Path(scratch) / "out"
         job = recipe_job(
             dataset,
@@ -392,6 +441,7 @@ def main(
             max_samples=max_samples,
             max_steps=max_steps,
             baselines=chosen_baselines,
+            contenders=contenders,
         )
         reporter = Reporter([LogChannel(LOAD_SAMPLE_SECONDS)], interval=LOAD_SAMPLE_SECONDS)
         began = time.monotonic()

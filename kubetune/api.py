@@ -369,9 +369,20 @@ def _evaluation_rules() -> list[Any]:
             f"evaluation.metrics: add ' + {metric_of}[self.gate.metric] + ' to them'",
         },
         cel(
-            "!has(self.gate) || self.gate.mustBeat.all(b, b in self.baselines)",
-            "evaluation.gate.mustBeat names a baseline that evaluation.baselines does not run",
+            "!has(self.gate) || self.gate.mustBeat.all(b, b in self.baselines || "
+            "self.contenders.exists(c, c.name == b))",
+            "evaluation.gate.mustBeat names a baseline or contender that the evaluation does not run",
             ".gate.mustBeat",
+        ),
+        cel(
+            f"self.contenders.all(c, !(c.name in {cel_list(RESERVED_ARM_NAMES)}))",
+            "evaluation.contenders[].name must not be tuned, zeroShot, fewShot or retrievalFewShot",
+            ".contenders",
+        ),
+        cel(
+            "self.contenders.all(c, self.contenders.exists_one(d, d.name == c.name))",
+            "evaluation.contenders[].name must be unique",
+            ".contenders",
         ),
     ]
 
@@ -391,6 +402,39 @@ class JudgeSpec(ApiModel):
     max_retries: int = Field(default=3, ge=0, le=10, description="Retries per case on malformed replies or 429/5xx.")
 
 
+ContenderPrompting = Literal["zeroShot", "fewShot", "retrievalFewShot"]
+RESERVED_ARM_NAMES = ("tuned", "zeroShot", "fewShot", "retrievalFewShot")
+
+
+class ContenderSpec(ApiModel):
+    """A model to compare the tuned adapter with: any OpenAI-compatible endpoint, on the same rows, prompted the way
+    people prompt it, scored by the same metrics, with what each answer costs."""
+
+    name: str = Field(
+        max_length=40, pattern=r"^[a-zA-Z][a-zA-Z0-9-]*$", description="How the report and status name it."
+    )
+    base_url: str | None = Field(
+        default=None, max_length=1024, pattern=URL_PATTERN, description="OpenAI-compatible base URL; default OpenAI."
+    )
+    model: str = Field(max_length=253, description="The endpoint's model name.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key (none for an endpoint without auth)."
+    )
+    prompting: ContenderPrompting = Field(
+        default="retrievalFewShot",
+        description="zeroShot (the bare prompt), fewShot (the same fewShotK random train rows before each) or "
+        "retrievalFewShot (each row's fewShotK most similar train rows).",
+    )
+    concurrency: int = Field(default=4, ge=1, le=64, description="Requests in flight.")
+    max_retries: int = Field(default=3, ge=0, le=10, description="Retries of a request on 429, 5xx or a timeout.")
+    price_per_million_input_tokens: float | None = Field(
+        default=None, ge=0, le=10_000, description="Price (any currency) per million prompt tokens."
+    )
+    price_per_million_output_tokens: float | None = Field(
+        default=None, ge=0, le=10_000, description="Price per million completion tokens."
+    )
+
+
 class GateSpec(ApiModel):
     """A pass/fail rule on the evaluation, reported as the EvalPassed condition."""
 
@@ -402,8 +446,8 @@ class GateSpec(ApiModel):
         "it must be one the evaluation computes.",
     )
     threshold: float | None = Field(default=None, description="The tuned model's metric must reach this value.")
-    must_beat: list[BaselineName] = Field(
-        default_factory=list, max_length=3, description="Baselines the tuned model must beat on metric."
+    must_beat: list[Annotated[str, Field(max_length=40)]] = Field(
+        default_factory=list, max_length=7, description="Baselines and contenders the tuned model must beat on metric."
     )
     fail_job: bool = Field(
         default=False, description="Mark the job Failed when the gate fails (artifacts are kept either way)."
@@ -425,6 +469,12 @@ class EvaluationSpec(ApiModel):
         description="Prompting baselines scored on the same samples: zeroShot (the bare prompt), fewShot (the same "
         "fewShotK train rows before every prompt, chosen with the seed) and retrievalFewShot (for each row, the "
         "fewShotK train rows most like it, by TF-IDF cosine of their inputs).",
+    )
+    contenders: list[ContenderSpec] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Models behind OpenAI-compatible endpoints that answer the same rows, e.g. a big hosted model "
+        "prompted with retrieved examples.",
     )
     few_shot_k: int = Field(default=5, ge=1, le=64, description="Examples (from train) in a few-shot prompt.")
     max_samples: int = Field(default=200, ge=1, le=100_000, description="Validation rows scored.")
@@ -771,10 +821,16 @@ class EvaluationStatus(ApiModel):
 
     metric: str | None = Field(default=None, description="Headline metric, e.g. accuracy.")
     tuned: float | None = Field(default=None, description="Tuned adapter's headline score.")
-    baselines: dict[str, float] = Field(default_factory=dict, description="Headline score of each baseline.")
+    baselines: dict[str, float] = Field(
+        default_factory=dict, description="Headline score of each baseline and contender."
+    )
     lift: dict[str, float] = Field(default_factory=dict, description="tuned minus each baseline.")
     samples: int | None = Field(default=None, description="Validation rows scored.")
     gate: GateStatus | None = None
+    cost_per_1k_requests: dict[str, float] = Field(
+        default_factory=dict,
+        description="What 1,000 requests cost each model that has a price (contenders: from their token prices).",
+    )
     problems: list[Annotated[str, Field(max_length=PROBLEM_LIMIT)]] = Field(
         default_factory=list,
         max_length=MAX_PROBLEMS,

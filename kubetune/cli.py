@@ -282,6 +282,11 @@ def describe_status(namespace: str, name: str, status: FineTuneJobStatus) -> lis
             for model, score in evaluation.baselines.items()
         )
         lines.append(f"Evaluation:  {evaluation.metric} on {evaluation.samples} samples: " + ", ".join(scores))
+        if evaluation.cost_per_1k_requests:
+            prices = ", ".join(f"{model} {cost:.4g}" for model, cost in evaluation.cost_per_1k_requests.items())
+            lines.append(f"Cost:        per 1,000 requests: {prices}")
+        for problem in evaluation.problems:
+            lines.append(f"Problem:     {problem}")
         if evaluation.gate is not None:
             lines.append(f"Gate:        {'passed' if evaluation.gate.passed else 'failed'}: {evaluation.gate.message}")
     if status.artifacts is not None:

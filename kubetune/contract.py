@@ -22,6 +22,13 @@ ENV_JOB_NAMESPACE = "KUBETUNE_JOB_NAMESPACE"
 ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"  # the trainer's Prometheus endpoint; unset or 0 = off
 ENV_TERMINATION_MESSAGE_PATH = "KUBETUNE_TERMINATION_MESSAGE_PATH"  # default /dev/termination-log
 ENV_JUDGE_API_KEY = "KUBETUNE_JUDGE_API_KEY"  # from evaluation.judge.apiKeySecretRef
+
+
+def contender_api_key_env(index: int) -> str:
+    """The variable holding evaluation.contenders[index]'s API key (from its apiKeySecretRef)."""
+    return f"KUBETUNE_CONTENDER_{index}_API_KEY"
+
+
 ENV_OPENAI_API_KEY = "OPENAI_API_KEY"  # from openai.apiKeySecretRef
 ENV_PROGRESS_INTERVAL = "KUBETUNE_PROGRESS_INTERVAL_SECONDS"  # least seconds between status.progress patches
 ENV_IMAGE = "KUBETUNE_IMAGE"  # the trainer container's image, recorded in manifest.json

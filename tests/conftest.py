@@ -18,6 +18,7 @@ from tests.testbed.controlplane import ControlPlane
 from tests.testbed.hostnet import ensure_host_address
 from tests.testbed.images import ProductImages
 from tests.testbed.kwok import KWOK_NODE, gpu_node_manifest
+from tests.testbed.llama_server import LlamaServer
 from tests.testbed.node import RealNode, footprint_left, machine_footprint
 from tests.testbed.processes import cache_dir, wait_for
 from tests.testbed.prometheus import PodDiscovery, PrometheusServer
@@ -153,6 +154,14 @@ def prometheus(testbed_dir: Path) -> Iterator[Callable[..., PrometheusServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server(testbed_dir: Path) -> Iterator[LlamaServer]:
+    """llama.cpp's OpenAI-compatible server on loopback serving SmolLM2-135M-Instruct, behind an API key."""
+    server = LlamaServer(log_dir=testbed_dir / "llama-server").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

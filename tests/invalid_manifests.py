@@ -280,9 +280,31 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
             + f"    mustBeat: [fewShot]  {ERROR_MARK}"
         ),
         "spec.evaluation.gate.mustBeat",
-        "evaluation.gate.mustBeat names a baseline that evaluation.baselines does not run",
+        "evaluation.gate.mustBeat names a baseline or contender that the evaluation does not run",
         "spec.evaluation.gate.mustBeat",
-        "evaluation.gate.mustBeat names a baseline that evaluation.baselines does not run",
+        "evaluation.gate.mustBeat names a baseline or contender that the evaluation does not run",
+    ),
+    InvalidManifest(
+        "contender-named-like-a-baseline",
+        job(
+            BASE_SPEC + f"evaluation:\n  contenders:  {ERROR_MARK}\n    - name: fewShot\n      model: gpt-4o-2024-08-06"
+        ),
+        "spec.evaluation.contenders",
+        "evaluation.contenders[].name must not be tuned, zeroShot, fewShot or retrievalFewShot",
+        "spec.evaluation.contenders",
+        "evaluation.contenders[].name must not be tuned, zeroShot, fewShot or retrievalFewShot",
+    ),
+    InvalidManifest(
+        "contenders-with-one-name",
+        job(
+            BASE_SPEC
+            + f"evaluation:\n  contenders:  {ERROR_MARK}\n    - name: big\n      model: gpt-4o-2024-08-06\n"
+            + "    - name: big\n      model: gpt-4o-mini-2024-07-18"
+        ),
+        "spec.evaluation.contenders",
+        "evaluation.contenders[].name must be unique",
+        "spec.evaluation.contenders",
+        "evaluation.contenders[].name must be unique",
     ),
     InvalidManifest(
         "gate-with-evaluation-off",
@@ -403,7 +425,7 @@ VALID_MANIFESTS: dict[str, str] = {
           checkpointEvery: 25
         evaluation:
           metrics: [accuracy, f1, judge]
-          baselines: [zeroShot, fewShot]
+          baselines: [zeroShot, fewShot, retrievalFewShot]
           fewShotK: 3
           maxSamples: 100
           judge:
@@ -411,7 +433,18 @@ VALID_MANIFESTS: dict[str, str] = {
             model: judge-model
             apiKeySecretRef: {name: judge-key, key: api-key}
             rubric: The answer names the right intent.
-          gate: {metric: accuracy, threshold: 0.5, mustBeat: [zeroShot, fewShot], failJob: true}
+          contenders:
+            - name: gpt-4o
+              model: gpt-4o-2024-08-06
+              apiKeySecretRef: {name: openai, key: api-key}
+              prompting: retrievalFewShot
+              pricePerMillionInputTokens: 2.5
+              pricePerMillionOutputTokens: 10
+            - name: local-llama
+              baseUrl: http://llama.kubetune.svc:8080/v1
+              model: llama-3-8b-instruct
+              prompting: zeroShot
+          gate: {metric: accuracy, threshold: 0.5, mustBeat: [zeroShot, fewShot, gpt-4o], failJob: true}
         output:
           uri: s3://kubetune-out/banking77
           mergeAdapter: true

@@ -138,6 +138,10 @@ def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, 
     if judge is not None:
         ref = judge.api_key_secret_ref
         env.append(_secret_key(contract.ENV_JUDGE_API_KEY, ref.name, ref.key))
+    for index, contender in enumerate(job.spec.evaluation.contenders):
+        if contender.api_key_secret_ref is not None:
+            ref = contender.api_key_secret_ref
+            env.append(_secret_key(contract.contender_api_key_env(index), ref.name, ref.key))
     if job.spec.openai is not None:
         ref = job.spec.openai.api_key_secret_ref
         env.append(_secret_key(contract.ENV_OPENAI_API_KEY, ref.name, ref.key))

@@ -18,6 +18,8 @@ from tests.testbed.chart import ChartRelease, install_chart
 from tests.testbed.cluster import pod_discovery, product_values
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.demo import create_s3_secret, wait_for_operator_pod
+from tests.testbed.hostnet import ensure_host_address
+from tests.testbed.llama_server import LlamaServer
 from tests.testbed.prometheus import PrometheusServer
 from tests.testbed.s3 import S3Server
 from tests.testbed.shared_data import shared_sample
@@ -25,6 +27,9 @@ from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 OPERATOR_NAMESPACE = "kubetune-e2e"
 JOBS_NAMESPACE = "e2e-jobs"
+# The contender of the e2e job: SmolLM2 served by llama.cpp, its key in this Secret.
+CONTENDER = "smollm2"
+LLAMA_SECRET = "llama-key"
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Product:
     values: dict[str, Any]
     prometheus: PrometheusServer
     bucket: str
+    llama: LlamaServer
     seen_phases: dict[str, list[str]] = field(default_factory=dict)
 
     def apply(self, manifest: dict[str, Any]) -> None:
@@ -121,7 +127,14 @@ def product(
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
     server = prometheus({}, pods=pod_discovery(kube))
-    yield Product(kube, s3_server, release, values, server, bucket)
+    # A real OpenAI-compatible server where the trainer pods reach it (the host address, like S3), behind a key.
+    llama = LlamaServer(log_dir=kube.log_dir / "llama-server", host=ensure_host_address()).start()
+    kube.kubectl(
+        "create", "secret", "generic", LLAMA_SECRET, "-n", JOBS_NAMESPACE, f"--from-literal=api-key={llama.api_key}",
+        check=True,
+    )  # fmt: skip
+    yield Product(kube, s3_server, release, values, server, bucket, llama)
+    llama.stop()
     kube.kubectl("delete", "namespace", JOBS_NAMESPACE, "--wait=false")
     release.uninstall()
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import JOBS_NAMESPACE, Product, finetunejob
+from kubetune.api import significant
+from tests.e2e.conftest import CONTENDER, JOBS_NAMESPACE, LLAMA_SECRET, Product, finetunejob
 from tests.testbed.processes import REPO_ROOT, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +25,20 @@ DASHBOARD = REPO_ROOT / "charts" / "kubetune" / "dashboards" / "kubetune.json"
 @pytest.fixture(scope="module")
 def succeeded_job(product: Product, inputs: dict[str, str]) -> dict[str, Any]:
     output = f"s3://{product.bucket}/runs/ok/"
-    product.apply(finetunejob("ok", inputs["model"], inputs["train"], output))
+    manifest = finetunejob("ok", inputs["model"], inputs["train"], output)
+    # A contender: SmolLM2 behind llama.cpp's server, reached from the pod with its key from a Secret.
+    manifest["spec"]["evaluation"]["contenders"] = [
+        {
+            "name": CONTENDER,
+            "baseUrl": product.llama.base_url,
+            "model": product.llama.model,
+            "apiKeySecretRef": {"name": LLAMA_SECRET, "key": "api-key"},
+            "prompting": "retrievalFewShot",
+            "pricePerMillionInputTokens": 0.2,
+            "pricePerMillionOutputTokens": 0.6,
+        }
+    ]
+    product.apply(manifest)
     return product.wait_for_phase("ok", {"Succeeded", "Failed"})
 
 
@@ -54,9 +68,10 @@ def test_results_land_in_status_and_artifacts_in_s3(product: Product, succeeded_
     manifest = json.loads(product.s3_object(artifacts["manifest"]))
     assert manifest["dataset"]["sha256"] == status["dataset"]["sha256"]
     report = json.loads(product.s3_object(artifacts["report"]))
-    assert set(status["evaluation"]["baselines"]) == {"zeroShot", "fewShot"}
+    assert set(status["evaluation"]["baselines"]) == {"zeroShot", "fewShot", CONTENDER}
     assert status["evaluation"]["metric"] == "accuracy"
-    assert status["evaluation"]["tuned"] == pytest.approx(report["models"]["tuned"]["metrics"]["accuracy"])
+    # Status shows four significant digits; report.json keeps every digit.
+    assert status["evaluation"]["tuned"] == significant(report["models"]["tuned"]["metrics"]["accuracy"])
     assert status["usage"]["trainedTokens"] > 0
     assert condition(succeeded_job, "EvalPassed")["status"] == "True"
     adapter_keys = product.s3.client().list_objects_v2(
@@ -93,6 +108,28 @@ def table_cells(header: str, row: str) -> dict[str, str]:
     starts = [header.index(name) for name in names]
     ends = [*starts[1:], None]
     return {name: row[start:end].strip() for name, start, end in zip(names, starts, ends, strict=True)}
+
+
+def test_a_contender_is_scored_and_costed_in_status_and_report(product: Product, succeeded_job: dict[str, Any]) -> None:
+    status = succeeded_job["status"]
+    report = json.loads(product.s3_object(status["artifacts"]["report"]))
+    served = report["serving"][CONTENDER]
+    # Every held-out row went to the real server from the trainer pod, and its token counts came back.
+    assert (served["requests"], served["failed"]) == (6, 0)
+    assert served["promptTokensMean"] > 0 and served["latencyP50Seconds"] > 0
+    expected = (served["promptTokensMean"] * 0.2 + served["completionTokensMean"] * 0.6) / 1e6 * 1000
+    assert served["costPer1kRequests"] == pytest.approx(expected)
+    assert status["evaluation"]["costPer1kRequests"] == {CONTENDER: significant(expected)}
+    assert status["evaluation"]["baselines"][CONTENDER] == significant(
+        report["models"][CONTENDER]["metrics"]["accuracy"]
+    )
+    markdown = product.s3_object(status["artifacts"]["report"].replace("report.json", "report.md")).decode()
+    assert f"| {CONTENDER} |" in markdown and "cost per 1k requests" in markdown
+    # The key reached the pod through its Secret only.
+    events = product.kube.kubectl("get", "events", "-n", JOBS_NAMESPACE, "-o", "json", check=True).stdout
+    logs = product.kube.kubectl("logs", "-n", JOBS_NAMESPACE, "job/ok-trainer", check=False).stdout
+    for text in (json.dumps(status), json.dumps(report), markdown, events, logs):
+        assert product.llama.api_key not in text
 
 
 def test_bad_data_fails_fast_with_a_data_error(product: Product, inputs: dict[str, str]) -> None:

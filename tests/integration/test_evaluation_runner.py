@@ -30,8 +30,10 @@ from kubetune_trainer.metrics import parse_label
 from kubetune_trainer.report import evaluation_status, write_report
 from kubetune_trainer.retrieval import retrieved_shots
 
-from kubetune.api import EvaluationSpec, GateSpec, JudgeSpec, SecretKeyRef
+from kubetune.api import ContenderSpec, EvaluationSpec, GateSpec, JudgeSpec, SecretKeyRef, significant
+from kubetune.contract import contender_api_key_env
 from tests.openai_double import OpenAIDouble, RecordedRequest, Reply, chat_completion
+from tests.testbed.llama_server import LlamaServer
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -375,3 +377,88 @@ def test_a_classifier_takes_its_baselines_from_a_given_base_causal_lm(
     assert results.notes == [
         "loss is the classification head's cross-entropy; the baselines generate, so they have no loss"
     ]
+
+
+def llama_contender(server: LlamaServer, **fields: Any) -> ContenderSpec:
+    return ContenderSpec(
+        name="smollm2",
+        base_url=server.base_url,
+        model=server.model,
+        api_key_secret_ref=SecretKeyRef(name="llama", key="api-key"),
+        prompting="retrievalFewShot",
+        concurrency=2,
+        max_retries=0,
+        **fields,
+    )
+
+
+def test_a_contender_behind_a_real_server_answers_the_same_rows_scored_and_costed(
+    peft_model: Any, tokenizer: Any, llama_server: LlamaServer, tmp_path: Path
+) -> None:
+    contender = llama_contender(llama_server, price_per_million_input_tokens=0.5, price_per_million_output_tokens=1.5)
+    spec = EvaluationSpec(
+        baselines=["zeroShot"], few_shot_k=2, max_samples=5, batch_size=3, max_new_tokens=6, contenders=[contender]
+    )
+
+    results = run_evaluation(
+        peft_model,
+        tokenizer,
+        VALIDATION,
+        TRAIN,
+        spec,
+        dataset_format="classification",
+        labels=LABELS,
+        environ={contender_api_key_env(0): llama_server.api_key},
+    )
+
+    assert list(results.models) == ["tuned", "zeroShot", "smollm2"]
+    answered = results.models["smollm2"]
+    assert len(answered.outputs) == 5 and {"accuracy", "macroF1", "unparsed"} <= set(answered.metrics)
+    # Real usage from the server: a chat-templated few-shot prompt of two solved rows and the question.
+    serving = results.serving["smollm2"]
+    assert (serving.requests, serving.failed) == (5, 0)
+    assert serving.prompt_tokens_mean > 40 and serving.completion_tokens_mean > 0
+    assert serving.latency_p50_seconds is not None and 0 < serving.latency_p50_seconds <= serving.latency_p95_seconds
+    expected = (serving.prompt_tokens_mean * 0.5 + serving.completion_tokens_mean * 1.5) / 1e6 * 1000
+    assert serving.cost_per_1k_requests == pytest.approx(expected)
+    # The arms served in-process have their token counts beside it.
+    assert results.serving["tuned"].prompt_tokens_mean > 0 and results.serving["zeroShot"].requests == 5
+
+    gate = evaluate_gate(GateSpec(metric="accuracy", must_beat=["smollm2"]), results.metric_tables())
+    assert "smollm2" in gate.message
+    files = write_report(tmp_path, results, gate)
+    markdown = files.report_markdown.read_text()
+    assert "| smollm2 |" in markdown and "cost per 1k requests" in markdown
+    status = evaluation_status(results, gate)
+    assert status.baselines["smollm2"] == significant(answered.metrics["accuracy"])
+    assert status.cost_per_1k_requests == {"smollm2": significant(expected)}
+    assert status.problems == []
+    assert llama_server.api_key not in files.report_json.read_text()
+
+
+def test_a_contender_whose_requests_all_fail_is_scored_as_wrong_and_named_a_problem(
+    peft_model: Any, tokenizer: Any, llama_server: LlamaServer
+) -> None:
+    spec = EvaluationSpec(
+        baselines=[], max_samples=3, batch_size=3, max_new_tokens=4, contenders=[llama_contender(llama_server)]
+    )
+    wrong = "sk-not-the-servers-key-42"
+
+    results = run_evaluation(
+        peft_model,
+        tokenizer,
+        VALIDATION,
+        TRAIN,
+        spec,
+        dataset_format="classification",
+        labels=LABELS,
+        environ={contender_api_key_env(0): wrong},
+    )
+
+    assert results.models["smollm2"].outputs == ["", "", ""]
+    assert results.models["smollm2"].metrics["accuracy"] == 0.0
+    serving = results.serving["smollm2"]
+    assert (serving.requests, serving.failed) == (3, 3)
+    assert serving.first_error is not None and "401" in serving.first_error and wrong not in serving.first_error
+    [problem] = evaluation_status(results, None).problems
+    assert problem.startswith("smollm2: 3 of 3 requests failed and were scored as wrong: AuthenticationError")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from kubetune_trainer.contenders import ServingCost, token_cost
 from kubetune_trainer.evaluation_results import EvalSample, EvaluationResults, ModelResult
 from kubetune_trainer.report import build_report
 
@@ -122,7 +123,8 @@ def test_every_recipe_is_a_valid_job_on_the_shared_files(dataset: str, objective
     assert isinstance(job, FineTuneJob)
     assert job.spec.training.objective == objective
     assert job.spec.dataset.validation == str(shared_sample(dataset, "test"))
-    assert job.spec.evaluation.baselines == ["zeroShot", "fewShot"] and job.spec.evaluation.few_shot_k == 5
+    assert job.spec.evaluation.baselines == ["zeroShot", "fewShot", "retrievalFewShot"]
+    assert job.spec.evaluation.few_shot_k == 5 and job.spec.evaluation.contenders == []
     assert job.spec.evaluation.max_samples == 500 and job.spec.training.max_steps is None
 
 
@@ -139,7 +141,7 @@ def test_max_steps_caps_a_recipe_for_a_quick_check(tmp_path: Path) -> None:
 
 
 def test_the_reported_command_names_baselines_other_than_the_default() -> None:
-    assert baselines_option(["zeroShot", "fewShot"]) == ""
+    assert baselines_option(["zeroShot", "fewShot", "retrievalFewShot"]) == ""
     assert baselines_option([]) == ' --baselines ""'
     assert baselines_option(["zeroShot"]) == ' --baselines "zeroShot"'
 
@@ -155,17 +157,23 @@ def test_quality_table_reads_the_trainers_report_json() -> None:
             "fewShot": ModelResult(outputs=["World", "x"], metrics={"accuracy": 0.5, "macroF1": 0.33}),
         },
         seconds={"tuned": 3.0, "zeroShot": 4.0, "fewShot": 9.0, "total": 16.0},
+        serving={
+            "tuned": token_cost([40, 44], [2, 2]),
+            "contender": ServingCost(2, 0, 900.0, 950.0, 3.0, 3.0, 0.5, 0.7, 1.25),
+        },
     )
+    results.models["contender"] = ModelResult(outputs=["World", "Sports"], metrics={"accuracy": 1.0, "macroF1": 1.0})
     # Through JSON, as the bench reads the published file.
     report = json.loads(json.dumps(build_report(results, None)))
 
     rows = model_rows(report, train_seconds=600.0)
 
-    assert [row.model.split()[0] for row in rows] == ["zero-shot", "5-shot", "tuned"]
+    assert [row.model.split()[0] for row in rows] == ["zero-shot", "5-shot", "tuned", "contender"]
     assert rows[2].accuracy == 1.0 and rows[2].train_seconds == 600.0 and rows[2].eval_seconds == 3.0
     assert rows[1].macro_f1 == 0.33 and rows[1].train_seconds is None
     table = "\n".join(table_lines(rows))
-    assert "| tuned (qLoRA) | 1.0000 | 1.0000 | 600 s (10.0 min) | 3 s (0.1 min) |" in table
+    assert "| tuned (qLoRA) | 1.0000 | 1.0000 | 42 | — | 600 s (10.0 min) | 3 s (0.1 min) |" in table
+    assert "| contender | 1.0000 | 1.0000 | 900 | 0.50 s | — | — |" in table
     verdict = "\n".join(verdict_lines("ag_news", rows, 600.0))
     assert "accuracy 1.0000 (met)" in verdict and "training 600 s (10.0 min) (met)" in verdict
     assert f"{1.0 - TARGETS['ag_news'].naive_accuracy:+.4f}" in verdict

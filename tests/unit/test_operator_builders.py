@@ -312,6 +312,22 @@ def test_judge_key_comes_from_its_secret() -> None:
     assert contract.ENV_OPENAI_API_KEY not in env
 
 
+def test_each_contenders_key_comes_from_its_own_secret_and_a_keyless_one_gets_none() -> None:
+    job = finetunejob(
+        evaluation={
+            "contenders": [
+                {"name": "big", "model": "gpt-4o", "apiKeySecretRef": {"name": "openai", "key": "api-key"}},
+                {"name": "local", "model": "llama", "baseUrl": "http://llama:8080/v1"},
+                {"name": "other", "model": "m", "apiKeySecretRef": {"name": "other", "key": "k"}},
+            ]
+        }
+    )
+    env = env_of(build_trainer_job(job, SETTINGS))
+    assert env[contract.contender_api_key_env(0)] == {"secretKeyRef": {"name": "openai", "key": "api-key"}}
+    assert contract.contender_api_key_env(1) not in env
+    assert env[contract.contender_api_key_env(2)] == {"secretKeyRef": {"name": "other", "key": "k"}}
+
+
 @pytest.mark.parametrize(
     ("resources", "requests", "limits"),
     [

@@ -20,12 +20,20 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.api import BaselineName, EvaluationMetric, EvaluationSpec
+from kubetune.api import BaselineName, ContenderSpec, EvaluationMetric, EvaluationSpec
+from kubetune_trainer.contenders import (
+    ContenderClient,
+    ServingCost,
+    contender_key,
+    prompts_for,
+    serving_cost,
+    token_cost,
+)
 from kubetune_trainer.evaluation_results import (
     FEW_SHOT,
     MIN_JUDGED_SHARE,
@@ -610,6 +618,53 @@ def score_model(entry: ScoredModel, run: EvalRun) -> ModelResult:
     return result
 
 
+def local_token_costs(
+    plan: Sequence[ScoredModel], results: Mapping[str, ModelResult], run: EvalRun
+) -> dict[str, ServingCost]:
+    """Prompt and completion tokens per request of the arms served in-process, as their tokenizer counts them: the
+    cost argument of a short tuned prompt against a few-shot one."""
+    costs: dict[str, ServingCost] = {}
+    for entry in plan:
+        prompt_tokens = [len(prompt_token_ids(run.tokenizer, prompt)) for prompt in entry.prompts]
+        outputs = [] if is_tuned_classifier(entry) else results[entry.name].outputs
+        completion_tokens = [len(run.tokenizer(output, add_special_tokens=False)["input_ids"]) for output in outputs]
+        costs[entry.name] = token_cost(prompt_tokens, completion_tokens or [0] * len(prompt_tokens))
+    return costs
+
+
+def score_contender(
+    index: int,
+    contender: ContenderSpec,
+    run: EvalRun,
+    train: Sequence[Example],
+    spec: EvaluationSpec,
+    seed: int,
+    environ: Mapping[str, str] | None,
+) -> tuple[ModelResult, ServingCost]:
+    """A contender's answers on the run's rows, prompted its way, scored like every other model."""
+    started = time.monotonic()
+    shots = select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else []
+    prompts = prompts_for(contender.prompting, run.examples, train, shots, spec.few_shot_k)
+    client = ContenderClient(
+        contender, contender_key(index, contender, environ), max_tokens=run.max_new_tokens, seed=seed
+    )
+    try:
+        outputs, records = client.answer_all(prompts, run.progress.advance)
+    finally:
+        client.close()
+    run.seconds[contender.name] = time.monotonic() - started
+    result = ModelResult(outputs=outputs)
+    if generates_text(run.metrics):
+        try:
+            scored = score_outputs(run.metrics, run.references, outputs, run.labels)
+        except InvalidReferenceError as error:
+            raise run.line_error(error) from error
+        result.metrics.update(scored.scores)
+        result.sample_scores = scored.samples
+        result.confusion = scored.confusion
+    return result, serving_cost(records, contender)
+
+
 def add_judge_scores(judge: LlmJudge, results: dict[str, ModelResult], run: EvalRun) -> JudgeCost:
     """Grade every model's outputs with the judge; its scores join each model's metrics and per-sample scores."""
     cost = JudgeCost(model=judge.spec.model)
@@ -637,8 +692,9 @@ def run_evaluation(
     judge: LlmJudge | None = None,
     baseline_model: Any | None = None,
     progress: ProgressCallback | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> EvaluationResults:
-    """Score the tuned model and the spec's baselines on the first maxSamples validation examples.
+    """Score the tuned model, the spec's baselines and its contenders on the first maxSamples validation examples.
 
     `model` is the trained PEFT model (causal LM or sequence classification); `train` supplies the few-shot shots;
     `labels` is the classification label set; `judge` is required when the metrics include judge;
@@ -672,7 +728,13 @@ def run_evaluation(
         labels=labels,
         max_new_tokens=spec.max_new_tokens or default_max_new_tokens(tokenizer, [s.reference for s in samples]),
         batch_size=spec.batch_size,
-        progress=Progress(len(examples) * sum(work_units(entry, metrics) for entry in plan), progress),
+        progress=Progress(
+            len(examples)
+            * (
+                sum(work_units(entry, metrics) for entry in plan) + len(spec.contenders) * (1 + int("judge" in metrics))
+            ),
+            progress,
+        ),
     )
     was_training = bool(getattr(model, "training", False))
     for entry in plan:
@@ -685,6 +747,12 @@ def run_evaluation(
     finally:
         if was_training:
             model.train()
+    serving = local_token_costs(plan, results, run)
+    for index, contender in enumerate(spec.contenders):
+        log.info("asking contender %s (%s) on %d samples", contender.name, contender.model, len(examples))
+        results[contender.name], serving[contender.name] = score_contender(
+            index, contender, run, train, spec, seed, environ
+        )
     cost = add_judge_scores(judge, results, run) if judge is not None and "judge" in metrics else None
     run.seconds["total"] = time.monotonic() - started
     return EvaluationResults(
@@ -694,4 +762,5 @@ def run_evaluation(
         seconds=run.seconds,
         judge_cost=cost,
         notes=notes,
+        serving=serving,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kubetune_trainer.contenders import ServingCost
 from kubetune_trainer.metrics import ConfusionMatrix, SampleScores
 
 TUNED = "tuned"
@@ -64,6 +65,7 @@ class EvaluationResults:
     seconds: dict[str, float] = field(default_factory=dict)
     judge_cost: JudgeCost | None = None
     notes: list[str] = field(default_factory=list)
+    serving: dict[str, ServingCost] = field(default_factory=dict)  # per model: tokens, latency, price per request
 
     def metric_tables(self) -> dict[str, dict[str, float]]:
         """Each model's aggregate scores, keyed by model name (tuned, zeroShot, fewShot)."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api import EvaluationMetric, EvaluationSpec
+from kubetune_trainer.contenders import ContenderClient, contender_key, prompts_for, serving_cost
 from kubetune_trainer.evaluation import (
     NEW_TOKENS_CAP,
     NEW_TOKENS_MARGIN,
@@ -195,8 +196,10 @@ def run_hosted_evaluation(
     seed: int = 42,
     judge: LlmJudge | None = None,
     progress: ProgressCallback | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> EvaluationResults:
-    """Score the hosted fine-tuned model and the spec's baselines on the first maxSamples validation examples."""
+    """Score the hosted fine-tuned model, the spec's baselines and its contenders on the first maxSamples validation
+    examples."""
     started = time.monotonic()
     examples = list(validation[: spec.max_samples])
     if not examples:
@@ -207,7 +210,7 @@ def run_hosted_evaluation(
         raise EvaluationInputError("evaluation.metrics has judge but no judge was configured (evaluation.judge)")
     plan = planned_prompts(examples, train, spec, seed, models)
     judged = "judge" in metrics and judge is not None
-    units = len(examples) * len(plan) * (2 if judged else 1)
+    units = len(examples) * (len(plan) + len(spec.contenders)) * (2 if judged else 1)
     counter = Progress(units, progress)
     seconds: dict[str, float] = {}
     results: dict[str, ModelResult] = {}
@@ -221,6 +224,23 @@ def run_hosted_evaluation(
             raise EvaluationInputError(f"{name} model {error}, on validation line {line}") from error
         seconds[name] = time.monotonic() - began
         results[name] = score_hosted_model(outputs, samples, metrics, labels)
+    serving = {}
+    for index, contender in enumerate(spec.contenders):
+        log.info("asking contender %s (%s) on %d samples", contender.name, contender.model, len(examples))
+        began = time.monotonic()
+        shots = select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else []
+        client = ContenderClient(
+            contender, contender_key(index, contender, environ), max_tokens=predictor.max_tokens, seed=seed
+        )
+        try:
+            outputs, records = client.answer_all(
+                prompts_for(contender.prompting, examples, train, shots, spec.few_shot_k), counter.advance
+            )
+        finally:
+            client.close()
+        seconds[contender.name] = time.monotonic() - began
+        results[contender.name] = score_hosted_model(outputs, samples, metrics, labels)
+        serving[contender.name] = serving_cost(records, contender)
     cost = None
     if judged and judge is not None:
         cost = JudgeCost(model=judge.spec.model)
@@ -240,4 +260,5 @@ def run_hosted_evaluation(
         seconds=seconds,
         judge_cost=cost,
         notes=notes,
+        serving=serving,
     )

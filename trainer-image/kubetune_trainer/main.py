@@ -153,12 +153,26 @@ def data_stage(spec: FineTuneJobSpec, reporter: Reporter) -> PreparedData:
     """Pre-flight: fetch, parse and validate every row, split, and check that output.uri is reachable; no model."""
     from kubetune_trainer.data import prepare_data
 
+    check_contender_keys(spec, os.environ)
     data = prepare_data(spec.dataset, spec.training.seed)
     check_gate_is_computed(spec, data)
     # A missing output bucket or denied credentials surface now, not after hours of training.
     storage.exists(spec.output.uri)
     reporter.report_dataset(data.dataset_status())
     return data
+
+
+def check_contender_keys(spec: FineTuneJobSpec, environ: Mapping[str, str]) -> None:
+    """Every contender with an apiKeySecretRef has its key: found out before training, not after."""
+    from kubetune_trainer.contenders import contender_key
+
+    if not spec.evaluation.enabled:
+        return
+    for index, contender in enumerate(spec.evaluation.contenders):
+        try:
+            contender_key(index, contender, environ)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 def check_gate_is_computed(spec: FineTuneJobSpec, data: PreparedData) -> None:

@@ -89,6 +89,12 @@ def confusion_json(confusion: ConfusionMatrix | None) -> dict[str, Any] | None:
 def scoring_problems(results: EvaluationResults) -> list[str]:
     """What scored too little to mean anything: a judge that graded under half the outputs, a model with no score."""
     problems = [f"{name} produced no score" for name, result in results.models.items() if not result.metrics]
+    for name, serving in results.serving.items():
+        if serving.failed and serving.failed >= MIN_JUDGED_SHARE * serving.requests:
+            why = f": {serving.first_error}" if serving.first_error else ""
+            problems.append(
+                f"{name}: {serving.failed} of {serving.requests} requests failed and were scored as wrong{why}"
+            )
     cost = results.judge_cost
     cases = 0 if cost is None else cost.judged + cost.unjudged
     if cost is not None and cases and cost.judged < MIN_JUDGED_SHARE * cases:
@@ -129,6 +135,7 @@ def build_report(results: EvaluationResults, gate: GateOutcome | None, fail_job:
             "responseFormat": cost.response_format,
         },
         "problems": scoring_problems(results),
+        "serving": {name: results.serving[name].to_json() for name in ordered_models(results.serving)},
         "gate": None if gate is None else {"passed": gate.passed, "message": gate.message, "failJob": fail_job},
         "notes": results.notes,
     }
@@ -167,6 +174,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lift = format_cell(best_baseline_lift(name, tables), signed=True)
         lines.append("| " + " | ".join([name, *cells, lift]) + " |")
     lines.append("")
+    lines.extend(serving_table(report))
     lower = sorted(LOWER_IS_BETTER & set(names))
     if lower:
         lines.append(f"Lower is better for: {', '.join(lower)}; higher for the rest.")
@@ -188,6 +196,47 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines.extend(f"Problem: {problem}" for problem in report.get("problems") or [])
     lines.extend(f"Note: {note}" for note in report.get("notes") or [])
     return "\n".join(lines) + "\n"
+
+
+def serving_table(report: Mapping[str, Any]) -> list[str]:
+    """What each model's answers cost per request beside its headline score (empty when nothing was measured)."""
+    serving = report.get("serving") or {}
+    if not serving:
+        return []
+    headline = report["headlineMetric"]
+    tables = report_tables(report)
+
+    def pair(first: float | None, second: float | None, digits: int) -> str:
+        if first is None or second is None:
+            return "—"
+        return f"{first:.{digits}f} / {second:.{digits}f}"
+
+    lines = [
+        f"Quality and cost per request ({headline}; tokens as each model's endpoint or tokenizer counts them):",
+        "",
+        f"| model | {headline} | prompt tokens (mean / p95) | completion tokens (mean / p95) | latency s (p50 / p95) "
+        "| cost per 1k requests | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, cost in serving.items():
+        price = cost.get("costPer1kRequests")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    COLUMN_TITLES.get(name, name),
+                    format_cell(tables.get(name, {}).get(headline)),
+                    pair(cost["promptTokensMean"], cost["promptTokensP95"], 0),
+                    pair(cost["completionTokensMean"], cost["completionTokensP95"], 0),
+                    pair(cost.get("latencyP50Seconds"), cost.get("latencyP95Seconds"), 2),
+                    "—" if price is None else f"{price:.4g}",
+                    str(cost["failed"]),
+                ]
+            )
+            + " |"
+        )
+    lines.append("")
+    return lines
 
 
 def prediction_rows(results: EvaluationResults) -> list[dict[str, Any]]:
@@ -303,4 +352,9 @@ def evaluation_status(results: EvaluationResults, gate: GateOutcome | None) -> E
         samples=len(results.samples),
         gate=None if gate is None else GateStatus(passed=gate.passed, message=gate.message),
         problems=[problem[:PROBLEM_LIMIT] for problem in scoring_problems(results)][:MAX_PROBLEMS],
+        cost_per_1k_requests={
+            name: significant(cost.cost_per_1k_requests)
+            for name, cost in results.serving.items()
+            if cost.cost_per_1k_requests is not None
+        },
     )

@@ -1,0 +1,227 @@
+"""Contenders: models behind any OpenAI-compatible endpoint answering the evaluation's rows with the prompts people
+use, and what every arm's answers cost: tokens, latency and price per request."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from kubetune.api import ContenderSpec
+from kubetune.contract import contender_api_key_env
+from kubetune_trainer.examples import ChatMessages, Example
+from kubetune_trainer.formats import few_shot_prompt
+from kubetune_trainer.judge import redact
+from kubetune_trainer.retrieval import retrieved_shots
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_TIMEOUT_SECONDS = 120.0
+# An endpoint needs some key string even without auth (the SDK refuses an empty one).
+NO_KEY = "none"
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request: the tokens the endpoint counted, how long it took, and why it failed if it did."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ServingCost:
+    """What one arm's answers cost per request: tokens (mean, p95), latency (p50, p95), price per 1,000 requests."""
+
+    requests: int
+    failed: int
+    prompt_tokens_mean: float
+    prompt_tokens_p95: float
+    completion_tokens_mean: float
+    completion_tokens_p95: float
+    latency_p50_seconds: float | None = None
+    latency_p95_seconds: float | None = None
+    cost_per_1k_requests: float | None = None
+    first_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """As report.json holds it (camelCase)."""
+        names = {
+            "prompt_tokens_mean": "promptTokensMean",
+            "prompt_tokens_p95": "promptTokensP95",
+            "completion_tokens_mean": "completionTokensMean",
+            "completion_tokens_p95": "completionTokensP95",
+            "latency_p50_seconds": "latencyP50Seconds",
+            "latency_p95_seconds": "latencyP95Seconds",
+            "cost_per_1k_requests": "costPer1kRequests",
+            "first_error": "firstError",
+        }
+        return {names.get(key, key): value for key, value in asdict(self).items()}
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile (share in 0-1); 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return float(ordered[max(0, math.ceil(share * len(ordered)) - 1)])
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def token_cost(
+    prompt_tokens: Sequence[int], completion_tokens: Sequence[int], failed: int = 0, first_error: str | None = None
+) -> ServingCost:
+    """Token figures per request (an arm served in-process has no per-request latency or price here)."""
+    return ServingCost(
+        requests=len(prompt_tokens),
+        failed=failed,
+        prompt_tokens_mean=mean(prompt_tokens),
+        prompt_tokens_p95=percentile(prompt_tokens, 0.95),
+        completion_tokens_mean=mean(completion_tokens),
+        completion_tokens_p95=percentile(completion_tokens, 0.95),
+        first_error=first_error,
+    )
+
+
+def serving_cost(records: Sequence[RequestRecord], spec: ContenderSpec) -> ServingCost:
+    """A contender's figures from its requests (failed ones count for latency, not for tokens) and its prices."""
+    answered = [record for record in records if record.error is None]
+    base = token_cost(
+        [record.prompt_tokens for record in answered],
+        [record.completion_tokens for record in answered],
+        failed=len(records) - len(answered),
+        first_error=next((record.error for record in records if record.error), None),
+    )
+    price: float | None = None
+    if spec.price_per_million_input_tokens is not None or spec.price_per_million_output_tokens is not None:
+        per_request = (
+            base.prompt_tokens_mean * (spec.price_per_million_input_tokens or 0.0)
+            + base.completion_tokens_mean * (spec.price_per_million_output_tokens or 0.0)
+        ) / 1_000_000
+        price = per_request * 1000
+    latencies = [record.seconds for record in records]
+    return ServingCost(
+        **{
+            **asdict(base),
+            "requests": len(records),
+            "latency_p50_seconds": percentile(latencies, 0.5),
+            "latency_p95_seconds": percentile(latencies, 0.95),
+            "cost_per_1k_requests": price,
+        }
+    )
+
+
+def prompts_for(
+    prompting: str, examples: Sequence[Example], train: Sequence[Example], shots: Sequence[Example], k: int
+) -> list[ChatMessages | str]:
+    """The prompts one prompting style gives the rows: bare, with the shared random shots, or with each row's
+    nearest train rows."""
+    if prompting == "zeroShot":
+        return [example.prompt for example in examples]
+    if prompting == "fewShot":
+        return [few_shot_prompt(example, list(shots)) for example in examples]
+    nearest = retrieved_shots(train, examples, k)
+    return [few_shot_prompt(example, own) for example, own in zip(examples, nearest, strict=True)]
+
+
+def as_chat(prompt: ChatMessages | str) -> list[ChatCompletionMessageParam]:
+    """Chat prompts as they are; a rendered template prompt as one user message."""
+    messages: list[Any] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return messages
+
+
+class ContenderClient:
+    """One contender's endpoint: greedy replies, a bounded number in flight; a request that fails after the SDK's
+    retries (429, 5xx, timeouts, with backoff) is an empty answer, scored as wrong and counted."""
+
+    def __init__(
+        self,
+        spec: ContenderSpec,
+        api_key: str,
+        *,
+        max_tokens: int,
+        seed: int,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
+    ) -> None:
+        from openai import OpenAI
+
+        self.spec = spec
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self._api_key = api_key
+        self._client = OpenAI(
+            base_url=spec.base_url,
+            api_key=api_key or NO_KEY,
+            max_retries=spec.max_retries,
+            timeout=request_timeout,
+        )
+
+    def answer(self, prompt: ChatMessages | str) -> tuple[str, RequestRecord]:
+        """One reply and its record."""
+        started = time.monotonic()
+        try:
+            reply = self._client.chat.completions.create(
+                model=self.spec.model,
+                messages=as_chat(prompt),
+                temperature=0,
+                max_completion_tokens=self.max_tokens,
+                seed=self.seed,
+            )
+        except Exception as error:  # counted and scored as wrong; the message must not carry the key
+            why = redact(f"{type(error).__name__}: {error}", self._api_key)
+            return "", RequestRecord(0, 0, time.monotonic() - started, why[:300])
+        seconds = time.monotonic() - started
+        usage = reply.usage
+        content = reply.choices[0].message.content if reply.choices else None
+        return (content or "").strip(), RequestRecord(
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, seconds
+        )
+
+    def answer_all(
+        self, prompts: Sequence[ChatMessages | str], on_done: Callable[[int], None] = lambda count: None
+    ) -> tuple[list[str], list[RequestRecord]]:
+        """Replies and records for every prompt, in order."""
+
+        def one(prompt: ChatMessages | str) -> tuple[str, RequestRecord]:
+            result = self.answer(prompt)
+            on_done(1)
+            return result
+
+        with ThreadPoolExecutor(max_workers=self.spec.concurrency, thread_name_prefix="contender") as pool:
+            answered = list(pool.map(one, prompts))
+        failed = [record.error for _, record in answered if record.error]
+        if failed:
+            log.warning(
+                "contender %s: %d of %d requests failed: %s", self.spec.name, len(failed), len(prompts), failed[0]
+            )
+        return [text for text, _ in answered], [record for _, record in answered]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def contender_key(index: int, spec: ContenderSpec, environ: Mapping[str, str] | None = None) -> str:
+    """The contender's API key from the variable the operator fills from its apiKeySecretRef ('' without one)."""
+    env = os.environ if environ is None else environ
+    variable = contender_api_key_env(index)
+    key = env.get(variable, "")
+    if spec.api_key_secret_ref is not None and not key:
+        ref = spec.api_key_secret_ref
+        raise ValueError(
+            f"evaluation.contenders[{index}] ({spec.name}) has an apiKeySecretRef but {variable} is empty: the "
+            f"operator fills it from secret {ref.name!r}, key {ref.key!r}"
+        )
+    return key
