@@ -93,13 +93,16 @@ def test_every_transition_is_an_event(product: Product, succeeded_job: dict[str,
 def test_printer_columns_show_phase_progress_and_score(product: Product, succeeded_job: dict[str, Any]) -> None:
     table = product.kube.kubectl("get", "ftj", "ok", "-n", JOBS_NAMESPACE, check=True).stdout
     header, row = table.strip().splitlines()
-    assert header.split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "SCORE", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "METRIC", "SCORE", "AGE"]
     cells = table_cells(header, row)
     assert cells["PHASE"] == "Succeeded"
-    assert cells["MODEL"] == ""  # this job names its model by uri (shown with -o wide)
-    assert float(cells["PROGRESS"]) == 100
-    assert float(cells["LOSS"]) == pytest.approx(succeeded_job["status"]["progress"]["loss"], rel=1e-3)
-    assert float(cells["SCORE"]) == pytest.approx(succeeded_job["status"]["evaluation"]["tuned"], rel=1e-3)
+    assert cells["MODEL"] == "tiny"  # the last part of the model's uri, s3://<bucket>/models/tiny/
+    assert cells["PROGRESS"] == "publish (6/6 steps trained)"
+    # Four significant digits at most: what a person reads at a glance.
+    assert len(cells["LOSS"].lstrip("0.").replace(".", "")) <= 4
+    assert float(cells["LOSS"]) == succeeded_job["status"]["progress"]["loss"]
+    assert cells["METRIC"] == "accuracy"
+    assert float(cells["SCORE"]) == succeeded_job["status"]["evaluation"]["tuned"]
 
 
 def table_cells(header: str, row: str) -> dict[str, str]:

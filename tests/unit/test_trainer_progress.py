@@ -233,6 +233,8 @@ def test_the_status_says_progress_with_its_unit_and_the_loss_to_four_significant
     assert reporter.progress.summary == "evaluate"
     reporter.report_evaluation(50, 200)
     assert reporter.progress.summary == "evaluate 25% (50/200 samples)"
+    reporter.enter_stage("publish")
+    assert reporter.progress.summary == "publish (120/300 steps trained)"
 
 
 def test_the_terminal_reporter_has_no_bar_when_stderr_is_not_a_terminal() -> None:

@@ -81,6 +81,8 @@ def progress_summary(progress: ProgressStatus) -> str | None:
         return f"train {progress.percent or 0:.0f}% ({progress.step}/{progress.total_steps} steps)"
     if progress.stage == "evaluate" and progress.eval_total and progress.eval_done is not None:
         return f"evaluate {progress.eval_percent or 0:.0f}% ({progress.eval_done}/{progress.eval_total} samples)"
+    if progress.stage == "publish" and progress.step is not None and progress.total_steps:
+        return f"publish ({progress.step}/{progress.total_steps} steps trained)"
     return progress.stage
 
 
