@@ -476,6 +476,14 @@ class EvaluationSpec(ApiModel):
         description="Models behind OpenAI-compatible endpoints that answer the same rows, e.g. a big hosted model "
         "prompted with retrieved examples.",
     )
+    self_served_price_per_hour: float | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="Price of one hour of the hardware the trainer pod evaluates on (e.g. one GPU), for the cost "
+        "per 1,000 requests of the models it serves itself, from the throughput this evaluation measured (an upper "
+        "bound: a serving engine batches more).",
+    )
     few_shot_k: int = Field(default=5, ge=1, le=64, description="Examples (from train) in a few-shot prompt.")
     max_samples: int = Field(default=200, ge=1, le=100_000, description="Validation rows scored.")
     max_new_tokens: int | None = Field(

@@ -396,8 +396,15 @@ def test_a_contender_behind_a_real_server_answers_the_same_rows_scored_and_coste
     peft_model: Any, tokenizer: Any, llama_server: LlamaServer, tmp_path: Path
 ) -> None:
     contender = llama_contender(llama_server, price_per_million_input_tokens=0.5, price_per_million_output_tokens=1.5)
+    # At 3.6 per hour, 1,000 requests cost what one request takes in seconds.
     spec = EvaluationSpec(
-        baselines=["zeroShot"], few_shot_k=2, max_samples=5, batch_size=3, max_new_tokens=6, contenders=[contender]
+        baselines=["zeroShot"],
+        few_shot_k=2,
+        max_samples=5,
+        batch_size=3,
+        max_new_tokens=6,
+        contenders=[contender],
+        self_served_price_per_hour=3.6,
     )
 
     results = run_evaluation(
@@ -421,8 +428,15 @@ def test_a_contender_behind_a_real_server_answers_the_same_rows_scored_and_coste
     assert serving.latency_p50_seconds is not None and 0 < serving.latency_p50_seconds <= serving.latency_p95_seconds
     expected = (serving.prompt_tokens_mean * 0.5 + serving.completion_tokens_mean * 1.5) / 1e6 * 1000
     assert serving.cost_per_1k_requests == pytest.approx(expected)
-    # The arms served in-process have their token counts beside it.
-    assert results.serving["tuned"].prompt_tokens_mean > 0 and results.serving["zeroShot"].requests == 5
+    # The arms served in-process have their tokens, the latency of the batch that answered each row (batches of 3
+    # and 2), and their hardware time per request at the price per hour.
+    for name in ("tuned", "zeroShot"):
+        local = results.serving[name]
+        assert local.requests == 5 and local.prompt_tokens_mean > 0
+        assert local.latency_p50_seconds is not None and local.latency_p95_seconds is not None
+        assert 0 < local.latency_p50_seconds <= local.latency_p95_seconds <= results.seconds[name]
+        assert local.cost_per_1k_requests is not None
+        assert 0 < local.cost_per_1k_requests * 5 <= results.seconds[name]
 
     gate = evaluate_gate(GateSpec(metric="accuracy", must_beat=["smollm2"]), results.metric_tables())
     assert "smollm2" in gate.message
@@ -431,7 +445,8 @@ def test_a_contender_behind_a_real_server_answers_the_same_rows_scored_and_coste
     assert "| smollm2 |" in markdown and "cost per 1k requests" in markdown
     status = evaluation_status(results, gate)
     assert status.baselines["smollm2"] == significant(answered.metrics["accuracy"])
-    assert status.cost_per_1k_requests == {"smollm2": significant(expected)}
+    assert status.cost_per_1k_requests["smollm2"] == significant(expected)
+    assert set(status.cost_per_1k_requests) == {"tuned", "zeroShot", "smollm2"}
     assert status.problems == []
     assert llama_server.api_key not in files.report_json.read_text()
 

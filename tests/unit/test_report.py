@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from kubetune_trainer.contenders import token_cost
 from kubetune_trainer.evaluation_results import EvalSample, EvaluationResults, JudgeCost, ModelResult
 from kubetune_trainer.gate import GateOutcome
 from kubetune_trainer.metrics import ConfusionMatrix
 from kubetune_trainer.report import (
+    build_report,
     chart_scores,
+    cost_figure,
+    cost_points,
     evaluation_status,
     plot_scores,
     render_markdown,
@@ -245,3 +249,25 @@ def test_a_model_without_any_score_is_a_problem() -> None:
     results.judge_cost = None
     results.models["fewShot"].metrics = {}
     assert evaluation_status(results, None).problems == ["fewShot produced no score"]
+
+
+def test_the_cost_chart_puts_each_model_at_its_cost_and_score() -> None:
+    results = hand_built_results()
+    results.serving = {
+        "zeroShot": token_cost([40, 40, 40], [2, 2, 2]),
+        "fewShot": token_cost([400, 420, 410], [2, 2, 2]),
+        "tuned": token_cost([40, 40, 40], [2, 2, 2]),
+    }
+    report = json.loads(json.dumps(build_report(results, None)))
+    # No prices: the x axis is the prompt tokens per request, which every model has.
+    label, points = cost_points(report)
+    assert label == "prompt tokens per request"
+    assert points == {"zeroShot": (40.0, 1 / 3), "fewShot": (410.0, 2 / 3), "tuned": (40.0, 1.0)}
+    figure = cost_figure(report)
+    assert figure is not None
+    FigureCanvasAgg(figure).draw()
+    assert sorted(text.get_text() for text in figure.axes[0].texts) == ["few-shot", "fine-tuned", "zero-shot"]
+    # Priced everywhere: the x axis is the cost per 1,000 requests.
+    for name in report["serving"]:
+        report["serving"][name]["costPer1kRequests"] = 1.5
+    assert cost_points(report)[0] == "cost per 1,000 requests"

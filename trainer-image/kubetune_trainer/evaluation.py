@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubetune.api import BaselineName, ContenderSpec, EvaluationMetric, EvaluationSpec
@@ -30,6 +30,7 @@ from kubetune_trainer.contenders import (
     ContenderClient,
     ServingCost,
     contender_key,
+    percentile,
     prompts_for,
     serving_cost,
     token_cost,
@@ -516,6 +517,8 @@ class EvalRun:
     batch_size: int
     progress: Progress
     seconds: dict[str, float] = field(default_factory=dict)
+    # Per model, each generation batch as (rows, seconds): every row of a batch waits for the whole batch.
+    batches: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
     def references(self) -> list[str]:
@@ -560,13 +563,23 @@ def predict(entry: ScoredModel, run: EvalRun) -> tuple[list[str], float | None]:
     if not generates_text(run.metrics):
         return [""] * len(run.samples), None
     prompt_ids = [prompt_token_ids(run.tokenizer, prompt) for prompt in entry.prompts]
+    timed = run.batches.setdefault(entry.name, [])
+    last = time.monotonic()
+
+    def batch_done(rows: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        timed.append((rows, now - last))
+        last = now
+        run.progress.advance(rows)
+
     outputs = generate_outputs(
         entry.model,
         run.tokenizer,
         prompt_ids,
         batch_size=run.batch_size,
         max_new_tokens=run.max_new_tokens,
-        on_batch=run.progress.advance,
+        on_batch=batch_done,
     )
     return outputs, None
 
@@ -619,16 +632,31 @@ def score_model(entry: ScoredModel, run: EvalRun) -> ModelResult:
 
 
 def local_token_costs(
-    plan: Sequence[ScoredModel], results: Mapping[str, ModelResult], run: EvalRun
+    plan: Sequence[ScoredModel], results: Mapping[str, ModelResult], run: EvalRun, price_per_hour: float | None
 ) -> dict[str, ServingCost]:
-    """Prompt and completion tokens per request of the arms served in-process, as their tokenizer counts them: the
-    cost argument of a short tuned prompt against a few-shot one."""
+    """What the answers of the models served in-process cost per request: tokens as their tokenizer counts them (the
+    cost argument of a short tuned prompt against a few-shot one), the latency of the batch that answered each row,
+    and with a price per hour, the cost of the hardware time each request took at the throughput measured here."""
     costs: dict[str, ServingCost] = {}
     for entry in plan:
         prompt_tokens = [len(prompt_token_ids(run.tokenizer, prompt)) for prompt in entry.prompts]
         outputs = [] if is_tuned_classifier(entry) else results[entry.name].outputs
         completion_tokens = [len(run.tokenizer(output, add_special_tokens=False)["input_ids"]) for output in outputs]
-        costs[entry.name] = token_cost(prompt_tokens, completion_tokens or [0] * len(prompt_tokens))
+        cost = token_cost(prompt_tokens, completion_tokens or [0] * len(prompt_tokens))
+        timed = run.batches.get(entry.name) or []
+        latencies = [seconds for rows, seconds in timed for _ in range(rows)]
+        if latencies:
+            # The hardware time a request took is its share of its batch's time.
+            seconds_per_request = sum(seconds for _, seconds in timed) / len(latencies)
+            cost = replace(
+                cost,
+                latency_p50_seconds=percentile(latencies, 0.5),
+                latency_p95_seconds=percentile(latencies, 0.95),
+                cost_per_1k_requests=None
+                if price_per_hour is None
+                else price_per_hour * seconds_per_request / 3600 * 1000,
+            )
+        costs[entry.name] = cost
     return costs
 
 
@@ -747,7 +775,7 @@ def run_evaluation(
     finally:
         if was_training:
             model.train()
-    serving = local_token_costs(plan, results, run)
+    serving = local_token_costs(plan, results, run, spec.self_served_price_per_hour)
     for index, contender in enumerate(spec.contenders):
         log.info("asking contender %s (%s) on %d samples", contender.name, contender.model, len(examples))
         results[contender.name], serving[contender.name] = score_contender(

@@ -16,7 +16,14 @@ from kubetune import storage
 from kubetune.api import ArtifactsStatus
 from kubetune_trainer.checkpoints import list_checkpoints
 from kubetune_trainer.output_manifest import RunManifest, relative_hashes
-from kubetune_trainer.report import CHART_PNG, PREDICTIONS_JSONL, REPORT_JSON, REPORT_MARKDOWN, ReportFiles
+from kubetune_trainer.report import (
+    CHART_PNG,
+    COST_CHART_PNG,
+    PREDICTIONS_JSONL,
+    REPORT_JSON,
+    REPORT_MARKDOWN,
+    ReportFiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,8 @@ def eval_uploads(files: ReportFiles) -> dict[str, Path]:
     }
     if files.chart is not None:
         uploads[CHART_PNG] = files.chart
+    if files.cost_chart is not None:
+        uploads[COST_CHART_PNG] = files.cost_chart
     return uploads
 
 

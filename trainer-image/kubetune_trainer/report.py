@@ -23,6 +23,7 @@ REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
 PREDICTIONS_JSONL = "predictions.jsonl"
 CHART_PNG = "chart.png"
+COST_CHART_PNG = "cost.png"
 
 COLUMN_TITLES = {
     "zeroShot": "zero-shot",
@@ -43,6 +44,7 @@ class ReportFiles:
     report_markdown: Path
     predictions: Path
     chart: Path | None
+    cost_chart: Path | None = None
 
 
 def ordered_models(models: Mapping[str, Any]) -> list[str]:
@@ -314,10 +316,43 @@ def score_figure(tables: Mapping[str, Mapping[str, float]], headline: str | None
     return figure
 
 
+def cost_points(report: Mapping[str, Any]) -> tuple[str, dict[str, tuple[float, float]]]:
+    """(x-axis label, {model: (cost, headline score)}): the cost per 1,000 requests when every scored model has a
+    price, else the prompt tokens per request, which every model has."""
+    headline = report["headlineMetric"]
+    tables = report_tables(report)
+    serving = {name: cost for name, cost in (report.get("serving") or {}).items() if headline in tables.get(name, {})}
+    if all(cost.get("costPer1kRequests") is not None for cost in serving.values()):
+        key, label = "costPer1kRequests", "cost per 1,000 requests"
+    else:
+        key, label = "promptTokensMean", "prompt tokens per request"
+    return label, {name: (float(cost[key]), float(tables[name][headline])) for name, cost in serving.items()}
+
+
+def cost_figure(report: Mapping[str, Any]) -> Figure | None:
+    """The headline score against what a request costs, one labelled point per model; None with fewer than two."""
+    from matplotlib.figure import Figure
+
+    label, points = cost_points(report)
+    if len(points) < 2:
+        return None
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    for name, (cost, score) in points.items():
+        axes.scatter([cost], [score], s=40)
+        title = COLUMN_TITLES.get(name, name)
+        axes.annotate(title, (cost, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel(label)
+    axes.set_ylabel(report["headlineMetric"])
+    axes.set_title("Quality against cost per request")
+    axes.margins(x=0.15, y=0.1)
+    return figure
+
+
 def write_report(
     directory: Path, results: EvaluationResults, gate: GateOutcome | None, fail_job: bool = False
 ) -> ReportFiles:
-    """Write report.json, report.md, predictions.jsonl and scores.png into directory (created if missing)."""
+    """Write report.json, report.md, predictions.jsonl, chart.png and cost.png into directory (created if missing)."""
     directory.mkdir(parents=True, exist_ok=True)
     report = build_report(results, gate, fail_job)
     report_json = directory / REPORT_JSON
@@ -329,11 +364,16 @@ def write_report(
         for row in prediction_rows(results):
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
     chart = directory / CHART_PNG
+    cost_chart = directory / COST_CHART_PNG
+    figure = cost_figure(report)
+    if figure is not None:
+        figure.savefig(cost_chart, format="png", dpi=100)
     return ReportFiles(
         report_json,
         report_markdown,
         predictions,
         chart if plot_scores(report_tables(report), chart, results.headline_metric) else None,
+        cost_chart if figure is not None else None,
     )
 
 
