@@ -837,6 +837,8 @@ class EvaluationStatus(ApiModel):
     gate: GateStatus | None = None
     cost_per_1k_requests: dict[str, float] = Field(
         default_factory=dict,
+        # "1k", not the "1K" the camelCase generator would make of it.
+        alias="costPer1kRequests",
         description="What 1,000 requests cost each model that has a price (contenders: from their token prices).",
     )
     problems: list[Annotated[str, Field(max_length=PROBLEM_LIMIT)]] = Field(

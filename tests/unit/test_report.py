@@ -271,3 +271,14 @@ def test_the_cost_chart_puts_each_model_at_its_cost_and_score() -> None:
     for name in report["serving"]:
         report["serving"][name]["costPer1kRequests"] = 1.5
     assert cost_points(report)[0] == "cost per 1,000 requests"
+
+
+def test_status_names_the_cost_per_1k_requests_of_each_priced_model_on_the_wire() -> None:
+    from dataclasses import replace
+
+    results = hand_built_results()
+    results.serving = {
+        "tuned": replace(token_cost([40], [2]), cost_per_1k_requests=0.123456),
+        "zeroShot": token_cost([9], [1]),
+    }
+    assert evaluation_status(results, None).to_wire()["costPer1kRequests"] == {"tuned": 0.1235}
