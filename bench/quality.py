@@ -51,8 +51,9 @@ MODEL_TITLES = {
     "retrievalFewShot": "5-shot retrieved (each row's nearest train rows)",
     "tuned": "tuned (qLoRA)",
 }
-# The contender --contender-llama adds: the same base model, served by llama.cpp, prompted with retrieved shots.
-LLAMA_CONTENDER = "llama.cpp-retrieval-5-shot"
+# The contender --contender-llama adds: the same base model, served by llama.cpp, prompted with retrieved shots
+# (a contender name is a letter, then letters, digits and dashes).
+LLAMA_CONTENDER = "llama-cpp-smollm2"
 
 
 @dataclass(frozen=True)
@@ -354,7 +355,8 @@ def llama_contender(stack: contextlib.ExitStack, log_dir: Path) -> dict[str, Any
     from kubetune.contract import contender_api_key_env
     from tests.testbed.llama_server import LlamaServer
 
-    server = LlamaServer(log_dir=log_dir / "llama-server").start()
+    # The trainer only waits on the server while it answers, so the server may use every core.
+    server = LlamaServer(log_dir=log_dir / "llama-server", threads=os.cpu_count() or 1).start()
     stack.callback(server.stop)
     os.environ[contender_api_key_env(0)] = server.api_key
     return {
