@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kubetune.api import EvaluationMetric, EvaluationSpec
-from kubetune_trainer.contenders import ContenderClient, contender_key, prompts_for, serving_cost
+from kubetune_trainer.contenders import ContenderClient, as_chat, contender_key, prompts_for, serving_cost
 from kubetune_trainer.evaluation import (
     NEW_TOKENS_CAP,
     NEW_TOKENS_MARGIN,
@@ -50,7 +50,6 @@ from kubetune_trainer.retrieval import retrieved_shots
 
 if TYPE_CHECKING:
     from openai import OpenAI
-    from openai.types.chat import ChatCompletionMessageParam
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +75,6 @@ class HostedModels:
 
     tuned: str
     base: str
-
-
-def as_chat(prompt: ChatMessages | str) -> list[ChatCompletionMessageParam]:
-    """Chat prompts as they are; a rendered template prompt as one user message."""
-    messages: list[Any] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return messages
 
 
 def reply_token_cap(spec: EvaluationSpec, references: Sequence[str]) -> int:
