@@ -495,3 +495,14 @@ def test_without_a_job_name_there_is_no_status_channel() -> None:
     reporter = reporter_from_environment({"KUBETUNE_JOB_NAMESPACE": "ns"})
 
     assert not any(isinstance(channel, StatusPatcher) for channel in reporter.channels)
+
+
+def test_the_json_log_leaves_out_each_http_request_of_the_openai_client_but_keeps_its_warnings() -> None:
+    stream = io.StringIO()
+    with json_logging(lambda: "evaluate", stream=stream):
+        logging.getLogger("httpx").info('HTTP Request: POST http://judge/v1/chat/completions "HTTP/1.1 200 OK"')
+        logging.getLogger("httpx").warning("connection pool is full")
+        logging.getLogger("kubetune_trainer.evaluation").info("judged tuned")
+    messages = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+    assert messages == ["connection pool is full", "judged tuned"]
+    assert logging.getLogger("httpx").level == logging.NOTSET  # put back afterwards

@@ -36,6 +36,7 @@ STATUS_FLUSH_SECONDS = 60.0
 STATUS_RETRY_SECONDS = 0.5
 STATUS_RETRY_MAX_SECONDS = 5.0
 METRIC_PREFIX = "kubetune_trainer"
+HTTP_CLIENT_LOGGERS = ("httpx", "httpx2")
 
 
 class ProgressSettingsError(ValueError):
@@ -645,9 +646,15 @@ def json_logging(
     handler = TerminalSafeHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonLinesFormatter(stage_of, rank))
     previous_level = root.level
+    # The openai SDK's HTTP client logs every request at INFO: a line per judge or contender call would bury the
+    # progress lines (failed calls are logged by the judge and the contenders).
+    http_loggers = [logging.getLogger(name) for name in HTTP_CLIENT_LOGGERS]
+    http_levels = [logger.level for logger in http_loggers]
     # Handlers already there (a test harness's capture) stay; a pod's root logger has none.
     root.addHandler(handler)
     root.setLevel(level)
+    for logger in http_loggers:
+        logger.setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
     try:
         yield
@@ -655,3 +662,5 @@ def json_logging(
         logging.captureWarnings(False)
         root.removeHandler(handler)
         root.setLevel(previous_level)
+        for logger, previous in zip(http_loggers, http_levels, strict=True):
+            logger.setLevel(previous)
