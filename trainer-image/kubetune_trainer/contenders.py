@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api import ContenderSpec
@@ -113,14 +113,12 @@ def serving_cost(records: Sequence[RequestRecord], spec: ContenderSpec) -> Servi
         ) / 1_000_000
         price = per_request * 1000
     latencies = [record.seconds for record in records]
-    return ServingCost(
-        **{
-            **asdict(base),
-            "requests": len(records),
-            "latency_p50_seconds": percentile(latencies, 0.5),
-            "latency_p95_seconds": percentile(latencies, 0.95),
-            "cost_per_1k_requests": price,
-        }
+    return replace(
+        base,
+        requests=len(records),
+        latency_p50_seconds=percentile(latencies, 0.5),
+        latency_p95_seconds=percentile(latencies, 0.95),
+        cost_per_1k_requests=price,
     )
 
 

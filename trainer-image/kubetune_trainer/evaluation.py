@@ -621,14 +621,19 @@ def score_model(entry: ScoredModel, run: EvalRun) -> ModelResult:
                 result.metrics["perplexity"] = math.exp(loss)
             run.seconds["loss"] = run.seconds.get("loss", 0.0) + time.monotonic() - loss_started
     if generates_text(run.metrics) or is_tuned_classifier(entry):
-        try:
-            scored = score_outputs(run.metrics, run.references, result.outputs, run.labels)
-        except InvalidReferenceError as error:
-            raise run.line_error(error) from error
-        result.metrics.update(scored.scores)
-        result.sample_scores = scored.samples
-        result.confusion = scored.confusion
+        add_text_scores(result, run)
     return result
+
+
+def add_text_scores(result: ModelResult, run: EvalRun) -> None:
+    """The run's text metrics of result's outputs, aggregated and per sample, into result."""
+    try:
+        scored = score_outputs(run.metrics, run.references, result.outputs, run.labels)
+    except InvalidReferenceError as error:
+        raise run.line_error(error) from error
+    result.metrics.update(scored.scores)
+    result.sample_scores = scored.samples
+    result.confusion = scored.confusion
 
 
 def local_token_costs(
@@ -683,13 +688,7 @@ def score_contender(
     run.seconds[contender.name] = time.monotonic() - started
     result = ModelResult(outputs=outputs)
     if generates_text(run.metrics):
-        try:
-            scored = score_outputs(run.metrics, run.references, outputs, run.labels)
-        except InvalidReferenceError as error:
-            raise run.line_error(error) from error
-        result.metrics.update(scored.scores)
-        result.sample_scores = scored.samples
-        result.confusion = scored.confusion
+        add_text_scores(result, run)
     return result, serving_cost(records, contender)
 
 
