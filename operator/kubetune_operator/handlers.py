@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from kubetune.api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, FineTuneJob, FineTuneJobStatus
 from kubetune_operator.builders import (
+    LABEL_COMPONENT,
     LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
     MANAGER,
@@ -52,7 +53,11 @@ from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
 from kubetune_operator.settings import OperatorSettings, SettingsError
 from kubetune_operator.status_queue import DeferredQueue
-from kubetune_operator.trainer_identity import build_namespace_identity
+from kubetune_operator.trainer_identity import (
+    COMPONENT_TRAINER_IDENTITY,
+    IDENTITY_SELECTOR,
+    build_namespace_identity,
+)
 
 MEMO_KEY = "kubetune"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
@@ -223,10 +228,13 @@ class OperatorContext:
         """The lock that serialises creating one namespace's trainer identity (on kopf's loop)."""
         return self._identity_locks.setdefault(namespace, asyncio.Lock())
 
-    def set_identity_ensured(self, namespace: str) -> None:
-        """Record that the namespace's trainer identity exists."""
+    def set_identity_ensured(self, namespace: str, ensured: bool = True) -> None:
+        """Record that the namespace's trainer identity exists, or that it must be created again (a part is gone)."""
         with self._locks_guard:
-            self._identities_ensured.add(namespace)
+            if ensured:
+                self._identities_ensured.add(namespace)
+            else:
+                self._identities_ensured.discard(namespace)
 
     def set_children_ensured(self, uid: str, ensured: bool) -> None:
         """Record that the children exist (after a create pass), or that a pass must run again (a child is gone)."""
@@ -331,6 +339,15 @@ class Children:
         # tuple(): one C-level pass over the store, which the event loop's thread may change meanwhile.
         found = [job for job in tuple(self.jobs.get((namespace, name), ())) if job["metadata"]["name"] == job_name]
         return max(found, key=lambda job: resource_version(job) or 0) if found else None
+
+    def unfinished_in(self, namespace: str) -> bool:
+        """Whether a trainer Job of the namespace has neither completed nor failed (its pods may yet be created)."""
+        return any(
+            not (job_condition(job, "Complete") or job_condition(job, "Failed"))
+            for (job_namespace, _), jobs in tuple(self.jobs.items())
+            if job_namespace == namespace
+            for job in tuple(jobs)
+        )
 
     def trainer_pods(self, namespace: str, name: str, trainer_job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
         """The pods of this job's current trainer Job (not of an earlier Job of the same name)."""
@@ -653,6 +670,8 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     # Server-side filtering: watch only kubetune's trainer Jobs and pods, not every Job and pod in the cluster.
     kopf_settings.watching.label_selectors["batch/v1", "jobs"] = CHILD_SELECTOR
     kopf_settings.watching.label_selectors["v1", "pods"] = CHILD_SELECTOR
+    kopf_settings.watching.label_selectors["v1", "serviceaccounts"] = IDENTITY_SELECTOR
+    kopf_settings.watching.label_selectors["rbac.authorization.k8s.io/v1", "rolebindings"] = IDENTITY_SELECTOR
     # Our own Events cover phase transitions; kopf's per-handler INFO chatter would drown them.
     kopf_settings.posting.level = logging.WARNING
     standalone = kopf_settings.peering.standalone or settings.standalone
@@ -993,6 +1012,47 @@ async def trainer_pod_event(
     context = operator_context(memo)
     context.attach_children(Children.from_kwargs(kwargs))
     await request_status_from_loop(context, in_namespace(namespace), labels[LABEL_JOB_NAME])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer identity's handlers: a ServiceAccount or RoleBinding of it deleted (by hand, or with its namespace) is
+# created again at once while a trainer Job there may still start pods, and otherwise before the namespace's next one.
+
+
+@kopf.on.event("v1", "serviceaccounts", labels={LABEL_COMPONENT: COMPONENT_TRAINER_IDENTITY})
+@counted("trainer_identity_event")
+async def trainer_service_account_event(
+    *, type: str, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
+) -> None:
+    """The trainer ServiceAccount of a namespace changed or was deleted."""
+    await on_identity_event(operator_context(memo), Children.from_kwargs(kwargs), type, namespace, name, logger)
+
+
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels={LABEL_COMPONENT: COMPONENT_TRAINER_IDENTITY})
+@counted("trainer_identity_event")
+async def trainer_role_binding_event(
+    *, type: str, namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
+) -> None:
+    """The trainer RoleBinding of a namespace changed or was deleted."""
+    await on_identity_event(operator_context(memo), Children.from_kwargs(kwargs), type, namespace, name, logger)
+
+
+async def on_identity_event(
+    context: OperatorContext, children: Children, event: str, namespace: str | None, name: str, logger: Any
+) -> None:
+    """Forget a deleted identity, and create it again now if a trainer Job of the namespace is unfinished."""
+    if event != "DELETED" or name != context.settings.trainer_service_account:
+        return
+    context.attach_children(children)
+    namespace = in_namespace(namespace)
+    context.set_identity_ensured(namespace, False)
+    if not children.unfinished_in(namespace):
+        return
+    try:
+        await ensure_namespace_identity(context, namespace, logger)
+    except Exception as error:  # a terminating namespace refuses creates; its next job tries again
+        context.metrics.record_handler_error("trainer_identity_event")
+        logger.warning("cannot create the namespace's trainer identity again: %s", describe_error(error))
 
 
 async def request_status_from_loop(context: OperatorContext, namespace: str, name: str) -> None:

@@ -30,10 +30,15 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
         # the termination-message summary.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         # The trainer identity, once per namespace (kubetune_operator.trainer_identity): the ServiceAccount trainer
-        # pods run as. Create only: an existing one is success.
-        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create"]},
+        # pods run as. Created (an existing one is success) and watched, by its labels, so that one deleted is
+        # created again.
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "watch", "create"]},
         # ... and its RoleBinding to the chart's trainer ClusterRole, the same way.
-        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": ["create"]},
+        {
+            "apiGroups": ["rbac.authorization.k8s.io"],
+            "resources": ["rolebindings"],
+            "verbs": ["list", "watch", "create"],
+        },
         # Events on FineTuneJobs for every phase transition, and kopf's own handler reports.
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
         # kopf peering: replicas find each other and keep alive through these objects' status; the operator

@@ -16,6 +16,8 @@ from kubetune_operator.builders import APP_NAME, LABEL_COMPONENT, LABEL_MANAGED_
 from kubetune_operator.settings import OperatorSettings
 
 COMPONENT_TRAINER_IDENTITY = "trainer-identity"
+# The watches of the identity objects ask the API server for these only, not every ServiceAccount of the cluster.
+IDENTITY_SELECTOR = f"{LABEL_COMPONENT}={COMPONENT_TRAINER_IDENTITY},{LABEL_MANAGED_BY}={MANAGER}"
 
 
 def identity_labels() -> dict[str, str]:

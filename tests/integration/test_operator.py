@@ -582,6 +582,37 @@ def test_a_trainer_job_deleted_by_hand_is_put_back(jobs: Jobs, operator: Operato
     jobs.wait_condition("resilient", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
 
 
+def test_a_deleted_trainer_identity_is_created_again_now_or_for_the_next_job(jobs: Jobs, operator: Operator) -> None:
+    jobs.create(finetunejob("waiting", NOWHERE))
+    jobs.wait_condition("waiting", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator)
+    before = {kind: uid for kind, uid in child_uids(jobs, "waiting").items() if kind in IDENTITY_KINDS}
+
+    # While a trainer Job may still start pods, a deleted ServiceAccount or RoleBinding is created again at once.
+    for kind in IDENTITY_KINDS:
+        deleted = jobs.kube.kubectl("delete", kind, TRAINER_ACCOUNT, "-n", jobs.namespace, "--wait=true")
+        assert deleted.returncode == 0, deleted.stderr
+
+    def recreated() -> bool:
+        found = {kind: jobs.child(kind, TRAINER_ACCOUNT) for kind in IDENTITY_KINDS}
+        return all(item is not None and item["metadata"]["uid"] != before[kind] for kind, item in found.items())
+
+    try:
+        wait_for(recreated, 60, "the operator to create the trainer identity again")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{operator.log()}") from None
+
+    # With no trainer Job left to start, it waits for the namespace's next job, whose pods then run as it.
+    removed = jobs.kube.kubectl("delete", PLURAL, "waiting", "-n", jobs.namespace, "--wait=true")
+    assert removed.returncode == 0, removed.stderr
+    wait_for(lambda: jobs.child("job", "waiting-trainer") is None, 60, "the garbage collector to delete the Job")
+    for kind in IDENTITY_KINDS:
+        deleted = jobs.kube.kubectl("delete", kind, TRAINER_ACCOUNT, "-n", jobs.namespace, "--wait=true")
+        assert deleted.returncode == 0, deleted.stderr
+    jobs.create(finetunejob("next", ON_KWOK))
+    jobs.wait_phase("next", "Succeeded", operator=operator)
+    assert all(jobs.child(kind, TRAINER_ACCOUNT) is not None for kind in IDENTITY_KINDS)
+
+
 def test_a_trainer_job_the_api_server_refuses_is_created_once_it_is_allowed(jobs: Jobs, operator: Operator) -> None:
     # A ResourceQuota of no Jobs makes the API server refuse the create (403); the operator backs off and retries
     # until the quota is gone, then creates the Job once.

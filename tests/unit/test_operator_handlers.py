@@ -26,6 +26,7 @@ from kubetune_operator.handlers import (
 )
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.trainer_identity import IDENTITY_SELECTOR
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob
@@ -48,7 +49,13 @@ def test_only_event_handlers_so_kopf_writes_nothing_to_a_finetunejob() -> None:
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
     watching = sorted(str(handler.id) for handler in registry._watching.get_all_handlers())
-    assert watching == ["finetunejob_event", "trainer_job_event", "trainer_pod_event"]
+    assert watching == [
+        "finetunejob_event",
+        "trainer_job_event",
+        "trainer_pod_event",
+        "trainer_role_binding_event",
+        "trainer_service_account_event",
+    ]
 
 
 def test_kopf_builds_no_diff_base_and_would_keep_any_state_in_kubetune_annotations() -> None:
@@ -69,7 +76,12 @@ def test_kopf_watches_only_kubetune_children_and_scans_nothing() -> None:
     assert kopf_settings.scanning.disabled is True
     watched: list[tuple[Any, str]] = list(kopf_settings.watching.label_selectors.items())  # keys are kopf Selectors
     selectors = {(key.group, key.version, key.any_name): value for key, value in watched}
-    assert selectors == {("batch", "v1", "jobs"): CHILD_SELECTOR, ("", "v1", "pods"): CHILD_SELECTOR}
+    assert selectors == {
+        ("batch", "v1", "jobs"): CHILD_SELECTOR,
+        ("", "v1", "pods"): CHILD_SELECTOR,
+        ("", "v1", "serviceaccounts"): IDENTITY_SELECTOR,
+        ("rbac.authorization.k8s.io", "v1", "rolebindings"): IDENTITY_SELECTOR,
+    }
     assert CHILD_SELECTOR == "app.kubernetes.io/managed-by=kubetune,kubetune.io/job-name"
 
 

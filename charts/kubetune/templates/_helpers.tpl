@@ -115,15 +115,15 @@ go by owner-reference garbage collection).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# The trainer identity, once per namespace: the ServiceAccount trainer pods run as. Create only: an existing one is
-# success.
+# The trainer identity, once per namespace: the ServiceAccount trainer pods run as. Created (an existing one is
+# success) and watched, by its labels, so that one deleted is created again.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create"]
+  verbs: ["list", "watch", "create"]
 # ... and its RoleBinding to the trainer ClusterRole (templates/trainer-rbac.yaml), the same way.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
-  verbs: ["create"]
+  verbs: ["list", "watch", "create"]
 # Events on FineTuneJobs for every phase transition, and kopf's own handler reports.
 - apiGroups: [""]
   resources: ["events"]
