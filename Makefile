@@ -64,14 +64,15 @@ images: venv testbed-packages ## Build the operator and trainer images from thei
 
 .PHONY: crds
 crds: venv ## Generate crds/ and the chart's CRD copies from kubetune/api.py (the one typed source of the spec)
-	$(PY) -m kubetune.crd --write
+	$(PY) -m tools.crds --write
 
 .PHONY: lint
-lint: venv ## ruff (lint + format check), mypy, and drift checks of the CRD copies and the image requirements
+lint: venv ## ruff (lint + format check), mypy, the import walls between packages (import-linter), and drift checks of the CRD copies and the image requirements
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(PY) -m kubetune.crd --check
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m tools.crds --check
 	$(PY) operator/pin_requirements.py --check
 
 .PHONY: requirements

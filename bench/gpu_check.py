@@ -60,7 +60,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -m bench.gpu_check cuda-layer 2>&1 | tee "$OUT/cuda-layer.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 4
 SECONDS=0
-python3 -c 'from kubetune.cli import main; main()' train -f .gpu/job.yaml --output-uri /tmp/gpu-out/ -v \\
+python3 -c 'from kubetune_cli.cli import main; main()' train -f .gpu/job.yaml --output-uri /tmp/gpu-out/ -v \\
   > "$OUT/train.log" 2>&1
 rc=$?
 echo "kubetune train: exit $rc after $SECONDS s"

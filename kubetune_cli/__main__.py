@@ -1,5 +1,5 @@
-"""`python -m kubetune`: the CLI where no `kubetune` script is installed (the images put the package on PYTHONPATH)."""
+"""`python -m kubetune_cli`: the CLI where no `kubetune` script is installed."""
 
-from kubetune.cli import main
+from kubetune_cli.entry import main
 
-main(prog_name="kubetune")
+main()

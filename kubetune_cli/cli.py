@@ -1,17 +1,17 @@
-"""The `kubetune` command line: one click group that each subcommand (validate, crd, train, status, logs) registers
-on."""
+"""The `kubetune` click group and its subcommands: validate, crd, train, status, logs."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
 
-from kubetune import storage
 from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobStatus
 from kubetune.crd import render_crd_yaml
 from kubetune.manifests import ManifestError, load_finetunejobs, load_finetunejobs_text
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from kubetune.contract import TrainerSummary
 
 STDIN_NAME = "<stdin>"
+TRAINER_EXTRA = "trainer"
+# What `kubetune train` runs in this process that only the `trainer` extra installs.
+TRAINER_MODULES = ("torch", "transformers", "peft", "trl", "datasets", "boto3")
 EVALUATION_STAGES = frozenset({"evaluate", "publish"})  # trainer stages during and after which eval counts are live
 
 
@@ -86,6 +89,8 @@ def with_output_uri(job: FineTuneJob, output_uri: str | None, per_job: bool) -> 
     """The job with spec.output.uri replaced (by <output_uri>/<name> when several jobs share it), validated again."""
     if output_uri is None:
         return job
+    from kubetune_trainer import storage
+
     uri = storage.join(output_uri, job.metadata.name) if per_job else output_uri
     wire = job.model_dump(by_alias=True, exclude_none=True, mode="json")
     wire["spec"]["output"]["uri"] = uri
@@ -101,6 +106,8 @@ def report_markdown(summary: TrainerSummary) -> str | None:
     report = summary.artifacts.report if summary.artifacts else None
     if not report or not report.endswith("report.json"):
         return None
+    from kubetune_trainer import storage
+
     try:
         return storage.read_bytes(report[: -len("report.json")] + "report.md").decode("utf-8")
     except (storage.StorageError, UnicodeDecodeError):
@@ -157,6 +164,7 @@ def train(file: Path, output_uri: str | None, verbose: bool) -> None:
     the evaluation table and where the artifacts are. Exits 1 when a job fails (or its gate fails with failJob),
     143 when interrupted by SIGTERM (rerunning resumes from the newest checkpoint).
     """
+    require_extra(TRAINER_MODULES, TRAINER_EXTRA, "train")
     try:
         jobs = load_finetunejobs(file)
     except ManifestError as error:
@@ -171,6 +179,15 @@ def train(file: Path, output_uri: str | None, verbose: bool) -> None:
         failed = failed or summary.outcome == "Failed" or gate_fails_job(job, summary)
     if failed:
         sys.exit(1)
+
+
+def require_extra(modules: Sequence[str], extra: str, command: str) -> None:
+    """Exit naming the extra to install when a module the command runs is missing (found without importing it)."""
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        raise click.ClickException(
+            f"`kubetune {command}` needs {', '.join(missing)}, not installed here: pip install 'kubetune[{extra}]'"
+        )
 
 
 def train_one(job: FineTuneJob, verbose: bool) -> TrainerSummary:

@@ -23,9 +23,10 @@ from kubetune_operator.settings import (
 )
 
 from kubetune.api import FineTuneJob
-from kubetune.crd import PEERING_FILE, build_crd, check_chart_crd_copies, write_chart_crd_copies
+from kubetune.crd import build_crd
 from kubetune.trainer_policy import build_trainer_policy, build_trainer_policy_binding, trainer_rbac_rules
 from tests.testbed.chart import CHART_DIR, CI_VALUES_DIR, HelmError, find_object, render_chart, run_helm
+from tools.crds import PEERING_FILE, check_chart_crd_copies, write_chart_crd_copies
 
 pytestmark = pytest.mark.integration  # runs the helm binary built by `make testbed`
 

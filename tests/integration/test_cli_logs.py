@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from kubetune_operator.builders import trainer_labels, trainer_resource_name
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.cli import main
 from kubetune.crd import CRD_NAME
+from kubetune_cli.cli import main
 from tests.conftest import KwokCluster
 from tests.testbed.processes import wait_for
 

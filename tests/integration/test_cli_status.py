@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.cli import main
 from kubetune.crd import CRD_NAME
+from kubetune_cli.cli import main
 from tests.testbed.controlplane import ControlPlane
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
+from kubetune_trainer.storage import parse_s3_uri
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.crd import CRD_NAME, render_crd_yaml
-from kubetune.storage import parse_s3_uri
 from tests.example_jobs import EXAMPLE_JOBS, ExampleJob, load_example, local_path
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.s3 import S3Server

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+from kubetune_trainer import storage
 from kubetune_trainer.hosted import HostedPreempted, cancel_check_from_environment, run_hosted
 from kubetune_trainer.hosted_service import HostedSettings
 from kubetune_trainer.progress import ProgressChannel, Reporter, Stage
 
-from kubetune import storage
 from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, ProgressStatus, significant
 from kubetune.conditions import (
     TRAINER_REASON_DATA_ERROR,

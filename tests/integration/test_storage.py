@@ -1,4 +1,4 @@
-"""kubetune.storage against moto's S3 server over HTTP with real boto3: round trips, listings, directories, failures."""
+"""kubetune_trainer.storage against moto's S3 server over HTTP with real boto3: round trips, listings, failures."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from kubetune import storage
-from kubetune.storage import StorageError
+from kubetune_trainer import storage
+from kubetune_trainer.storage import StorageError
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.crd import CRD_FILE, CRD_NAME
+from kubetune.crd import CRD_NAME
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.trainer_credentials import (
     SETTINGS,
@@ -17,6 +17,7 @@ from tests.testbed.trainer_credentials import (
     trainer_kubeconfig,
     trainer_pod,
 )
+from tools.crds import CRD_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubetune_trainer import storage
 from kubetune_trainer.checkpoints import (
     COMPLETE_MARKER,
     RemoteCheckpoint,
@@ -35,7 +36,6 @@ from kubetune_trainer.training import (
 from kubetune_trainer.training_callbacks import RunFlags
 from transformers import TrainerCallback
 
-from kubetune import storage
 from kubetune.api import FineTuneJobSpec, ModelSpec, ProgressStatus
 from kubetune.contract import EXIT_CODE_PREEMPTED, trainer_command
 from tests.testbed.shared_data import shared_sample

@@ -376,7 +376,7 @@ TRAINER_LOG = "\n".join(
         log_line(
             "2026-11-22T03:05:02.900+00:00",
             f"downloaded 7 files from {MODEL_URI} to /tmp/kubetune-models/x",
-            logger="kubetune.storage",
+            logger="kubetune_trainer.storage",
         ),
         log_line("2026-11-22T03:05:09.000+00:00", "stage train"),
         log_line("2026-11-22T03:05:40.000+00:00", "progress", stage="train", step=0),

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kubetune.cli import main
 from kubetune.crd import build_crd, render_crd_yaml
+from kubetune_cli.cli import main
 from tests.invalid_manifests import INVALID_MANIFESTS, VALID_MANIFESTS
 
 pytestmark = pytest.mark.unit

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from kubetune.api import FineTuneJob, FineTuneJobStatus
-from kubetune.cli import describe_status, describe_summary, format_duration, gate_fails_job, main, with_output_uri
 from kubetune.contract import TrainerSummary
+from kubetune_cli.cli import describe_status, describe_summary, format_duration, gate_fails_job, main, with_output_uri
 
 pytestmark = pytest.mark.unit
 

@@ -13,16 +13,9 @@ from click.testing import CliRunner
 from pydantic import BaseModel, Field
 
 from kubetune import api
-from kubetune.crd import (
-    CRD_FILE,
-    CrdSchemaError,
-    build_crd,
-    check_crd_file,
-    crd_command,
-    model_schema,
-    render_crd_yaml,
-)
+from kubetune.crd import CrdSchemaError, build_crd, model_schema, render_crd_yaml
 from kubetune.rules import model_rules
+from tools.crds import CRD_FILE, check_crd_file, crd_command
 
 pytestmark = pytest.mark.unit
 

@@ -740,7 +740,7 @@ def reset_moto(endpoint: str) -> None:
 
 
 def test_unreadable_s3_object_is_a_data_error_naming_the_uri(s3_endpoint: str) -> None:
-    from kubetune import storage
+    from kubetune_trainer import storage
 
     storage.s3_client().create_bucket(Bucket="datasets")
     storage.write_bytes("s3://datasets/news/train.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in NEWS))
@@ -756,10 +756,9 @@ def test_unreadable_s3_object_is_a_data_error_naming_the_uri(s3_endpoint: str) -
 
 
 def test_an_s3_outage_is_a_retryable_storage_error_not_bad_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_trainer import storage
     from kubetune_trainer.failures import classify_failure
     from moto.server import ThreadedMotoServer
-
-    from kubetune import storage
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

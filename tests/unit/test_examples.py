@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from kubetune_trainer.data import prepare_data
 from kubetune_trainer.metrics import default_metrics, json_fields
 
-from kubetune.cli import main
 from kubetune.manifests import load_finetunejobs_text
+from kubetune_cli.cli import main
 from tests.example_jobs import EXAMPLE_JOBS, EXAMPLES_DIR, REPO_ROOT, ExampleJob, load_example, local_dataset
 from tests.testbed.shared_data import SHARED_DATA_DIR
 

@@ -1,4 +1,4 @@
-"""kubetune.storage on local paths, URI handling and settings: everything that needs no S3 server."""
+"""kubetune_trainer.storage on local paths, URI handling and settings: everything that needs no S3 server."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from kubetune import storage
-from kubetune.storage import StorageError
+from kubetune_trainer import storage
+from kubetune_trainer.storage import StorageError
 
 pytestmark = pytest.mark.unit
 

@@ -20,12 +20,12 @@ from kubetune_trainer.failures import (
     is_out_of_memory,
 )
 from kubetune_trainer.modeling import ModelError
+from kubetune_trainer.storage import REASON_NO_SUCH_BUCKET, StorageError
 from kubetune_trainer.training import TrainingDiverged
 
 from kubetune.api import DatasetStatus, UsageStatus
 from kubetune.contract import TERMINATION_MESSAGE_LIMIT_BYTES, TrainerSummary
 from kubetune.manifests import ManifestError, ManifestProblem
-from kubetune.storage import REASON_NO_SUCH_BUCKET, StorageError
 
 pytestmark = pytest.mark.unit
 

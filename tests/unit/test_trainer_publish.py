@@ -20,9 +20,9 @@ from kubetune_trainer.output_manifest import (
 )
 from kubetune_trainer.publish import MANIFEST_FILE, eval_uploads, publish
 from kubetune_trainer.report import ReportFiles
+from kubetune_trainer.storage import StorageError
 
 from kubetune.api import DatasetStatus, FineTuneJob, ModelSpec, UsageStatus
-from kubetune.storage import StorageError
 
 pytestmark = pytest.mark.unit
 

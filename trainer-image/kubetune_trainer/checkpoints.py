@@ -9,8 +9,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune import storage
 from kubetune.conditions import TRAINER_REASON_STORAGE_ERROR
+from kubetune_trainer import storage
 
 log = logging.getLogger(__name__)
 

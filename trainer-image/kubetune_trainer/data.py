@@ -10,8 +10,8 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
-from kubetune import storage
 from kubetune.api import DatasetSpec
+from kubetune_trainer import storage
 from kubetune_trainer.data_files import SourceRow, column_names, read_rows
 from kubetune_trainer.examples import DataError, DataStats, Example, PreparedData, RowError
 from kubetune_trainer.formats import (

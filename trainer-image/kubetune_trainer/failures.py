@@ -28,8 +28,8 @@ from kubetune.conditions import (
 )
 from kubetune.contract import EXIT_CODE_PERMANENT, EXIT_CODE_RETRYABLE, TrainerSummary
 from kubetune.manifests import ManifestError
-from kubetune.storage import StorageError
 from kubetune_trainer.examples import DataError
+from kubetune_trainer.storage import StorageError
 
 EXIT_CODE_SUCCEEDED = 0
 RETRYABLE_REASONS = frozenset({TRAINER_REASON_STORAGE_ERROR, TRAINER_REASON_INTERNAL_ERROR})

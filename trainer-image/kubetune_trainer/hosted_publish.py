@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from kubetune import storage
 from kubetune.api import ApiModel, ArtifactsStatus, FineTuneJob, OpenAISpec, UsageStatus
+from kubetune_trainer import storage
 from kubetune_trainer.hosted_service import HostedOutcome, StepMetrics, is_figure
 from kubetune_trainer.main import EvaluationOutcome, RunRecord
 from kubetune_trainer.output_manifest import (

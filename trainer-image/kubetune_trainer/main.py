@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kubetune import storage
 from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, FineTuneJobSpec, UsageStatus
 from kubetune.contract import (
     DEFAULT_TERMINATION_MESSAGE_PATH,
@@ -33,6 +32,7 @@ from kubetune.contract import (
     TrainerSummary,
 )
 from kubetune.manifests import ManifestError, load_finetunejobs, load_finetunejobs_text
+from kubetune_trainer import storage
 from kubetune_trainer.failures import ConfigError, EvaluationError, classify_failure, exit_code, failed_summary
 from kubetune_trainer.progress import ProgressSettingsError, Reporter, Stage, json_logging, reporter_from_environment
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kubetune import storage
 from kubetune.api import FineTuneJobSpec, LoraSpec, ModelSpec, QuantizationSpec
 from kubetune.conditions import TRAINER_REASON_MODEL_ERROR
+from kubetune_trainer import storage
 
 if TYPE_CHECKING:
     import torch

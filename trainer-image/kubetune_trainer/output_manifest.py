@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from kubetune import contract, storage
+from kubetune import contract
 from kubetune.api import (
     API_VERSION,
     ApiModel,
@@ -19,6 +19,7 @@ from kubetune.api import (
     ModelSpec,
     UsageStatus,
 )
+from kubetune_trainer import storage
 from kubetune_trainer.modeling import WEIGHT_SUFFIXES
 
 MANIFEST_KIND = "FineTuneRunManifest"

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune import storage
 from kubetune.api import ArtifactsStatus
+from kubetune_trainer import storage
 from kubetune_trainer.checkpoints import list_checkpoints
 from kubetune_trainer.output_manifest import RunManifest, relative_hashes
 from kubetune_trainer.report import (

@@ -1,0 +1,1 @@
+"""The `kubetune` command line: validate manifests offline, train locally, read a job's status and logs."""

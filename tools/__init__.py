@@ -1,0 +1,1 @@
+"""Development scripts: generated files of the repository, checked by `make lint`."""
