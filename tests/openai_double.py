@@ -1,4 +1,6 @@
-"""A real HTTP server on 127.0.0.1 that speaks enough of the OpenAI API for tests, with scriptable replies.
+"""A real HTTP server on 127.0.0.1 standing in for OpenAI's paid fine-tuning service (files, fine-tuning jobs and the
+tuned model's chat completions), which nothing here can run; every other OpenAI-compatible endpoint in the tests is
+llama.cpp's real server (tests/testbed/llama_server.py).
 
 Each (method, path) route answers from its queue of scripted replies first, then from its handler, else 404.
 Every request is recorded. Extend it for more endpoints by adding handlers (`on`) or queued replies (`enqueue`).

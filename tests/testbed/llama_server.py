@@ -79,7 +79,7 @@ class LlamaServer:
     def start(self) -> LlamaServer:
         if not is_installed():
             raise FileNotFoundError(
-                f"llama.cpp's server is not built into {server_env_dir()}: `make llama-server` builds it"
+                f"llama.cpp's server is not built into {server_env_dir()}: `make testbed` builds it"
             )
         argv = [
             str(server_python()),
