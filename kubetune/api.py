@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -79,6 +80,11 @@ def cel(rule: str, message: str, field_path: str | None = None, reason: str | No
 def immutable(name: str) -> dict[str, Any]:
     """A transition rule refusing any change to a field after creation."""
     return cel("self == oldSelf", f"{name} is immutable after creation")
+
+
+def utc_now() -> str:
+    """Now as RFC 3339 UTC with seconds: the form of metav1.Time, which status timestamps use."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @overload

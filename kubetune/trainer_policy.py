@@ -41,12 +41,6 @@ def operator_status_fields() -> list[str]:
     return [name for name in status_schema()["properties"] if name not in TRAINER_STATUS_FIELDS]
 
 
-def is_trainer_pod_of(pod_name: str, job_name: str) -> bool:
-    """The policy's test in Python: `<job>-trainer-` and exactly 5 more characters."""
-    prefix = f"{job_name}{TRAINER_POD_INFIX}"
-    return pod_name.startswith(prefix) and len(pod_name) == len(prefix) + GENERATED_SUFFIX_LENGTH
-
-
 def _unchanged(field_name: str) -> str:
     return f"object.?status.?{field_name} == oldObject.?status.?{field_name}"
 

@@ -32,7 +32,7 @@ from kopf._cogs.clients import api as kopf_api
 from kopf._cogs.clients import errors as kopf_errors
 from pydantic import ValidationError
 
-from kubetune.api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, FineTuneJob, FineTuneJobStatus
+from kubetune.api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, FineTuneJob, FineTuneJobStatus, utc_now
 from kubetune_operator.builders import (
     LABEL_COMPONENT,
     LABEL_JOB_NAME,
@@ -359,11 +359,6 @@ def in_namespace(namespace: str | None) -> str:
     if not namespace:
         raise kopf.PermanentError("kubetune handles namespaced objects only")
     return namespace
-
-
-def utc_now() -> str:
-    """Now as RFC 3339 UTC with seconds, the format of metav1.Time."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def format_validation_error(error: ValidationError) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune import conditions as c
@@ -81,7 +81,6 @@ class StatusChange:
     patch: dict[str, Any]
     transitions: tuple[PhaseTransition, ...]
     status: FineTuneJobStatus
-    changed_fields: tuple[str, ...] = field(default=())
 
     @property
     def is_empty(self) -> bool:
@@ -636,7 +635,7 @@ def change_between(current: FineTuneJobStatus | None, new: FineTuneJobStatus) ->
     transitions: tuple[PhaseTransition, ...] = ()
     if new.phase and new.phase != old_phase:
         transitions = (PhaseTransition(old_phase, new.phase, _headline_reason(new), new.message or ""),)
-    return StatusChange(patch, transitions, new, tuple(patch.get("status", {})))
+    return StatusChange(patch, transitions, new)
 
 
 def _headline_reason(status: FineTuneJobStatus) -> str:

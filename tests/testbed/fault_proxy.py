@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -84,7 +85,7 @@ class FaultProxy:
 
     @property
     def base_url(self) -> str:
-        prefix = urllib.request.urlparse(self.upstream).path
+        prefix = urllib.parse.urlparse(self.upstream).path
         return f"http://127.0.0.1:{self._server.server_address[1]}{prefix}"
 
     def inject(self, *faults: Fault) -> None:
@@ -136,7 +137,7 @@ class FaultProxy:
             self._exchanges.append(exchange)
 
     def _forward(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes, str]:
-        prefix = urllib.request.urlparse(self.upstream).path
+        prefix = urllib.parse.urlparse(self.upstream).path
         url = self.upstream + path[len(prefix) :] if path.startswith(prefix) else self.upstream + path
         request = urllib.request.Request(url, data=body or None, method=method, headers=dict(headers))
         try:

@@ -10,11 +10,13 @@ from kubetune_trainer.examples import Example, PreparedData
 from kubetune_trainer.failures import ConfigError
 from kubetune_trainer.main import (
     EvaluationOutcome,
+    Launch,
     RunRecord,
     check_gate_is_computed,
     check_runnable,
     default_settings,
     load_job,
+    log_rank,
     run_metrics,
     shared_work_dir,
     success_message,
@@ -116,6 +118,14 @@ def test_settings_follow_the_launcher_s_rank_and_world_size(tmp_path: Path) -> N
     assert (single.is_main_process, single.world_size) == (True, 1)
     assert (second_rank.is_main_process, second_rank.world_size) == (False, 2)
     assert second_rank.model_cache_dir == Path("/cache")
+
+
+def test_a_launcher_value_that_is_not_a_number_is_refused_naming_it() -> None:
+    assert Launch.from_env({"WORLD_SIZE": "2", "RANK": "1"}) == Launch(world_size=2, rank=1)
+    assert log_rank({"WORLD_SIZE": "2", "RANK": "1"}) == 1 and log_rank({"RANK": "0"}) is None
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE='two' from the launcher is not a whole number"):
+        Launch.from_env({"WORLD_SIZE": "two"})
+    assert log_rank({"RANK": "x", "WORLD_SIZE": "2"}) is None
 
 
 def test_every_rank_of_one_launch_shares_a_work_dir_and_a_single_process_gets_its_own() -> None:

@@ -33,7 +33,6 @@ from kubetune_trainer.storage import StorageError
 
 EXIT_CODE_SUCCEEDED = 0
 RETRYABLE_REASONS = frozenset({TRAINER_REASON_STORAGE_ERROR, TRAINER_REASON_INTERNAL_ERROR})
-PERMANENT_REASONS = TRAINER_FAILURE_REASONS - RETRYABLE_REASONS
 # Summary messages stay short: the termination message holds 4 KB in all, and the log has the details.
 MESSAGE_LIMIT = 2048
 OUT_OF_MEMORY_HINT = (

@@ -461,8 +461,8 @@ def default_settings(env: Mapping[str, str], work_dir: Path) -> RunSettings:
     return RunSettings(
         work_dir=work_dir,
         model_cache_dir=Path(cache),
-        is_main_process=process_rank(env) == 0,
-        world_size=int(env.get("WORLD_SIZE", "1") or 1),
+        is_main_process=Launch.from_env(env).is_main_process,
+        world_size=Launch.from_env(env).world_size,
     )
 
 
@@ -513,7 +513,7 @@ def shared_work_dir(env: Mapping[str, str]) -> Path | None:
     The launcher's pid is the same for every rank and new for each launch; a single process gets None (a fresh
     temporary directory).
     """
-    if int(env.get("WORLD_SIZE", "1") or 1) <= 1:
+    if not Launch.from_env(env).distributed:
         return None
     return Path(tempfile.gettempdir()) / f"kubetune-run-launch-{os.getppid()}"
 
@@ -552,10 +552,10 @@ def run(config: Path | None) -> None:
     env = dict(os.environ)
     # The log formatter asks the reporter (made inside the block, so its warnings are JSON too) for the stage.
     reporters: list[Reporter] = []
-    rank = process_rank(env) if int(env.get("WORLD_SIZE", "1") or 1) > 1 else None
-    with json_logging(lambda: reporters[0].stage if reporters else None, rank=rank):
+    with json_logging(lambda: reporters[0].stage if reporters else None, rank=log_rank(env)):
         try:
-            reporters.append(reporter_from_environment(env, is_main_process=process_rank(env) == 0))
+            launch = Launch.from_env(env)
+            reporters.append(reporter_from_environment(env, is_main_process=launch.is_main_process))
             job = load_job(config, env)
         except (ConfigError, ProgressSettingsError) as error:
             failure = classify_failure(ConfigError(str(error)))
@@ -582,9 +582,43 @@ def hosted(config: Path | None) -> None:
     sys.exit(hosted_main(config, dict(os.environ)))
 
 
-def process_rank(env: Mapping[str, str]) -> int:
-    """This process's global rank under a multi-GPU launcher (RANK), 0 otherwise."""
-    return int(env.get("RANK", "0") or 0)
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in a multi-process launch (torchrun's WORLD_SIZE and RANK); one process: 1 and 0."""
+
+    world_size: int = 1
+    rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Launch:
+        """Read from the launcher's environment; a value that is not a whole number is a ConfigError naming it."""
+        values = {}
+        for name, default in (("WORLD_SIZE", 1), ("RANK", 0)):
+            raw = env.get(name) or str(default)
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} from the launcher is not a whole number") from None
+        return cls(world_size=max(1, values["WORLD_SIZE"]), rank=values["RANK"])
+
+    @property
+    def distributed(self) -> bool:
+        """Whether several processes train together."""
+        return self.world_size > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0: the one that reports progress and publishes."""
+        return self.rank == 0
+
+
+def log_rank(env: Mapping[str, str]) -> int | None:
+    """The rank each log line of a multi-process launch carries; None for one process (or one not yet known)."""
+    try:
+        launch = Launch.from_env(env)
+    except ConfigError:
+        return None  # the run itself refuses the launcher's values, in a log line of its own
+    return launch.rank if launch.distributed else None
 
 
 def run_in_process(job: FineTuneJob, reporter: Reporter, env: Mapping[str, str]) -> int:
@@ -601,12 +635,12 @@ def run_in_process(job: FineTuneJob, reporter: Reporter, env: Mapping[str, str])
         log.warning("%s", preempted)
         reporter.finish()
         return EXIT_CODE_PREEMPTED
-    if process_rank(env) == 0:
+    if Launch.from_env(env).is_main_process:
         # First: closing the status channel may wait on an API server that is away, and the termination message is
         # what the operator reads the result from.
         write_termination_message(summary, env)
     reporter.finish()
-    if process_rank(env) == 0 and work_dir is not None:
+    if Launch.from_env(env).is_main_process and work_dir is not None:
         # The other ranks are done with the shared directory once training ended; only rank 0 went on.
         shutil.rmtree(work_dir, ignore_errors=True)
     return exit_code(summary)

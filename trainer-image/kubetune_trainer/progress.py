@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, EvaluationStatus, ProgressStatus, significant
+from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, EvaluationStatus, ProgressStatus, significant, utc_now
 from kubetune.contract import ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_METRICS_PORT, ENV_PROGRESS_INTERVAL
 from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, RateLimit
 
@@ -52,11 +52,6 @@ class TrainingStep:
     trained_tokens: int
     loss: float | None
     learning_rate: float | None
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC timestamp with seconds."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,10 +8,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
-from kubetune.api import ProgressStatus
+from kubetune.api import ProgressStatus, utc_now
 
 DEFAULT_PROGRESS_INTERVAL_SECONDS = 10.0
 STAGE_TRAIN = "train"
@@ -50,11 +49,6 @@ def finite_or_none(value: Any) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC timestamp with seconds."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
