@@ -7,11 +7,14 @@ from __future__ import annotations
 import logging
 
 import pytest
+from kubetune_trainer.chat_endpoint import ChatEndpoint
+from kubetune_trainer.evaluation import EvaluationInputError
 from kubetune_trainer.examples import Example
-from kubetune_trainer.hosted_evaluation import ChatCompletionsPredictor, HostedModels, run_hosted_evaluation
+from kubetune_trainer.hosted_evaluation import HostedModels, run_hosted_evaluation
 from kubetune_trainer.judge import RESPONSE_FORMATS, JudgeCase, LlmJudge
 
 from kubetune.api import EvaluationSpec, JudgeSpec, SecretKeyRef
+from tests.testbed.fault_proxy import Fault, FaultProxy
 from tests.testbed.llama_server import LlamaServer
 
 pytestmark = pytest.mark.integration
@@ -109,12 +112,12 @@ def test_the_hosted_evaluation_scores_chat_completions_of_a_real_server(llama_se
         for line, (text, label) in enumerate(rows, 1)
     ]
     client = OpenAI(base_url=llama_server.base_url, api_key=llama_server.api_key, max_retries=0, timeout=60)
-    predictor = ChatCompletionsPredictor(client, max_tokens=4, concurrency=2, seed=7, api_key=llama_server.api_key)
+    endpoint = ChatEndpoint(client, llama_server.api_key, concurrency=2, max_tokens=4, seed=7)
     spec = EvaluationSpec(metrics=["accuracy"], baselines=["zeroShot", "retrievalFewShot"], few_shot_k=1)
     progress: list[tuple[int, int]] = []
 
     results = run_hosted_evaluation(
-        predictor,
+        endpoint,
         HostedModels(tuned=llama_server.model, base=llama_server.model),
         examples,
         examples,
@@ -132,3 +135,37 @@ def test_the_hosted_evaluation_scores_chat_completions_of_a_real_server(llama_se
     # The tuned and zero-shot entries are the same model and prompt here, and replies are greedy: the same answers.
     assert results.models["tuned"].outputs == results.models["zeroShot"].outputs
     assert progress[-1] == (9, 9)
+    # Every arm's serving cost, from the server's own token counts and the measured latency.
+    assert list(results.serving) == ["tuned", "zeroShot", "retrievalFewShot"]
+    for name, cost in results.serving.items():
+        assert (cost.requests, cost.failed) == (3, 0), name
+        assert cost.prompt_tokens_mean > 0 and cost.latency_p50_seconds is not None, name
+        assert cost.cost_per_1k_requests is None, name  # no prices given for a hosted model
+    retrieved, bare = results.serving["retrievalFewShot"], results.serving["zeroShot"]
+    assert retrieved.prompt_tokens_mean > bare.prompt_tokens_mean
+
+
+def test_a_failed_request_of_the_job_s_own_model_fails_the_evaluation_naming_the_line_and_sends_no_more(
+    llama_server: LlamaServer,
+) -> None:
+    from openai import OpenAI
+
+    examples = [Example([{"role": "user", "content": f"Say {word}."}], word, word, line) for line, word in
+                enumerate(["yes", "no", "maybe", "later"], 11)]  # fmt: skip
+    with FaultProxy(llama_server.base_url) as proxy:
+        client = OpenAI(base_url=proxy.base_url, api_key=llama_server.api_key, max_retries=1, timeout=60)
+        endpoint = ChatEndpoint(client, llama_server.api_key, concurrency=1, max_tokens=4, seed=7)
+        proxy.inject(*[Fault(status=503, message="overloaded", headers={"retry-after-ms": "1"})] * 2)
+        spec = EvaluationSpec(metrics=["exactMatch"], baselines=[])
+
+        with pytest.raises(EvaluationInputError) as refused:
+            run_hosted_evaluation(
+                endpoint, HostedModels(tuned="ft:model", base=llama_server.model), examples, examples, spec,
+                dataset_format="completion",
+            )  # fmt: skip
+        client.close()
+
+    assert str(refused.value).startswith("tuned model ft:model: InternalServerError: Error code: 503")
+    assert str(refused.value).endswith("on validation line 11")
+    # The first row's request and its one retry; the rows after it were never sent.
+    assert [exchange.status for exchange in proxy.exchanges()] == [503, 503]

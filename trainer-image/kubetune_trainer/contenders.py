@@ -6,37 +6,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kubetune.api import ContenderSpec
+from kubetune.api import ContenderSpec, EvaluationSpec
 from kubetune.contract import contender_api_key_env
+from kubetune_trainer.chat_endpoint import ChatEndpoint, RequestRecord
 from kubetune_trainer.examples import ChatMessages, Example
 from kubetune_trainer.formats import few_shot_prompt
-from kubetune_trainer.judge import redact
 from kubetune_trainer.retrieval import retrieved_shots
 
-if TYPE_CHECKING:
-    from openai.types.chat import ChatCompletionMessageParam
-
 log = logging.getLogger(__name__)
-
-DEFAULT_REQUEST_TIMEOUT_SECONDS = 120.0
-# An endpoint needs some key string even without auth (the SDK refuses an empty one).
-NO_KEY = "none"
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One request: the tokens the endpoint counted, how long it took, and why it failed if it did."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +77,9 @@ def token_cost(
     )
 
 
-def serving_cost(records: Sequence[RequestRecord], spec: ContenderSpec) -> ServingCost:
-    """A contender's figures from its requests (failed ones count for latency, not for tokens) and its prices."""
+def serving_cost(records: Sequence[RequestRecord], spec: ContenderSpec | None = None) -> ServingCost:
+    """An endpoint's figures from its requests (failed ones count for latency, not for tokens), priced by the
+    contender's token prices when it has any."""
     answered = [record for record in records if record.error is None]
     base = token_cost(
         [record.prompt_tokens for record in answered],
@@ -106,7 +88,9 @@ def serving_cost(records: Sequence[RequestRecord], spec: ContenderSpec) -> Servi
         first_error=next((record.error for record in records if record.error), None),
     )
     price: float | None = None
-    if spec.price_per_million_input_tokens is not None or spec.price_per_million_output_tokens is not None:
+    if spec is not None and (
+        spec.price_per_million_input_tokens is not None or spec.price_per_million_output_tokens is not None
+    ):
         per_request = (
             base.prompt_tokens_mean * (spec.price_per_million_input_tokens or 0.0)
             + base.completion_tokens_mean * (spec.price_per_million_output_tokens or 0.0)
@@ -135,80 +119,38 @@ def prompts_for(
     return [few_shot_prompt(example, own) for example, own in zip(examples, nearest, strict=True)]
 
 
-def as_chat(prompt: ChatMessages | str) -> list[ChatCompletionMessageParam]:
-    """Chat prompts as they are; a rendered template prompt as one user message."""
-    messages: list[Any] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return messages
-
-
-class ContenderClient:
-    """One contender's endpoint: greedy replies, a bounded number in flight; a request that fails after the SDK's
-    retries (429, 5xx, timeouts, with backoff) is an empty answer, scored as wrong and counted."""
-
-    def __init__(
-        self,
-        spec: ContenderSpec,
-        api_key: str,
-        *,
-        max_tokens: int,
-        seed: int,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
-    ) -> None:
-        from openai import OpenAI
-
-        self.spec = spec
-        self.max_tokens = max_tokens
-        self.seed = seed
-        self._api_key = api_key
-        self._client = OpenAI(
-            base_url=spec.base_url,
-            api_key=api_key or NO_KEY,
-            max_retries=spec.max_retries,
-            timeout=request_timeout,
-        )
-
-    def answer(self, prompt: ChatMessages | str) -> tuple[str, RequestRecord]:
-        """One reply and its record."""
-        started = time.monotonic()
-        try:
-            reply = self._client.chat.completions.create(
-                model=self.spec.model,
-                messages=as_chat(prompt),
-                temperature=0,
-                max_completion_tokens=self.max_tokens,
-                seed=self.seed,
-            )
-        except Exception as error:  # counted and scored as wrong; the message must not carry the key
-            why = redact(f"{type(error).__name__}: {error}", self._api_key)
-            return "", RequestRecord(0, 0, time.monotonic() - started, why[:300])
-        seconds = time.monotonic() - started
-        usage = reply.usage
-        content = reply.choices[0].message.content if reply.choices else None
-        return (content or "").strip(), RequestRecord(
-            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, seconds
-        )
-
-    def answer_all(
-        self, prompts: Sequence[ChatMessages | str], on_done: Callable[[int], None] = lambda count: None
-    ) -> tuple[list[str], list[RequestRecord]]:
-        """Replies and records for every prompt, in order."""
-
-        def one(prompt: ChatMessages | str) -> tuple[str, RequestRecord]:
-            result = self.answer(prompt)
-            on_done(1)
-            return result
-
-        with ThreadPoolExecutor(max_workers=self.spec.concurrency, thread_name_prefix="contender") as pool:
-            answered = list(pool.map(one, prompts))
-        failed = [record.error for _, record in answered if record.error]
-        if failed:
-            log.warning(
-                "contender %s: %d of %d requests failed: %s", self.spec.name, len(failed), len(prompts), failed[0]
-            )
-        return [text for text, _ in answered], [record for _, record in answered]
-
-    def close(self) -> None:
-        self._client.close()
+def ask_contender(
+    index: int,
+    contender: ContenderSpec,
+    examples: Sequence[Example],
+    train: Sequence[Example],
+    spec: EvaluationSpec,
+    *,
+    shots: Sequence[Example],
+    max_tokens: int,
+    seed: int,
+    environ: Mapping[str, str] | None,
+    on_done: Callable[[int], None],
+) -> tuple[list[str], list[RequestRecord]]:
+    """The contender's answers to the rows, prompted its way; a request that failed is an empty answer (scored as
+    wrong) and counted in its record."""
+    endpoint = ChatEndpoint.connect(
+        contender.base_url,
+        contender_key(index, contender, environ),
+        max_retries=contender.max_retries,
+        concurrency=contender.concurrency,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
+    prompts = prompts_for(contender.prompting, examples, train, shots, spec.few_shot_k)
+    try:
+        outputs, records = endpoint.answer_all(contender.model, prompts, on_done)
+    finally:
+        endpoint.close()
+    failed = [record.error for record in records if record.error]
+    if failed:
+        log.warning("contender %s: %d of %d requests failed: %s", contender.name, len(failed), len(records), failed[0])
+    return outputs, records
 
 
 def contender_key(index: int, spec: ContenderSpec, environ: Mapping[str, str] | None = None) -> str:

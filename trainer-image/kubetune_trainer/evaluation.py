@@ -26,15 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubetune.api import BaselineName, ContenderSpec, EvaluationMetric, EvaluationSpec
-from kubetune_trainer.contenders import (
-    ContenderClient,
-    ServingCost,
-    contender_key,
-    percentile,
-    prompts_for,
-    serving_cost,
-    token_cost,
-)
+from kubetune_trainer.contenders import ServingCost, ask_contender, percentile, serving_cost, token_cost
 from kubetune_trainer.evaluation_results import (
     FEW_SHOT,
     MIN_JUDGED_SHARE,
@@ -676,15 +668,18 @@ def score_contender(
 ) -> tuple[ModelResult, ServingCost]:
     """A contender's answers on the run's rows, prompted its way, scored like every other model."""
     started = time.monotonic()
-    shots = select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else []
-    prompts = prompts_for(contender.prompting, run.examples, train, shots, spec.few_shot_k)
-    client = ContenderClient(
-        contender, contender_key(index, contender, environ), max_tokens=run.max_new_tokens, seed=seed
+    outputs, records = ask_contender(
+        index,
+        contender,
+        run.examples,
+        train,
+        spec,
+        shots=select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else [],
+        max_tokens=run.max_new_tokens,
+        seed=seed,
+        environ=environ,
+        on_done=run.progress.advance,
     )
-    try:
-        outputs, records = client.answer_all(prompts, run.progress.advance)
-    finally:
-        client.close()
     run.seconds[contender.name] = time.monotonic() - started
     result = ModelResult(outputs=outputs)
     if generates_text(run.metrics):

@@ -431,10 +431,11 @@ def hosted_evaluate_stage(
     reporter: Reporter,
 ) -> EvaluationOutcome:
     """The hosted fine-tuned model vs the hosted base model, scored, gated and written as local jobs' report."""
+    from kubetune_trainer.chat_endpoint import ChatEndpoint
     from kubetune_trainer.evaluation import EvaluationInputError
     from kubetune_trainer.gate import evaluate_gate
     from kubetune_trainer.hosted_evaluation import (
-        ChatCompletionsPredictor,
+        MAX_CONCURRENCY,
         HostedModels,
         reply_token_cap,
         run_hosted_evaluation,
@@ -444,17 +445,17 @@ def hosted_evaluate_stage(
     assert spec.openai is not None
     evaluation = spec.evaluation
     references = [example.completion for example in data.validation[: evaluation.max_samples]]
-    predictor = ChatCompletionsPredictor(
+    endpoint = ChatEndpoint(
         client,
+        api_key,
+        concurrency=min(evaluation.batch_size, MAX_CONCURRENCY),
         max_tokens=reply_token_cap(evaluation, references),
-        concurrency=evaluation.batch_size,
         seed=spec.openai.seed if spec.openai.seed is not None else spec.training.seed,
-        api_key=api_key,
     )
     judge = judge_for(spec)
     try:
         results = run_hosted_evaluation(
-            predictor,
+            endpoint,
             HostedModels(tuned=fine_tuned_model, base=spec.openai.model),
             data.validation,
             data.train,

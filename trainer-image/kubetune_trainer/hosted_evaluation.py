@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kubetune.api import EvaluationMetric, EvaluationSpec
-from kubetune_trainer.contenders import ContenderClient, as_chat, contender_key, prompts_for, serving_cost
+from kubetune_trainer.chat_endpoint import ChatEndpoint, first_failure
+from kubetune_trainer.contenders import ServingCost, ask_contender, serving_cost
 from kubetune_trainer.evaluation import (
     NEW_TOKENS_CAP,
     NEW_TOKENS_MARGIN,
@@ -44,12 +44,12 @@ from kubetune_trainer.evaluation_results import (
 )
 from kubetune_trainer.examples import ChatMessages, Example
 from kubetune_trainer.formats import few_shot_prompt
-from kubetune_trainer.judge import LlmJudge, redact
+from kubetune_trainer.judge import LlmJudge
 from kubetune_trainer.metrics import InvalidReferenceError, headline_metric, score_outputs
 from kubetune_trainer.retrieval import retrieved_shots
 
 if TYPE_CHECKING:
-    from openai import OpenAI
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ BYTES_PER_TOKEN = 4
 # Scores that need the probabilities of the reference tokens.
 UNSCORED_METRICS: frozenset[str] = frozenset({"loss", "perplexity"})
 NO_LOSS_NOTE = "loss not computed: a hosted model's chat completions give no probabilities of the reference tokens"
-
-
-class HostedPredictionError(Exception):
-    """A chat completion failed after the SDK's retries; `index` is the sample's position."""
-
-    def __init__(self, model: str, index: int, message: str) -> None:
-        super().__init__(f"{model}: {message}")
-        self.model = model
-        self.index = index
 
 
 @dataclass(frozen=True)
@@ -98,47 +89,6 @@ def scorable_metrics(
             "rougeL or judge"
         )
     return kept, notes
-
-
-class ChatCompletionsPredictor:
-    """Answers prompts with models behind an OpenAI-compatible endpoint, a bounded number of requests in flight."""
-
-    def __init__(self, client: OpenAI, *, max_tokens: int, concurrency: int, seed: int, api_key: str) -> None:
-        self.client = client
-        self.max_tokens = max_tokens
-        self.concurrency = max(1, min(concurrency, MAX_CONCURRENCY))
-        self.seed = seed
-        self._api_key = api_key
-
-    def answer(self, model: str, prompt: ChatMessages | str) -> str:
-        """One greedy reply, stripped."""
-        reply = self.client.chat.completions.create(
-            model=model,
-            messages=as_chat(prompt),
-            temperature=0,
-            max_completion_tokens=self.max_tokens,
-            seed=self.seed,
-        )
-        content = reply.choices[0].message.content if reply.choices else None
-        return (content or "").strip()
-
-    def predict(
-        self, model: str, prompts: Sequence[ChatMessages | str], on_done: Callable[[int], None] = lambda count: None
-    ) -> list[str]:
-        """Replies to every prompt, in order; HostedPredictionError (with the key redacted) on a failed request."""
-
-        def reply_to(index: int) -> str:
-            try:
-                text = self.answer(model, prompts[index])
-            except Exception as error:  # the SDK has retried; the message must not carry the key
-                raise HostedPredictionError(
-                    model, index, redact(f"{type(error).__name__}: {error}", self._api_key)
-                ) from None
-            on_done(1)
-            return text
-
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="hosted-eval") as pool:
-            return list(pool.map(reply_to, range(len(prompts))))
 
 
 def score_hosted_model(
@@ -178,7 +128,7 @@ def planned_prompts(
 
 
 def run_hosted_evaluation(
-    predictor: ChatCompletionsPredictor,
+    endpoint: ChatEndpoint,
     models: HostedModels,
     validation: Sequence[Example],
     train: Sequence[Example],
@@ -207,30 +157,34 @@ def run_hosted_evaluation(
     counter = Progress(units, progress)
     seconds: dict[str, float] = {}
     results: dict[str, ModelResult] = {}
+    serving: dict[str, ServingCost] = {}
     for name, (model, prompts) in plan.items():
         log.info("evaluating %s (%s) on %d samples", name, model, len(examples))
         began = time.monotonic()
-        try:
-            outputs = predictor.predict(model, prompts, on_done=counter.advance)
-        except HostedPredictionError as error:
-            line = samples[error.index].line
-            raise EvaluationInputError(f"{name} model {error}, on validation line {line}") from error
+        # Unlike a contender's, a failed request of the job's own models fails the evaluation: its scores would lie.
+        outputs, records = endpoint.answer_all(model, prompts, counter.advance, stop_on_failure=True)
+        failure = first_failure(records)
+        if failure is not None:
+            index, why = failure
+            raise EvaluationInputError(f"{name} model {model}: {why}, on validation line {samples[index].line}")
         seconds[name] = time.monotonic() - began
         results[name] = score_hosted_model(outputs, samples, metrics, labels)
-    serving = {}
+        serving[name] = serving_cost(records)
     for index, contender in enumerate(spec.contenders):
         log.info("asking contender %s (%s) on %d samples", contender.name, contender.model, len(examples))
         began = time.monotonic()
-        shots = select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else []
-        client = ContenderClient(
-            contender, contender_key(index, contender, environ), max_tokens=predictor.max_tokens, seed=seed
+        outputs, records = ask_contender(
+            index,
+            contender,
+            examples,
+            train,
+            spec,
+            shots=select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else [],
+            max_tokens=endpoint.max_tokens,
+            seed=seed,
+            environ=environ,
+            on_done=counter.advance,
         )
-        try:
-            outputs, records = client.answer_all(
-                prompts_for(contender.prompting, examples, train, shots, spec.few_shot_k), counter.advance
-            )
-        finally:
-            client.close()
         seconds[contender.name] = time.monotonic() - began
         results[contender.name] = score_hosted_model(outputs, samples, metrics, labels)
         serving[contender.name] = serving_cost(records, contender)
