@@ -613,16 +613,22 @@ def score_model(entry: ScoredModel, run: EvalRun) -> ModelResult:
                 result.metrics["perplexity"] = math.exp(loss)
             run.seconds["loss"] = run.seconds.get("loss", 0.0) + time.monotonic() - loss_started
     if generates_text(run.metrics) or is_tuned_classifier(entry):
-        add_text_scores(result, run)
+        add_text_scores(result, run.samples, run.metrics, run.labels)
     return result
 
 
-def add_text_scores(result: ModelResult, run: EvalRun) -> None:
-    """The run's text metrics of result's outputs, aggregated and per sample, into result."""
+def add_text_scores(
+    result: ModelResult,
+    samples: Sequence[EvalSample],
+    metrics: Sequence[EvaluationMetric],
+    labels: Sequence[str] | None,
+) -> None:
+    """The text metrics of result's outputs, aggregated and per sample, into result: the one scoring of every arm,
+    in-process or behind an endpoint."""
     try:
-        scored = score_outputs(run.metrics, run.references, result.outputs, run.labels)
+        scored = score_outputs(metrics, [sample.reference for sample in samples], result.outputs, labels)
     except InvalidReferenceError as error:
-        raise run.line_error(error) from error
+        raise EvaluationInputError(f"validation line {samples[error.index].line}: {error}") from error
     result.metrics.update(scored.scores)
     result.sample_scores = scored.samples
     result.confusion = scored.confusion
@@ -683,21 +689,21 @@ def score_contender(
     run.seconds[contender.name] = time.monotonic() - started
     result = ModelResult(outputs=outputs)
     if generates_text(run.metrics):
-        add_text_scores(result, run)
+        add_text_scores(result, run.samples, run.metrics, run.labels)
     return result, serving_cost(records, contender)
 
 
-def add_judge_scores(judge: LlmJudge, results: dict[str, ModelResult], run: EvalRun) -> JudgeCost:
+def add_judge_scores(
+    judge: LlmJudge, results: dict[str, ModelResult], samples: Sequence[EvalSample], progress: Progress
+) -> JudgeCost:
     """Grade every model's outputs with the judge; its scores join each model's metrics and per-sample scores."""
     cost = JudgeCost(model=judge.spec.model)
-    started = time.monotonic()
     for name, result in results.items():
-        scores, per_sample = judge_outputs(judge, run.samples, result.outputs, cost, run.progress)
+        scores, per_sample = judge_outputs(judge, samples, result.outputs, cost, progress)
         result.metrics.update(scores)
-        earlier = result.sample_scores or [{} for _ in run.samples]
+        earlier = result.sample_scores or [{} for _ in samples]
         result.sample_scores = [{**before, **after} for before, after in zip(earlier, per_sample, strict=True)]
         log.info("judged %s: %s", name, scores)
-    run.seconds["judge"] = time.monotonic() - started
     return cost
 
 
@@ -775,7 +781,11 @@ def run_evaluation(
         results[contender.name], serving[contender.name] = score_contender(
             index, contender, run, train, spec, seed, environ
         )
-    cost = add_judge_scores(judge, results, run) if judge is not None and "judge" in metrics else None
+    cost = None
+    if judge is not None and "judge" in metrics:
+        judging = time.monotonic()
+        cost = add_judge_scores(judge, results, samples, run.progress)
+        run.seconds["judge"] = time.monotonic() - judging
     run.seconds["total"] = time.monotonic() - started
     return EvaluationResults(
         headline_metric=headline_metric(metrics, spec.gate.metric if spec.gate else None),

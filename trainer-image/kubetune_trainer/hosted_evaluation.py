@@ -27,9 +27,10 @@ from kubetune_trainer.evaluation import (
     EvaluationInputError,
     Progress,
     ProgressCallback,
+    add_judge_scores,
+    add_text_scores,
     check_shots_available,
     evaluation_metrics,
-    judge_outputs,
     select_shots,
 )
 from kubetune_trainer.evaluation_results import (
@@ -39,13 +40,12 @@ from kubetune_trainer.evaluation_results import (
     ZERO_SHOT,
     EvalSample,
     EvaluationResults,
-    JudgeCost,
     ModelResult,
 )
 from kubetune_trainer.examples import ChatMessages, Example
 from kubetune_trainer.formats import few_shot_prompt
 from kubetune_trainer.judge import LlmJudge
-from kubetune_trainer.metrics import InvalidReferenceError, headline_metric, score_outputs
+from kubetune_trainer.metrics import headline_metric
 from kubetune_trainer.retrieval import retrieved_shots
 
 if TYPE_CHECKING:
@@ -89,21 +89,6 @@ def scorable_metrics(
             "rougeL or judge"
         )
     return kept, notes
-
-
-def score_hosted_model(
-    outputs: list[str], samples: Sequence[EvalSample], metrics: Sequence[EvaluationMetric], labels: Sequence[str] | None
-) -> ModelResult:
-    """One model's text scores, per sample and aggregated."""
-    result = ModelResult(outputs=outputs)
-    try:
-        scored = score_outputs(metrics, [sample.reference for sample in samples], outputs, labels)
-    except InvalidReferenceError as error:
-        raise EvaluationInputError(f"validation line {samples[error.index].line}: {error}") from error
-    result.metrics.update(scored.scores)
-    result.sample_scores = scored.samples
-    result.confusion = scored.confusion
-    return result
 
 
 def planned_prompts(
@@ -168,7 +153,8 @@ def run_hosted_evaluation(
             index, why = failure
             raise EvaluationInputError(f"{name} model {model}: {why}, on validation line {samples[index].line}")
         seconds[name] = time.monotonic() - began
-        results[name] = score_hosted_model(outputs, samples, metrics, labels)
+        results[name] = ModelResult(outputs=outputs)
+        add_text_scores(results[name], samples, metrics, labels)
         serving[name] = serving_cost(records)
     for index, contender in enumerate(spec.contenders):
         log.info("asking contender %s (%s) on %d samples", contender.name, contender.model, len(examples))
@@ -186,18 +172,13 @@ def run_hosted_evaluation(
             on_done=counter.advance,
         )
         seconds[contender.name] = time.monotonic() - began
-        results[contender.name] = score_hosted_model(outputs, samples, metrics, labels)
+        results[contender.name] = ModelResult(outputs=outputs)
+        add_text_scores(results[contender.name], samples, metrics, labels)
         serving[contender.name] = serving_cost(records, contender)
     cost = None
     if judged and judge is not None:
-        cost = JudgeCost(model=judge.spec.model)
         began = time.monotonic()
-        for result in results.values():
-            scores, per_sample = judge_outputs(judge, samples, result.outputs, cost, counter)
-            result.metrics.update(scores)
-            result.sample_scores = [
-                {**before, **after} for before, after in zip(result.sample_scores, per_sample, strict=True)
-            ]
+        cost = add_judge_scores(judge, results, samples, counter)
         seconds["judge"] = time.monotonic() - began
     seconds["total"] = time.monotonic() - started
     return EvaluationResults(
