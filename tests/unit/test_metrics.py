@@ -217,3 +217,25 @@ def test_is_better_respects_the_direction_of_each_score() -> None:
     assert not is_better("accuracy", 0.8, 0.8)
     assert is_better("loss", 1.2, 1.5)
     assert not is_better("loss", 1.5, 1.2)
+
+
+def test_every_metric_of_the_spec_is_scored_somewhere_and_reports_only_the_scores_it_declares() -> None:
+    from typing import get_args
+
+    from kubetune_trainer.metrics import TEXT_SCORERS
+
+    from kubetune.api import METRIC_SCORES, EvaluationMetric, scores_of
+
+    spec_metrics = set(get_args(EvaluationMetric))
+    assert spec_metrics == set(METRIC_SCORES)
+    assert spec_metrics == {*TEXT_SCORERS, "loss", "judge"}
+    labels = ["Sports", "World", "Business"]
+    rows = {  # (references, outputs) each kind of metric reads
+        "labels": (["Sports", "World", "World"], ["Sports", "Business news", "nothing"]),
+        "json": (['{"name": "Ada"}', '{"name": "Bo"}', "[1]"], ['{"name": "Ada"}', "no json", "[1, 2]"]),
+    }
+    for metric, scorer in TEXT_SCORERS.items():
+        references, outputs = rows["json" if metric == "json" else "labels"]
+        part = scorer(references, outputs, labels)
+        assert set(part.scores) <= set(scores_of(metric)), metric
+        assert len(part.samples) == len(references), metric

@@ -45,7 +45,7 @@ from kubetune_trainer.evaluation_results import (
 from kubetune_trainer.examples import ChatMessages, Example
 from kubetune_trainer.formats import few_shot_prompt
 from kubetune_trainer.judge import LlmJudge
-from kubetune_trainer.metrics import headline_metric
+from kubetune_trainer.metrics import TEXT_SCORERS, headline_metric
 from kubetune_trainer.retrieval import retrieved_shots
 
 if TYPE_CHECKING:
@@ -84,9 +84,10 @@ def scorable_metrics(
     kept = [metric for metric in metrics if metric not in UNSCORED_METRICS]
     notes = [NO_LOSS_NOTE] if len(kept) < len(metrics) else []
     if not kept:
+        scorable = [*TEXT_SCORERS, "judge"]
         raise EvaluationInputError(
-            "no metric a hosted model can be scored on: set evaluation.metrics to accuracy, f1, exactMatch, json, "
-            "rougeL or judge"
+            f"no metric a hosted model can be scored on: set evaluation.metrics to {', '.join(scorable[:-1])} "
+            f"or {scorable[-1]}"
         )
     return kept, notes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,6 @@ PRIMARY_SCORE: dict[str, str] = {metric: scores[0].name for metric, scores in ME
 LOWER_IS_BETTER: frozenset[str] = frozenset(
     score.name for scores in METRIC_SCORES.values() for score in scores if score.lower_is_better
 )
-TEXT_METRICS: frozenset[str] = frozenset({"accuracy", "f1", "exactMatch", "json", "rougeL"})
 SHORT_ANSWER_WORDS = 5
 SHORT_ANSWER_SHARE = 0.9
 
@@ -262,45 +261,83 @@ def rouge_l(references: Sequence[str], outputs: Sequence[str]) -> list[float]:
     ]
 
 
+def classification_part(
+    references: Sequence[str], outputs: Sequence[str], labels: Sequence[str] | None, keep: Callable[[str], bool]
+) -> OutputScores:
+    """Outputs read as labels: the scores `keep` selects, each sample's prediction, and the confusion matrix."""
+    classes = label_set(references, labels)
+    check_references_are_labels(references, classes)
+    predictions = [parse_label(output, classes) for output in outputs]
+    scores = classification_scores(references, predictions)
+    return OutputScores(
+        scores={name: value for name, value in scores.items() if keep(name)},
+        samples=[
+            {"prediction": prediction, "correct": float(prediction == reference)}
+            for reference, prediction in zip(references, predictions, strict=True)
+        ],
+        confusion=confusion_matrix(references, predictions, classes),
+    )
+
+
+def accuracy_part(references: Sequence[str], outputs: Sequence[str], labels: Sequence[str] | None) -> OutputScores:
+    return classification_part(references, outputs, labels, lambda name: name in {"accuracy", "unparsed"})
+
+
+def f1_part(references: Sequence[str], outputs: Sequence[str], labels: Sequence[str] | None) -> OutputScores:
+    return classification_part(references, outputs, labels, lambda name: name.startswith(("macro", "weighted")))
+
+
+def per_sample_part(name: str, values: Sequence[float]) -> OutputScores:
+    """A score that is the mean of one value per sample."""
+    return OutputScores(scores={name: sum(values) / len(values)}, samples=[{name: value} for value in values])
+
+
+def exact_match_part(references: Sequence[str], outputs: Sequence[str], _: Sequence[str] | None) -> OutputScores:
+    matches = [float(exact_match(reference, output)) for reference, output in zip(references, outputs, strict=True)]
+    return per_sample_part("exactMatch", matches)
+
+
+def json_part(references: Sequence[str], outputs: Sequence[str], _: Sequence[str] | None) -> OutputScores:
+    scores, samples = json_scores(references, outputs)
+    return OutputScores(scores=scores, samples=samples)
+
+
+def rouge_l_part(references: Sequence[str], outputs: Sequence[str], _: Sequence[str] | None) -> OutputScores:
+    return per_sample_part("rougeL", rouge_l(references, outputs))
+
+
+# How each metric that reads outputs as text scores them: a new metric is an entry here, its scores in
+# kubetune.api.METRIC_SCORES, and its name in the spec's EvaluationMetric. Loss and the judge are scored elsewhere.
+TEXT_SCORERS: dict[str, Callable[[Sequence[str], Sequence[str], Sequence[str] | None], OutputScores]] = {
+    "accuracy": accuracy_part,
+    "f1": f1_part,
+    "exactMatch": exact_match_part,
+    "json": json_part,
+    "rougeL": rouge_l_part,
+}
+TEXT_METRICS: frozenset[str] = frozenset(TEXT_SCORERS)
+
+
 def score_outputs(
     metrics: Sequence[EvaluationMetric],
     references: Sequence[str],
     outputs: Sequence[str],
     labels: Sequence[str] | None = None,
 ) -> OutputScores:
-    """Every text metric in `metrics` for one model's outputs; loss and judge are scored elsewhere."""
+    """Every text metric in `metrics` for one model's outputs, merged: scores, per-sample scores, confusion."""
     if len(references) != len(outputs):
         raise ValueError(f"{len(references)} references but {len(outputs)} outputs")
     result = OutputScores(samples=[{} for _ in references])
     if not references:
         return result
-    if "accuracy" in metrics or "f1" in metrics:
-        classes = label_set(references, labels)
-        check_references_are_labels(references, classes)
-        predictions = [parse_label(output, classes) for output in outputs]
-        scores = classification_scores(references, predictions)
-        wanted = {"accuracy", "unparsed"} if "accuracy" in metrics else set()
-        if "f1" in metrics:
-            wanted |= {name for name in scores if name.startswith(("macro", "weighted"))}
-        result.scores.update({name: value for name, value in scores.items() if name in wanted})
-        result.confusion = confusion_matrix(references, predictions, classes)
-        for sample, reference, prediction in zip(result.samples, references, predictions, strict=True):
-            sample.update({"prediction": prediction, "correct": float(prediction == reference)})
-    if "exactMatch" in metrics:
-        matches = [exact_match(reference, output) for reference, output in zip(references, outputs, strict=True)]
-        result.scores["exactMatch"] = sum(matches) / len(matches)
-        for sample, match in zip(result.samples, matches, strict=True):
-            sample["exactMatch"] = float(match)
-    if "json" in metrics:
-        scores, samples = json_scores(references, outputs)
-        result.scores.update(scores)
-        for sample, extra in zip(result.samples, samples, strict=True):
+    for metric in dict.fromkeys(metrics):
+        if metric not in TEXT_SCORERS:
+            continue
+        part = TEXT_SCORERS[metric](references, outputs, labels)
+        result.scores.update(part.scores)
+        for sample, extra in zip(result.samples, part.samples, strict=True):
             sample.update(extra)
-    if "rougeL" in metrics:
-        values = rouge_l(references, outputs)
-        result.scores["rougeL"] = sum(values) / len(values)
-        for sample, value in zip(result.samples, values, strict=True):
-            sample["rougeL"] = value
+        result.confusion = part.confusion or result.confusion
     return result
 
 
