@@ -7,8 +7,9 @@ import os
 import sys
 
 # Objects the cyclic garbage collector may gather before a young collection: CPython's default is 700. A burst of
-# FineTuneJobs allocates millions of short-lived objects; with the default, collections took 0.5 s of the operator's
-# 3 s of CPU in a 500-job burst (three full ones of 100 ms each). bench/operator_scale.py measures the effect.
+# FineTuneJobs allocates millions of short-lived objects that die young; a larger young generation lets them go
+# before a collection walks them, and full collections of the long-lived indexes stay rare
+# (docs/decisions/0002-operator-compact-bodies-and-gc.md; bench.operator_scale measures it).
 YOUNG_GENERATION_THRESHOLD = 50_000
 OLDER_GENERATION_THRESHOLDS = (50, 10)
 

@@ -99,7 +99,8 @@ def child_metadata(job: FineTuneJob, extra_labels: dict[str, str] | None = None)
 def manifest_text(job: FineTuneJob, settings: OperatorSettings) -> str:
     """The resolved FineTuneJob, handed to the trainer in KUBETUNE_JOB_MANIFEST: compact JSON (which is YAML too,
     as the trainer reads it), a few KB, in the environment rather than a ConfigMap, which would cost one more API
-    write per job. JSON, not YAML: PyYAML's emitter took 7% of the operator's CPU in a burst of 500 jobs."""
+    write per job. JSON, not YAML: the json module's C encoder costs a fraction of PyYAML's pure-Python emitter,
+    once per job on the operator's hot path."""
     return json.dumps(resolved_manifest(job, settings), separators=(",", ":"))
 
 

@@ -302,8 +302,8 @@ def compact(body: Mapping[str, Any], drop_from_spec: tuple[str, ...] = ()) -> di
 
     Shallow: the top level, metadata and spec are new dicts; every other value is the body's own. Safe because nothing
     changes a body once received: kopf's bodies are read-only views of the dicts each watch event decoded afresh, the
-    API client's answers are ours alone, and everything here only reads them. The deep copy (JSON round trip) this
-    replaces took 13-19 µs an event, this 3-5 µs.
+    API client's answers are ours alone, and everything here only reads them. A deep copy would cost several times
+    as much per event, for nothing (docs/decisions/0002-operator-compact-bodies-and-gc.md).
     """
     pruned = dict(body)
     metadata = pruned.get("metadata")
@@ -639,8 +639,8 @@ def reconcile_status(
 
 class NoDiffBase(kopf.DiffBaseStorage):
     """Keeps and builds no diff base. kopf builds one (a deep copy of the body's essence) for every event of every
-    object, to detect changes for change-detecting handlers; kubetune has none (only event handlers), and the copies
-    were a tenth of the operator's CPU in a burst of FineTuneJobs."""
+    object, to detect changes for change-detecting handlers; kubetune has none (only event handlers), so every such
+    copy would be work thrown away."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
         return {}
@@ -789,8 +789,8 @@ async def trainer_pods_index(
 # Only event handlers, level-triggered: every event of a FineTuneJob compares what exists (the kopf indexes of trainer
 # Jobs and pods) with what the spec asks for, creates the missing trainer Job, mirrors runPolicy.suspend onto it and
 # asks for a status derivation. kopf's change-detecting handlers (on.create/on.update/on.resume) would keep their
-# bookkeeping in annotations: one more FineTuneJob write per job and per change, which in a burst of 500 jobs cost the
-# API server more than the trainer Jobs themselves (bench/results/operator_scale.md). Nothing is written to a
+# bookkeeping in annotations: one more FineTuneJob write per job and per change, and a FineTuneJob write costs the API
+# server more than a trainer Job create (docs/decisions/0001-operator-burst-design.md). Nothing is written to a
 # FineTuneJob but its status.
 
 

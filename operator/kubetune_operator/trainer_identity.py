@@ -1,11 +1,12 @@
 """The trainer's identity in each namespace: the ServiceAccount trainer pods run as, bound to the chart's trainer
 ClusterRole; the admission policy in kubetune.trainer_policy narrows each pod to its own FineTuneJob.
 
-Why not a ServiceAccount and Role per job (resourceNames: [the job])? That cost four API writes per job, two of them
-(Role, RoleBinding) paying the API server's RBAC escalation check, which walks the namespace's RoleBindings: in a
-burst of 500 jobs they took longer than the trainer Jobs themselves (bench/results/operator_scale.md). Now the
-operator makes two writes per namespace, and the policy is narrower than that Role was: a trainer may change only
-status.progress and status.dataset, where the Role let it write any status field of its job.
+Why not a ServiceAccount and Role per job (resourceNames: [the job])? That costs four API writes per job, two of them
+(Role, RoleBinding) paying the API server's RBAC escalation check, which walks the namespace's RoleBindings, so a
+burst of jobs would wait on them more than on its trainer Jobs (docs/decisions/0005-trainer-identity-per-namespace.md).
+Per namespace it is two writes, and the policy is narrower than that Role would be: a trainer may change only
+status.progress and status.dataset, where the Role let it write any status field of its job. The identity's objects
+are watched: one deleted is created again (handlers.on_identity_event).
 """
 
 from __future__ import annotations
