@@ -10,6 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from kubetune.api import FineTuneJob
 from kubetune_cli.cli import main
 from tests.testbed.shared_data import shared_sample
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
@@ -70,6 +71,12 @@ def test_train_runs_the_job_and_prints_the_evaluation_table_and_artifacts(
     assert f"  manifest: {output / 'manifest.json'}" in result.stdout
     assert (output / "adapter" / "adapter_model.safetensors").is_file()
     assert (output / "eval" / "report.md").read_text() in result.stdout
+    # The adapter's model card: the run's own table, and a manifest that runs the same job again.
+    card = (output / "adapter" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n")
+    assert "| accuracy |" in card and "2 optimizer steps" in card
+    rerun = FineTuneJob.model_validate(yaml.safe_load(card.split("```yaml\n")[-1].split("```")[0]))
+    assert rerun.spec.output.uri == str(output) and rerun.spec.lora is not None and rerun.spec.lora.r == 4
     manifest_doc = json.loads((output / "manifest.json").read_text())
     assert manifest_doc["job"] == {"name": "news"}
     # Only warnings are logged without --verbose, each as one JSON line.

@@ -228,6 +228,7 @@ def test_a_full_run_publishes_verified_artifacts_and_reports_progress_to_its_own
     expected = {
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
+        "adapter/README.md",
         "adapter/tokenizer.json",
         "adapter/tokenizer_config.json",
         "checkpoints/step-2/COMPLETE",

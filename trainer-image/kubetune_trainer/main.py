@@ -18,13 +18,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, FineTuneJobSpec, UsageStatus
+from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, FineTuneJobSpec, UsageStatus, utc_now
 from kubetune.contract import (
     DEFAULT_TERMINATION_MESSAGE_PATH,
     ENV_JOB_MANIFEST,
@@ -376,7 +375,7 @@ def publish_stage(
 
     def manifest_for(hashes: dict[str, str]) -> RunManifest:
         return RunManifest(
-            created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            created_at=utc_now(),
             job=JobReference(name=job.metadata.name, namespace=job.metadata.namespace),
             spec=spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
             base_model=base_model,
@@ -402,8 +401,34 @@ def publish_stage(
         )
 
     report = evaluation.report if evaluation else None
+    write_model_card(job, base_model, data, result, evaluation)
     artifacts = publish(spec.output.uri, result.adapter_dir, result.merged_dir, report, manifest_for)
     return artifacts, usage.model_copy(update={"wall_seconds": record.wall_seconds()})
+
+
+def write_model_card(
+    job: FineTuneJob,
+    base_model: Any,  # output_manifest.BaseModelRecord
+    data: PreparedData,
+    result: TrainResult,
+    evaluation: EvaluationOutcome | None,
+) -> None:
+    """adapter/README.md: the model card, in place of the template PEFT writes there."""
+    from kubetune_trainer.model_card import MODEL_CARD_FILE, CardFacts, render_model_card
+    from kubetune_trainer.output_manifest import trainer_image
+
+    report = evaluation.report if evaluation else None
+    facts = CardFacts(
+        job=job,
+        base_model=base_model,
+        dataset=data.dataset_status(),
+        steps=result.steps,
+        final_loss=result.final_loss,
+        evaluation=evaluation.status if evaluation else None,
+        report_markdown=report.report_markdown.read_text(encoding="utf-8") if report else None,
+        image=trainer_image(job),
+    )
+    (result.adapter_dir / MODEL_CARD_FILE).write_text(render_model_card(facts), encoding="utf-8")
 
 
 def success_message(result: TrainResult, evaluation: EvaluationOutcome | None, output_uri: str) -> str:
