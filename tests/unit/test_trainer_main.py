@@ -9,18 +9,15 @@ import yaml
 from kubetune_trainer.examples import Example, PreparedData
 from kubetune_trainer.failures import ConfigError
 from kubetune_trainer.main import (
-    EvaluationOutcome,
     Launch,
-    RunRecord,
-    check_gate_is_computed,
     check_runnable,
     default_settings,
-    load_job,
     log_rank,
     run_metrics,
     shared_work_dir,
     success_message,
 )
+from kubetune_trainer.pipeline import EvaluationOutcome, RunRecord, check_gate_is_computed, load_job
 from kubetune_trainer.progress import Reporter
 from kubetune_trainer.report import ReportFiles
 from kubetune_trainer.training import TrainResult

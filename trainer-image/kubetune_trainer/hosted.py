@@ -74,7 +74,7 @@ from kubetune_trainer.hosted_service import (
 )
 from kubetune_trainer.hosted_validation import HostedFile, hosted_file, limits_for
 from kubetune_trainer.judge import redact
-from kubetune_trainer.main import (
+from kubetune_trainer.pipeline import (
     EvaluationOutcome,
     RunRecord,
     check_spec_uris,

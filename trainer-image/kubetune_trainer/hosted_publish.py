@@ -7,15 +7,13 @@ checkpoints it kept (each a callable model of its own).
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from kubetune.api import ApiModel, ArtifactsStatus, FineTuneJob, OpenAISpec, UsageStatus
+from kubetune.api import ApiModel, ArtifactsStatus, FineTuneJob, OpenAISpec, UsageStatus, utc_now
 from kubetune_trainer import storage
 from kubetune_trainer.hosted_service import HostedOutcome, StepMetrics, is_figure
-from kubetune_trainer.main import EvaluationOutcome, RunRecord
 from kubetune_trainer.output_manifest import (
     BaseModelRecord,
     DatasetRecord,
@@ -25,6 +23,7 @@ from kubetune_trainer.output_manifest import (
     library_versions,
     trainer_image,
 )
+from kubetune_trainer.pipeline import EvaluationOutcome, RunRecord, evaluation_figures, outcome_sentences
 
 if TYPE_CHECKING:
     from kubetune_trainer.examples import PreparedData
@@ -97,21 +96,12 @@ def hosted_job_record(openai_spec: OpenAISpec, outcome: HostedOutcome) -> Hosted
 def hosted_run_metrics(
     metrics: StepMetrics | None, evaluation: EvaluationOutcome | None, headline_only: bool
 ) -> dict[str, float]:
-    """The service's training figures, then `eval.<model>.<metric>` scores (all, or the headline only)."""
+    """The service's training figures, then the evaluation's (pipeline.evaluation_figures)."""
     result: dict[str, float] = {}
     if metrics is not None:
         result["trainSteps"] = float(metrics.step)
         result.update(metrics.values)
-    if evaluation is not None:
-        for model, table in evaluation.tables.items():
-            result.update(
-                {
-                    f"eval.{model}.{name}": value
-                    for name, value in table.items()
-                    if not headline_only or name == evaluation.status.metric
-                }
-            )
-    return result
+    return {**result, **evaluation_figures(evaluation, headline_only)}
 
 
 def hosted_publish_stage(
@@ -136,7 +126,7 @@ def hosted_publish_stage(
         report_uri = storage.join(output, EVAL_PREFIX, REPORT_JSON)
     metrics = outcome.metrics
     manifest = HostedRunManifest(
-        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created_at=utc_now(),
         job=JobReference(name=job.metadata.name, namespace=job.metadata.namespace),
         spec=spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
         base_model=BaseModelRecord(name=spec.openai.model, weights_sha256={}),
@@ -171,10 +161,4 @@ def success_message(outcome: HostedOutcome, evaluation: EvaluationOutcome | None
         trained += f" in {outcome.metrics.step} steps"
     if job.trained_tokens:
         trained += f" ({job.trained_tokens} tokens)"
-    parts = [trained]
-    status = evaluation.status if evaluation else None
-    if status is not None and status.tuned is not None:
-        versus = ", ".join(f"{name} {score:.4f}" for name, score in status.baselines.items())
-        parts.append(f"tuned {status.metric} {status.tuned:.4f}" + (f" vs {versus}" if versus else ""))
-    parts.append(f"artifacts in {output_uri}")
-    return "; ".join(parts)
+    return "; ".join([trained, *outcome_sentences(evaluation, output_uri)])

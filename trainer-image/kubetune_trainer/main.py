@@ -14,81 +14,45 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, FineTuneJobSpec, UsageStatus, utc_now
+from kubetune.api import FineTuneJob, FineTuneJobSpec, UsageStatus, utc_now
 from kubetune.contract import (
-    DEFAULT_TERMINATION_MESSAGE_PATH,
     ENV_JOB_MANIFEST,
-    ENV_TERMINATION_MESSAGE_PATH,
     TrainerSummary,
 )
-from kubetune.manifests import ManifestError, load_finetunejobs, load_finetunejobs_text
-from kubetune_trainer import storage
 from kubetune_trainer.failures import ConfigError, EvaluationError, classify_failure, exit_code, failed_summary
-from kubetune_trainer.progress import ProgressSettingsError, Reporter, Stage, json_logging, reporter_from_environment
+from kubetune_trainer.pipeline import (
+    EvaluationOutcome,
+    RunRecord,
+    check_spec_uris,
+    data_stage,
+    evaluation_figures,
+    finite_tables,
+    judge_for,
+    load_job,
+    outcome_sentences,
+    write_termination_message,
+)
+from kubetune_trainer.progress import ProgressSettingsError, Reporter, json_logging, reporter_from_environment
 
 if TYPE_CHECKING:
-    from kubetune_trainer.evaluation_results import EvaluationResults
     from kubetune_trainer.examples import PreparedData
-    from kubetune_trainer.report import ReportFiles
     from kubetune_trainer.training import TrainResult
 
 log = logging.getLogger(__name__)
 
 ENV_MODEL_CACHE = "KUBETUNE_MODEL_CACHE"  # where s3:// models are downloaded once; default <tmp>/kubetune-models
-MANIFEST_SOURCE = f"${ENV_JOB_MANIFEST}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What the stages hand each other
-
-
-@dataclass
-class RunRecord:
-    """What the run has found so far; a failure's summary keeps the parts that are known."""
-
-    timings: dict[str, float] = field(default_factory=dict)
-    dataset: DatasetStatus | None = None
-    started: float = field(default_factory=time.monotonic)
-
-    current: tuple[str, float] | None = None
-
-    @contextmanager
-    def stage(self, reporter: Reporter, name: Stage) -> Iterator[None]:
-        """Enter a stage on the reporter and time it."""
-        reporter.enter_stage(name)
-        self.current = (name, time.monotonic())
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.monotonic() - self.current[1], 3)
-            self.current = None
-
-    def wall_seconds(self) -> float:
-        """Seconds since the run began."""
-        return round(time.monotonic() - self.started, 3)
-
-    def timings_so_far(self) -> dict[str, float]:
-        """Seconds per finished stage, the running stage's so far, and the total."""
-        running = {self.current[0]: round(time.monotonic() - self.current[1], 3)} if self.current else {}
-        return {**self.timings, **running, "total": self.wall_seconds()}
-
-
-@dataclass(frozen=True)
-class EvaluationOutcome:
-    """The evaluation's status block, its per-model tables and the report files written locally."""
-
-    status: EvaluationStatus
-    tables: dict[str, dict[str, float]]
-    report: ReportFiles
 
 
 @dataclass(frozen=True)
@@ -105,24 +69,6 @@ class RunSettings:
 # Config
 
 
-def load_job(config: Path | None, env: Mapping[str, str]) -> FineTuneJob:
-    """The FineTuneJob from --config or KUBETUNE_JOB_MANIFEST (YAML); ConfigError naming the source otherwise."""
-    try:
-        if config is not None:
-            jobs = load_finetunejobs(config)
-            source = str(config)
-        elif env.get(ENV_JOB_MANIFEST, "").strip():
-            jobs = load_finetunejobs_text(env[ENV_JOB_MANIFEST], MANIFEST_SOURCE)
-            source = MANIFEST_SOURCE
-        else:
-            raise ConfigError(f"no job to run: pass --config FILE or set {ENV_JOB_MANIFEST} to a FineTuneJob (YAML)")
-    except ManifestError as error:
-        raise ConfigError(f"invalid FineTuneJob manifest:\n{error}") from error
-    if len(jobs) != 1:
-        raise ConfigError(f"{source} holds {len(jobs)} FineTuneJobs; the trainer runs exactly one")
-    return jobs[0]
-
-
 def check_runnable(spec: FineTuneJobSpec) -> None:
     """Refuse what this trainer does not run and URIs it cannot use, before any stage starts."""
     if spec.backend != "local":
@@ -130,64 +76,8 @@ def check_runnable(spec: FineTuneJobSpec) -> None:
     check_spec_uris(spec, include_model=True)
 
 
-def check_spec_uris(spec: FineTuneJobSpec, include_model: bool) -> None:
-    """Every URI of the spec is well formed and its bucket reachable, before any work: ConfigError naming the field."""
-    uris = {"output.uri": spec.output.uri, "dataset.train": spec.dataset.train}
-    if spec.dataset.validation is not None:
-        uris["dataset.validation"] = spec.dataset.validation
-    if include_model and spec.model.uri is not None:
-        uris["model.uri"] = spec.model.uri
-    for field_name, uri in uris.items():
-        try:
-            storage.check_uri(uri)
-        except storage.StorageError as error:
-            raise ConfigError(f"{field_name}: {error}") from error
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Stages
-
-
-def data_stage(spec: FineTuneJobSpec, reporter: Reporter) -> PreparedData:
-    """Pre-flight: fetch, parse and validate every row, split, and check that output.uri is reachable; no model."""
-    from kubetune_trainer.data import prepare_data
-
-    check_contender_keys(spec, os.environ)
-    data = prepare_data(spec.dataset, spec.training.seed)
-    check_gate_is_computed(spec, data)
-    # A missing output bucket or denied credentials surface now, not after hours of training.
-    storage.exists(spec.output.uri)
-    reporter.report_dataset(data.dataset_status())
-    return data
-
-
-def check_contender_keys(spec: FineTuneJobSpec, environ: Mapping[str, str]) -> None:
-    """Every contender with an apiKeySecretRef has its key: found out before training, not after."""
-    from kubetune_trainer.contenders import contender_key
-
-    if not spec.evaluation.enabled:
-        return
-    for index, contender in enumerate(spec.evaluation.contenders):
-        try:
-            contender_key(index, contender, environ)
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-
-
-def check_gate_is_computed(spec: FineTuneJobSpec, data: PreparedData) -> None:
-    """A gate on a metric the evaluation will not compute fails pre-flight, not after training (the API server
-    refuses what it can tell from the spec; the metrics inferred from the data are known only now)."""
-    from kubetune_trainer.gate import uncomputed_gate_metric
-    from kubetune_trainer.metrics import default_metrics
-
-    evaluation = spec.evaluation
-    if not evaluation.enabled or evaluation.gate is None or evaluation.metrics:
-        return
-    references = [example.completion for example in data.validation[: evaluation.max_samples]]
-    metrics = default_metrics(data.format, references)
-    problem = uncomputed_gate_metric(evaluation.gate, list(metrics), data.format)
-    if problem:
-        raise ConfigError(problem)
 
 
 def route_library_logs() -> None:
@@ -284,27 +174,6 @@ def evaluate_stage(
     return EvaluationOutcome(status=status, tables=tables, report=report)
 
 
-def judge_for(spec: FineTuneJobSpec) -> Any:
-    """The LLM judge when evaluation.metrics asks for it; EvaluationError when its API key is missing."""
-    from kubetune_trainer.judge import judge_from_environment
-
-    judge_spec = spec.evaluation.judge
-    if judge_spec is None or "judge" not in spec.evaluation.metrics:
-        return None
-    try:
-        return judge_from_environment(judge_spec)
-    except ValueError as error:
-        raise EvaluationError(str(error)) from error
-
-
-def finite_tables(results: EvaluationResults) -> dict[str, dict[str, float]]:
-    """Every model's scores, without NaN or infinity (the status and JSON hold neither)."""
-    return {
-        model: {name: value for name, value in table.items() if math.isfinite(value)}
-        for model, table in results.metric_tables().items()
-    }
-
-
 def training_metrics(result: TrainResult) -> dict[str, float]:
     """The training figures: steps, runtime, mean and last logged loss."""
     metrics: dict[str, float] = {"trainSteps": float(result.steps), "trainRuntimeSeconds": result.runtime_seconds}
@@ -316,17 +185,8 @@ def training_metrics(result: TrainResult) -> dict[str, float]:
 
 
 def run_metrics(result: TrainResult, evaluation: EvaluationOutcome | None, headline_only: bool) -> dict[str, float]:
-    """Training figures, then `eval.<model>.<metric>` scores: every score (manifest), or the headline and loss only
-    (the summary, whose termination message holds 4 KB in all)."""
-    metrics = training_metrics(result)
-    if evaluation is None:
-        return metrics
-    kept = {evaluation.status.metric, "loss"}
-    for model, table in evaluation.tables.items():
-        metrics.update(
-            {f"eval.{model}.{name}": value for name, value in table.items() if not headline_only or name in kept}
-        )
-    return metrics
+    """Training figures, then the evaluation's (pipeline.evaluation_figures)."""
+    return {**training_metrics(result), **evaluation_figures(evaluation, headline_only)}
 
 
 def usage_of(result: TrainResult, record: RunRecord, settings: RunSettings) -> UsageStatus:
@@ -433,15 +293,10 @@ def write_model_card(
 
 def success_message(result: TrainResult, evaluation: EvaluationOutcome | None, output_uri: str) -> str:
     """One line for the summary: steps and loss, the headline comparison, where the artifacts are."""
-    parts = [f"trained {result.steps} steps"]
+    trained = f"trained {result.steps} steps"
     if result.final_loss is not None:
-        parts[0] += f" (loss {result.final_loss:.4f})"
-    status = evaluation.status if evaluation else None
-    if status is not None and status.tuned is not None:
-        versus = ", ".join(f"{name} {score:.4f}" for name, score in status.baselines.items())
-        parts.append(f"tuned {status.metric} {status.tuned:.4f}" + (f" vs {versus}" if versus else ""))
-    parts.append(f"artifacts in {output_uri}")
-    return "; ".join(parts)
+        trained += f" (loss {result.final_loss:.4f})"
+    return "; ".join([trained, *outcome_sentences(evaluation, output_uri)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -541,15 +396,6 @@ def shared_work_dir(env: Mapping[str, str]) -> Path | None:
     if not Launch.from_env(env).distributed:
         return None
     return Path(tempfile.gettempdir()) / f"kubetune-run-launch-{os.getppid()}"
-
-
-def write_termination_message(summary: TrainerSummary, env: Mapping[str, str]) -> None:
-    """The summary into KUBETUNE_TERMINATION_MESSAGE_PATH (default /dev/termination-log); ignored outside a pod."""
-    path = Path(env.get(ENV_TERMINATION_MESSAGE_PATH) or DEFAULT_TERMINATION_MESSAGE_PATH)
-    try:
-        path.write_text(summary.to_termination_message(), encoding="utf-8")
-    except OSError as error:
-        log.warning("cannot write the termination message to %s: %s", path, error)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
