@@ -1,6 +1,6 @@
-"""`python -m kubetune_trainer`: the trainer image's entry point (see kubetune_trainer.main)."""
+"""`python -m kubetune_trainer`: the trainer image's entry point (see kubetune_trainer.commands)."""
 
-from kubetune_trainer.main import cli
+from kubetune_trainer.commands import cli
 
 if __name__ == "__main__":
     cli(prog_name="python -m kubetune_trainer")

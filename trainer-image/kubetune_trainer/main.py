@@ -20,11 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
 from kubetune.api import FineTuneJob, FineTuneJobSpec, UsageStatus, utc_now
 from kubetune.contract import (
-    ENV_JOB_MANIFEST,
     TrainerSummary,
 )
 from kubetune_trainer.failures import ConfigError, EvaluationError, classify_failure, exit_code, failed_summary
@@ -36,11 +33,10 @@ from kubetune_trainer.pipeline import (
     evaluation_figures,
     finite_tables,
     judge_for,
-    load_job,
     outcome_sentences,
     write_termination_message,
 )
-from kubetune_trainer.progress import ProgressSettingsError, Reporter, json_logging, reporter_from_environment
+from kubetune_trainer.progress import Reporter
 
 if TYPE_CHECKING:
     from kubetune_trainer.examples import PreparedData
@@ -396,61 +392,6 @@ def shared_work_dir(env: Mapping[str, str]) -> Path | None:
     if not Launch.from_env(env).distributed:
         return None
     return Path(tempfile.gettempdir()) / f"kubetune-run-launch-{os.getppid()}"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-@click.group()
-def cli() -> None:
-    """kubetune trainer: runs one FineTuneJob (data → model → train → evaluate → publish) inside its pod."""
-
-
-@cli.command()
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help=f"FineTuneJob manifest (YAML) to run; default: the {ENV_JOB_MANIFEST} environment variable.",
-)
-def run(config: Path | None) -> None:
-    """Run the job; the summary goes to the termination message, the exit code says whether to retry.
-
-    Exit codes: 0 succeeded; 65 failed for good (config, data, model, out of memory, diverged, evaluation);
-    75 failed in a way a retry may fix (storage, internal); 143 preempted by SIGTERM after checkpointing.
-    """
-    env = dict(os.environ)
-    # The log formatter asks the reporter (made inside the block, so its warnings are JSON too) for the stage.
-    reporters: list[Reporter] = []
-    with json_logging(lambda: reporters[0].stage if reporters else None, rank=log_rank(env)):
-        try:
-            launch = Launch.from_env(env)
-            reporters.append(reporter_from_environment(env, is_main_process=launch.is_main_process))
-            job = load_job(config, env)
-        except (ConfigError, ProgressSettingsError) as error:
-            failure = classify_failure(ConfigError(str(error)))
-            log.error("%s: %s", failure.reason, failure.message)
-            summary = failed_summary(failure)
-            write_termination_message(summary, env)
-            for reporter in reporters:
-                reporter.finish()
-            sys.exit(exit_code(summary))
-        sys.exit(run_in_process(job, reporters[0], env))
-
-
-@cli.command()
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help=f"FineTuneJob manifest (YAML, backend openai); default: the {ENV_JOB_MANIFEST} environment variable.",
-)
-def hosted(config: Path | None) -> None:
-    """Run a backend-openai job on the hosted service (see kubetune_trainer.hosted); exit codes as for run."""
-    from kubetune_trainer.hosted import hosted_main
-
-    sys.exit(hosted_main(config, dict(os.environ)))
 
 
 @dataclass(frozen=True)
