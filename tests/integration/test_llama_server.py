@@ -161,7 +161,7 @@ def test_a_failed_request_of_the_job_s_own_model_fails_the_evaluation_naming_the
         with pytest.raises(EvaluationInputError) as refused:
             run_hosted_evaluation(
                 endpoint, HostedModels(tuned="ft:model", base=llama_server.model), examples, examples, spec,
-                dataset_format="completion",
+                dataset_format="prompt-completion",
             )  # fmt: skip
         client.close()
 

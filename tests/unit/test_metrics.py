@@ -239,3 +239,21 @@ def test_every_metric_of_the_spec_is_scored_somewhere_and_reports_only_the_score
         part = scorer(references, outputs, labels)
         assert set(part.scores) <= set(scores_of(metric)), metric
         assert len(part.samples) == len(references), metric
+
+
+@pytest.mark.parametrize(
+    "references",
+    [['{"a": 1}', "[2]"], ["Sports", "World news"], ["a long answer with many more words than a label has"] * 2],
+    ids=["json", "short", "long"],
+)
+def test_every_dataset_format_infers_only_metrics_the_spec_allows_for_it(references: list[str]) -> None:
+    from typing import get_args
+
+    from kubetune_trainer.formats import FORMATS
+    from kubetune_trainer.metrics import default_metrics
+
+    from kubetune.api import INFERABLE_METRICS, DatasetFormat
+
+    assert set(get_args(DatasetFormat)) == {"auto", *FORMATS}
+    for name in FORMATS:
+        assert set(default_metrics(name, references)) <= set(INFERABLE_METRICS[name]), name

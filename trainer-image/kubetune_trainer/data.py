@@ -15,6 +15,7 @@ from kubetune_trainer import storage
 from kubetune_trainer.data_files import SourceRow, column_names, read_rows
 from kubetune_trainer.examples import DataError, DataStats, Example, PreparedData, RowError
 from kubetune_trainer.formats import (
+    FORMATS,
     RowFormat,
     check_settings,
     check_template,
@@ -107,14 +108,14 @@ def row_format_for(spec: DatasetSpec, rows: list[SourceRow], file: str) -> RowFo
     """Resolve the format against the train file's columns and check the template and settings."""
     names = column_names(rows)
     data_format = resolve_format(spec.format, names, spec.columns, file)
-    if spec.labels is not None and data_format != "classification":
+    if spec.labels is not None and not FORMATS[data_format].labelled:
         raise DataError(f"dataset.labels applies to format classification only (the format is {data_format})")
     check_template(spec.template, data_format, mapped_names(names, spec.columns), file)
     row_format = RowFormat(
         format=data_format, columns=dict(spec.columns), template=spec.template, system_prompt=spec.system_prompt
     )
     check_settings(row_format)
-    if data_format == "classification":
+    if FORMATS[data_format].labelled:
         labels = label_set(spec.labels, collect_labels(rows, row_format), file)
         row_format = dataclasses.replace(row_format, labels=tuple(labels))
     return row_format
@@ -261,7 +262,7 @@ def prepare_data(
         validation = convert_rows(validation_rows, spec.validation, row_format)
     else:
         share = spec.validation_split if spec.validation_split is not None else DEFAULT_VALIDATION_SHARE
-        train, validation = split_validation(train, share, seed, stratify=row_format.format == "classification")
+        train, validation = split_validation(train, share, seed, stratify=FORMATS[row_format.format].labelled)
     stats = measure_tokens(train, tokenizer, spec.max_length, objective) if tokenizer is not None else None
     log.info(
         "dataset %s: format %s, %d train and %d validation examples",

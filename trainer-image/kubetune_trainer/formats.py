@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,23 +13,15 @@ from kubetune_trainer.examples import ChatMessages, DataError, Example, RowError
 
 log = logging.getLogger(__name__)
 
-# Every column a format reads, under the format's own names (dataset.columns maps these to the file's).
-FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",),
-    "prompt-completion": ("prompt", "completion"),
-    "instruction": ("instruction", "input", "output"),
-    "question-answer": ("question", "answer", "context"),
-    "text": ("text",),
-    "classification": ("text", "label"),
-}
-OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {"instruction": ("input",), "question-answer": ("context",)}
-FORMATS = tuple(FORMAT_COLUMNS)
-# auto tries these in order: the first whose required columns are all present wins (text/label before text alone).
-DETECTION_ORDER = ("messages", "prompt-completion", "instruction", "question-answer", "classification", "text")
 ROLES = ("system", "user", "assistant")
 LABELS_PLACEHOLDER = "labels"
 LABELS_SHOWN_IN_ERRORS = 10
 SHOT_SEPARATOR = "\n\n"
+
+
+RowConverter = Callable[[dict[str, Any], "RowFormat", int], Example]
+# (user turn, completion, raw input) read from one row of a single-turn format.
+SingleTurn = Callable[[dict[str, Any], "RowFormat"], tuple[str, str, str]]
 
 
 class BadRowError(ValueError):
@@ -48,8 +41,7 @@ class RowFormat:
 
 def required_columns(data_format: str) -> tuple[str, ...]:
     """The columns a row of this format must have."""
-    optional = OPTIONAL_COLUMNS.get(data_format, ())
-    return tuple(name for name in FORMAT_COLUMNS[data_format] if name not in optional)
+    return FORMATS[data_format].required
 
 
 def mapped_names(names: list[str], columns: dict[str, str]) -> list[str]:
@@ -59,12 +51,12 @@ def mapped_names(names: list[str], columns: dict[str, str]) -> list[str]:
 
 
 def detect_format(names: list[str], file: str) -> str:
-    """The first format of DETECTION_ORDER whose required columns are all among `names`."""
+    """The first format of FORMATS (in its order) whose required columns are all among `names`."""
     present = set(names)
-    for candidate in DETECTION_ORDER:
+    for candidate in FORMATS:
         if set(required_columns(candidate)) <= present:
             return candidate
-    expected = "; ".join("+".join(required_columns(candidate)) for candidate in DETECTION_ORDER)
+    expected = "; ".join("+".join(required_columns(candidate)) for candidate in FORMATS)
     raise DataError(
         f"{file}: cannot detect the dataset format from its columns ({', '.join(names)}); expected one of: "
         f"{expected}. Set dataset.format, and dataset.columns to map the file's column names."
@@ -73,7 +65,7 @@ def detect_format(names: list[str], file: str) -> str:
 
 def resolve_format(requested: str, names: list[str], columns: dict[str, str], file: str) -> str:
     """Check dataset.format and dataset.columns against the file's columns; detect the format when auto."""
-    if requested != "auto" and requested not in FORMAT_COLUMNS:
+    if requested != "auto" and requested not in FORMATS:
         raise DataError(f"dataset.format {requested!r} is not one of auto, {', '.join(FORMATS)}")
     for name, source in columns.items():
         if source not in names:
@@ -86,11 +78,11 @@ def resolve_format(requested: str, names: list[str], columns: dict[str, str], fi
     if requested == "auto":
         data_format = detect_format(available, file)
         log.info("%s: detected dataset format %s from columns %s", file, data_format, ", ".join(available))
-    unknown = sorted(set(columns) - set(FORMAT_COLUMNS[data_format]))
+    unknown = sorted(set(columns) - set(FORMATS[data_format].columns))
     if unknown:
         raise DataError(
             f"dataset.columns.{unknown[0]} is not a column of format {data_format} "
-            f"(its columns: {', '.join(FORMAT_COLUMNS[data_format])})"
+            f"(its columns: {', '.join(FORMATS[data_format].columns)})"
         )
     missing = [name for name in required_columns(data_format) if name not in available]
     if missing:
@@ -123,9 +115,9 @@ def check_template(template: str | None, data_format: str, names: list[str], fil
     """Every placeholder must name a column of the file ({labels} too, for classification)."""
     if template is None:
         return
-    if data_format == "messages":
-        raise DataError("dataset.template does not apply to format messages: the conversation is the prompt")
-    allowed = set(names) | ({LABELS_PLACEHOLDER} if data_format == "classification" else set())
+    if not FORMATS[data_format].templated:
+        raise DataError(f"dataset.template does not apply to format {data_format}: the conversation is the prompt")
+    allowed = set(names) | ({LABELS_PLACEHOLDER} if FORMATS[data_format].labelled else set())
     for name in template_fields(template):
         if name not in allowed:
             raise DataError(
@@ -135,8 +127,8 @@ def check_template(template: str | None, data_format: str, names: list[str], fil
 
 def check_settings(row_format: RowFormat) -> None:
     """Refuse spec settings that the resolved format would silently ignore."""
-    if row_format.system_prompt is not None and row_format.format == "text":
-        raise DataError("dataset.systemPrompt does not apply to format text (there is no prompt)")
+    if row_format.system_prompt is not None and not FORMATS[row_format.format].prompted:
+        raise DataError(f"dataset.systemPrompt does not apply to format {row_format.format} (there is no prompt)")
 
 
 def row_values(values: dict[str, Any], row_format: RowFormat) -> dict[str, Any]:
@@ -147,7 +139,7 @@ def row_values(values: dict[str, Any], row_format: RowFormat) -> dict[str, Any]:
             mapped[name] = values[source]
         else:
             mapped.pop(name, None)
-    for name in OPTIONAL_COLUMNS.get(row_format.format, ()):
+    for name in FORMATS[row_format.format].optional:
         if mapped.get(name) is None:
             mapped[name] = ""
     return mapped
@@ -279,30 +271,32 @@ def conversational_completion(value: Any, column: str) -> str:
     return messages[0]["content"]
 
 
-def user_turn_and_completion(values: dict[str, Any], row_format: RowFormat) -> tuple[str, str, str]:
-    """(user turn, completion, raw input) of a single-turn row of any format but messages and text."""
-    data_format = row_format.format
-    if data_format == "prompt-completion":
-        prompt = text_value(values, "prompt", row_format)
-        return prompt, text_value(values, "completion", row_format), prompt
-    if data_format == "instruction":
-        instruction = text_value(values, "instruction", row_format)
-        extra = text_value(values, "input", row_format, allow_empty=True)
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return user, text_value(values, "output", row_format), user
-    if data_format == "question-answer":
-        question = text_value(values, "question", row_format)
-        context = text_value(values, "context", row_format, allow_empty=True)
-        user = f"{context}\n\n{question}" if context.strip() else question
-        return user, text_value(values, "answer", row_format), question
-    if data_format == "classification":
-        text = text_value(values, "text", row_format)
-        label = label_value(values, row_format)
-        labels = row_format.labels or ()
-        if label not in labels:
-            raise BadRowError(f"label {label!r} is not in the label set ({describe_labels(labels)})")
-        return classification_instruction(labels, text), label, text
-    raise DataError(f"dataset.format {data_format!r} is not one of {', '.join(FORMATS)}")
+def prompt_completion_turn(values: dict[str, Any], row_format: RowFormat) -> tuple[str, str, str]:
+    prompt = text_value(values, "prompt", row_format)
+    return prompt, text_value(values, "completion", row_format), prompt
+
+
+def instruction_turn(values: dict[str, Any], row_format: RowFormat) -> tuple[str, str, str]:
+    instruction = text_value(values, "instruction", row_format)
+    extra = text_value(values, "input", row_format, allow_empty=True)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return user, text_value(values, "output", row_format), user
+
+
+def question_answer_turn(values: dict[str, Any], row_format: RowFormat) -> tuple[str, str, str]:
+    question = text_value(values, "question", row_format)
+    context = text_value(values, "context", row_format, allow_empty=True)
+    user = f"{context}\n\n{question}" if context.strip() else question
+    return user, text_value(values, "answer", row_format), question
+
+
+def classification_turn(values: dict[str, Any], row_format: RowFormat) -> tuple[str, str, str]:
+    text = text_value(values, "text", row_format)
+    label = label_value(values, row_format)
+    labels = row_format.labels or ()
+    if label not in labels:
+        raise BadRowError(f"label {label!r} is not in the label set ({describe_labels(labels)})")
+    return classification_instruction(labels, text), label, text
 
 
 def template_prompt(values: dict[str, Any], row_format: RowFormat) -> str:
@@ -315,27 +309,43 @@ def template_prompt(values: dict[str, Any], row_format: RowFormat) -> str:
 
 def convert_row(values: dict[str, Any], row_format: RowFormat, line: int) -> Example:
     """One row (already mapped with row_values) as an Example; BadRowError says what is wrong with it."""
-    data_format = row_format.format
-    if data_format == "messages":
-        messages, completion, input_text = messages_example(values, row_format)
-        return Example(messages, completion, input_text, line)
-    if data_format == "text":
-        if row_format.template is not None:
-            text = template_prompt(values, row_format)
-            if not text.strip():
-                raise BadRowError("the rendered dataset.template is empty")
-        else:
-            text = text_value(values, "text", row_format)
-        return Example("", text, text, line)
-    if data_format == "prompt-completion" and isinstance(values.get("prompt"), list):
-        return conversational_prompt_completion(values, row_format, line)
-    user, completion, input_text = user_turn_and_completion(values, row_format)
+    return FORMATS[row_format.format].convert(values, row_format, line)
+
+
+def messages_row(values: dict[str, Any], row_format: RowFormat, line: int) -> Example:
+    messages, completion, input_text = messages_example(values, row_format)
+    return Example(messages, completion, input_text, line)
+
+
+def text_row(values: dict[str, Any], row_format: RowFormat, line: int) -> Example:
     if row_format.template is not None:
-        return Example(
-            template_prompt(values, row_format), completion, input_text, line, row_format.system_prompt or ""
-        )
-    prompt = with_system_prompt([{"role": "user", "content": user}], row_format.system_prompt)
-    return Example(prompt, completion, input_text, line)
+        text = template_prompt(values, row_format)
+        if not text.strip():
+            raise BadRowError("the rendered dataset.template is empty")
+    else:
+        text = text_value(values, "text", row_format)
+    return Example("", text, text, line)
+
+
+def single_turn_row(turn: SingleTurn) -> RowConverter:
+    """A converter for a format whose row is one user turn and its answer (turn reads them from the row)."""
+
+    def convert(values: dict[str, Any], row_format: RowFormat, line: int) -> Example:
+        user, completion, input_text = turn(values, row_format)
+        if row_format.template is not None:
+            return Example(
+                template_prompt(values, row_format), completion, input_text, line, row_format.system_prompt or ""
+            )
+        prompt = with_system_prompt([{"role": "user", "content": user}], row_format.system_prompt)
+        return Example(prompt, completion, input_text, line)
+
+    return convert
+
+
+def prompt_completion_row(values: dict[str, Any], row_format: RowFormat, line: int) -> Example:
+    if isinstance(values.get("prompt"), list):
+        return conversational_prompt_completion(values, row_format, line)
+    return single_turn_row(prompt_completion_turn)(values, row_format, line)
 
 
 def conversational_prompt_completion(values: dict[str, Any], row_format: RowFormat, line: int) -> Example:
@@ -366,6 +376,47 @@ def convert_rows(rows: list[SourceRow], file: str, row_format: RowFormat) -> lis
             errors.add(file, row.line, str(problem))
     errors.raise_if_any()
     return examples
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """What one dataset format is: the columns it reads (under its own names), which of them may be absent, whether
+    its rows carry a label from a closed set, a prompt, and a dataset.template, and how a row becomes an Example."""
+
+    name: str
+    columns: tuple[str, ...]
+    convert: RowConverter
+    optional: tuple[str, ...] = ()
+    labelled: bool = False
+    prompted: bool = True
+    templated: bool = True
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The columns a row of this format must have."""
+        return tuple(name for name in self.columns if name not in self.optional)
+
+
+# Every dataset format, in the order auto tries them: the first whose required columns are all present wins (text
+# and label before text alone). A new format is an entry here and its name in the spec's DatasetFormatName.
+FORMATS: dict[str, DatasetFormat] = {
+    spec.name: spec
+    for spec in (
+        DatasetFormat("messages", ("messages",), messages_row, templated=False),
+        DatasetFormat("prompt-completion", ("prompt", "completion"), prompt_completion_row),
+        DatasetFormat(
+            "instruction", ("instruction", "input", "output"), single_turn_row(instruction_turn), optional=("input",)
+        ),
+        DatasetFormat(
+            "question-answer",
+            ("question", "answer", "context"),
+            single_turn_row(question_answer_turn),
+            optional=("context",),
+        ),
+        DatasetFormat("classification", ("text", "label"), single_turn_row(classification_turn), labelled=True),
+        DatasetFormat("text", ("text",), text_row, prompted=False),
+    )
+}
 
 
 def few_shot_prompt(example: Example, shots: list[Example]) -> ChatMessages | str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api import METRIC_SCORES, EvaluationMetric
+from kubetune_trainer.formats import FORMATS
 
 UNPARSED = "<unparsed>"
 """Column of the confusion matrix for replies that named no label, or more than one."""
@@ -353,9 +354,10 @@ def default_metrics(dataset_format: str, references: Sequence[str]) -> list[Eval
     classification → accuracy and F1; text (no prompt to answer) → loss only; every reference a JSON object/array →
     json; at least 90% of references of at most 5 words → exactMatch; otherwise rougeL.
     """
-    if dataset_format == "text":
+    traits = FORMATS.get(dataset_format)
+    if traits is not None and not traits.prompted:
         return ["loss"]
-    if dataset_format == "classification":
+    if traits is not None and traits.labelled:
         return ["loss", "accuracy", "f1"]
     if references and all(looks_like_json(reference) for reference in references):
         return ["loss", "json"]

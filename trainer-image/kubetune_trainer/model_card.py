@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import yaml
 
 from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, FineTuneJobSpec
+from kubetune_trainer.formats import FORMATS
 from kubetune_trainer.output_manifest import BaseModelRecord
 
 MODEL_CARD_FILE = "README.md"
@@ -110,7 +111,8 @@ def evaluation_section(facts: CardFacts) -> list[str]:
 
 def intended_use_section(job: FineTuneJob, dataset: DatasetStatus) -> list[str]:
     spec = job.spec
-    classifies = spec.training.objective == "sequence-classification" or dataset.format == "classification"
+    labelled = dataset.format in FORMATS and FORMATS[dataset.format].labelled
+    classifies = spec.training.objective == "sequence-classification" or labelled
     task = (
         "labelling inputs like the training rows with one of their labels"
         if classifies

@@ -19,6 +19,7 @@ from kubetune.conditions import TRAINER_REASON_TRAINING_DIVERGED
 from kubetune.contract import EXIT_CODE_PREEMPTED
 from kubetune_trainer.checkpoints import fetch_latest_checkpoint
 from kubetune_trainer.examples import DataError, Example, PreparedData
+from kubetune_trainer.formats import FORMATS
 from kubetune_trainer.modeling import (
     LoadedModel,
     MixedPrecision,
@@ -90,7 +91,7 @@ class TrainResult:
 
 def record_kind(data_format: str, example: Example) -> RecordKind:
     """How an example becomes a TRL row: chat messages, a rendered template string, or plain text."""
-    if data_format == "text":
+    if not FORMATS[data_format].prompted:
         return "text"
     return "chat" if isinstance(example.prompt, list) else "template"
 
