@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,9 +72,11 @@ STATUS_THREADS = 8
 # Backoff of a failed create or suspend (kopf does not retry event handlers).
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
-# Transient API failures of the status path (the kubernetes client, on the status threads) are retried briefly.
-API_ATTEMPTS = 3
-API_RETRY_SECONDS = 1.0
+# Transient API failures of the status path (the kubernetes client, on the status threads) are retried briefly by
+# urllib3: its reads and status merge patches, both safe to repeat.
+API_RETRIES = 2
+API_RETRY_BACKOFF_SECONDS = 1.0
+TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
 CONFLICT_RETRY_SECONDS = 10
 # The logger kopf's client writes its request failures to: the operator's log, never an Event on a FineTuneJob.
 API_LOGGER = logging.getLogger("kubetune_operator.api")
@@ -388,34 +389,19 @@ def api_error_status(error: Exception) -> int | None:
     return None
 
 
-def with_retries(call: Callable[[], R]) -> R:
-    """Run an API call, retrying briefly on 429/5xx and connection errors; other errors pass through."""
-    for attempt in range(API_ATTEMPTS):
-        try:
-            return call()
-        except Exception as error:
-            status = api_error_status(error)
-            transient = (status is None and isinstance(error, OSError)) or status in (429, 500, 502, 503, 504)
-            if not transient or attempt == API_ATTEMPTS - 1:
-                raise
-            time.sleep(API_RETRY_SECONDS * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 def read_finetunejob(api_client: Any, namespace: str, name: str) -> dict[str, Any] | None:
     """The FineTuneJob, or None when it is gone."""
     from kubernetes import client
 
     try:
-        return with_retries(
-            lambda: client.CustomObjectsApi(api_client).get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
-            )
+        found: dict[str, Any] = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
         )
     except Exception as error:
         if api_error_status(error) == 404:
             return None
         raise
+    return found
 
 
 def pods_of(pods: list[dict[str, Any]], trainer_job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -435,10 +421,8 @@ def patch_finetunejob_status(
     from kubernetes import client
 
     try:
-        patched: dict[str, Any] = with_retries(
-            lambda: client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, patch
-            )
+        patched: dict[str, Any] = client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, patch
         )
     except Exception as error:
         if api_error_status(error) == 404:
@@ -720,7 +704,23 @@ def new_api_client() -> Any:
         config.load_kube_config(client_configuration=configuration)
     # One connection per handler thread: a full pool would open (and drop) a TLS connection per request.
     configuration.connection_pool_maxsize = HANDLER_THREADS
+    configuration.retries = api_retries()
     return client.ApiClient(configuration)
+
+
+def api_retries() -> Any:
+    """urllib3's retries for the kubernetes client: 429, 5xx and broken connections, with backoff and Retry-After,
+    for GETs and PATCHes (status merge patches) only. Events (POST) are not retried: a duplicate would mislead."""
+    from urllib3.util.retry import Retry
+
+    return Retry(
+        total=API_RETRIES,
+        status_forcelist=TRANSIENT_STATUSES,
+        allowed_methods=frozenset({"GET", "PATCH"}),
+        backoff_factor=API_RETRY_BACKOFF_SECONDS,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )
 
 
 @kopf.on.startup()
