@@ -41,23 +41,6 @@ def configured(settings: OperatorSettings, standalone_flag: bool = False) -> kop
     return kopf_settings
 
 
-def test_only_event_handlers_so_kopf_writes_nothing_to_a_finetunejob() -> None:
-    # Change-detecting handlers (on.create/update/resume) keep their state in annotations, daemons and timers need
-    # finalizers: each would be a FineTuneJob write per job. The handlers are event handlers and indexes only.
-    registry = kopf.get_default_registry()
-
-    assert registry._changing.get_all_handlers() == []
-    assert registry._spawning.get_all_handlers() == []
-    watching = sorted(str(handler.id) for handler in registry._watching.get_all_handlers())
-    assert watching == [
-        "finetunejob_event",
-        "trainer_job_event",
-        "trainer_pod_event",
-        "trainer_role_binding_event",
-        "trainer_service_account_event",
-    ]
-
-
 def test_kopf_builds_no_diff_base_and_would_keep_any_state_in_kubetune_annotations() -> None:
     kopf_settings = configured(OperatorSettings())
     progress = kopf_settings.persistence.progress_storage
@@ -253,21 +236,6 @@ def test_children_are_created_in_their_kinds_collections() -> None:
         "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/rolebindings"
     )
     assert handlers.finetunejob_url("team-a", "x") == "/apis/kubetune.io/v1alpha1/namespaces/team-a/finetunejobs/x"
-
-
-def test_the_entry_point_freezes_start_up_objects_and_collects_young_garbage_less_often() -> None:
-    import gc
-
-    from kubetune_operator.__main__ import YOUNG_GENERATION_THRESHOLD, tune_garbage_collector
-
-    before = gc.get_threshold()
-    try:
-        tune_garbage_collector()
-        assert gc.get_threshold()[0] == YOUNG_GENERATION_THRESHOLD > before[0]
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)
 
 
 def test_a_failing_handler_is_counted_and_still_raises_and_an_unknown_name_is_refused() -> None:
