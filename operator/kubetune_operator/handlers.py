@@ -38,7 +38,6 @@ from kubetune_operator.builders import (
     LABEL_MANAGED_BY,
     MANAGER,
     build_children,
-    desired_job_suspend,
     trainer_resource_name,
 )
 from kubetune_operator.lifecycle import (
@@ -46,7 +45,10 @@ from kubetune_operator.lifecycle import (
     StatusChange,
     derive_status,
     invalid_spec_status,
+    is_owned_by,
     job_condition,
+    needs_trainer,
+    suspend_change,
 )
 from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
@@ -873,8 +875,7 @@ async def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[s
     namespace, name = metadata["namespace"], metadata["name"]
     if context.children_ensured(metadata["uid"]):
         return False
-    existing = context.children().trainer_job(namespace, name)
-    if existing is not None and is_owned_by(existing, metadata["uid"]):
+    if not needs_trainer(metadata["uid"], context.children().trainer_job(namespace, name)):
         context.set_children_ensured(metadata["uid"], True)
         return False
     with context.status_queue_creating():
@@ -889,11 +890,6 @@ async def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[s
     return created_any
 
 
-def is_owned_by(child: Mapping[str, Any], owner_uid: str) -> bool:
-    """Whether the object's owner references name this uid."""
-    return any(ref.get("uid") == owner_uid for ref in (child.get("metadata") or {}).get("ownerReferences") or [])
-
-
 def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> None:
     """Mark the job Failed/InvalidSpec (what the CRD schema and CEL could not refuse); it is never handled again."""
     try:
@@ -905,19 +901,10 @@ def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: 
 
 
 async def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any) -> None:
-    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend (a Kueue job is unsuspended by Kueue).
-
-    Level-triggered: a Job suspended or resumed by hand against the spec is put back. Nothing to do before the Job
-    exists (it is created suspended or not already) or after it finished.
-    """
+    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend when it differs (lifecycle.suspend_change)."""
     namespace, name = job.metadata.namespace or "", job.metadata.name
-    trainer_job = context.children().trainer_job(namespace, name)
-    desired = desired_job_suspend(job)
-    if trainer_job is None or desired is None:
-        return
-    if job_condition(trainer_job, "Complete") or job_condition(trainer_job, "Failed"):
-        return
-    if bool((trainer_job.get("spec") or {}).get("suspend")) == desired:
+    desired = suspend_change(job, context.children().trainer_job(namespace, name))
+    if desired is None:
         return
     trainer_name = trainer_resource_name(name)
     response = await api_request(

@@ -18,7 +18,7 @@ from kubetune.api import (
     TrainerStatus,
 )
 from kubetune.contract import TrainerSummary
-from kubetune_operator.builders import CONTAINER_NAME, trainer_resource_name
+from kubetune_operator.builders import CONTAINER_NAME, desired_job_suspend, trainer_resource_name
 
 # Conditions whose True status describes where the run is now; one that no longer holds is turned False.
 LIFECYCLE_CONDITIONS = (
@@ -98,6 +98,31 @@ def job_condition(trainer_job: Mapping[str, Any], condition_type: str) -> Mappin
         if condition.get("type") == condition_type and condition.get("status") == "True":
             return condition
     return None
+
+
+def is_owned_by(child: Mapping[str, Any], owner_uid: str) -> bool:
+    """Whether the object's owner references name this uid."""
+    return any(ref.get("uid") == owner_uid for ref in (child.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def needs_trainer(owner_uid: str, trainer_job: Mapping[str, Any] | None) -> bool:
+    """Whether the FineTuneJob's children must be created: no trainer Job of its own is known (none yet, deleted by
+    hand, or one of the same name left by an earlier FineTuneJob)."""
+    return trainer_job is None or not is_owned_by(trainer_job, owner_uid)
+
+
+def suspend_change(job: FineTuneJob, trainer_job: Mapping[str, Any] | None) -> bool | None:
+    """The spec.suspend to set on the trainer Job so that it mirrors runPolicy.suspend; None when nothing is to
+    change: no Job yet (it is created as it should be), Kueue decides (a queued job's resume is its admission), the
+    Job finished, or it already is as it should be. Level-triggered: a Job suspended or resumed by hand is put back."""
+    desired = desired_job_suspend(job)
+    if trainer_job is None or desired is None:
+        return None
+    if job_condition(trainer_job, "Complete") or job_condition(trainer_job, "Failed"):
+        return None
+    if bool((trainer_job.get("spec") or {}).get("suspend")) == desired:
+        return None
+    return desired
 
 
 def pods_newest_first(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

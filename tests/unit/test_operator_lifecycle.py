@@ -11,6 +11,8 @@ from kubetune_operator.lifecycle import (
     StatusChange,
     derive_status,
     invalid_spec_status,
+    needs_trainer,
+    suspend_change,
 )
 
 from kubetune import conditions as c
@@ -855,3 +857,55 @@ def test_invalid_spec_fails_the_job_with_validated_false() -> None:
     assert change.transitions[0].is_warning
     assert change.transitions[0].reason == c.REASON_INVALID_SPEC
     assert json.dumps(change.patch)  # a JSON-serialisable merge patch
+
+
+def owned(job: dict[str, Any], owner_uid: str = "ftj-uid") -> dict[str, Any]:
+    return {**job, "metadata": {**job["metadata"], "ownerReferences": [{"uid": owner_uid, "kind": "FineTuneJob"}]}}
+
+
+@pytest.mark.parametrize(
+    ("observed", "needed"),
+    [
+        (None, True),  # a new FineTuneJob, or its trainer Job deleted by hand
+        (owned(trainer_job()), False),
+        (owned(trainer_job(), owner_uid="an-earlier-ftj"), True),  # same name, left by a deleted FineTuneJob
+        (trainer_job(), True),  # no owner at all: not ours
+    ],
+    ids=["none", "ours", "another-owner", "unowned"],
+)
+def test_the_trainer_is_created_unless_one_of_its_own_exists(observed: dict[str, Any] | None, needed: bool) -> None:
+    assert needs_trainer("ftj-uid", observed) is needed
+
+
+@pytest.mark.parametrize(
+    ("run_policy", "queue", "observed", "change"),
+    [
+        ({"suspend": True}, None, trainer_job(), True),
+        ({"suspend": True}, None, trainer_job(suspend=True), None),
+        ({"suspend": False}, None, trainer_job(suspend=True), False),  # resumed, or suspended by hand: put back
+        ({"suspend": False}, None, trainer_job(), None),
+        ({"suspend": False}, "gpu-queue", trainer_job(suspend=True), None),  # Kueue admits by unsuspending
+        ({"suspend": True}, "gpu-queue", trainer_job(), True),  # a queued job is suspended like any other
+        ({"suspend": True}, None, trainer_job(("Complete", "CompletionsReached")), None),
+        ({"suspend": True}, None, trainer_job(("Failed", "BackoffLimitExceeded")), None),
+        ({"suspend": True}, None, None, None),  # created suspended already
+    ],
+    ids=[
+        "suspend",
+        "already-suspended",
+        "resume",
+        "already-running",
+        "kueue-decides",
+        "queued-suspend",
+        "complete",
+        "failed",
+        "no-job-yet",
+    ],
+)
+def test_the_trainer_job_mirrors_run_policy_suspend(
+    run_policy: dict[str, Any], queue: str | None, observed: dict[str, Any] | None, change: bool | None
+) -> None:
+    spec: dict[str, Any] = {"runPolicy": run_policy}
+    if queue is not None:
+        spec["queueName"] = queue
+    assert suspend_change(finetunejob(**spec), observed) == change
