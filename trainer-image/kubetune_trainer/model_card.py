@@ -100,7 +100,8 @@ def training_section(facts: CardFacts) -> list[str]:
 def evaluation_section(facts: CardFacts) -> list[str]:
     lines = ["## Evaluation", ""]
     if facts.report_markdown:
-        body = [line for line in facts.report_markdown.strip().splitlines() if not line.startswith(REPORT_TITLE_PREFIX)]
+        kept = [line for line in facts.report_markdown.splitlines() if not line.startswith(REPORT_TITLE_PREFIX)]
+        body = "\n".join(kept).strip().splitlines()
         lines += [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
     elif facts.evaluation is not None and facts.evaluation.tuned is not None:
         lines.append(f"{facts.evaluation.metric}: tuned {facts.evaluation.tuned}")
