@@ -353,10 +353,13 @@ def llama_contender(stack: contextlib.ExitStack, log_dir: Path) -> dict[str, Any
     """Start llama.cpp's server (stopped with the stack) and return its contender entry; its key goes where the
     operator would put it."""
     from kubetune.contract import contender_api_key_env
-    from tests.testbed.llama_server import LlamaServer
+    from tests.testbed.llama_server import MODEL_CONTEXT_TOKENS, LlamaServer
 
-    # The trainer only waits on the server while it answers, so the server may use every core.
-    server = LlamaServer(log_dir=log_dir / "llama-server", threads=os.cpu_count() or 1).start()
+    # The trainer only waits on the server while it answers, so the server may use every core; the whole context,
+    # since retrieved shots of a task with many labels run to thousands of tokens.
+    server = LlamaServer(
+        log_dir=log_dir / "llama-server", threads=os.cpu_count() or 1, context_tokens=MODEL_CONTEXT_TOKENS
+    ).start()
     stack.callback(server.stop)
     os.environ[contender_api_key_env(0)] = server.api_key
     return {
