@@ -81,7 +81,7 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     # The label is a word the base model already knows, so generating it is data-efficient; the prompt (4 labels and
     # the article, p50 118 tokens) fits 256. The lift over the naive script (0.88 at 3e-4) comes from the learning
     # rate: at 6e-4 the loss is down to the label format within 20 steps and the rest of the epoch learns topics
-    # (0.900 with dropout 0.05 and without). With the compact LM head (kubetune_trainer.fused_head) and no dropout a
+    # (0.900 with dropout 0.05 and without). With the compact LM head (kubetune_trainer.cpu_speedups) and no dropout a
     # step of 8 took 3.3 s on the 2-core AMD machine (6.3 s before), so the epoch (250 steps) fits the 15 minutes.
     ("ag_news", "causal-lm"): {
         "dataset": {"maxLength": 256},

@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer.examples import Example, PreparedData
-from kubetune_trainer.modeling import LoadedModel
-from kubetune_trainer.training import (
+from kubetune_trainer.cpu_speedups import (
     IGNORED_LABEL,
     REAL_TOKENS_PER_ROW,
     BlockDiagonalPackedCollator,
     block_diagonal_packed_sft_trainer,
-    build_trainer,
     packed_position_ids,
 )
+from kubetune_trainer.examples import Example, PreparedData
+from kubetune_trainer.modeling import LoadedModel
+from kubetune_trainer.training import build_trainer
 from kubetune_trainer.training_callbacks import RunFlags
 
 from kubetune.api import FineTuneJobSpec

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import signal
@@ -32,9 +31,7 @@ from kubetune_trainer.modeling import (
 from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, ProgressSink, ProgressTracker
 
 if TYPE_CHECKING:
-    import torch
-
-    from kubetune_trainer.training_callbacks import RunFlags, WatchedSFTTrainer
+    from kubetune_trainer.training_callbacks import RunFlags
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +192,7 @@ def sft_batch_shape(training: TrainingSpec, on_cuda: bool) -> tuple[int, int]:
     padding-free row that flash attention splits at the packed examples. On the CPU, whose attention has no such
     kernel, BlockDiagonalPackedCollator feeds them as one [batchSize, longest row] batch with block-diagonal attention:
     batchSize x maxLength^2 of attention rather than the concatenated row's (batchSize x maxLength)^2, and the 4-bit
-    base dequantised once per forward. (Feeding one packed row per forward and accumulating the batch instead paid
-    that dequantisation batchSize times per step: 1.45x real tokens/s over no packing, TRL's concatenation 1.53x.)
+    base dequantised once per forward rather than once per packed row (docs/decisions/0007-packing-on-cpu.md).
     """
     return training.batch_size, training.gradient_accumulation_steps
 
@@ -211,99 +207,6 @@ def counted_input_tokens(packing: bool, on_cuda: bool) -> str:
     counts instead, and "non_padding" here only keeps the count (and its log lines) on.
     """
     return "all" if packing and on_cuda else "non_padding"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Packed batches on the CPU
-
-# The collator's per-row count of real (non-pad) tokens, for the trainer's token count; the model never sees it.
-REAL_TOKENS_PER_ROW = "real_tokens_per_row"
-# Labels that take no part in the loss, as transformers' and TRL's losses spell it.
-IGNORED_LABEL = -100
-
-
-def packed_position_ids(position_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """The rows' position ids with each row's right pad tail numbered from 0 too, so that it is a block of its own."""
-    import torch
-
-    # transformers cuts a row into attention blocks where its position ids stop counting up by one; numbered from 0,
-    # the tail starts a block, so its queries see only pad keys and no real token sees a pad key.
-    tail_positions = (~real).cumsum(dim=-1) - 1
-    return torch.where(real, position_ids, tail_positions)
-
-
-class BlockDiagonalPackedCollator:
-    """Packed rows as one right-padded [rows, longest row] batch, attended block by block: one block per packed example.
-
-    It returns input_ids, labels, position_ids and REAL_TOKENS_PER_ROW, and no attention mask: given position ids and
-    no mask (and no cache), transformers builds a block-diagonal causal mask from where the position ids restart
-    (masking_utils.find_packed_sequence_indices), for any batch size. TRL's own padded collator does the padding, the
-    labels (the dataset's, -100 outside completions under completion-only loss) and each example's position ids (from
-    the packing's seq_lengths); the pad tail gets positions from 0 and -100 labels.
-    """
-
-    def __init__(self, pad_token_id: int) -> None:
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        self.pad_token_id = pad_token_id
-        self.padded = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True)
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """The batch of these packed rows."""
-        batch = self.padded(examples)
-        real = batch["attention_mask"].bool()
-        position_ids = packed_position_ids(batch["position_ids"], real)
-        # A packed example's first token would be learnt from the previous example's last one, which it cannot see
-        # (TRL's padding-free collator drops the same labels); the tail starts at 0 too, and is -100 already.
-        labels = batch["labels"].masked_fill(position_ids == 0, IGNORED_LABEL)
-        return {
-            "input_ids": batch["input_ids"],
-            "labels": labels,
-            "position_ids": position_ids,
-            REAL_TOKENS_PER_ROW: real.sum(dim=-1),
-        }
-
-
-class PackedRealTokenCount:
-    """Trainer mixin for BlockDiagonalPackedCollator batches: the model gets them without REAL_TOKENS_PER_ROW, and the
-    trainer's token count (state.num_input_tokens_seen) adds those counts."""
-
-    args: Any
-    state: Any
-    accelerator: Any
-
-    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        model_inputs = {name: value for name, value in inputs.items() if name != REAL_TOKENS_PER_ROW}
-        return super().compute_loss(model, model_inputs, *args, **kwargs)  # type: ignore[misc]
-
-    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-        # transformers' own count reads the attention mask, or else compares input_ids with the pad id: with no mask,
-        # it would miss every EOS token of a model whose pad token is its EOS.
-        if REAL_TOKENS_PER_ROW not in inputs or self.args.include_num_input_tokens_seen == "no":
-            super()._track_num_input_tokens(inputs)  # type: ignore[misc]
-            return
-        import torch
-
-        real = torch.as_tensor(inputs[REAL_TOKENS_PER_ROW].sum(), device=self.args.device, dtype=torch.int64)
-        self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum().item())
-
-
-@functools.cache
-def block_diagonal_packed_sft_trainer() -> type[WatchedSFTTrainer]:
-    """WatchedSFTTrainer fed by BlockDiagonalPackedCollator; made on first use, so that importing trl waits for it."""
-    from kubetune_trainer.training_callbacks import WatchedSFTTrainer
-
-    class BlockDiagonalPackedSFTTrainer(PackedRealTokenCount, WatchedSFTTrainer):
-        """WatchedSFTTrainer whose packed batches are [batchSize, longest row] with block-diagonal attention."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # SFTTrainer refuses a collator of ours with bfd packing (it wants its padding-free one), so ours replaces
-            # it once built, with the pad token SFTTrainer settled on; the dataloaders read data_collator at train().
-            padding_free: Any = self.data_collator  # trl's DataCollatorForLanguageModeling
-            self.data_collator = BlockDiagonalPackedCollator(padding_free.pad_token_id)
-
-    return BlockDiagonalPackedSFTTrainer
 
 
 def build_classification_arguments(
@@ -329,7 +232,7 @@ def build_trainer(
     from transformers import DataCollatorWithPadding, PrinterCallback
     from transformers import ProgressCallback as ConsoleProgressCallback
 
-    from kubetune_trainer.fused_head import score_labelled_positions_only
+    from kubetune_trainer.cpu_speedups import block_diagonal_packed_sft_trainer, score_labelled_positions_only
     from kubetune_trainer.training_callbacks import WatchedSFTTrainer, WatchedTrainer
 
     on_cuda = cuda_available()
@@ -354,7 +257,8 @@ def build_trainer(
             run_flags=flags,
         )
     else:
-        score_labelled_positions_only()
+        if not on_cuda:
+            score_labelled_positions_only()
         packed_on_cpu = spec.training.packing and not on_cuda
         sft_trainer = block_diagonal_packed_sft_trainer() if packed_on_cpu else WatchedSFTTrainer
         trainer = sft_trainer(
