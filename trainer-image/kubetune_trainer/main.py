@@ -1,8 +1,9 @@
-"""The trainer's entry point: `python -m kubetune_trainer run` runs one FineTuneJob stage by stage.
+"""The local backend: one FineTuneJob trained and evaluated in this process (`python -m kubetune_trainer run`).
 
-load config → data (pre-flight, before any model is loaded) → model → train (resuming from the newest complete
-checkpoint) → evaluate (if enabled) → publish. Every failure ends as a TrainerSummary with a TRAINER_REASON_* reason,
-written to the termination message; exit codes are documented in kubetune_trainer.failures.
+data (pre-flight, before any model is loaded) → model → train (resuming from the newest complete checkpoint) →
+evaluate (if enabled) → publish. Every failure ends as a TrainerSummary with a TRAINER_REASON_* reason, written to the
+termination message; exit codes are documented in kubetune_trainer.failures. What the hosted backend shares with this
+one lives in kubetune_trainer.pipeline.
 """
 
 from __future__ import annotations
