@@ -361,6 +361,10 @@ def test_a_classification_head_predicts_labels_and_skips_baselines_it_cannot_giv
     assert tuned.metrics["unparsed"] == 0.0
     assert tuned.metrics["loss"] > 0 and "perplexity" not in tuned.metrics
     assert any("baselines zeroShot, fewShot not evaluated" in note for note in results.notes)
+    # The head reads the row's text alone, not the prompt with the label list a generating model gets.
+    texts = [example.input_text for example in VALIDATION[: spec.max_samples]]
+    lengths = [len(tokenizer(text)["input_ids"]) for text in texts]
+    assert results.serving["tuned"].prompt_tokens_mean == pytest.approx(sum(lengths) / len(lengths))
 
 
 def test_a_classifier_takes_its_baselines_from_a_given_base_causal_lm(

@@ -634,6 +634,14 @@ def add_text_scores(
     result.confusion = scored.confusion
 
 
+def request_tokens(entry: ScoredModel, run: EvalRun) -> list[int]:
+    """Each request's input tokens as the model reads them: a classifier head the row's text alone, a generating
+    model its whole prompt (label list and shots included)."""
+    if is_tuned_classifier(entry):
+        return [len(run.tokenizer(example.input_text)["input_ids"]) for example in run.examples]
+    return [len(prompt_token_ids(run.tokenizer, prompt)) for prompt in entry.prompts]
+
+
 def local_token_costs(
     plan: Sequence[ScoredModel], results: Mapping[str, ModelResult], run: EvalRun, price_per_hour: float | None
 ) -> dict[str, ServingCost]:
@@ -642,7 +650,7 @@ def local_token_costs(
     and with a price per hour, the cost of the hardware time each request took at the throughput measured here."""
     costs: dict[str, ServingCost] = {}
     for entry in plan:
-        prompt_tokens = [len(prompt_token_ids(run.tokenizer, prompt)) for prompt in entry.prompts]
+        prompt_tokens = request_tokens(entry, run)
         outputs = [] if is_tuned_classifier(entry) else results[entry.name].outputs
         completion_tokens = [len(run.tokenizer(output, add_special_tokens=False)["input_ids"]) for output in outputs]
         cost = token_cost(prompt_tokens, completion_tokens or [0] * len(prompt_tokens))
