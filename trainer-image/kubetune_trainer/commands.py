@@ -3,7 +3,6 @@ kubetune_trainer.hosted), each running one FineTuneJob inside its pod."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -11,12 +10,10 @@ from pathlib import Path
 import click
 
 from kubetune.contract import ENV_JOB_MANIFEST
-from kubetune_trainer.failures import ConfigError, classify_failure, exit_code, failed_summary
+from kubetune_trainer.failures import ConfigError
 from kubetune_trainer.main import Launch, log_rank, run_in_process
-from kubetune_trainer.pipeline import load_job, write_termination_message
+from kubetune_trainer.pipeline import load_job, refuse_config
 from kubetune_trainer.progress import ProgressSettingsError, Reporter, json_logging, reporter_from_environment
-
-log = logging.getLogger(__name__)
 
 
 @click.group()
@@ -46,13 +43,7 @@ def run(config: Path | None) -> None:
             reporters.append(reporter_from_environment(env, is_main_process=launch.is_main_process))
             job = load_job(config, env)
         except (ConfigError, ProgressSettingsError) as error:
-            failure = classify_failure(ConfigError(str(error)))
-            log.error("%s: %s", failure.reason, failure.message)
-            summary = failed_summary(failure)
-            write_termination_message(summary, env)
-            for reporter in reporters:
-                reporter.finish()
-            sys.exit(exit_code(summary))
+            sys.exit(refuse_config(error, env, reporters))
         sys.exit(run_in_process(job, reporters[0], env))
 
 

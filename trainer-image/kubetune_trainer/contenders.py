@@ -14,7 +14,7 @@ from kubetune.api import ContenderSpec, EvaluationSpec
 from kubetune.contract import contender_api_key_env
 from kubetune_trainer.chat_endpoint import ChatEndpoint, RequestRecord
 from kubetune_trainer.examples import ChatMessages, Example
-from kubetune_trainer.formats import few_shot_prompt
+from kubetune_trainer.formats import few_shot_prompt, select_shots
 from kubetune_trainer.retrieval import retrieved_shots
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,6 @@ def ask_contender(
     train: Sequence[Example],
     spec: EvaluationSpec,
     *,
-    shots: Sequence[Example],
     max_tokens: int,
     seed: int,
     environ: Mapping[str, str] | None,
@@ -142,6 +141,8 @@ def ask_contender(
         max_tokens=max_tokens,
         seed=seed,
     )
+    # Random shots are drawn with the seed exactly as for the fewShot baseline: the same shots, the same prompts.
+    shots = select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else []
     prompts = prompts_for(contender.prompting, examples, train, shots, spec.few_shot_k)
     try:
         outputs, records = endpoint.answer_all(contender.model, prompts, on_done)

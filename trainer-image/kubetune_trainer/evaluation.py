@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -39,7 +38,7 @@ from kubetune_trainer.evaluation_results import (
     ModelResult,
 )
 from kubetune_trainer.examples import ChatMessages, Example
-from kubetune_trainer.formats import few_shot_prompt
+from kubetune_trainer.formats import few_shot_prompt, select_shots
 from kubetune_trainer.judge import JudgeCase, LlmJudge
 from kubetune_trainer.metrics import (
     TEXT_METRICS,
@@ -153,19 +152,6 @@ def check_shots_available(spec: EvaluationSpec, train: Sequence[Example]) -> Non
         raise EvaluationInputError(
             f"the {' and '.join(wanting)} baseline needs train examples for its shots, and there are none"
         )
-
-
-def select_shots(train: Sequence[Example], k: int, seed: int) -> list[Example]:
-    """k train examples chosen with the seed, preferring distinct completions (for classification: distinct labels)."""
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    distinct: list[int] = []
-    repeats: list[int] = []
-    seen: set[str] = set()
-    for index in order:
-        (repeats if train[index].completion in seen else distinct).append(index)
-        seen.add(train[index].completion)
-    return [train[index] for index in (distinct + repeats)[:k]]
 
 
 def model_device(model: Any) -> Any:
@@ -688,7 +674,6 @@ def score_contender(
         run.examples,
         train,
         spec,
-        shots=select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else [],
         max_tokens=run.max_new_tokens,
         seed=seed,
         environ=environ,

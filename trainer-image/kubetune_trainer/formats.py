@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,6 +418,19 @@ FORMATS: dict[str, DatasetFormat] = {
         DatasetFormat("text", ("text",), text_row, prompted=False),
     )
 }
+
+
+def select_shots(train: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """k train examples chosen with the seed, preferring distinct completions (for classification: distinct labels)."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    distinct: list[int] = []
+    repeats: list[int] = []
+    seen: set[str] = set()
+    for index in order:
+        (repeats if train[index].completion in seen else distinct).append(index)
+        seen.add(train[index].completion)
+    return [train[index] for index in (distinct + repeats)[:k]]
 
 
 def few_shot_prompt(example: Example, shots: list[Example]) -> ChatMessages | str:

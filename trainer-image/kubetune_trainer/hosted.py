@@ -82,6 +82,7 @@ from kubetune_trainer.pipeline import (
     finite_tables,
     judge_for,
     load_job,
+    refuse_config,
     write_termination_message,
 )
 from kubetune_trainer.progress import (
@@ -600,13 +601,7 @@ def hosted_main(config: Path | None, env: Mapping[str, str]) -> int:
             job = load_job(config, env)
             settings = hosted_settings_from_environment(env)
         except (ConfigError, ProgressSettingsError) as error:
-            failure = classify_failure(ConfigError(str(error)))
-            log.error("%s: %s", failure.reason, failure.message)
-            summary = failed_summary(failure)
-            write_termination_message(summary, env)
-            for reporter in reporters:
-                reporter.finish()
-            return exit_code(summary)
+            return refuse_config(error, env, reporters)
         reporter = reporters[0]
         with tempfile.TemporaryDirectory(prefix="kubetune-hosted-") as scratch:
             try:

@@ -166,7 +166,6 @@ def run_hosted_evaluation(
             examples,
             train,
             spec,
-            shots=select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else [],
             max_tokens=endpoint.max_tokens,
             seed=seed,
             environ=environ,

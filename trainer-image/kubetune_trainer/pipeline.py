@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from kubetune.contract import (
 )
 from kubetune.manifests import ManifestError, load_finetunejobs, load_finetunejobs_text
 from kubetune_trainer import storage
-from kubetune_trainer.failures import ConfigError, EvaluationError
+from kubetune_trainer.failures import ConfigError, EvaluationError, classify_failure, exit_code, failed_summary
 from kubetune_trainer.progress import Reporter, Stage
 
 if TYPE_CHECKING:
@@ -178,6 +178,17 @@ def write_termination_message(summary: TrainerSummary, env: Mapping[str, str]) -
         path.write_text(summary.to_termination_message(), encoding="utf-8")
     except OSError as error:
         log.warning("cannot write the termination message to %s: %s", path, error)
+
+
+def refuse_config(error: Exception, env: Mapping[str, str], reporters: Sequence[Reporter]) -> int:
+    """A job or setting the trainer cannot run with: logged, the Failed summary written, the exit code returned."""
+    failure = classify_failure(ConfigError(str(error)))
+    log.error("%s: %s", failure.reason, failure.message)
+    summary = failed_summary(failure)
+    write_termination_message(summary, env)
+    for reporter in reporters:
+        reporter.finish()
+    return exit_code(summary)
 
 
 def evaluation_figures(evaluation: EvaluationOutcome | None, headline_only: bool) -> dict[str, float]:
