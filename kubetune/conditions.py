@@ -50,6 +50,7 @@ TRAINER_REASON_OUT_OF_MEMORY = "OutOfMemory"
 TRAINER_REASON_TRAINING_DIVERGED = "TrainingDiverged"
 TRAINER_REASON_EVALUATION_ERROR = "EvaluationError"
 TRAINER_REASON_INTERNAL_ERROR = "InternalError"
+TRAINER_REASON_EXPORT_ERROR = "ExportError"  # the GGUF conversion or the registry push (credentials, refusal) failed
 # backend openai: failures of the hosted fine-tuning service, each with the service's own code in the message.
 TRAINER_REASON_HOSTED_AUTH_ERROR = "HostedAuthError"  # 401/403: the API key is wrong or lacks access
 TRAINER_REASON_HOSTED_QUOTA_EXCEEDED = "HostedQuotaExceeded"  # 429 insufficient_quota: billing, not load
@@ -67,6 +68,7 @@ TRAINER_FAILURE_REASONS = frozenset(
         TRAINER_REASON_TRAINING_DIVERGED,
         TRAINER_REASON_EVALUATION_ERROR,
         TRAINER_REASON_INTERNAL_ERROR,
+        TRAINER_REASON_EXPORT_ERROR,
         TRAINER_REASON_HOSTED_AUTH_ERROR,
         TRAINER_REASON_HOSTED_QUOTA_EXCEEDED,
         TRAINER_REASON_HOSTED_REQUEST_REJECTED,

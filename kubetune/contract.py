@@ -32,6 +32,10 @@ def contender_api_key_env(index: int) -> str:
 ENV_OPENAI_API_KEY = "OPENAI_API_KEY"  # from openai.apiKeySecretRef
 ENV_PROGRESS_INTERVAL = "KUBETUNE_PROGRESS_INTERVAL_SECONDS"  # least seconds between status.progress patches
 ENV_IMAGE = "KUBETUNE_IMAGE"  # the trainer container's image, recorded in manifest.json
+# output.registry.credentialsSecretRef: the Secret's .dockerconfigjson, mounted read-only as a docker config.json.
+ENV_REGISTRY_CONFIG = "KUBETUNE_REGISTRY_CONFIG"
+REGISTRY_CONFIG_DIR = "/var/run/kubetune/registry"
+REGISTRY_CONFIG_FILE = "config.json"
 # S3: the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
 
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"

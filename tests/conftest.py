@@ -178,3 +178,5 @@ def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # llama.cpp's GGUF converter, where `make venv` unpacks it (the Makefile exports the same path).
+    os.environ.setdefault("KUBETUNE_GGUF_CONVERTER", str(cache_dir() / "gguf-converter"))

@@ -198,6 +198,59 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "backend openai requires spec.openai",
     ),
     InvalidManifest(
+        "gguf-of-a-classification-head",
+        job(
+            MODEL
+            + DATASET
+            + "training:\n  objective: sequence-classification\n"
+            + f"output:\n  uri: s3://kubetune-out/ag-news\n  gguf:  {ERROR_MARK}\n    quantization: q8_0"
+        ),
+        "spec.output.gguf",
+        "a sequence-classification head has no GGUF form",
+        "spec.output.gguf",
+        "a sequence-classification head has no GGUF form",
+    ),
+    InvalidManifest(
+        "registry-export-on-openai-backend",
+        job(
+            "model:\n  name: gpt-4o-mini-2024-07-18\n"
+            + "dataset:\n  train: s3://kubetune-data/chat.jsonl\n  format: messages\n"
+            + f"output:  {ERROR_MARK}\n  uri: s3://kubetune-out/chat\n"
+            + "  registry:\n    repository: registry.example.com/team/adapters\n"
+            + "backend: openai\nopenai:\n  model: gpt-4o-mini-2024-07-18\n"
+            + "  apiKeySecretRef: {name: openai, key: api-key}"
+        ),
+        "spec.output",
+        "backend openai keeps the tuned weights with the provider",
+        "spec.output",
+        "backend openai keeps the tuned weights with the provider",
+    ),
+    InvalidManifest(
+        "registry-repository-with-a-tag",
+        job(
+            MODEL
+            + DATASET
+            + "output:\n  uri: s3://kubetune-out/ag-news\n  registry:\n"
+            + f"    repository: registry.example.com/team/adapters:v1  {ERROR_MARK}"
+        ),
+        "spec.output.registry.repository",
+        "should match pattern",
+        "spec.output.registry.repository",
+        "should match",
+    ),
+    InvalidManifest(
+        "gguf-quantization-unknown",
+        job(
+            MODEL
+            + DATASET
+            + f"output:\n  uri: s3://kubetune-out/ag-news\n  gguf:\n    quantization: q4_k_m  {ERROR_MARK}"
+        ),
+        "spec.output.gguf.quantization",
+        "Input should be 'f16', 'bf16' or 'q8_0'",
+        "spec.output.gguf.quantization",
+        'Unsupported value: "q4_k_m"',
+    ),
+    InvalidManifest(
         "judge-metric-without-judge",
         job(BASE_SPEC + f"evaluation:  {ERROR_MARK}\n  metrics: [accuracy, judge]"),
         "spec.evaluation",
@@ -448,6 +501,11 @@ VALID_MANIFESTS: dict[str, str] = {
         output:
           uri: s3://kubetune-out/banking77
           mergeAdapter: true
+          gguf: {quantization: q8_0}
+          registry:
+            repository: registry.example.com:5000/team/adapters
+            tag: banking77-v1
+            credentialsSecretRef: registry-push
         resources:
           gpus: 2
           cpu: "4"

@@ -226,6 +226,20 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
         # NCCL exchanges tensors between the per-GPU processes through shared memory; the default 64 MiB is too small.
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "shm", "mountPath": SHM_DIR})
+    registry = job.spec.output.registry
+    if registry is not None and registry.credentials_secret_ref:
+        # The dockerconfigjson Secret as the file a docker client reads; readable by the pod's fsGroup (the trainer).
+        volumes.append(
+            {
+                "name": "registry-credentials",
+                "secret": {
+                    "secretName": registry.credentials_secret_ref,
+                    "items": [{"key": ".dockerconfigjson", "path": contract.REGISTRY_CONFIG_FILE}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "registry-credentials", "mountPath": contract.REGISTRY_CONFIG_DIR, "readOnly": True})
     return volumes, mounts
 
 

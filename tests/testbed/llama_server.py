@@ -66,6 +66,8 @@ class LlamaServer:
     # One thread keeps it light beside the rest of the test bed; a bench that only waits on it may give it every core.
     threads: int = 1
     context_tokens: int = CONTEXT_TOKENS
+    # The GGUF served: the wheel's SmolLM2 by default, or a file a job exported.
+    model_path: Path | None = None
     process: ManagedProcess | None = None
 
     def __post_init__(self) -> None:
@@ -89,7 +91,7 @@ class LlamaServer:
             "-m",
             "llama_cpp.server",
             "--model",
-            str(gguf_path()),
+            str(self.model_path or gguf_path()),
             "--model_alias",
             MODEL_ALIAS,
             "--host",
@@ -105,7 +107,7 @@ class LlamaServer:
         ]
         self.process = ManagedProcess("llama-server", argv, self.log_dir).start()
         process = self.process
-        wait_for(lambda: process.alive() and self.ready(), 120, "llama.cpp's server to load SmolLM2")
+        wait_for(lambda: process.alive() and self.ready(), 120, "llama.cpp's server to load its model")
         return self
 
     def ready(self) -> bool:

@@ -75,6 +75,17 @@ def http_ok(url: str, insecure_tls: bool = False, headers: dict[str, str] | None
         return False
 
 
+def http_answers(url: str) -> bool:
+    """True when GET url gets any HTTP answer (an error status included): something serves HTTP there."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 @dataclass
 class ManagedProcess:
     """One background process with its log file; stopped with SIGTERM, then SIGKILL."""

@@ -17,7 +17,15 @@ from typing import Any
 
 import yaml
 
-from tests.testbed.processes import ManagedProcess, free_port, http_ok, machine_dir, testbed_binary, wait_for
+from tests.testbed.processes import (
+    ManagedProcess,
+    free_port,
+    http_answers,
+    http_ok,
+    machine_dir,
+    testbed_binary,
+    wait_for,
+)
 
 # The name pods use for the local registry: containerd maps it to the registry's real address (see tests.testbed.node),
 # so references stay the same whatever port the registry has this run. `.test` is reserved (RFC 6761): no DNS
@@ -28,9 +36,19 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
-def registry_config(storage_dir: Path, address: str, port: int) -> dict[str, Any]:
-    """distribution's config.yml: filesystem storage, plain HTTP on address:port, quiet logs."""
+def htpasswd_line(username: str, password: str) -> str:
+    """One htpasswd entry; distribution accepts bcrypt only."""
+    import bcrypt
+
+    return f"{username}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+
+
+def registry_config(storage_dir: Path, address: str, port: int, htpasswd: Path | None = None) -> dict[str, Any]:
+    """distribution's config.yml: filesystem storage, plain HTTP on address:port, quiet logs; with `htpasswd`, every
+    request needs one of its users (HTTP Basic, as a registry behind a password)."""
+    auth = {"auth": {"htpasswd": {"realm": "kubetune-testbed", "path": str(htpasswd)}}} if htpasswd else {}
     return {
+        **auth,
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
         "storage": {
@@ -136,6 +154,7 @@ class LocalRegistry:
     storage_dir: Path = field(default_factory=lambda: machine_dir() / "registry")
     address: str = "127.0.0.1"
     port: int = 0
+    htpasswd: Path | None = None
     process: ManagedProcess | None = None
     last_push_seconds: float = 0.0
 
@@ -149,7 +168,7 @@ class LocalRegistry:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.address)
         config = self.log_dir / "registry-config.yml"
-        config.write_text(yaml.safe_dump(registry_config(self.storage_dir, self.address, self.port)))
+        config.write_text(yaml.safe_dump(registry_config(self.storage_dir, self.address, self.port, self.htpasswd)))
         # Blobs no tag reaches any more (an image pushed again under its tag leaves its old layers behind).
         subprocess.run(
             [testbed_binary("registry"), "garbage-collect", "--delete-untagged", str(config)],
@@ -158,7 +177,8 @@ class LocalRegistry:
         self.process = ManagedProcess("registry", [testbed_binary("registry"), "serve", str(config)], self.log_dir)
         self.process.start()
         process = self.process
-        wait_for(lambda: process.alive() and http_ok(f"http://{self.endpoint}/v2/"), 30, "the registry's /v2/")
+        # /v2/ answers 401 behind a password: any answer means the registry is up.
+        wait_for(lambda: process.alive() and http_answers(f"http://{self.endpoint}/v2/"), 30, "the registry's /v2/")
         return self
 
     def stop(self) -> None:

@@ -523,3 +523,27 @@ def test_a_permanent_trainer_failure_fails_the_job_without_retries() -> None:
         }
     ]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+
+
+def test_registry_credentials_are_mounted_as_a_docker_config_only_when_named() -> None:
+    registry = {"repository": "registry.example.com/team/adapters", "credentialsSecretRef": "push-creds"}
+    output = {"uri": "s3://out/demo", "registry": registry}
+    pod = pod_spec(build_trainer_job(finetunejob(output=output), SETTINGS))
+    volume = {volume["name"]: volume for volume in pod["volumes"]}["registry-credentials"]
+    assert volume["secret"] == {
+        "secretName": "push-creds",
+        "items": [{"key": ".dockerconfigjson", "path": contract.REGISTRY_CONFIG_FILE}],
+        "defaultMode": 0o440,
+    }
+    mount = {"name": "registry-credentials", "mountPath": contract.REGISTRY_CONFIG_DIR, "readOnly": True}
+    assert mount in pod["containers"][0]["volumeMounts"]
+    # An open registry (no Secret named) mounts nothing; the password never enters the environment either way.
+    open_pod = pod_spec(
+        build_trainer_job(
+            finetunejob(output={**output, "registry": {**registry, "credentialsSecretRef": None}}), SETTINGS
+        )
+    )
+    assert "registry-credentials" not in {volume["name"] for volume in open_pod["volumes"]}
+    assert all(
+        "registry" not in name.lower() for name in env_of(build_trainer_job(finetunejob(output=output), SETTINGS))
+    )

@@ -25,6 +25,7 @@ from kubetune.api import FineTuneJob, FineTuneJobSpec, UsageStatus, utc_now
 from kubetune.contract import (
     TrainerSummary,
 )
+from kubetune_trainer.exports import check_exports, push_to_registry, write_gguf
 from kubetune_trainer.failures import ConfigError, EvaluationError, classify_failure, exit_code, failed_summary
 from kubetune_trainer.pipeline import (
     EvaluationOutcome,
@@ -71,6 +72,7 @@ def check_runnable(spec: FineTuneJobSpec) -> None:
     if spec.backend != "local":
         raise ConfigError(f"backend {spec.backend} runs with `python -m kubetune_trainer hosted`, not `run`")
     check_spec_uris(spec, include_model=True)
+    check_exports(spec, os.environ)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -259,7 +261,22 @@ def publish_stage(
 
     report = evaluation.report if evaluation else None
     write_model_card(job, base_model, data, result, evaluation)
-    artifacts = publish(spec.output.uri, result.adapter_dir, result.merged_dir, report, manifest_for)
+    gguf_file = write_gguf(spec, result.adapter_dir, result.merged_dir, settings.work_dir)
+    push = None
+    if spec.output.registry is not None:
+
+        def push() -> str:
+            return push_to_registry(job, result.adapter_dir, os.environ, utc_now(), base_model.revision)
+
+    artifacts = publish(
+        spec.output.uri,
+        result.adapter_dir,
+        result.merged_dir if spec.output.merge_adapter else None,
+        report,
+        manifest_for,
+        gguf_file=gguf_file,
+        push_adapter=push,
+    )
     return artifacts, usage.model_copy(update={"wall_seconds": record.wall_seconds()})
 
 

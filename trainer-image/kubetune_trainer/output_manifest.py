@@ -80,6 +80,9 @@ class RunManifest(ApiModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Training and evaluation metrics.")
     evaluation: EvaluationStatus | None = Field(default=None, description="The evaluation's headline and gate.")
     artifacts: dict[str, str] = Field(description="sha256 of every artifact, by its path under output.uri.")
+    adapter_image: str | None = Field(
+        default=None, description="The adapter pushed to output.registry: repository:tag@sha256:digest."
+    )
     timings: dict[str, float] = Field(description="Seconds spent in each stage.")
     usage: UsageStatus
 

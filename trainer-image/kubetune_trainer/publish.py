@@ -1,4 +1,4 @@
-"""The publish stage: adapter/, merged/, eval/ and, last, manifest.json under output.uri; URIs for status.artifacts.
+"""The publish stage: adapter/, merged/, gguf/, eval/, the registry push and, last, manifest.json under output.uri.
 
 manifest.json goes up only after every other artifact is in storage, so its presence means the run's outputs are
 whole. A storage failure is retried inside the storage layer and then raised (StorageError), never reported as success.
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "adapter"
 MERGED_PREFIX = "merged"
+GGUF_PREFIX = "gguf"
 EVAL_PREFIX = "eval"
 MANIFEST_FILE = "manifest.json"
 
@@ -70,14 +71,23 @@ def newest_checkpoint_uri(output_uri: str) -> str | None:
 
 
 def publish_outputs(
-    output_uri: str, adapter_dir: Path, merged_dir: Path | None, report: ReportFiles | None
+    output_uri: str,
+    adapter_dir: Path,
+    merged_dir: Path | None,
+    report: ReportFiles | None,
+    gguf_file: Path | None = None,
 ) -> PublishedFiles:
-    """Upload the adapter (safetensors, adapter_config.json, tokenizer), the merged model and the evaluation files."""
+    """Upload the adapter (safetensors, adapter_config.json, tokenizer, model card), the merged model, the GGUF file
+    and the evaluation files."""
     hashes = relative_hashes(ADAPTER_PREFIX, storage.upload_dir(adapter_dir, storage.join(output_uri, ADAPTER_PREFIX)))
     merged_uri = None
     if merged_dir is not None:
         merged_uri = storage.join(output_uri, MERGED_PREFIX)
         hashes.update(relative_hashes(MERGED_PREFIX, storage.upload_dir(merged_dir, merged_uri)))
+    gguf_uri = None
+    if gguf_file is not None:
+        gguf_uri = storage.join(output_uri, GGUF_PREFIX, gguf_file.name)
+        hashes[f"{GGUF_PREFIX}/{gguf_file.name}"] = upload_file(gguf_file, gguf_uri)
     report_uri = None
     if report is not None:
         for name, path in eval_uploads(report).items():
@@ -88,6 +98,7 @@ def publish_outputs(
         checkpoint=newest_checkpoint_uri(output_uri),
         report=report_uri,
         merged_model=merged_uri,
+        gguf=gguf_uri,
     )
     log.info("published %d artifacts under %s", len(hashes), output_uri)
     return PublishedFiles(hashes=hashes, artifacts=artifacts)
@@ -106,8 +117,17 @@ def publish(
     merged_dir: Path | None,
     report: ReportFiles | None,
     manifest_for: Callable[[dict[str, str]], RunManifest],
+    gguf_file: Path | None = None,
+    push_adapter: Callable[[], str] | None = None,
 ) -> ArtifactsStatus:
-    """Every artifact, then the manifest built from their hashes by `manifest_for`; the URIs for status.artifacts."""
-    published = publish_outputs(output_uri, adapter_dir, merged_dir, report)
-    manifest_uri = publish_manifest(output_uri, manifest_for(published.hashes))
-    return published.artifacts.model_copy(update={"manifest": manifest_uri})
+    """Every artifact, the adapter's push to a registry (`push_adapter` returns the pushed reference), then the
+    manifest built from their hashes by `manifest_for`; the URIs for status.artifacts."""
+    published = publish_outputs(output_uri, adapter_dir, merged_dir, report, gguf_file)
+    manifest = manifest_for(published.hashes)
+    artifacts = published.artifacts
+    if push_adapter is not None:
+        reference = push_adapter()
+        manifest = manifest.model_copy(update={"adapter_image": reference})
+        artifacts = artifacts.model_copy(update={"adapter_image": reference})
+    manifest_uri = publish_manifest(output_uri, manifest)
+    return artifacts.model_copy(update={"manifest": manifest_uri})

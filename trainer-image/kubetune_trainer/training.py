@@ -425,7 +425,9 @@ def train(
     # Nothing collective comes after saving: rank 0 alone merges, evaluates and publishes.
     leave_process_group()
     merged_dir = None
-    if spec.output.merge_adapter and spec.method != "full" and trainer.is_world_process_zero():
+    # The GGUF export converts the merged model, so it merges even when merged/ itself is not asked for.
+    wants_merged = spec.output.merge_adapter or spec.output.gguf is not None
+    if wants_merged and spec.method != "full" and trainer.is_world_process_zero():
         merged_dir = merge_adapter(model_dir, adapter_dir, work_dir / MERGED_SUBDIR, loaded, data.labels)
     return TrainResult(
         steps=state.global_step,

@@ -1,0 +1,230 @@
+"""The exports beside the adapter: SmolLM2 tuned, exported as GGUF by llama.cpp's converter and served by llama.cpp's
+server (answering as the in-process evaluation did), and its adapter pushed to a password-protected registry
+(distribution) and pulled back intact; bad credentials or a missing converter stop the run before any data is read."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubetune_trainer.gguf_export import ENV_CONVERTER_DIR
+from kubetune_trainer.main import run_job
+from kubetune_trainer.pipeline import data_stage
+from kubetune_trainer.progress import Reporter
+from kubetune_trainer.registry_push import ADAPTER_CONFIG_MEDIA_TYPE
+
+from kubetune.api import FineTuneJob
+from kubetune.contract import ENV_REGISTRY_CONFIG
+from tests.testbed.llama_server import LlamaServer
+from tests.testbed.registry import LocalRegistry, htpasswd_line
+from tests.testbed.shared_data import shared_sample
+
+USER = "adapter-pusher"
+PASSWORD = "pw-never-logged-7d1c"
+REPOSITORY = "team/adapters"
+VALIDATION_ROWS = 24
+
+
+@pytest.fixture
+def password_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    """A distribution registry that takes pushes from USER with PASSWORD only (htpasswd, HTTP Basic)."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(htpasswd_line(USER, PASSWORD))
+    registry = LocalRegistry(
+        log_dir=tmp_path / "registry-logs", storage_dir=tmp_path / "registry", htpasswd=htpasswd
+    ).start()
+    yield registry
+    registry.stop()
+
+
+def docker_config(path: Path, host: str, user: str, password: str) -> Path:
+    """What `kubectl create secret docker-registry` stores under .dockerconfigjson."""
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"username": user, "password": password, "auth": auth}}}))
+    return path
+
+
+def news_file(path: Path, rows: int) -> Path:
+    lines = shared_sample("ag_news").read_text().splitlines()[:rows]
+    path.write_text(
+        "".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in map(json.loads, lines))
+    )
+    return path
+
+
+def export_job(model: Path, train: Path, output: Path, registry: LocalRegistry, steps: int) -> FineTuneJob:
+    """LoRA on SmolLM2 (a 16-bit base: the in-process evaluation reads the weights the merge starts from), the
+    tuned model only, GGUF q8_0 and a push of the adapter."""
+    return FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "exports", "namespace": "team"},
+            "spec": {
+                "model": {"uri": str(model)},
+                "dataset": {"train": str(train), "format": "classification", "maxLength": 256, "validationSplit": 0.1},
+                "method": "lora",
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+                "training": {
+                    "maxSteps": steps,
+                    "batchSize": 4,
+                    "learningRate": 5e-4,
+                    "scheduler": "constant_with_warmup",
+                    "warmupSteps": 3,
+                    "checkpointEvery": max(steps, 1),
+                    "loggingSteps": 4,
+                },
+                "evaluation": {
+                    "baselines": [],
+                    "metrics": ["accuracy"],
+                    "maxSamples": VALIDATION_ROWS,
+                    "batchSize": 8,
+                    "maxNewTokens": 6,
+                },
+                "output": {
+                    "uri": str(output),
+                    "gguf": {"quantization": "q8_0"},
+                    "registry": {
+                        "repository": f"{registry.endpoint}/{REPOSITORY}",
+                        "credentialsSecretRef": "registry-push",
+                        "insecure": True,
+                    },
+                },
+            },
+        }
+    )
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pull(registry: LocalRegistry, reference: str, outdir: Path) -> tuple[dict[str, Any], list[Path]]:
+    """The pushed manifest and its files, pulled back with oras (the way a serving side would)."""
+    import oras.provider
+
+    client = oras.provider.Registry(hostname=registry.endpoint, insecure=True, auth_backend="basic")
+    client.auth.set_basic_auth(USER, PASSWORD)
+    files = client.pull(reference, outdir=str(outdir))
+    return client.get_manifest(reference), [Path(name) for name in files]
+
+
+def ask(server: LlamaServer, prompt: Any) -> str:
+    """The served model's greedy answer to one evaluation prompt."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url, api_key=server.api_key, timeout=60)
+    reply = client.chat.completions.create(model=server.model, messages=prompt, temperature=0, max_tokens=6)
+    return (reply.choices[0].message.content or "").strip()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_gguf_export_answers_as_evaluated_and_the_pushed_adapter_pulls_back_whole(
+    smollm2_dir: Path,
+    password_registry: LocalRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = docker_config(tmp_path / "config.json", password_registry.endpoint, USER, PASSWORD)
+    monkeypatch.setenv(ENV_REGISTRY_CONFIG, str(config))
+    output = tmp_path / "out"
+    job = export_job(smollm2_dir, news_file(tmp_path / "train.jsonl", 240), output, password_registry, steps=24)
+
+    with caplog.at_level(logging.DEBUG):
+        summary = run_job(job, Reporter([]))
+
+    assert summary.outcome == "Succeeded", summary.message
+    artifacts = summary.artifacts
+    assert artifacts is not None
+    manifest = json.loads((output / "manifest.json").read_text())
+    # GGUF: beside the adapter, hashed in manifest.json, its URI in status; merged/ itself was not asked for.
+    gguf = output / "gguf" / "model-q8_0.gguf"
+    assert artifacts.gguf == str(gguf)
+    assert manifest["artifacts"]["gguf/model-q8_0.gguf"] == sha256(gguf)
+    assert artifacts.merged_model is None and not (output / "merged").exists()
+    # The registry push: status and manifest.json name the same digest-pinned reference.
+    assert artifacts.adapter_image is not None
+    assert artifacts.adapter_image.startswith(f"{password_registry.endpoint}/{REPOSITORY}:exports@sha256:")
+    assert manifest["adapterImage"] == artifacts.adapter_image
+    pushed_manifest, pulled = pull(password_registry, artifacts.adapter_image.split("@")[0], tmp_path / "pulled")
+    assert pushed_manifest["config"]["mediaType"] == ADAPTER_CONFIG_MEDIA_TYPE
+    adapter_hashes = {key.removeprefix("adapter/"): value for key, value in manifest["artifacts"].items()}
+    pulled_hashes = {path.name: sha256(path) for path in pulled}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(pulled_hashes)
+    assert pulled_hashes == {name: adapter_hashes[name] for name in pulled_hashes}
+    assert set(pulled_hashes) == {path.name for path in (output / "adapter").iterdir()}
+    # The password is in no log line and no part of the summary.
+    assert PASSWORD not in caplog.text
+    assert PASSWORD not in summary.model_dump_json()
+
+    # llama.cpp serves the GGUF and answers the held-out rows as the in-process evaluation of the tuned model did.
+    validation = data_stage(job.spec, Reporter([])).validation[:VALIDATION_ROWS]
+    predictions = [json.loads(line) for line in (output / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["line"] for row in predictions] == [example.line for example in validation]
+    server = LlamaServer(log_dir=tmp_path / "llama", model_path=gguf).start()
+    try:
+        served = [ask(server, example.prompt) for example in validation]
+    finally:
+        server.stop()
+    in_process = [row["outputs"]["tuned"].strip() for row in predictions]
+    agree = sum(a == b for a, b in zip(served, in_process, strict=True)) / len(served)
+    served_accuracy = sum(a == e.completion for a, e in zip(served, validation, strict=True)) / len(served)
+    tuned_accuracy = summary.metrics["eval.tuned.accuracy"]
+    assert tuned_accuracy >= 0.5, "24 steps teach SmolLM2 the four labels (chance is 0.25)"
+    assert agree >= 0.8, list(zip(served, in_process, strict=True))
+    assert abs(served_accuracy - tuned_accuracy) <= 0.15, (served_accuracy, tuned_accuracy)
+
+
+def test_refused_registry_credentials_stop_the_run_before_any_data_is_read(
+    password_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "not-the-password"
+    config = docker_config(tmp_path / "config.json", password_registry.endpoint, USER, wrong)
+    monkeypatch.setenv(ENV_REGISTRY_CONFIG, str(config))
+    # The model and data paths do not exist: reading either would fail differently.
+    job = export_job(tmp_path / "no-model", tmp_path / "no-data.jsonl", tmp_path / "out", password_registry, steps=1)
+
+    with caplog.at_level(logging.DEBUG):
+        summary = run_job(job, Reporter([]))
+
+    assert summary.outcome == "Failed"
+    assert summary.reason == "ExportError"
+    assert f"registry {password_registry.endpoint} refused the credentials" in summary.message
+    assert "credentialsSecretRef" in summary.message
+    assert summary.dataset is None
+    assert wrong not in caplog.text and wrong not in summary.model_dump_json()
+
+
+def test_a_registry_secret_without_this_registry_is_named(
+    password_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = docker_config(tmp_path / "config.json", "other.example.com", USER, PASSWORD)
+    monkeypatch.setenv(ENV_REGISTRY_CONFIG, str(config))
+    job = export_job(tmp_path / "no-model", tmp_path / "no-data.jsonl", tmp_path / "out", password_registry, steps=1)
+
+    summary = run_job(job, Reporter([]))
+
+    assert summary.reason == "ExportError"
+    assert f"no entry for {password_registry.endpoint} under `auths`" in summary.message
+
+
+def test_a_missing_gguf_converter_stops_the_run_before_any_data_is_read(
+    password_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_CONVERTER_DIR, str(tmp_path / "empty"))
+    job = export_job(tmp_path / "no-model", tmp_path / "no-data.jsonl", tmp_path / "out", password_registry, steps=1)
+
+    summary = run_job(job, Reporter([]))
+
+    assert summary.outcome == "Failed"
+    assert summary.reason == "ExportError"
+    assert f"output.gguf: llama.cpp's GGUF converter is not in {tmp_path / 'empty'}" in summary.message
+    assert summary.dataset is None

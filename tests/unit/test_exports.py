@@ -1,0 +1,172 @@
+"""The export helpers that need no model or registry: where the converter's files come from, docker config
+credentials, registry challenges, references and the pushed artifact's description."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+import pytest
+from kubetune_trainer.exports import artifact_config, gguf_source, registry_credentials
+from kubetune_trainer.gguf_export import (
+    LLAMA_CPP_DIR,
+    GgufExportError,
+    converter_command,
+    converter_env,
+    converter_missing,
+    export_gguf,
+    gguf_file_name,
+    member_target,
+)
+from kubetune_trainer.registry_push import (
+    Credentials,
+    RegistryPushError,
+    credentials_for,
+    parse_challenge,
+    read_credentials,
+    registry_host,
+    target_reference,
+)
+
+from kubetune.api import FineTuneJob, RegistryExport
+
+
+@pytest.mark.parametrize(
+    ("member", "target"),
+    [
+        (LLAMA_CPP_DIR + "convert_hf_to_gguf.py", "convert_hf_to_gguf.py"),
+        (LLAMA_CPP_DIR + "conversion/llama.py", "conversion/llama.py"),
+        (LLAMA_CPP_DIR + "gguf-py/gguf/gguf_writer.py", "gguf/gguf_writer.py"),
+        (LLAMA_CPP_DIR + "LICENSE", "LICENSE"),
+        (LLAMA_CPP_DIR + "gguf-py/pyproject.toml", None),
+        (LLAMA_CPP_DIR + "src/llama.cpp", None),
+        (LLAMA_CPP_DIR + "convert_lora_to_gguf.py", None),
+        ("llama_cpp_python-0.3.36/llama_cpp/server/app.py", None),
+        (LLAMA_CPP_DIR + "conversion/", None),
+    ],
+)
+def test_only_the_converter_and_its_own_gguf_library_are_unpacked(member: str, target: str | None) -> None:
+    assert member_target(member) == target
+
+
+def test_the_converter_runs_with_its_own_gguf_library_first_on_the_path(tmp_path: Path) -> None:
+    env = converter_env(tmp_path, {"PYTHONPATH": "/elsewhere", "HOME": "/home/x"})
+    assert env["PYTHONPATH"].split(":") == [str(tmp_path), "/elsewhere"]
+    assert env["HOME"] == "/home/x"
+    command = converter_command(tmp_path / "merged", tmp_path / "out.gguf", "q8_0", tmp_path)
+    assert command[0] == sys.executable
+    assert command[1:] == [
+        str(tmp_path / "convert_hf_to_gguf.py"),
+        str(tmp_path / "merged"),
+        "--outtype",
+        "q8_0",
+        "--outfile",
+        str(tmp_path / "out.gguf"),
+    ]
+    assert gguf_file_name("bf16") == "model-bf16.gguf"
+
+
+def test_a_converter_directory_is_checked_and_a_failed_conversion_says_why(tmp_path: Path) -> None:
+    assert "KUBETUNE_GGUF_CONVERTER" in (converter_missing(tmp_path) or "")
+    # A converter whose run fails: its own last words end up in the error, bounded.
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "__init__.py").write_text("")
+    (tmp_path / "convert_hf_to_gguf.py").write_text(
+        "import sys\nprint('x' * 5000, file=sys.stderr)\nprint('Model MysteryForCausalLM is not supported', "
+        "file=sys.stderr)\nsys.exit(1)\n"
+    )
+    assert converter_missing(tmp_path) is None
+    with pytest.raises(GgufExportError) as raised:
+        export_gguf(tmp_path / "merged", tmp_path / "out", "q8_0", tmp_path)
+    message = str(raised.value)
+    assert "exit 1" in message and message.endswith("Model MysteryForCausalLM is not supported")
+    assert len(message) < 2300
+    assert raised.value.reason == "ExportError"
+
+
+def _config(host_key: str, **entry: str) -> dict[str, object]:
+    return {"auths": {host_key: entry}}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        _config("registry.example.com:5000", username="u", password="p:w"),
+        _config("registry.example.com:5000", auth=base64.b64encode(b"u:p:w").decode()),
+        _config("https://registry.example.com:5000", username="u", password="p:w"),
+        _config("https://registry.example.com:5000/v1/", auth=base64.b64encode(b"u:p:w").decode()),
+    ],
+)
+def test_docker_config_credentials_in_every_form_docker_writes(config: dict[str, object]) -> None:
+    assert credentials_for(config, "registry.example.com:5000") == Credentials("u", "p:w")
+
+
+def test_credentials_of_another_registry_are_not_used_and_the_password_is_never_shown(tmp_path: Path) -> None:
+    assert credentials_for(_config("other.example.com", username="u", password="p"), "registry.example.com") is None
+    assert "secret-pw" not in repr(Credentials("u", "secret-pw"))
+    broken = tmp_path / "config.json"
+    broken.write_text("{not json")
+    with pytest.raises(RegistryPushError, match=r"not a docker config\.json"):
+        read_credentials(broken, "registry.example.com")
+
+
+def test_the_spec_decides_whether_credentials_are_read(tmp_path: Path) -> None:
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "demo", "namespace": "team"},
+            "spec": {
+                "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                "dataset": {"train": "s3://data/train.jsonl"},
+                "output": {"uri": "s3://out/demo", "registry": {"repository": "registry.example.com/team/adapters"}},
+            },
+        }
+    )
+    # An open registry: nothing is read, not even a file that is not there.
+    assert registry_credentials(job.spec, {"KUBETUNE_REGISTRY_CONFIG": str(tmp_path / "absent")}) is None
+    assert artifact_config(job, "abc123") == {
+        "baseModel": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "baseModelRevision": "abc123",
+        "method": "qlora",
+        "objective": "causal-lm",
+        "job": "team/demo",
+        "output": "s3://out/demo",
+    }
+    # After qLoRA the converter reads the merged model; after full fine-tuning the saved model itself.
+    assert gguf_source(job.spec, tmp_path / "adapter", tmp_path / "merged") == tmp_path / "merged"
+    full = job.spec.model_copy(update={"method": "full"})
+    assert gguf_source(full, tmp_path / "adapter", None) == tmp_path / "adapter"
+    with pytest.raises(GgufExportError, match="merged model was not written"):
+        gguf_source(job.spec, tmp_path / "adapter", None)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ('Basic realm="kubetune-testbed"', ("basic", {"realm": "kubetune-testbed"})),
+        (
+            'Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:a/b:pull"',
+            (
+                "bearer",
+                {
+                    "realm": "https://auth.example.com/token",
+                    "service": "registry.example.com",
+                    "scope": "repository:a/b:pull",
+                },
+            ),
+        ),
+        ("", ("", {})),
+    ],
+)
+def test_registry_challenges_are_read(header: str, expected: tuple[str, dict[str, str]]) -> None:
+    assert parse_challenge(header) == expected
+
+
+def test_the_tag_defaults_to_the_jobs_name() -> None:
+    export = RegistryExport(repository="registry.example.com:5000/team/adapters")
+    assert registry_host(export.repository) == "registry.example.com:5000"
+    assert target_reference(export, "banking77") == "registry.example.com:5000/team/adapters:banking77"
+    tagged = RegistryExport(repository="registry.example.com/team/adapters", tag="v1")
+    assert target_reference(tagged, "banking77") == "registry.example.com/team/adapters:v1"
