@@ -1,6 +1,7 @@
 """The exports beside the adapter: SmolLM2 tuned, exported as GGUF by llama.cpp's converter and served by llama.cpp's
-server (answering as the in-process evaluation did), and its adapter pushed to a password-protected registry
-(distribution) and pulled back intact; bad credentials or a missing converter stop the run before any data is read."""
+server, where the endpoint check finds it answering as the in-process evaluation did; its adapter pushed to a
+password-protected registry (distribution) and pulled back intact; bad credentials or a missing converter stop the
+run before any data is read."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from click.testing import CliRunner
+from kubetune_trainer.commands import cli
 from kubetune_trainer.gguf_export import ENV_CONVERTER_DIR
 from kubetune_trainer.main import run_job
-from kubetune_trainer.pipeline import data_stage
 from kubetune_trainer.progress import Reporter
 from kubetune_trainer.registry_push import ADAPTER_CONFIG_MEDIA_TYPE
 
@@ -115,15 +118,6 @@ def pull(registry: LocalRegistry, reference: str, outdir: Path) -> tuple[dict[st
     return client.get_manifest(reference), [Path(name) for name in files]
 
 
-def ask(server: LlamaServer, prompt: Any) -> str:
-    """The served model's greedy answer to one evaluation prompt."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=server.base_url, api_key=server.api_key, timeout=60)
-    reply = client.chat.completions.create(model=server.model, messages=prompt, temperature=0, max_tokens=6)
-    return (reply.choices[0].message.content or "").strip()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_gguf_export_answers_as_evaluated_and_the_pushed_adapter_pulls_back_whole(
@@ -165,22 +159,36 @@ def test_the_gguf_export_answers_as_evaluated_and_the_pushed_adapter_pulls_back_
     assert PASSWORD not in caplog.text
     assert PASSWORD not in summary.model_dump_json()
 
-    # llama.cpp serves the GGUF and answers the held-out rows as the in-process evaluation of the tuned model did.
-    validation = data_stage(job.spec, Reporter([])).validation[:VALIDATION_ROWS]
-    predictions = [json.loads(line) for line in (output / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert [row["line"] for row in predictions] == [example.line for example in validation]
+    # llama.cpp serves the GGUF; the endpoint check sends it the evaluated rows and scores them the same way.
+    manifest_file = tmp_path / "job.yaml"
+    manifest_file.write_text(yaml.safe_dump(job.model_dump(by_alias=True, exclude_none=True, mode="json")))
     server = LlamaServer(log_dir=tmp_path / "llama", model_path=gguf).start()
+    monkeypatch.setenv("ENDPOINT_KEY", server.api_key)
     try:
-        served = [ask(server, example.prompt) for example in validation]
+        checked = CliRunner().invoke(
+            cli,
+            [
+                *("check-endpoint", "--config", str(manifest_file)),
+                *("--base-url", server.base_url, "--model", server.model, "--api-key-env", "ENDPOINT_KEY"),
+            ],
+        )
     finally:
         server.stop()
-    in_process = [row["outputs"]["tuned"].strip() for row in predictions]
-    agree = sum(a == b for a, b in zip(served, in_process, strict=True)) / len(served)
-    served_accuracy = sum(a == e.completion for a, e in zip(served, validation, strict=True)) / len(served)
+    assert checked.exit_code == 0, checked.output
+    assert f"endpoint {server.model} at {server.base_url}, {VALIDATION_ROWS} held-out rows:" in checked.output
+    assert server.api_key not in checked.output
+    endpoint = json.loads((output / "eval" / "endpoint.json").read_text())
     tuned_accuracy = summary.metrics["eval.tuned.accuracy"]
     assert tuned_accuracy >= 0.5, "24 steps teach SmolLM2 the four labels (chance is 0.25)"
-    assert agree >= 0.8, list(zip(served, in_process, strict=True))
-    assert abs(served_accuracy - tuned_accuracy) <= 0.15, (served_accuracy, tuned_accuracy)
+    assert endpoint["rows"] == VALIDATION_ROWS
+    assert endpoint["inProcess"]["accuracy"] == tuned_accuracy
+    assert set(endpoint["scores"]) == set(endpoint["inProcess"])
+    assert endpoint["agreement"] >= 0.8, endpoint
+    assert abs(endpoint["scores"]["accuracy"] - tuned_accuracy) <= 0.15, endpoint
+    serving = endpoint["serving"]
+    assert serving["requests"] == VALIDATION_ROWS and serving["failed"] == 0
+    assert serving["promptTokensMean"] > 20 and serving["completionTokensMean"] >= 1
+    assert serving["latencyP50Seconds"] > 0
 
 
 def test_refused_registry_credentials_stop_the_run_before_any_data_is_read(

@@ -59,3 +59,40 @@ def hosted(config: Path | None) -> None:
     from kubetune_trainer.hosted import hosted_main
 
     sys.exit(hosted_main(config, dict(os.environ)))
+
+
+@cli.command("check-endpoint")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"The FineTuneJob manifest (YAML) whose run is checked; default: the {ENV_JOB_MANIFEST} environment variable.",
+)
+@click.option("--base-url", required=True, help="The endpoint's OpenAI-compatible base URL, e.g. http://host:8080/v1.")
+@click.option("--model", required=True, help="The model name the endpoint serves the tuned model under.")
+@click.option(
+    "--api-key-env",
+    default=None,
+    help="The environment variable holding the endpoint's API key (a key is never passed on the command line).",
+)
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 64), help="Requests in flight.")
+def check_endpoint_command(
+    config: Path | None, base_url: str, model: str, api_key_env: str | None, concurrency: int
+) -> None:
+    """Send the rows the evaluation scored to the served tuned model, score its answers the same way, and write
+    eval/endpoint.json beside the report; exits 1 when the check cannot run."""
+    from kubetune_trainer.endpoint_check import check_endpoint
+
+    env = dict(os.environ)
+    try:
+        job = load_job(config, env)
+        if api_key_env and api_key_env not in env:
+            raise ConfigError(f"--api-key-env {api_key_env}: no such environment variable")
+        check = check_endpoint(
+            job, base_url, model, env.get(api_key_env, "") if api_key_env else "", concurrency=concurrency
+        )
+    except Exception as error:
+        click.echo(f"endpoint check failed: {error}", err=True)
+        sys.exit(1)
+    for line in check.lines():
+        click.echo(line)
