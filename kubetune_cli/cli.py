@@ -1,4 +1,4 @@
-"""The `kubetune` click group and its subcommands: validate, crd, train, status, logs."""
+"""The `kubetune` click group and its subcommands: validate, crd, train, check-endpoint, status, logs."""
 
 from __future__ import annotations
 
@@ -179,6 +179,51 @@ def train(file: Path, output_uri: str | None, verbose: bool) -> None:
         failed = failed or summary.outcome == "Failed" or gate_fails_job(job, summary)
     if failed:
         sys.exit(1)
+
+
+@main.command("check-endpoint")
+@click.option(
+    "-f",
+    "--filename",
+    "file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The FineTuneJob manifest whose finished run is checked (its output.uri holds the evaluation).",
+)
+@click.option("--base-url", required=True, help="The endpoint's OpenAI-compatible base URL, e.g. http://host:8080/v1.")
+@click.option("--model", required=True, help="The model name the endpoint serves the tuned model under.")
+@click.option(
+    "--api-key-env",
+    default=None,
+    help="The environment variable holding the endpoint's API key (a key is never passed on the command line).",
+)
+def check_endpoint(file: Path, base_url: str, model: str, api_key_env: str | None) -> None:
+    """Ask the served tuned model the rows the evaluation scored and compare its scores with the in-process ones.
+
+    Writes eval/endpoint.json under the job's output.uri: both scores, how often the answers agree, and the
+    endpoint's latency and tokens per request. Exits 1 when the check cannot run.
+    """
+    require_extra(TRAINER_MODULES, TRAINER_EXTRA, "check-endpoint")
+    import os
+
+    from kubetune_trainer.endpoint_check import check_endpoint as run_check
+
+    try:
+        jobs = load_finetunejobs(file)
+    except ManifestError as error:
+        click.echo(str(error), err=True)
+        sys.exit(2)
+    if len(jobs) != 1:
+        raise click.ClickException(f"{file}: holds {len(jobs)} FineTuneJobs; the check takes one")
+    if api_key_env and api_key_env not in os.environ:
+        raise click.ClickException(f"--api-key-env {api_key_env}: no such environment variable")
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    try:
+        check = run_check(jobs[0], base_url, model, key)
+    except Exception as error:  # the check's own errors name what is missing (report, rows, endpoint)
+        raise click.ClickException(f"endpoint check failed: {error}") from None
+    for line in check.lines():
+        click.echo(line)
 
 
 def require_extra(modules: Sequence[str], extra: str, command: str) -> None:

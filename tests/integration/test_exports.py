@@ -236,3 +236,46 @@ def test_a_missing_gguf_converter_stops_the_run_before_any_data_is_read(
     assert summary.reason == "ExportError"
     assert f"output.gguf: llama.cpp's GGUF converter is not in {tmp_path / 'empty'}" in summary.message
     assert summary.dataset is None
+
+
+def test_the_endpoint_check_names_an_endpoint_that_does_not_answer(tmp_path: Path) -> None:
+    from kubetune_trainer.endpoint_check import check_endpoint
+    from kubetune_trainer.failures import EvaluationError
+
+    from tests.testbed.processes import free_port
+
+    output = tmp_path / "out"
+    (output / "eval").mkdir(parents=True)
+    train = news_file(tmp_path / "train.jsonl", 40)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "offline"},
+            "spec": {
+                "model": {"uri": str(tmp_path / "model")},
+                "dataset": {"train": str(train), "format": "classification", "validationSplit": 0.1},
+                "evaluation": {"metrics": ["accuracy"], "maxSamples": 4},
+                "output": {"uri": str(output)},
+            },
+        }
+    )
+    # No evaluation yet: the check says so.
+    with pytest.raises(EvaluationError, match=r"report\.json does not exist"):
+        check_endpoint(job, "http://127.0.0.1:9/v1", "tuned")
+    # An evaluation of other rows than the spec gives: named, before any request.
+    (output / "eval" / "report.json").write_text(json.dumps({"models": {"tuned": {"metrics": {"accuracy": 1.0}}}}))
+    stale = [{"line": 10_000 + i, "outputs": {"tuned": rows[i]["label"]}} for i in range(4)]
+    (output / "eval" / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    with pytest.raises(EvaluationError, match="not the ones the evaluation scored"):
+        check_endpoint(job, "http://127.0.0.1:9/v1", "tuned")
+    # The right rows, but nothing listens at the endpoint: every request fails and the check says where.
+    from kubetune_trainer.pipeline import data_stage
+
+    validation = data_stage(job.spec, Reporter([])).validation[:4]
+    fresh = [{"line": example.line, "outputs": {"tuned": example.completion}} for example in validation]
+    (output / "eval" / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in fresh))
+    url = f"http://127.0.0.1:{free_port('127.0.0.1')}/v1"
+    with pytest.raises(EvaluationError, match=f"{url} answered none of the 4 requests"):
+        check_endpoint(job, url, "tuned")

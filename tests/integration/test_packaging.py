@@ -133,3 +133,7 @@ def test_train_without_the_trainer_extra_names_it(venv: Path, source: Path) -> N
         "Error: `kubetune train` needs torch, transformers, peft, trl, datasets, boto3, not installed here: "
         "pip install 'kubetune[trainer]'"
     )
+    checked = kubetune(venv, "check-endpoint", "-f", str(EXAMPLE), "--base-url", "http://x/v1", "--model", "m")
+    assert checked.returncode == 1
+    assert "`kubetune check-endpoint` needs torch" in checked.stderr
+    assert "pip install 'kubetune[trainer]'" in checked.stderr

@@ -170,3 +170,29 @@ def test_the_tag_defaults_to_the_jobs_name() -> None:
     assert target_reference(export, "banking77") == "registry.example.com:5000/team/adapters:banking77"
     tagged = RegistryExport(repository="registry.example.com/team/adapters", tag="v1")
     assert target_reference(tagged, "banking77") == "registry.example.com/team/adapters:v1"
+
+
+def test_the_endpoint_check_scores_text_only_and_counts_alike_answers() -> None:
+    from kubetune_trainer.contenders import serving_cost
+    from kubetune_trainer.endpoint_check import EndpointCheck, agreement, text_metrics
+
+    report = {"models": {"tuned": {"metrics": {"loss": 0.4, "accuracy": 0.9, "f1.macro": 0.8, "judge": 70.0}}}}
+    assert text_metrics(report) == ["accuracy", "f1.macro"]
+    assert agreement(["Sports ", "World", "Business"], ["Sports", "Sci/Tech", "Business"]) == 2 / 3
+    assert agreement([], []) == 0.0
+    check = EndpointCheck(
+        base_url="http://llama:8080/v1",
+        model="tuned",
+        rows=3,
+        scores={"accuracy": 0.6667},
+        in_process={"accuracy": 0.9},
+        agreement=2 / 3,
+        cost=serving_cost([]),
+    )
+    assert check.lines() == [
+        "endpoint tuned at http://llama:8080/v1, 3 held-out rows:",
+        "  accuracy   endpoint 0.6667   in-process 0.9000",
+        "  answers alike on 67% of rows",
+        "  no request answered",
+    ]
+    assert check.to_json()["inProcess"] == {"accuracy": 0.9}

@@ -68,12 +68,14 @@ class EndpointCheck:
             for name in names
         ]
         rows.append(f"  answers alike on {self.agreement:.0%} of rows")
-        p50 = self.cost.latency_p50_seconds
+        cost = self.cost
+        if cost.requests == cost.failed:
+            rows.append("  no request answered" + (f": {cost.first_error}" if cost.first_error else ""))
+            return rows
         rows.append(
-            f"  latency p50 {p50:.3f} s, prompt tokens {self.cost.prompt_tokens_mean:.1f}, completion tokens "
-            f"{self.cost.completion_tokens_mean:.1f} per request"
-            if p50 is not None
-            else "  no request answered"
+            f"  latency p50 {cost.latency_p50_seconds or 0.0:.3f} s, prompt tokens {cost.prompt_tokens_mean:.1f}, "
+            f"completion tokens {cost.completion_tokens_mean:.1f} per request"
+            + (f"; {cost.failed} of {cost.requests} requests failed: {cost.first_error}" if cost.failed else "")
         )
         return rows
 
@@ -134,6 +136,9 @@ def check_endpoint(
         outputs, records = endpoint.answer_all(model, [example.prompt for example in examples])
     finally:
         endpoint.close()
+    failed = [record.error for record in records if record.error]
+    if len(failed) == len(records):
+        raise EvaluationError(f"{base_url} answered none of the {len(records)} requests: {failed[0]}")
     result = ModelResult(outputs=outputs)
     add_text_scores(result, samples, [m for m in metrics if m not in NOT_FROM_TEXT], data.labels)
     wanted = text_metrics(report)
