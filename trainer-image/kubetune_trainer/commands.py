@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,18 +18,23 @@ from kubetune_trainer.pipeline import load_job, refuse_config
 from kubetune_trainer.progress import ProgressSettingsError, Reporter, json_logging, reporter_from_environment
 
 
+def config_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The commands' --config option: a manifest file, else the one the operator puts in the environment."""
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=f"{what}; default: the {ENV_JOB_MANIFEST} environment variable.",
+    )
+
+
 @click.group()
 def cli() -> None:
     """kubetune trainer: runs one FineTuneJob (data → model → train → evaluate → publish) inside its pod."""
 
 
 @cli.command()
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help=f"FineTuneJob manifest (YAML) to run; default: the {ENV_JOB_MANIFEST} environment variable.",
-)
+@config_option("FineTuneJob manifest (YAML) to run")
 def run(config: Path | None) -> None:
     """Run the job; the summary goes to the termination message, the exit code says whether to retry.
 
@@ -48,12 +55,7 @@ def run(config: Path | None) -> None:
 
 
 @cli.command()
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help=f"FineTuneJob manifest (YAML, backend openai); default: the {ENV_JOB_MANIFEST} environment variable.",
-)
+@config_option("FineTuneJob manifest (YAML, backend openai)")
 def hosted(config: Path | None) -> None:
     """Run a backend-openai job on the hosted service (see kubetune_trainer.hosted); exit codes as for run."""
     from kubetune_trainer.hosted import hosted_main
@@ -62,12 +64,7 @@ def hosted(config: Path | None) -> None:
 
 
 @cli.command("check-endpoint")
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help=f"The FineTuneJob manifest (YAML) whose run is checked; default: the {ENV_JOB_MANIFEST} environment variable.",
-)
+@config_option("The FineTuneJob manifest (YAML) whose run is checked")
 @click.option("--base-url", required=True, help="The endpoint's OpenAI-compatible base URL, e.g. http://host:8080/v1.")
 @click.option("--model", required=True, help="The model name the endpoint serves the tuned model under.")
 @click.option(
