@@ -547,6 +547,31 @@ class OutputSpec(ApiModel):
     registry: RegistryExport | None = Field(default=None, description="Also push the adapter to an OCI registry.")
 
 
+ServingRuntime = Literal["llamaCpp", "vllm"]
+
+
+class ServingSpec(ApiModel):
+    """An endpoint for the tuned model, started once the job succeeds (and its gate passed), removed with the job."""
+
+    runtime: ServingRuntime = Field(
+        description="llamaCpp: llama.cpp's OpenAI-compatible server on the GGUF export (CPU, needs output.gguf); "
+        "vllm: vLLM with the adapter loaded on its base model (GPU)."
+    )
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        pattern=IMAGE_REFERENCE_PATTERN,
+        description="The server's image; default from the operator's settings for the runtime.",
+    )
+    replicas: int = Field(default=1, ge=1, le=16, description="Server pods behind the Service.")
+    gpus: int | None = Field(default=None, ge=0, le=8, description="GPUs per server pod; default 1 for vllm, 0 else.")
+    cpu: str | None = Field(default=None, max_length=64, pattern=QUANTITY_PATTERN, description="CPU request.")
+    memory: str | None = Field(default=None, max_length=64, pattern=QUANTITY_PATTERN, description="Memory request.")
+    when_gate_fails: bool = Field(
+        default=False, description="Serve even when evaluation.gate failed (by default a failed gate starts nothing)."
+    )
+
+
 class Toleration(ApiModel):
     """A core/v1 Toleration."""
 
@@ -682,6 +707,22 @@ def _spec_rules(schema: dict[str, Any], spec_class: type[BaseModel]) -> None:
             ".output",
         ),
         cel(
+            "!has(self.serving) || self.serving.runtime != 'llamaCpp' || has(self.output.gguf)",
+            "serving.runtime llamaCpp serves the GGUF export: set output.gguf",
+            ".serving.runtime",
+        ),
+        cel(
+            "!has(self.serving) || self.serving.runtime != 'vllm' || self.method != 'full'",
+            "serving.runtime vllm loads the adapter on its base model: method lora or qlora",
+            ".serving.runtime",
+        ),
+        cel(
+            "!has(self.serving) || (self.backend == 'local' && self.training.objective == 'causal-lm')",
+            "serving needs a generating model of backend local (a hosted model is served by its provider; a "
+            "classification head answers no chat requests)",
+            ".serving",
+        ),
+        cel(
             "self.training.objective != 'sequence-classification' || !has(self.output.gguf)",
             "output.gguf holds a generating model for llama.cpp; a sequence-classification head has no GGUF form",
             ".output.gguf",
@@ -767,6 +808,11 @@ class FineTuneJobSpec(ApiModel):
     )
     openai: OpenAISpec | None = _immutable_field(
         "Hosted fine-tuning settings (backend openai).", "openai", default=None
+    )
+    serving: ServingSpec | None = _immutable_field(
+        "An endpoint for the tuned model once the job succeeds (Deployment and Service, owned by the job).",
+        "serving",
+        default=None,
     )
 
     @model_validator(mode="after")
@@ -953,6 +999,18 @@ class TrainerStatus(ApiModel):
     completion_time: str | None = Field(default=None, description="When the trainer Job finished (RFC 3339).")
 
 
+class ServingStatus(ApiModel):
+    """The endpoint of spec.serving."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    url: str | None = Field(default=None, description="OpenAI-compatible base URL of the Service, inside the cluster.")
+    model: str | None = Field(default=None, description="The model name requests use.")
+    deployment: str | None = Field(default=None, description="The server's Deployment.")
+    ready_replicas: int | None = Field(default=None, description="Server pods ready to answer.")
+    message: str | None = Field(default=None, description="Why there is no endpoint (e.g. the gate failed).")
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob."""
 
@@ -975,6 +1033,7 @@ class FineTuneJobStatus(ApiModel):
     usage: UsageStatus | None = None
     trainer: TrainerStatus | None = None
     fine_tuned_model: str | None = Field(default=None, description="backend openai: the hosted model's name.")
+    serving: ServingStatus | None = None
 
 
 class ObjectMeta(BaseModel):

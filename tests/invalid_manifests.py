@@ -251,6 +251,30 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         'Unsupported value: "q4_k_m"',
     ),
     InvalidManifest(
+        "llama-cpp-serving-without-gguf",
+        job(BASE_SPEC + f"serving:\n  runtime: llamaCpp  {ERROR_MARK}"),
+        "spec.serving.runtime",
+        "serving.runtime llamaCpp serves the GGUF export: set output.gguf",
+        "spec.serving.runtime",
+        "serving.runtime llamaCpp serves the GGUF export: set output.gguf",
+    ),
+    InvalidManifest(
+        "vllm-serving-of-a-full-fine-tune",
+        job(BASE_SPEC + f"method: full\nserving:\n  runtime: vllm  {ERROR_MARK}"),
+        "spec.serving.runtime",
+        "serving.runtime vllm loads the adapter on its base model",
+        "spec.serving.runtime",
+        "serving.runtime vllm loads the adapter on its base model",
+    ),
+    InvalidManifest(
+        "serving-a-classification-head",
+        job(BASE_SPEC + f"training:\n  objective: sequence-classification\nserving:  {ERROR_MARK}\n  runtime: vllm"),
+        "spec.serving",
+        "serving needs a generating model of backend local",
+        "spec.serving",
+        "serving needs a generating model of backend local",
+    ),
+    InvalidManifest(
         "judge-metric-without-judge",
         job(BASE_SPEC + f"evaluation:  {ERROR_MARK}\n  metrics: [accuracy, judge]"),
         "spec.evaluation",
@@ -506,6 +530,7 @@ VALID_MANIFESTS: dict[str, str] = {
             repository: registry.example.com:5000/team/adapters
             tag: banking77-v1
             credentialsSecretRef: registry-push
+        serving: {runtime: vllm, replicas: 2, gpus: 1, memory: 24Gi}
         resources:
           gpus: 2
           cpu: "4"

@@ -112,9 +112,22 @@ def _secret_key(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
+def s3_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The standard AWS variables of the job's S3 endpoint, its credentials as secretKeyRef."""
+    s3 = resolved_s3(job, settings)
+    env = []
+    if s3.endpoint:
+        env.append(_value("AWS_ENDPOINT_URL", s3.endpoint))
+    if s3.region:
+        env.append(_value("AWS_REGION", s3.region))
+    if s3.credentials_secret_ref:
+        env.append(_secret_key(AWS_ACCESS_KEY_ID, s3.credentials_secret_ref, AWS_ACCESS_KEY_ID))
+        env.append(_secret_key(AWS_SECRET_ACCESS_KEY, s3.credentials_secret_ref, AWS_SECRET_ACCESS_KEY))
+    return env
+
+
 def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     """The trainer container's environment per kubetune.contract; secrets only as secretKeyRef."""
-    s3 = resolved_s3(job, settings)
     env = [
         _value(contract.ENV_JOB_MANIFEST, manifest_text(job, settings)),
         _value(contract.ENV_JOB_NAME, job.metadata.name),
@@ -128,13 +141,7 @@ def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, 
         # Libraries that cache under ~ (torch, triton) need a writable place on a read-only root filesystem.
         _value("XDG_CACHE_HOME", f"{TMP_DIR}/.cache"),
     ]
-    if s3.endpoint:
-        env.append(_value("AWS_ENDPOINT_URL", s3.endpoint))
-    if s3.region:
-        env.append(_value("AWS_REGION", s3.region))
-    if s3.credentials_secret_ref:
-        env.append(_secret_key(AWS_ACCESS_KEY_ID, s3.credentials_secret_ref, AWS_ACCESS_KEY_ID))
-        env.append(_secret_key(AWS_SECRET_ACCESS_KEY, s3.credentials_secret_ref, AWS_SECRET_ACCESS_KEY))
+    env.extend(s3_env(job, settings))
     judge = job.spec.evaluation.judge
     if judge is not None:
         ref = judge.api_key_secret_ref

@@ -52,6 +52,7 @@ from kubetune_operator.lifecycle import (
 )
 from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
+from kubetune_operator.serving import COMPONENT_SERVING, LABEL_SERVED_JOB, build_serving, serving_decision
 from kubetune_operator.settings import OperatorSettings, SettingsError
 from kubetune_operator.status_queue import DeferredQueue
 from kubetune_operator.trainer_identity import (
@@ -101,6 +102,7 @@ class OperatorContext:
     _bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # uids of FineTuneJobs whose children this replica has created or found: a repeated create pass is skipped.
     _children_ensured: set[str] = field(default_factory=set)
+    _serving_ensured: set[str] = field(default_factory=set)
     # Namespaces whose trainer ServiceAccount and RoleBinding this replica has created or found.
     _identities_ensured: set[str] = field(default_factory=set)
     # One lock per namespace around creating its trainer identity: the first jobs of a burst wait for one create.
@@ -199,6 +201,20 @@ class OperatorContext:
             self._locks.pop((namespace, name), None)
             self._bodies.pop((namespace, name), None)
             self._children_ensured.discard(uid or "")
+            self._serving_ensured.discard(uid or "")
+
+    def serving_ensured(self, uid: str) -> bool:
+        """Whether this replica has created or found the endpoint (spec.serving) of the job with this uid."""
+        with self._locks_guard:
+            return uid in self._serving_ensured
+
+    def set_serving_ensured(self, uid: str, ensured: bool) -> None:
+        """Record that the endpoint exists, or that it must be created again (its Deployment or Service is gone)."""
+        with self._locks_guard:
+            if ensured:
+                self._serving_ensured.add(uid)
+            else:
+                self._serving_ensured.discard(uid)
 
     def remember_body(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Keep the newer of `body` and the one known for its job and return it; None when the two cannot be
@@ -438,6 +454,8 @@ CHILD_PATHS: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("api/v1", "serviceaccounts"),
     "RoleBinding": ("apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("apis/batch/v1", "jobs"),
+    "Deployment": ("apis/apps/v1", "deployments"),
+    "Service": ("api/v1", "services"),
 }
 
 
@@ -829,7 +847,10 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
     metadata = raw["metadata"]
     namespace, name = metadata["namespace"], metadata["name"]
     context.remember_body(raw)
-    finished = (raw.get("status") or {}).get("phase") in TERMINAL_PHASES or metadata.get("deletionTimestamp")
+    phase = (raw.get("status") or {}).get("phase")
+    finished = phase in TERMINAL_PHASES or metadata.get("deletionTimestamp")
+    if phase == "Succeeded" and not metadata.get("deletionTimestamp"):
+        await ensure_serving(context, raw, logger)
     if not finished:
         # A finished run is never restarted (its Job may be gone after ttlSecondsAfterFinished), nor a deleted one.
         try:
@@ -888,6 +909,33 @@ async def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[s
                 created_any = True
     context.set_children_ensured(metadata["uid"], True)
     return created_any
+
+
+async def ensure_serving(context: OperatorContext, raw: dict[str, Any], logger: Any) -> None:
+    """Create the endpoint of a succeeded job that asks for one (and whose gate allows it) unless it exists.
+
+    A failure is logged and counted; the next event of the job (its status write, a Deployment event) tries again.
+    """
+    uid = raw["metadata"]["uid"]
+    if context.serving_ensured(uid):
+        return
+    try:
+        job = FineTuneJob.model_validate(raw)
+    except ValidationError:
+        return
+    serve, _ = serving_decision(job, job.status or FineTuneJobStatus())
+    if not serve:
+        return
+    try:
+        for child in build_serving(job, job.status or FineTuneJobStatus(), context.settings):
+            kopf.adopt(child, owner=as_kopf_body(raw))
+            if await create_child(context, child, uid, logger):
+                logger.info("created %s %s", child["kind"], child["metadata"]["name"])
+    except Exception as error:
+        context.metrics.record_handler_error("ensure_serving")
+        logger.warning("cannot create the endpoint: %s", describe_error(error))
+        return
+    context.set_serving_ensured(uid, True)
 
 
 def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> None:
@@ -999,6 +1047,45 @@ async def trainer_pod_event(
 # ---------------------------------------------------------------------------------------------------------------------
 # The trainer identity's handlers: a ServiceAccount or RoleBinding of it deleted (by hand, or with its namespace) is
 # created again at once while a trainer Job there may still start pods, and otherwise before the namespace's next one.
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGER, LABEL_COMPONENT: COMPONENT_SERVING})
+@counted("serving_event")
+async def serving_event(*, type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """An endpoint's Deployment changed or went: its ready replicas go to status.serving; one deleted while its job
+    still wants it is created again."""
+    context = operator_context(memo)
+    namespace = in_namespace(namespace)
+    job_name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_SERVED_JOB)
+    if not job_name:
+        return
+    logger = job_logger(namespace, job_name)
+    raw = await read_object(context, finetunejob_url(namespace, job_name))
+    if raw is None or not any(
+        is_owner(reference, raw) for reference in body.get("metadata", {}).get("ownerReferences", [])
+    ):
+        return  # the job is gone (garbage collection follows) or this Deployment is another job's
+    if type == "DELETED":
+        context.set_serving_ensured(raw["metadata"]["uid"], False)
+        await ensure_serving(context, compact(raw), logger)
+        return
+    ready = int((body.get("status") or {}).get("readyReplicas") or 0)
+    if ((raw.get("status") or {}).get("serving") or {}).get("readyReplicas") == ready:
+        return
+    response = await api_request(
+        context,
+        "patch",
+        f"{finetunejob_url(namespace, job_name)}/status",
+        {"status": {"serving": {"readyReplicas": ready}}},
+        headers={"Content-Type": MERGE_PATCH},
+    )
+    async with response:
+        await response.read()
+
+
+def is_owner(reference: Mapping[str, Any], raw: Mapping[str, Any]) -> bool:
+    """Whether an ownerReference names this FineTuneJob (by uid: a job recreated under the same name is another)."""
+    return bool(reference.get("uid") == raw["metadata"]["uid"] and reference.get("kind") == "FineTuneJob")
 
 
 @kopf.on.event("v1", "serviceaccounts", labels={LABEL_COMPONENT: COMPONENT_TRAINER_IDENTITY})

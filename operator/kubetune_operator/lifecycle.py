@@ -19,6 +19,7 @@ from kubetune.api import (
 )
 from kubetune.contract import TrainerSummary
 from kubetune_operator.builders import CONTAINER_NAME, desired_job_suspend, trainer_resource_name
+from kubetune_operator.serving import serving_status
 
 # Conditions whose True status describes where the run is now; one that no longer holds is turned False.
 LIFECYCLE_CONDITIONS = (
@@ -630,7 +631,13 @@ def status_from_observation(
             value = getattr(summary, name)
             if value is not None:
                 update[name] = value
-    return current.model_copy(update=update)
+    status = current.model_copy(update=update)
+    served = serving_status(job, status)
+    if served is None:
+        return status
+    # Ready replicas are the Deployment's to report; the rest follows from the spec and the outcome.
+    ready = current.serving.ready_replicas if current.serving else None
+    return status.model_copy(update={"serving": served.model_copy(update={"ready_replicas": ready})})
 
 
 def spec_evaluates(job: FineTuneJob) -> bool:

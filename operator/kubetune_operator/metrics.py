@@ -74,6 +74,8 @@ HANDLERS = (
     "ensure_trainer",
     "apply_suspend",
     "reconcile_status",
+    "ensure_serving",
+    "serving_event",
 )
 
 

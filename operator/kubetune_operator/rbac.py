@@ -39,6 +39,10 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
             "resources": ["rolebindings"],
             "verbs": ["list", "watch", "create"],
         },
+        # spec.serving's endpoint, once the job succeeded: its Deployment (read back when it exists, watched for its
+        # ready replicas and its deletion) and Service.
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
         # Events on FineTuneJobs for every phase transition, and kopf's own handler reports.
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
         # kopf peering: replicas find each other and keep alive through these objects' status; the operator

@@ -14,6 +14,9 @@ from kubetune.api import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, URL_PATTERN, 
 
 ENV_PREFIX = "KUBETUNE_"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/kubetune-trainer:0.1.0"
+# spec.serving's default server images: kubetune's llama.cpp server image, and vLLM's own OpenAI-compatible image.
+DEFAULT_LLAMA_CPP_IMAGE = "ghcr.io/kubetune/kubetune-llama-server:0.1.0"
+DEFAULT_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
 DEFAULT_TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
 DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -39,6 +42,20 @@ class OperatorSettings(BaseModel):
         max_length=512,
         pattern=r"^\S+$",
         description="Trainer image used when a FineTuneJob has no spec.image.",
+    )
+    llama_cpp_image: str = Field(
+        default=DEFAULT_LLAMA_CPP_IMAGE,
+        min_length=1,
+        max_length=512,
+        pattern=r"^\S+$",
+        description="Server image of spec.serving.runtime llamaCpp when the job names none.",
+    )
+    vllm_image: str = Field(
+        default=DEFAULT_VLLM_IMAGE,
+        min_length=1,
+        max_length=512,
+        pattern=r"^\S+$",
+        description="Server image of spec.serving.runtime vllm when the job names none.",
     )
     namespaces: tuple[Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)], ...] = Field(
         default=(),

@@ -279,3 +279,27 @@ def test_the_endpoint_check_names_an_endpoint_that_does_not_answer(tmp_path: Pat
     url = f"http://127.0.0.1:{free_port('127.0.0.1')}/v1"
     with pytest.raises(EvaluationError, match=f"{url} answered none of the 4 requests"):
         check_endpoint(job, url, "tuned")
+
+
+def test_fetch_copies_one_object_or_a_prefix_from_s3_as_an_endpoint_init_container_does(
+    s3_env: dict[str, str], s3_bucket: str, s3_server: Any, tmp_path: Path
+) -> None:
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="run/gguf/model-q8_0.gguf", Body=b"GGUF" + bytes(2000))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        client.put_object(Bucket=s3_bucket, Key=f"run/adapter/{name}", Body=name.encode())
+    runner = CliRunner()
+
+    single = runner.invoke(cli, ["fetch", f"s3://{s3_bucket}/run/gguf/model-q8_0.gguf", str(tmp_path / "m.gguf")])
+    folder = runner.invoke(cli, ["fetch", f"s3://{s3_bucket}/run/adapter", str(tmp_path / "adapter")])
+    missing = runner.invoke(cli, ["fetch", f"s3://{s3_bucket}/run/nothing-here", str(tmp_path / "x")])
+
+    assert single.exit_code == 0, single.output
+    assert (tmp_path / "m.gguf").read_bytes() == b"GGUF" + bytes(2000)
+    assert folder.exit_code == 0, folder.output
+    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert missing.exit_code == 1
+    assert f"fetch failed: s3://{s3_bucket}/run/nothing-here" in missing.output

@@ -643,3 +643,72 @@ def test_a_trainer_job_the_api_server_refuses_is_created_once_it_is_allowed(jobs
 
     jobs.wait_condition("held", c.CONDITION_RUNNING, "False", c.REASON_UNSCHEDULABLE, operator=operator, timeout=120)
     assert len(jobs.children_of("held", "jobs")) == 1
+
+
+def serving_of(jobs: Jobs, name: str) -> dict[str, Any]:
+    return dict((jobs.get(name).get("status") or {}).get("serving") or {})
+
+
+def add_artifacts(jobs: Jobs, name: str, artifacts: dict[str, str], gate_passed: bool | None = None) -> None:
+    """What a trainer's summary brings into status (kwok's pods leave none), written as the operator would."""
+    status: dict[str, Any] = {"artifacts": artifacts}
+    if gate_passed is not None:
+        status["evaluation"] = {"metric": "accuracy", "gate": {"metric": "accuracy", "passed": gate_passed}}
+    jobs.custom.patch_namespaced_custom_object_status(GROUP, VERSION, jobs.namespace, PLURAL, name, {"status": status})
+
+
+def test_a_succeeded_job_gets_its_endpoint_owned_by_it_and_a_deleted_one_comes_back(
+    jobs: Jobs, operator: Operator
+) -> None:
+    serving = {"runtime": "llamaCpp", "image": "registry.kubetune.test/kubetune/no-such-server:1"}
+    output = {"uri": "s3://out/served", "gguf": {"quantization": "q8_0"}}
+    created = jobs.create(finetunejob("served", ON_KWOK, output=output, serving=serving))
+    jobs.wait_phase("served", "Succeeded", operator=operator)
+    # kwok's trainer pod published nothing: no endpoint, and status.serving says why.
+    wait_for(lambda: "published no GGUF file" in serving_of(jobs, "served").get("message", ""), 30, "the reason")
+    assert jobs.child("deployment", "served-serve") is None
+
+    add_artifacts(
+        jobs, "served", {"adapter": "s3://out/served/adapter", "gguf": "s3://out/served/gguf/model-q8_0.gguf"}
+    )
+    wait_for(lambda: jobs.child("deployment", "served-serve") is not None, 30, "the endpoint's Deployment")
+    deployment = jobs.child("deployment", "served-serve")
+    service = jobs.child("service", "served-serve")
+    assert deployment is not None and service is not None
+    for child in (deployment, service):
+        owners = [(o["kind"], o["name"], o["uid"]) for o in child["metadata"]["ownerReferences"]]
+        assert owners == [("FineTuneJob", "served", created["metadata"]["uid"])]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["command"][-2:] == ["s3://out/served/gguf/model-q8_0.gguf", "/models/model.gguf"]
+    assert pod["containers"][0]["image"] == serving["image"]
+    wait_for(
+        lambda: serving_of(jobs, "served").get("url") == f"http://served-serve.{jobs.namespace}.svc:8080/v1",
+        30,
+        "status.serving.url",
+    )
+    assert serving_of(jobs, "served")["model"] == "served"
+    # The operator watches its Deployments: one deleted by hand is created again.
+    jobs.kube.kubectl("delete", "deployment", "served-serve", "-n", jobs.namespace, "--wait=false", check=True)
+
+    def recreated() -> bool:
+        again = jobs.child("deployment", "served-serve")
+        return again is not None and again["metadata"]["uid"] != deployment["metadata"]["uid"]
+
+    wait_for(recreated, 60, "the deleted Deployment to be created again")
+    assert "cannot create the endpoint" not in operator.log()
+
+
+def test_a_job_whose_gate_failed_gets_no_endpoint_unless_asked(jobs: Jobs, operator: Operator) -> None:
+    output = {"uri": "s3://out/gated", "gguf": {"quantization": "q8_0"}}
+    for name, serving in (
+        ("gated", {"runtime": "llamaCpp"}),
+        ("gated-anyway", {"runtime": "llamaCpp", "whenGateFails": True}),
+    ):
+        jobs.create(finetunejob(name, ON_KWOK, output={**output, "uri": f"s3://out/{name}"}, serving=serving))
+    for name in ("gated", "gated-anyway"):
+        jobs.wait_phase(name, "Succeeded", operator=operator)
+        add_artifacts(jobs, name, {"gguf": f"s3://out/{name}/gguf/model-q8_0.gguf"}, gate_passed=False)
+    wait_for(lambda: jobs.child("deployment", "gated-anyway-serve") is not None, 30, "the asked-for endpoint")
+    wait_for(lambda: "gate failed" in serving_of(jobs, "gated").get("message", ""), 30, "the reason in status")
+    assert jobs.child("deployment", "gated-serve") is None
+    assert jobs.child("service", "gated-serve") is None

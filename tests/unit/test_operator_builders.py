@@ -468,6 +468,8 @@ def rules_by_resource() -> dict[tuple[str, str], set[str]]:
         ("", "pods", {"list", "watch"}),
         ("", "serviceaccounts", {"list", "watch", "create"}),
         ("rbac.authorization.k8s.io", "rolebindings", {"list", "watch", "create"}),
+        ("apps", "deployments", {"get", "list", "watch", "create"}),
+        ("", "services", {"get", "create"}),
         ("", "events", {"create"}),
         ("kopf.dev", "clusterkopfpeerings", {"get", "list", "watch", "patch", "create"}),
         ("kopf.dev", "kopfpeerings", {"get", "list", "watch", "patch", "create"}),
@@ -479,7 +481,7 @@ def test_operator_rbac_grants_exactly(group: str, resource: str, verbs: set[str]
 
 def test_operator_rbac_has_no_secrets_deletes_or_wildcards() -> None:
     table = rules_by_resource()
-    assert len(table) == 10
+    assert len(table) == 12
     assert not any(resource == "secrets" for _, resource in table)
     assert not any({"delete", "deletecollection", "*", "escalate", "bind"} & verbs for verbs in table.values())
     assert not any("*" in (group, resource) for group, resource in table)

@@ -47,6 +47,8 @@ def test_values_are_read_from_the_environment() -> None:
     settings = OperatorSettings.from_env(
         {
             "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer:2",
+            "KUBETUNE_LLAMA_CPP_IMAGE": "registry.local/llama-server:2",
+            "KUBETUNE_VLLM_IMAGE": "registry.local/vllm:0.11",
             "KUBETUNE_NAMESPACES": " team-a, team-b ,",
             "KUBETUNE_METRICS_PORT": "9000",
             "KUBETUNE_HEALTH_PORT": "0",
@@ -64,6 +66,10 @@ def test_values_are_read_from_the_environment() -> None:
         }
     )
     assert settings.trainer_image == "registry.local/trainer:2"
+    assert (settings.llama_cpp_image, settings.vllm_image) == (
+        "registry.local/llama-server:2",
+        "registry.local/vllm:0.11",
+    )
     assert settings.namespaces == ("team-a", "team-b")
     assert not settings.clusterwide
     assert settings.metrics_port == 9000

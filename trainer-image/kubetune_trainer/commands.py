@@ -93,3 +93,19 @@ def check_endpoint_command(
         sys.exit(1)
     for line in check.lines():
         click.echo(line)
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("target", type=click.Path(path_type=Path))
+def fetch(source: str, target: Path) -> None:
+    """Copy SOURCE (an S3 URI or path: one object, or every object under a prefix) to TARGET, e.g. an endpoint's
+    GGUF file or adapter folder into its server's volume; exits 1 naming what is missing."""
+    from kubetune_trainer import storage
+
+    try:
+        files = storage.download(source, target)
+    except storage.StorageError as error:
+        click.echo(f"fetch failed: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"fetched {len(files)} file(s) from {source} to {target}")

@@ -416,6 +416,37 @@ def download_dir(uri: str, local_dir: str | Path) -> dict[str, str]:
     return hashes
 
 
+def download(uri: str, target: str | Path) -> dict[str, str]:
+    """One object to the file `target`, or every object under a prefix into the directory `target`; returns
+    {path under target ('' for a single file): sha256}."""
+    check_uri(uri)
+    single = Path(uri).is_file() if not is_s3(uri) else not parse_s3_uri(uri).key.endswith("/") and _is_object(uri)
+    if not single:
+        return download_dir(uri, target)
+    try:
+        digest = write_file_atomically(Path(target), _source_chunks(uri))
+    except OSError as error:
+        raise _local_error(str(target), error) from error
+    log.info("downloaded %s to %s", uri, target)
+    return {"": digest}
+
+
+def _is_object(uri: str) -> bool:
+    """Whether an S3 URI names one object (rather than a prefix or nothing)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = parse_s3_uri(uri)
+    try:
+        s3_client().head_object(Bucket=location.bucket, Key=location.key)
+        return True
+    except ClientError as error:
+        if str(error.response.get("Error", {}).get("Code")) in _NO_SUCH_KEY_CODES:
+            return False
+        raise storage_error_from(uri, error) from error
+    except BotoCoreError as error:
+        raise storage_error_from(uri, error) from error
+
+
 def _relative_to_prefix(uri: str, source: str) -> str:
     if is_s3(uri):
         prefix = _as_prefix(parse_s3_uri(uri).key)

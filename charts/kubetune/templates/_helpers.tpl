@@ -124,6 +124,14 @@ go by owner-reference garbage collection).
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
   verbs: ["list", "watch", "create"]
+# spec.serving's endpoint, once the job succeeded: its Deployment (read back when it exists, watched for its ready
+# replicas and its deletion) and Service.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create"]
 # Events on FineTuneJobs for every phase transition, and kopf's own handler reports.
 - apiGroups: [""]
   resources: ["events"]
