@@ -62,7 +62,7 @@ testbed: venv testbed-packages ## Build/locate the test bed: control plane, kube
 ##@ Development
 
 .PHONY: images
-images: venv testbed-packages ## Build the operator and trainer images from their Dockerfiles (buildah, on a Debian base made here)
+images: venv testbed-packages ## Build the operator, trainer and llama.cpp server images from their Dockerfiles (buildah, on a Debian base made here)
 	PYTHONPATH=$(CURDIR) $(PY) -m tests.testbed.images
 
 .PHONY: crds

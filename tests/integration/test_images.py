@@ -8,7 +8,7 @@ import tomllib
 import pytest
 from packaging.utils import canonicalize_name
 
-from tests.testbed.images import OPERATOR, TRAINER, image_config, image_exists, run_in_image
+from tests.testbed.images import LLAMA_SERVER, OPERATOR, TRAINER, image_config, image_exists, run_in_image
 from tests.testbed.processes import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ LIST_DISTRIBUTIONS = (
 
 @pytest.fixture(scope="module", autouse=True)
 def built_images() -> None:
-    missing = [recipe.tag for recipe in (OPERATOR, TRAINER) if not image_exists(recipe.tag)]
+    missing = [recipe.tag for recipe in (OPERATOR, TRAINER, LLAMA_SERVER) if not image_exists(recipe.tag)]
     assert not missing, f"{missing} not built: run `make images`"
 
 
@@ -48,7 +48,9 @@ def python_in(image: str, code: str) -> str:
     return result.stdout.strip()
 
 
-@pytest.mark.parametrize("tag", [OPERATOR.tag, TRAINER.tag], ids=["operator", "trainer"])
+@pytest.mark.parametrize(
+    "tag", [OPERATOR.tag, TRAINER.tag, LLAMA_SERVER.tag], ids=["operator", "trainer", "llama-server"]
+)
 def test_the_image_runs_as_uid_1000_not_root(tag: str) -> None:
     assert image_config(tag)["User"].split(":")[0] == "1000"
     assert python_in(tag, "import os; print(os.getuid(), os.getgid())") == "1000 1000"
@@ -136,3 +138,12 @@ def test_the_trainer_stack_writes_nothing_outside_tmp_on_a_read_only_root() -> N
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["/tmp/matplotlib", "/tmp/matplotlib"]
     assert "Read-only file system" not in result.stderr
+
+
+def test_the_llama_server_image_loads_llama_cpp_and_serves_from_its_entrypoint() -> None:
+    # The compiled library loads on the image's own libc (built there, not taken from a host's cache).
+    assert python_in(LLAMA_SERVER.tag, "import llama_cpp; print(llama_cpp.__version__)") == "0.3.36"
+    assert image_config(LLAMA_SERVER.tag)["Entrypoint"] == ["python", "-m", "llama_cpp.server"]
+    result = run_in_image(LLAMA_SERVER.tag, ["--help"])
+    assert result.returncode == 0, result.stderr
+    assert "--model_alias" in result.stdout and "--n_ctx" in result.stdout

@@ -37,7 +37,7 @@ def start_node_parts(kube: ControlPlane) -> NodeParts:
     try:
         images = publish_images(registry)
         node.start()
-        node.keep_only_images([images.operator, images.trainer])
+        node.keep_only_images([images.operator, images.trainer, images.llama_server])
     except BaseException:
         node.stop()
         registry.stop()
@@ -55,10 +55,15 @@ def product_values(s3: S3Server, images: ProductImages, progress_interval: float
     digest), with moto as S3."""
     operator_repository, operator_digest = images.repository_and_digest(images.operator)
     trainer_repository, trainer_digest = images.repository_and_digest(images.trainer)
+    server_repository, server_digest = images.repository_and_digest(images.llama_server)
     return {
         "image": {"repository": operator_repository, "digest": operator_digest},
         "nodeSelector": ON_REAL_NODE,
         "s3": {"endpoint": s3.endpoint, "region": REGION, "credentialsSecret": "kubetune-s3"},
+        "serving": {
+            "llamaCpp": {"image": {"repository": server_repository, "digest": server_digest}},
+            "vllm": {"image": {"repository": "docker.io/vllm/vllm-openai", "tag": "v0.11.0"}},
+        },
         "trainer": {
             "image": {"repository": trainer_repository, "digest": trainer_digest},
             "gpuNodeSelector": ON_REAL_NODE,

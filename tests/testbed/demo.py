@@ -190,6 +190,36 @@ def print_look_around(plane: ControlPlane, s3: S3Server, prometheus: PrometheusS
     print(f"  logs: {plane.log_dir}  (pods: kubectl logs, or {plane.log_dir / 'pods'})")
 
 
+def ask_line(address: str, model: str, labels: list[str], text: str) -> str:
+    """A curl command asking the served model to classify `text` the way it was tuned to."""
+    from kubetune_trainer.formats import classification_instruction
+
+    body = {"model": model, "messages": [{"role": "user", "content": classification_instruction(labels, text)}]}
+    return (
+        f"curl -s http://{address}:8080/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body).replace(chr(39), '')}' | python3 -m json.tool"
+    )
+
+
+def print_endpoint(plane: ControlPlane, s3: S3Server, name: str, timeout: float = 300) -> None:
+    """Wait for the tuned model's endpoint (spec.serving) and print a command that asks it a question."""
+    serving = job_status(plane, name).get("serving") or {}
+    if not serving.get("url"):
+        say(f"No endpoint: {serving.get('message') or 'the job asks for none'}")
+        return
+    say(f"Serving the tuned model at {serving['url']} (llama.cpp on the GGUF export)")
+    try:
+        wait_for(lambda: (job_status(plane, name).get("serving") or {}).get("readyReplicas", 0) >= 1, timeout, "it")
+    except TimeoutError:
+        print(f"  not ready after {timeout:.0f}s: kubectl get pods -n {JOB_NAMESPACE} -l kubetune.io/served-job={name}")
+        return
+    service = json.loads(plane.kubectl("get", "service", f"{name}-serve", "-n", JOB_NAMESPACE, "-o", "json").stdout)
+    row = json.loads(shared_sample("ag_news").read_text().splitlines()[0])
+    labels = sorted({json.loads(line)["label"] for line in shared_sample("ag_news").read_text().splitlines()})
+    say("Ask the tuned model through its endpoint (paste this; from a pod use the URL above)")
+    print(f"  {ask_line(service['spec']['clusterIP'], serving['model'], labels, row['text'])}")
+
+
 def up(timeout: float) -> int:
     started = time.monotonic()
     work = state_dir()
@@ -226,6 +256,7 @@ def up(timeout: float) -> int:
         return 1
     print_results(s3, status)
     print_look_around(plane, s3, prometheus, name)
+    print_endpoint(plane, s3, name)
     say(f"Demo finished in {time.monotonic() - started:.0f}s with phase {status.get('phase')}")
     return 0 if status.get("phase") == "Succeeded" else 1
 

@@ -45,7 +45,10 @@ class ImageRecipe:
 
 OPERATOR = ImageRecipe("operator", REPO_ROOT / "operator" / "Dockerfile", "localhost/kubetune/operator:dev")
 TRAINER = ImageRecipe("trainer", REPO_ROOT / "trainer-image" / "Dockerfile", "localhost/kubetune/trainer:dev")
-RECIPES = {recipe.name: recipe for recipe in (OPERATOR, TRAINER)}
+LLAMA_SERVER = ImageRecipe(
+    "llama-server", REPO_ROOT / "llama-server-image" / "Dockerfile", "localhost/kubetune/llama-server:dev"
+)
+RECIPES = {recipe.name: recipe for recipe in (OPERATOR, TRAINER, LLAMA_SERVER)}
 
 
 class ImageBuildError(RuntimeError):
@@ -199,6 +202,7 @@ class ProductImages:
 
     operator: str
     trainer: str
+    llama_server: str
 
     @staticmethod
     def repository_and_digest(reference: str) -> tuple[str, str]:
@@ -215,7 +219,7 @@ def publish_images(registry: LocalRegistry) -> ProductImages:
         name: registry.push(f"containers-storage:{recipe.tag}", recipe.tag.removeprefix("localhost/"))
         for name, recipe in RECIPES.items()
     }
-    return ProductImages(operator=pushed["operator"], trainer=pushed["trainer"])
+    return ProductImages(operator=pushed["operator"], trainer=pushed["trainer"], llama_server=pushed["llama-server"])
 
 
 def say(text: str) -> None:

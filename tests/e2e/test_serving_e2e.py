@@ -1,0 +1,116 @@
+"""From adapter to endpoint on the real node: SmolLM2 tuned by the trainer pod, exported as GGUF, served by the
+operator's llama.cpp Deployment behind its Service, checked against the in-process evaluation, removed with the job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api import FineTuneJob
+from tests.e2e.conftest import JOBS_NAMESPACE, Product
+from tests.testbed.processes import wait_for
+from tests.testbed.shared_data import shared_sample
+
+pytestmark = pytest.mark.e2e
+
+NAME = "served"
+ROWS = 24
+
+
+def upload_smollm2(product: Product, model_dir: Path) -> str:
+    client = product.s3.client()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            client.upload_file(str(path), product.bucket, f"models/smollm2/{path.name}")
+    return f"s3://{product.bucket}/models/smollm2/"
+
+
+def upload_news(product: Product, rows: int) -> str:
+    lines = shared_sample("ag_news").read_text().splitlines()[:rows]
+    body = "".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in map(json.loads, lines))
+    product.s3.client().put_object(Bucket=product.bucket, Key="data/news-served.jsonl", Body=body.encode())
+    return f"s3://{product.bucket}/data/news-served.jsonl"
+
+
+def served_job(model: str, train: str, output: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": NAME},
+        "spec": {
+            "model": {"uri": model},
+            "dataset": {"train": train, "format": "classification", "maxLength": 256, "validationSplit": 0.1},
+            "method": "lora",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "training": {
+                "maxSteps": 24,
+                "batchSize": 4,
+                "learningRate": 5e-4,
+                "scheduler": "constant_with_warmup",
+                "warmupSteps": 3,
+                "checkpointEvery": 24,
+                "loggingSteps": 4,
+            },
+            "evaluation": {"baselines": [], "metrics": ["accuracy"], "maxSamples": ROWS, "maxNewTokens": 6},
+            "output": {"uri": output, "gguf": {"quantization": "q8_0"}},
+            "serving": {"runtime": "llamaCpp"},
+            "s3": {"credentialsSecretRef": "kubetune-s3"},
+        },
+    }
+
+
+def kubectl_json(product: Product, *args: str) -> dict[str, Any] | None:
+    result = product.kube.kubectl(*args, "-n", JOBS_NAMESPACE, "-o", "json")
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+@pytest.mark.timeout(2400)
+def test_the_served_gguf_answers_through_its_service_as_evaluated_and_goes_with_the_job(
+    product: Product, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune_trainer.endpoint_check import check_endpoint
+
+    output = f"s3://{product.bucket}/runs/{NAME}"
+    manifest = served_job(upload_smollm2(product, smollm2_dir), upload_news(product, 240), output)
+    product.apply(manifest)
+    done = product.wait_for_phase(NAME, {"Succeeded", "Failed"}, timeout=1500)
+    assert done["status"]["phase"] == "Succeeded", done["status"].get("message")
+    assert done["status"]["artifacts"]["gguf"] == f"{output}/gguf/model-q8_0.gguf"
+
+    def ready() -> bool:
+        serving = (product.get(NAME).get("status") or {}).get("serving") or {}
+        return serving.get("readyReplicas") == 1
+
+    wait_for(ready, 600, "the endpoint's server to be ready")
+    serving = product.get(NAME)["status"]["serving"]
+    assert serving["url"] == f"http://{NAME}-serve.{JOBS_NAMESPACE}.svc:8080/v1"
+    assert serving["model"] == NAME
+    service = kubectl_json(product, "get", "service", f"{NAME}-serve")
+    assert service is not None
+    # From this machine the Service answers at its cluster IP (kube-proxy's rules), as it does inside the cluster.
+    base_url = f"http://{service['spec']['clusterIP']}:8080/v1"
+
+    for key, value in product.s3.env.items():
+        monkeypatch.setenv(key, value)
+    job = FineTuneJob.model_validate(manifest | {"metadata": {"name": NAME, "namespace": JOBS_NAMESPACE}})
+    check = check_endpoint(job, base_url, NAME)
+
+    tuned = done["status"]["metrics"]["eval.tuned.accuracy"]
+    assert tuned >= 0.5, "24 steps teach SmolLM2 the four labels (chance is 0.25)"
+    assert check.rows == ROWS and check.cost.failed == 0
+    assert check.agreement >= 0.8, check.to_json()
+    assert abs(check.scores["accuracy"] - tuned) <= 0.15, check.to_json()
+    assert json.loads(product.s3_object(f"{output}/eval/endpoint.json"))["agreement"] == check.agreement
+
+    product.kube.kubectl("delete", "finetunejob", NAME, "-n", JOBS_NAMESPACE, check=True)
+    wait_for(
+        lambda: (
+            kubectl_json(product, "get", "deployment", f"{NAME}-serve") is None
+            and kubectl_json(product, "get", "service", f"{NAME}-serve") is None
+        ),
+        120,
+        "the endpoint to go with its job",
+    )
