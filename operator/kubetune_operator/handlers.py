@@ -917,8 +917,8 @@ async def ensure_serving(context: OperatorContext, raw: dict[str, Any], logger: 
     A failure is logged and counted; the next event of the job (its status write, a Deployment event) tries again.
     """
     uid = raw["metadata"]["uid"]
-    if context.serving_ensured(uid):
-        return
+    if context.serving_ensured(uid) or raw["metadata"].get("deletionTimestamp"):
+        return  # a job being deleted takes its endpoint with it: nothing is created for it any more
     try:
         job = FineTuneJob.model_validate(raw)
     except ValidationError:

@@ -1,9 +1,12 @@
-"""From adapter to endpoint on the real node: SmolLM2 tuned by the trainer pod, exported as GGUF, served by the
-operator's llama.cpp Deployment behind its Service, checked against the in-process evaluation, removed with the job."""
+"""From adapter to endpoint on the real node: SmolLM2 tuned by the trainer pod, exported as GGUF and its adapter pushed
+to a password-protected registry, served by the operator's llama.cpp Deployment behind its Service, checked against
+the in-process evaluation, removed with the job."""
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +14,39 @@ import pytest
 
 from kubetune.api import FineTuneJob
 from tests.e2e.conftest import JOBS_NAMESPACE, Product
+from tests.testbed.hostnet import ensure_host_address
 from tests.testbed.processes import wait_for
+from tests.testbed.registry import LocalRegistry, htpasswd_line
 from tests.testbed.shared_data import shared_sample
 
 pytestmark = pytest.mark.e2e
 
 NAME = "served"
 ROWS = 24
+PUSHER, PASSWORD = "adapter-pusher", "pw-e2e-never-logged"
+PUSH_SECRET = "registry-push"
+
+
+@pytest.fixture
+def password_registry(product: Product, tmp_path: Path) -> Iterator[LocalRegistry]:
+    """A registry behind a password on the host address (trainer pods reach it there, like S3), and the
+    dockerconfigjson Secret `kubectl create secret docker-registry` makes for it."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(htpasswd_line(PUSHER, PASSWORD))
+    registry = LocalRegistry(
+        log_dir=tmp_path / "registry-logs",
+        storage_dir=tmp_path / "registry",
+        address=ensure_host_address(),
+        htpasswd=htpasswd,
+    ).start()
+    product.kube.kubectl(
+        "create", "secret", "docker-registry", PUSH_SECRET, "-n", JOBS_NAMESPACE,
+        f"--docker-server={registry.endpoint}", f"--docker-username={PUSHER}", f"--docker-password={PASSWORD}",
+        check=True,
+    )  # fmt: skip
+    yield registry
+    product.kube.kubectl("delete", "secret", PUSH_SECRET, "-n", JOBS_NAMESPACE)
+    registry.stop()
 
 
 def upload_smollm2(product: Product, model_dir: Path) -> str:
@@ -35,7 +64,7 @@ def upload_news(product: Product, rows: int) -> str:
     return f"s3://{product.bucket}/data/news-served.jsonl"
 
 
-def served_job(model: str, train: str, output: str) -> dict[str, Any]:
+def served_job(model: str, train: str, output: str, registry: str) -> dict[str, Any]:
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -55,7 +84,15 @@ def served_job(model: str, train: str, output: str) -> dict[str, Any]:
                 "loggingSteps": 4,
             },
             "evaluation": {"baselines": [], "metrics": ["accuracy"], "maxSamples": ROWS, "maxNewTokens": 6},
-            "output": {"uri": output, "gguf": {"quantization": "q8_0"}},
+            "output": {
+                "uri": output,
+                "gguf": {"quantization": "q8_0"},
+                "registry": {
+                    "repository": f"{registry}/team/adapters",
+                    "credentialsSecretRef": PUSH_SECRET,
+                    "insecure": True,
+                },
+            },
             "serving": {"runtime": "llamaCpp"},
             "s3": {"credentialsSecretRef": "kubetune-s3"},
         },
@@ -69,16 +106,25 @@ def kubectl_json(product: Product, *args: str) -> dict[str, Any] | None:
 
 @pytest.mark.timeout(2400)
 def test_the_served_gguf_answers_through_its_service_as_evaluated_and_goes_with_the_job(
-    product: Product, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+    product: Product, smollm2_dir: Path, password_registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kubetune_trainer.endpoint_check import check_endpoint
 
     output = f"s3://{product.bucket}/runs/{NAME}"
-    manifest = served_job(upload_smollm2(product, smollm2_dir), upload_news(product, 240), output)
+    manifest = served_job(
+        upload_smollm2(product, smollm2_dir), upload_news(product, 240), output, password_registry.endpoint
+    )
     product.apply(manifest)
     done = product.wait_for_phase(NAME, {"Succeeded", "Failed"}, timeout=1500)
     assert done["status"]["phase"] == "Succeeded", done["status"].get("message")
-    assert done["status"]["artifacts"]["gguf"] == f"{output}/gguf/model-q8_0.gguf"
+    artifacts = done["status"]["artifacts"]
+    assert artifacts["gguf"] == f"{output}/gguf/model-q8_0.gguf"
+    # The trainer pod pushed the adapter with the mounted Secret; the registry serves that very manifest.
+    repository, _, digest = artifacts["adapterImage"].partition("@")
+    assert repository == f"{password_registry.endpoint}/team/adapters:{NAME}"
+    auth = base64.b64encode(f"{PUSHER}:{PASSWORD}".encode()).decode()
+    assert password_registry.has_manifest("team/adapters", digest, headers={"Authorization": f"Basic {auth}"})
+    assert PASSWORD not in json.dumps(done)
 
     def ready() -> bool:
         serving = (product.get(NAME).get("status") or {}).get("serving") or {}

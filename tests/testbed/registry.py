@@ -213,9 +213,9 @@ class LocalRegistry:
         """Push an OCI image layout written by `write_oci_layout`; see `push`."""
         return self.push(f"oci:{layout}:{tag}", name)
 
-    def has_manifest(self, repository: str, reference: str) -> bool:
-        """Whether the registry serves repository:reference (a tag or a digest)."""
-        accept = {"Accept": OCI_MANIFEST + ", application/vnd.docker.distribution.manifest.v2+json"}
+    def has_manifest(self, repository: str, reference: str, headers: dict[str, str] | None = None) -> bool:
+        """Whether the registry serves repository:reference (a tag or a digest); `headers` for one behind a password."""
+        accept = {"Accept": OCI_MANIFEST + ", application/vnd.docker.distribution.manifest.v2+json", **(headers or {})}
         return http_ok(f"http://{self.endpoint}/v2/{repository}/manifests/{reference}", headers=accept)
 
 
