@@ -18,6 +18,7 @@ from tests.testbed.hostnet import ensure_host_address
 from tests.testbed.processes import wait_for
 from tests.testbed.registry import LocalRegistry, htpasswd_line
 from tests.testbed.shared_data import shared_sample
+from tests.testbed.smollm2 import LEARNS_LABELS_LORA, LEARNS_LABELS_TRAINING
 
 pytestmark = pytest.mark.e2e
 
@@ -73,16 +74,8 @@ def served_job(model: str, train: str, output: str, registry: str) -> dict[str, 
             "model": {"uri": model},
             "dataset": {"train": train, "format": "classification", "maxLength": 256, "validationSplit": 0.1},
             "method": "lora",
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-            "training": {
-                "maxSteps": 24,
-                "batchSize": 4,
-                "learningRate": 5e-4,
-                "scheduler": "constant_with_warmup",
-                "warmupSteps": 3,
-                "checkpointEvery": 24,
-                "loggingSteps": 4,
-            },
+            "lora": LEARNS_LABELS_LORA,
+            "training": LEARNS_LABELS_TRAINING,
             "evaluation": {"baselines": [], "metrics": ["accuracy"], "maxSamples": ROWS, "maxNewTokens": 6},
             "output": {
                 "uri": output,

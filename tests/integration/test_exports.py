@@ -27,6 +27,7 @@ from kubetune.contract import ENV_REGISTRY_CONFIG
 from tests.testbed.llama_server import LlamaServer
 from tests.testbed.registry import LocalRegistry, htpasswd_line
 from tests.testbed.shared_data import shared_sample
+from tests.testbed.smollm2 import LEARNS_LABELS_LORA, LEARNS_LABELS_TRAINING
 
 USER = "adapter-pusher"
 PASSWORD = "pw-never-logged-7d1c"
@@ -73,16 +74,8 @@ def export_job(model: Path, train: Path, output: Path, registry: LocalRegistry, 
                 "model": {"uri": str(model)},
                 "dataset": {"train": str(train), "format": "classification", "maxLength": 256, "validationSplit": 0.1},
                 "method": "lora",
-                "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-                "training": {
-                    "maxSteps": steps,
-                    "batchSize": 4,
-                    "learningRate": 5e-4,
-                    "scheduler": "constant_with_warmup",
-                    "warmupSteps": 3,
-                    "checkpointEvery": max(steps, 1),
-                    "loggingSteps": 4,
-                },
+                "lora": LEARNS_LABELS_LORA,
+                "training": {**LEARNS_LABELS_TRAINING, "maxSteps": steps, "checkpointEvery": max(steps, 1)},
                 "evaluation": {
                     "baselines": [],
                     "metrics": ["accuracy"],

@@ -29,6 +29,7 @@ from kubetune.crd import CRD_NAME
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.s3 import S3Server
 from tests.testbed.shared_data import shared_sample
+from tests.testbed.smollm2 import LEARNS_LABELS_LORA, LEARNS_LABELS_TRAINING
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 from tests.testbed.trainer_credentials import trainer_kubeconfig
 
@@ -572,16 +573,8 @@ def test_smollm2_learns_ag_news_labels_the_loss_falls(smollm2_dir: Path, tmp_pat
     train.write_text("".join(json.dumps({"text": row["text"], "label": row["label"]}) + "\n" for row in rows))
     output = tmp_path / "out"
     manifest = job_manifest("smollm2", None, str(smollm2_dir), str(train), str(output))
-    manifest["spec"]["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0}
-    manifest["spec"]["training"] = {
-        "maxSteps": 24,
-        "batchSize": 4,
-        "learningRate": 5e-4,
-        "scheduler": "constant_with_warmup",
-        "warmupSteps": 3,
-        "checkpointEvery": 24,
-        "loggingSteps": 4,
-    }
+    manifest["spec"]["lora"] = LEARNS_LABELS_LORA
+    manifest["spec"]["training"] = LEARNS_LABELS_TRAINING
     manifest["spec"]["evaluation"] = {"enabled": False}
     job = FineTuneJob.model_validate(manifest)
 

@@ -12,6 +12,18 @@ from tests.testbed.processes import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The shortest recipe that teaches SmolLM2 AG News's four labels on the CPU (its loss falls by over 40%, and the
+# tuned model answers most held-out rows right): the tests that need a model that really learned share it.
+LEARNS_LABELS_LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+LEARNS_LABELS_TRAINING = {
+    "maxSteps": 24,
+    "batchSize": 4,
+    "learningRate": 5e-4,
+    "scheduler": "constant_with_warmup",
+    "warmupSteps": 3,
+    "checkpointEvery": 24,
+    "loggingSteps": 4,
+}
 
 
 def gguf_path() -> Path:
