@@ -258,6 +258,45 @@ def assert_merged_model_matches_adapter(base_dir: Path, result: TrainResult) -> 
     assert not torch.allclose(plain_logits, adapted_logits, atol=0.05)
 
 
+def test_a_qlora_adapter_is_merged_into_the_weights_it_was_trained_against(
+    tiny_model: Path, train_file: Path, bucket: str, tmp_path: Path
+) -> None:
+    import torch
+    from kubetune_trainer.modeling import build_bnb_config
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    output = {"uri": f"s3://{bucket}/qlora", "mergeAdapter": True}
+    spec = job_spec(tiny_model, train_file, "unused", method="qlora", output=output)
+    quantization = spec.resolved_quantization()
+    assert spec.method == "qlora" and quantization is not None
+
+    result = train(spec, prepared(spec), tiny_model, tmp_path / "work")
+
+    assert result.merged_dir is not None
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir, dtype=torch.float32)
+    assert getattr(merged.config, "quantization_config", None) is None  # 16-bit weights, loadable anywhere
+    # What the evaluation ran: the 4-bit base with the adapter.
+    trained = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(
+            tiny_model, quantization_config=build_bnb_config(quantization), dtype=torch.float32
+        ),
+        result.adapter_dir,
+    )
+    # The adapter on the original 16-bit checkpoint: what a merge into it would compute.
+    on_original = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), result.adapter_dir
+    )
+    tokens = torch.tensor([[1, 5, 9, 42, 7, 100]])
+    with torch.no_grad():
+        merged_logits, trained_logits = merged(tokens).logits, trained(tokens).logits
+        original_logits = on_original(tokens).logits
+    gap_to_trained = (merged_logits - trained_logits).abs().max().item()
+    gap_to_original = (original_logits - trained_logits).abs().max().item()
+    assert gap_to_trained < 0.1, gap_to_trained
+    assert gap_to_trained < gap_to_original / 2, (gap_to_trained, gap_to_original)
+
+
 def test_sequence_classification_trains_the_head_and_saves_it_with_the_adapter(
     tiny_model: Path, train_file: Path, bucket: str, tmp_path: Path
 ) -> None:

@@ -25,6 +25,8 @@ from tests.testbed.processes import REPO_ROOT, cache_dir
 from tests.testbed.registry import LocalRegistry
 
 LOCAL_BASE = "localhost/kubetune/debian-python:bookworm"
+# The label of a Dockerfile's build stage (llama-server-image/Dockerfile): its cached layers are not pruned.
+BUILD_STAGE_LABEL = "io.kubetune.stage=build"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
@@ -166,8 +168,9 @@ def build_images(names: Sequence[str], log: Path | None = None) -> dict[str, flo
         seconds[recipe.tag] = time.monotonic() - started
         say(f"{recipe.tag}: {image_size_bytes(recipe.tag) / 1e9:.2f} GB in {seconds[recipe.tag]:.0f}s")
     # Earlier builds that no tag reaches any more (gigabytes each for the trainer); the layer cache of the current
-    # ones stays, as their images are parents of the tagged ones.
-    run(["podman", "image", "prune", "--force"])
+    # ones stays, as their images are parents of the tagged ones. A build stage's layers are parents of no tagged
+    # image: its label keeps them, or llama.cpp would be compiled again on every `make images`.
+    run(["podman", "image", "prune", "--force", "--filter", f"label!={BUILD_STAGE_LABEL}"])
     return seconds
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from kubetune.api import FineTuneJobSpec, TrainingSpec
+from kubetune.api import FineTuneJobSpec, QuantizationSpec, TrainingSpec
 from kubetune.conditions import TRAINER_REASON_TRAINING_DIVERGED
 from kubetune.contract import EXIT_CODE_PREEMPTED
 from kubetune_trainer.checkpoints import fetch_latest_checkpoint
 from kubetune_trainer.examples import DataError, Example, PreparedData
 from kubetune_trainer.formats import FORMATS
 from kubetune_trainer.modeling import (
+    CLASSIFIER_HEADS,
     LoadedModel,
     MixedPrecision,
     base_dtype_name,
@@ -333,21 +334,38 @@ def save_outputs(trainer: Any, loaded: LoadedModel, labels: Sequence[str] | None
 
 
 def merge_adapter(
-    model_dir: Path, adapter_dir: Path, merged_dir: Path, loaded: LoadedModel, labels: Sequence[str] | None
+    model_dir: Path,
+    adapter_dir: Path,
+    merged_dir: Path,
+    loaded: LoadedModel,
+    labels: Sequence[str] | None,
+    quantization: QuantizationSpec | None = None,
 ) -> Path:
-    """The base reloaded in 16 bits with the adapter merged in (merge_and_unload), saved as safetensors."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The base in 16 bits with the adapter merged in (merge_and_unload), saved as safetensors.
 
-    dtype = torch_dtype(base_dtype_name("lora", loaded.mixed_precision, None))
-    if loaded.objective == "sequence-classification" and labels:
-        id2label, label2id = label_maps(labels)
-        base = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=dtype, num_labels=len(labels), id2label=id2label, label2id=label2id
-        )
-        base.config.pad_token_id = loaded.tokenizer.pad_token_id
-    else:
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    After qLoRA the base is the 16-bit copy of the 4-bit weights the adapter was trained against (loaded quantized as
+    in training, then dequantized), not the original 16-bit checkpoint: nf4 moves SmolLM2's weights by about a tenth
+    of their norm, and an adapter merged into the original answered the demo's held-out rows like the in-process
+    evaluation on only 86% of them (docs/decisions/0021).
+    """
+    from peft import PeftModel
+
+    from kubetune_trainer.modeling import build_bnb_config, load_base_model
+
+    dtype_name = base_dtype_name("lora", loaded.mixed_precision, None)
+    heads = CLASSIFIER_HEADS if loaded.objective == "sequence-classification" else ()
+    base = load_base_model(
+        model_dir,
+        objective=loaded.objective,
+        labels=labels,
+        dtype_name=dtype_name,
+        quantization=build_bnb_config(quantization, heads) if quantization is not None else None,
+        placement=None,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        source="merge",
+    )
+    if quantization is not None:
+        base = base.dequantize().to(torch_dtype(dtype_name))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(merged_dir)
     loaded.tokenizer.save_pretrained(merged_dir)
@@ -428,7 +446,9 @@ def train(
     # The GGUF export converts the merged model, so it merges even when merged/ itself is not asked for.
     wants_merged = spec.output.merge_adapter or spec.output.gguf is not None
     if wants_merged and spec.method != "full" and trainer.is_world_process_zero():
-        merged_dir = merge_adapter(model_dir, adapter_dir, work_dir / MERGED_SUBDIR, loaded, data.labels)
+        merged_dir = merge_adapter(
+            model_dir, adapter_dir, work_dir / MERGED_SUBDIR, loaded, data.labels, spec.resolved_quantization()
+        )
     return TrainResult(
         steps=state.global_step,
         total_steps=state.max_steps,
