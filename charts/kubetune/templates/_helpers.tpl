@@ -124,11 +124,12 @@ go by owner-reference garbage collection).
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
   verbs: ["list", "watch", "create"]
-# spec.serving's endpoint, once the job succeeded: its Deployment (read back when it exists, watched for its ready
-# replicas and its deletion) and Service.
+# spec.serving's endpoint, once the job succeeded: its Deployment, read back when it exists and watched for its
+# ready replicas and its deletion.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create"]
+# ... and the Service in front of it (read back when it exists).
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create"]
