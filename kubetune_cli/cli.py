@@ -165,11 +165,7 @@ def train(file: Path, output_uri: str | None, verbose: bool) -> None:
     143 when interrupted by SIGTERM (rerunning resumes from the newest checkpoint).
     """
     require_extra(TRAINER_MODULES, TRAINER_EXTRA, "train")
-    try:
-        jobs = load_finetunejobs(file)
-    except ManifestError as error:
-        click.echo(str(error), err=True)
-        sys.exit(2)
+    jobs = load_or_exit(file)
     jobs = [with_output_uri(job, output_uri, per_job=len(jobs) > 1) for job in jobs]
     failed = False
     for job in jobs:
@@ -208,11 +204,7 @@ def check_endpoint(file: Path, base_url: str, model: str, api_key_env: str | Non
 
     from kubetune_trainer.endpoint_check import check_endpoint as run_check
 
-    try:
-        jobs = load_finetunejobs(file)
-    except ManifestError as error:
-        click.echo(str(error), err=True)
-        sys.exit(2)
+    jobs = load_or_exit(file)
     if len(jobs) != 1:
         raise click.ClickException(f"{file}: holds {len(jobs)} FineTuneJobs; the check takes one")
     if api_key_env and api_key_env not in os.environ:
@@ -224,6 +216,15 @@ def check_endpoint(file: Path, base_url: str, model: str, api_key_env: str | Non
         raise click.ClickException(f"endpoint check failed: {error}") from None
     for line in check.lines():
         click.echo(line)
+
+
+def load_or_exit(file: Path) -> list[FineTuneJob]:
+    """The FineTuneJobs of a manifest file; exit 2 with the loader's message (file:line, field) when it is bad."""
+    try:
+        return load_finetunejobs(file)
+    except ManifestError as error:
+        click.echo(str(error), err=True)
+        sys.exit(2)
 
 
 def require_extra(modules: Sequence[str], extra: str, command: str) -> None:

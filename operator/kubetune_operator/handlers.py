@@ -923,11 +923,12 @@ async def ensure_serving(context: OperatorContext, raw: dict[str, Any], logger: 
         job = FineTuneJob.model_validate(raw)
     except ValidationError:
         return
-    serve, _ = serving_decision(job, job.status or FineTuneJobStatus())
+    status = job.status or FineTuneJobStatus()
+    serve, _ = serving_decision(job, status)
     if not serve:
         return
     try:
-        for child in build_serving(job, job.status or FineTuneJobStatus(), context.settings):
+        for child in build_serving(job, status, context.settings):
             kopf.adopt(child, owner=as_kopf_body(raw))
             if await create_child(context, child, uid, logger):
                 logger.info("created %s %s", child["kind"], child["metadata"]["name"])

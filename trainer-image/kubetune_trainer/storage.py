@@ -295,19 +295,10 @@ def exists(uri: str) -> bool:
     check_uri(uri)
     if not is_s3(uri):
         return Path(uri).exists()
-    from botocore.exceptions import BotoCoreError, ClientError
-
     location = parse_s3_uri(uri)
-    if location.key and not location.key.endswith("/"):
-        try:
-            s3_client().head_object(Bucket=location.bucket, Key=location.key)
-            return True
-        except ClientError as error:
-            # HEAD has no body, so a 404 cannot tell a missing key from a missing bucket: the listing below can.
-            if str(error.response.get("Error", {}).get("Code")) not in _NO_SUCH_KEY_CODES:
-                raise storage_error_from(uri, error) from error
-        except BotoCoreError as error:
-            raise storage_error_from(uri, error) from error
+    # HEAD has no body, so a 404 cannot tell a missing key from a missing bucket: the listing below can.
+    if _is_object(uri):
+        return True
     prefix = _as_prefix(location.key)
     response = _s3_call(uri, "list_objects_v2", Bucket=location.bucket, Prefix=prefix, MaxKeys=1)
     return bool(response.get("KeyCount", 0))
@@ -420,7 +411,7 @@ def download(uri: str, target: str | Path) -> dict[str, str]:
     """One object to the file `target`, or every object under a prefix into the directory `target`; returns
     {path under target ('' for a single file): sha256}."""
     check_uri(uri)
-    single = Path(uri).is_file() if not is_s3(uri) else not parse_s3_uri(uri).key.endswith("/") and _is_object(uri)
+    single = _is_object(uri) if is_s3(uri) else Path(uri).is_file()
     if not single:
         return download_dir(uri, target)
     try:
@@ -436,6 +427,8 @@ def _is_object(uri: str) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     location = parse_s3_uri(uri)
+    if not location.key or location.key.endswith("/"):
+        return False
     try:
         s3_client().head_object(Bucket=location.bucket, Key=location.key)
         return True

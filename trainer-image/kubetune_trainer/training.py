@@ -344,9 +344,9 @@ def merge_adapter(
     """The base in 16 bits with the adapter merged in (merge_and_unload), saved as safetensors.
 
     After qLoRA the base is the 16-bit copy of the 4-bit weights the adapter was trained against (loaded quantized as
-    in training, then dequantized), not the original 16-bit checkpoint: nf4 moves SmolLM2's weights by about a tenth
-    of their norm, and an adapter merged into the original answered the demo's held-out rows like the in-process
-    evaluation on only 86% of them (docs/decisions/0021).
+    in training, then dequantized), not the original 16-bit checkpoint: the adapter learned to correct the quantized
+    weights, so merged into the original it answers otherwise than the model the evaluation measured
+    (docs/decisions/0021, bench/results/qlora-merge.md).
     """
     from peft import PeftModel
 
