@@ -570,6 +570,11 @@ class ServingSpec(ApiModel):
     when_gate_fails: bool = Field(
         default=False, description="Serve even when evaluation.gate failed (by default a failed gate starts nothing)."
     )
+    check: bool = Field(
+        default=True,
+        description="Once the endpoint is ready, send it the held-out rows the evaluation scored and score its answers "
+        "the same way (status.serving.check, eval/endpoint.json and the report).",
+    )
 
 
 class Toleration(ApiModel):
@@ -999,6 +1004,42 @@ class TrainerStatus(ApiModel):
     completion_time: str | None = Field(default=None, description="When the trainer Job finished (RFC 3339).")
 
 
+EndpointCheckState = Literal["Running", "Succeeded", "Failed"]
+
+
+class EndpointCheckStatus(ApiModel):
+    """The endpoint check: the served model's answers on the evaluated rows, scored as in-process."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: EndpointCheckState = Field(description="Running, Succeeded or Failed.")
+    job: str | None = Field(default=None, description="The batch/v1 Job running the check.")
+    metric: str | None = Field(default=None, description="The score shown: the headline metric when text-scored.")
+    score: float | None = Field(default=None, description="The endpoint's score on the evaluated rows.")
+    in_process_score: float | None = Field(default=None, description="The same metric of the in-process evaluation.")
+    agreement: float | None = Field(default=None, description="Share of rows both answered alike (0-1).")
+    rows: int | None = Field(default=None, description="Held-out rows sent.")
+    latency_p50_seconds: float | None = Field(default=None, description="Median seconds per request.")
+    prompt_tokens_mean: float | None = Field(default=None, description="Prompt tokens per request, as served.")
+    completion_tokens_mean: float | None = Field(default=None, description="Completion tokens per request.")
+    failed_requests: int | None = Field(default=None, description="Requests the endpoint did not answer.")
+    uri: str | None = Field(default=None, description="eval/endpoint.json: every score and the serving cost.")
+    message: str | None = Field(default=None, description="The check in one line, or why it failed.")
+
+    def to_termination_message(self) -> str:
+        """Compact JSON for the check pod's termination message (a few hundred bytes; the message is cut first)."""
+        short = self.model_copy(update={"message": (self.message or "")[:1024] or None})
+        return short.model_dump_json(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_termination_message(cls, text: str) -> EndpointCheckStatus | None:
+        """The check's result; None when the message is not one (e.g. the log tail of a crash)."""
+        try:
+            return cls.model_validate_json(text)
+        except ValueError:
+            return None
+
+
 class ServingStatus(ApiModel):
     """The endpoint of spec.serving."""
 
@@ -1009,6 +1050,7 @@ class ServingStatus(ApiModel):
     deployment: str | None = Field(default=None, description="The server's Deployment.")
     ready_replicas: int | None = Field(default=None, description="Server pods ready to answer.")
     message: str | None = Field(default=None, description="Why there is no endpoint (e.g. the gate failed).")
+    check: EndpointCheckStatus | None = None
 
 
 class FineTuneJobStatus(ApiModel):

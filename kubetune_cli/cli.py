@@ -315,6 +315,20 @@ def progress_line(status: FineTuneJobStatus) -> str | None:
     return ", ".join(parts)
 
 
+def serving_lines(status: FineTuneJobStatus) -> list[str]:
+    """The endpoint of spec.serving: its URL and ready servers, and the endpoint check; or why there is none."""
+    serving = status.serving
+    if serving is None:
+        return []
+    if not serving.url:
+        return [f"Serving:     {serving.message}"] if serving.message else []
+    lines = [f"Serving:     {serving.url} (model {serving.model}, {serving.ready_replicas or 0} ready)"]
+    check = serving.check
+    if check is not None:
+        lines.append(f"Check:       {check.state}" + (f": {check.message}" if check.message else ""))
+    return lines
+
+
 def describe_status(namespace: str, name: str, status: FineTuneJobStatus) -> list[str]:
     """What `kubetune status` prints: phase, progress, conditions, evaluation, artifacts and usage."""
     lines = [f"FineTuneJob {namespace}/{name}", f"Phase:       {status.phase or 'Pending'}"]
@@ -355,6 +369,7 @@ def describe_status(namespace: str, name: str, status: FineTuneJobStatus) -> lis
     if status.artifacts is not None:
         lines.append("Artifacts:")
         lines.extend(f"  {kind:<12} {uri}" for kind, uri in status.artifacts.to_wire().items())
+    lines.extend(serving_lines(status))
     usage = status.usage
     if usage is not None:
         lines.append(

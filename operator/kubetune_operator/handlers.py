@@ -31,8 +31,18 @@ from kopf._cogs.clients import api as kopf_api
 from kopf._cogs.clients import errors as kopf_errors
 from pydantic import ValidationError
 
-from kubetune.api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, FineTuneJob, FineTuneJobStatus, utc_now
+from kubetune.api import (
+    GROUP,
+    PLURAL,
+    TERMINAL_PHASES,
+    VERSION,
+    EndpointCheckStatus,
+    FineTuneJob,
+    FineTuneJobStatus,
+    utc_now,
+)
 from kubetune_operator.builders import (
+    COMPONENT_TRAINER,
     LABEL_COMPONENT,
     LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
@@ -52,7 +62,19 @@ from kubetune_operator.lifecycle import (
 )
 from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
-from kubetune_operator.serving import COMPONENT_SERVING, LABEL_SERVED_JOB, build_serving, serving_decision
+from kubetune_operator.serving import (
+    COMPONENT_ENDPOINT_CHECK,
+    COMPONENT_SERVING,
+    LABEL_SERVED_JOB,
+    build_check_job,
+    build_serving,
+    check_base_url,
+    check_name,
+    check_result,
+    needs_check,
+    serving_decision,
+    serving_name,
+)
 from kubetune_operator.settings import OperatorSettings, SettingsError
 from kubetune_operator.status_queue import DeferredQueue
 from kubetune_operator.trainer_identity import (
@@ -63,6 +85,10 @@ from kubetune_operator.trainer_identity import (
 
 MEMO_KEY = "kubetune"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
+# Pods of both kinds the operator reads: trainers and endpoint checks (not the endpoint's servers, which it follows
+# through their Deployment).
+POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT} in ({COMPONENT_TRAINER},{COMPONENT_ENDPOINT_CHECK})"
+SERVING_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT}={COMPONENT_SERVING}"
 MERGE_PATCH = "application/merge-patch+json"
 # kopf's executor (the few sync handlers: start-up, clean-up, probes) and the kubernetes client's connection pool, which
 # the status workers and the rare blocking calls moved off the loop (asyncio.to_thread) share; sized together, so a
@@ -666,9 +692,11 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.execution.max_workers = HANDLER_THREADS
     # Exact namespaces or cluster-wide only, resolved once at start: no list/watch on namespaces and CRDs needed.
     kopf_settings.scanning.disabled = True
-    # Server-side filtering: watch only kubetune's trainer Jobs and pods, not every Job and pod in the cluster.
+    # Server-side filtering: watch only kubetune's trainer Jobs, its pods and endpoints, not every Job, pod and
+    # Deployment in the cluster. Each handler's own label filter must fall within its resource's selector.
     kopf_settings.watching.label_selectors["batch/v1", "jobs"] = CHILD_SELECTOR
-    kopf_settings.watching.label_selectors["v1", "pods"] = CHILD_SELECTOR
+    kopf_settings.watching.label_selectors["v1", "pods"] = POD_SELECTOR
+    kopf_settings.watching.label_selectors["apps/v1", "deployments"] = SERVING_SELECTOR
     kopf_settings.watching.label_selectors["v1", "serviceaccounts"] = IDENTITY_SELECTOR
     kopf_settings.watching.label_selectors["rbac.authorization.k8s.io/v1", "rolebindings"] = IDENTITY_SELECTOR
     # Our own Events cover phase transitions; kopf's per-handler INFO chatter would drown them.
@@ -1071,17 +1099,78 @@ async def serving_event(*, type: str, body: kopf.Body, namespace: str | None, me
         await ensure_serving(context, compact(raw), logger)
         return
     ready = int((body.get("status") or {}).get("readyReplicas") or 0)
-    if ((raw.get("status") or {}).get("serving") or {}).get("readyReplicas") == ready:
-        return
+    if ((raw.get("status") or {}).get("serving") or {}).get("readyReplicas") != ready:
+        await patch_serving(context, namespace, job_name, {"readyReplicas": ready})
+    await ensure_check(context, raw, ready, logger)
+
+
+async def patch_serving(context: OperatorContext, namespace: str, job_name: str, serving: dict[str, Any]) -> None:
+    """Merge fields into status.serving (ready replicas, the endpoint check) through the status subresource."""
     response = await api_request(
         context,
         "patch",
         f"{finetunejob_url(namespace, job_name)}/status",
-        {"status": {"serving": {"readyReplicas": ready}}},
+        {"status": {"serving": serving}},
         headers={"Content-Type": MERGE_PATCH},
     )
     async with response:
         await response.read()
+
+
+async def ensure_check(context: OperatorContext, raw: dict[str, Any], ready: int, logger: Any) -> None:
+    """Start the endpoint check once the endpoint answers: status.serving.check Running (which keeps a second one from
+    starting), then its Job, owned by the job. The state goes first so that a result can never arrive before it; if the
+    Job cannot be created, the state is taken back and the next Deployment event tries again."""
+    if raw["metadata"].get("deletionTimestamp"):
+        return
+    try:
+        job = FineTuneJob.model_validate(raw)
+    except ValidationError:
+        return
+    if not needs_check(job, ready):
+        return
+    namespace, name = in_namespace(job.metadata.namespace), job.metadata.name
+    await patch_serving(context, namespace, name, {"check": {"state": "Running", "job": check_name(name)}})
+    try:
+        service = await read_object(context, f"{collection_url('Service', namespace)}/{serving_name(name)}")
+        check_job = build_check_job(job, context.settings, check_base_url(job, service))
+        kopf.adopt(check_job, owner=as_kopf_body(raw))
+        if await create_child(context, check_job, raw["metadata"]["uid"], logger):
+            logger.info("created Job %s: the endpoint check", check_name(name))
+    except Exception as error:
+        context.metrics.record_handler_error("ensure_check")
+        logger.warning("cannot start the endpoint check: %s", describe_error(error))
+        await patch_serving(context, namespace, name, {"check": None})
+
+
+@kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_COMPONENT: COMPONENT_ENDPOINT_CHECK})
+@counted("endpoint_check_event")
+async def endpoint_check_event(*, type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """An endpoint check pod finished (or went): its result goes to status.serving.check, with an Event."""
+    context = operator_context(memo)
+    namespace = in_namespace(namespace)
+    job_name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_SERVED_JOB)
+    if not job_name:
+        return
+    pod = dict(body)
+    result = check_result(pod)
+    if result is None and type == "DELETED":
+        result = EndpointCheckStatus(state="Failed", message="the endpoint check pod was deleted before it finished")
+    if result is None:
+        return
+    raw = await read_object(context, finetunejob_url(namespace, job_name))
+    check = ((raw or {}).get("status") or {}).get("serving", {}).get("check") or {}
+    if raw is None or check.get("state") != "Running":
+        return  # the job is gone, or this result is recorded already
+    result = result.model_copy(update={"job": check.get("job")})
+    await patch_serving(context, namespace, job_name, {"check": result.to_wire()})
+    passed = result.state == "Succeeded"
+    kopf.event(
+        as_kopf_body(raw),
+        type="Normal" if passed else "Warning",
+        reason="EndpointChecked" if passed else "EndpointCheckFailed",
+        message=result.message or result.state,
+    )
 
 
 def is_owner(reference: Mapping[str, Any], raw: Mapping[str, Any]) -> bool:

@@ -15,6 +15,7 @@ from kubetune.api import (
     FineTuneJob,
     FineTuneJobStatus,
     ProgressStatus,
+    ServingStatus,
     TrainerStatus,
 )
 from kubetune.contract import TrainerSummary
@@ -635,9 +636,14 @@ def status_from_observation(
     served = serving_status(job, status)
     if served is None:
         return status
-    # Ready replicas are the Deployment's to report; the rest follows from the spec and the outcome.
-    ready = current.serving.ready_replicas if current.serving else None
-    return status.model_copy(update={"serving": served.model_copy(update={"ready_replicas": ready})})
+    # Ready replicas are the Deployment's to report and the check its pod's; the rest follows from the spec and the
+    # outcome.
+    observed = current.serving or ServingStatus()
+    return status.model_copy(
+        update={
+            "serving": served.model_copy(update={"ready_replicas": observed.ready_replicas, "check": observed.check})
+        }
+    )
 
 
 def spec_evaluates(job: FineTuneJob) -> bool:

@@ -76,6 +76,8 @@ HANDLERS = (
     "reconcile_status",
     "ensure_serving",
     "serving_event",
+    "ensure_check",
+    "endpoint_check_event",
 )
 
 

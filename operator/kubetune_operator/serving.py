@@ -1,10 +1,13 @@
-"""Pure builders of spec.serving's endpoint: the server Deployment and its Service, and when a job may have them."""
+"""Pure builders of spec.serving's endpoint: the server Deployment, its Service, the check Job that scores its answers,
+and when a job may have each."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from kubetune.api import FineTuneJob, FineTuneJobStatus, ServingStatus
+from kubetune import contract
+from kubetune.api import EndpointCheckStatus, FineTuneJob, FineTuneJobStatus, ServingStatus
 from kubetune_operator.builders import (
     APP_NAME,
     GPU_RESOURCE,
@@ -13,13 +16,19 @@ from kubetune_operator.builders import (
     LABEL_NAME,
     MANAGER,
     TRAINER_UID,
+    manifest_text,
     s3_env,
     trainer_image,
 )
 from kubetune_operator.settings import OperatorSettings
 
 COMPONENT_SERVING = "serving"
+COMPONENT_ENDPOINT_CHECK = "endpoint-check"
 SERVING_SUFFIX = "-serve"
+CHECK_SUFFIX = "-check"
+CHECK_CONTAINER = "check"
+# The check asks a few hundred rows at most; past this the endpoint is stuck, and the check says so.
+CHECK_DEADLINE_SECONDS = 1800
 LABEL_SERVED_JOB = "kubetune.io/served-job"
 PORT = 8080
 MODELS_DIR = "/models"
@@ -213,3 +222,97 @@ def build_serving_service(job: FineTuneJob) -> dict[str, Any]:
 def build_serving(job: FineTuneJob, status: FineTuneJobStatus, settings: OperatorSettings) -> list[dict[str, Any]]:
     """The endpoint's objects, in creation order."""
     return [build_serving_deployment(job, status, settings), build_serving_service(job)]
+
+
+def check_name(job_name: str) -> str:
+    """The endpoint check's Job: <job>-check (its pods' names stay within 63 characters)."""
+    return f"{job_name}{CHECK_SUFFIX}"
+
+
+def check_labels(job_name: str) -> dict[str, str]:
+    """The check Job's and pods' labels: the served job's, under a component of their own."""
+    return {**serving_labels(job_name), LABEL_COMPONENT: COMPONENT_ENDPOINT_CHECK}
+
+
+def needs_check(job: FineTuneJob, ready_replicas: int) -> bool:
+    """Whether the endpoint is ready to be checked and no check was started yet (spec.serving.check, the default)."""
+    serving = job.spec.serving
+    status = job.status or FineTuneJobStatus()
+    started = status.serving is not None and status.serving.check is not None
+    return serving is not None and serving.check and ready_replicas > 0 and not started
+
+
+def check_base_url(job: FineTuneJob, service: Mapping[str, Any] | None) -> str:
+    """Where the check asks: the Service's cluster IP, which needs no cluster DNS (not every cluster runs one), else
+    its DNS name."""
+    cluster_ip = ((service or {}).get("spec") or {}).get("clusterIP")
+    if cluster_ip and cluster_ip != "None":
+        host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
+        return f"http://{host}:{PORT}/v1"
+    return serving_url(job)
+
+
+def build_check_job(job: FineTuneJob, settings: OperatorSettings, base_url: str) -> dict[str, Any]:
+    """A run-once Job of the trainer image asking the endpoint's Service the evaluated rows (`check-endpoint`); its
+    result comes back in the pod's termination message. It needs no API access, only S3 to read the evaluation."""
+    name = job.metadata.name
+    container = {
+        "name": CHECK_CONTAINER,
+        "image": trainer_image(job, settings),
+        "imagePullPolicy": "IfNotPresent",
+        "command": [
+            *("python", "-m", "kubetune_trainer", "check-endpoint"),
+            *("--base-url", base_url, "--model", name),
+        ],
+        "env": [
+            {"name": contract.ENV_JOB_MANIFEST, "value": manifest_text(job, settings)},
+            {"name": contract.ENV_TERMINATION_MESSAGE_PATH, "value": contract.DEFAULT_TERMINATION_MESSAGE_PATH},
+            {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+            *s3_env(job, settings),
+        ],
+        "terminationMessagePath": contract.DEFAULT_TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod = {
+        "metadata": {"labels": check_labels(name)},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": TRAINER_UID,
+                "runAsGroup": TRAINER_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": check_name(name), "namespace": job.metadata.namespace, "labels": check_labels(name)},
+        # One try: the check retries its requests itself; a second pod would only ask the same endpoint again.
+        "spec": {"backoffLimit": 0, "activeDeadlineSeconds": CHECK_DEADLINE_SECONDS, "template": pod},
+    }
+
+
+def check_result(pod: Mapping[str, Any]) -> EndpointCheckStatus | None:
+    """The finished check pod's result (its termination message); None while it runs. A pod that died without one
+    (killed, out of memory, past its deadline) is a failed check saying how it ended."""
+    phase = (pod.get("status") or {}).get("phase")
+    if phase not in ("Succeeded", "Failed"):
+        return None
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    terminated = next(
+        ((s.get("state") or {}).get("terminated") for s in statuses if s.get("name") == CHECK_CONTAINER), None
+    )
+    message = str((terminated or {}).get("message") or "").strip()
+    parsed = EndpointCheckStatus.from_termination_message(message) if message else None
+    if parsed is not None:
+        return parsed
+    reason = (terminated or {}).get("reason") or (pod.get("status") or {}).get("reason") or phase
+    tail = f": {message[-400:]}" if message else ""
+    return EndpointCheckStatus(state="Failed", message=f"the check pod ended ({reason}) without a result{tail}")

@@ -5,6 +5,7 @@ the in-process evaluation, removed with the job."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import FineTuneJob
 from tests.e2e.conftest import JOBS_NAMESPACE, Product
 from tests.testbed.hostnet import ensure_host_address
 from tests.testbed.processes import wait_for
@@ -99,10 +99,8 @@ def kubectl_json(product: Product, *args: str) -> dict[str, Any] | None:
 
 @pytest.mark.timeout(2400)
 def test_the_served_gguf_answers_through_its_service_as_evaluated_and_goes_with_the_job(
-    product: Product, smollm2_dir: Path, password_registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+    product: Product, smollm2_dir: Path, password_registry: LocalRegistry
 ) -> None:
-    from kubetune_trainer.endpoint_check import check_endpoint
-
     output = f"s3://{product.bucket}/runs/{NAME}"
     manifest = served_job(
         upload_smollm2(product, smollm2_dir), upload_news(product, 240), output, password_registry.endpoint
@@ -119,30 +117,46 @@ def test_the_served_gguf_answers_through_its_service_as_evaluated_and_goes_with_
     assert password_registry.has_manifest("team/adapters", digest, headers={"Authorization": f"Basic {auth}"})
     assert PASSWORD not in json.dumps(done)
 
-    def ready() -> bool:
-        serving = (product.get(NAME).get("status") or {}).get("serving") or {}
-        return serving.get("readyReplicas") == 1
+    # Once its server is ready, the operator's check Job asks it the evaluated rows through the Service.
+    def serving_status() -> dict[str, Any]:
+        return dict((product.get(NAME).get("status") or {}).get("serving") or {})
 
-    wait_for(ready, 600, "the endpoint's server to be ready")
-    serving = product.get(NAME)["status"]["serving"]
+    def checked() -> bool:
+        return (serving_status().get("check") or {}).get("state") in ("Succeeded", "Failed")
+
+    wait_for(checked, 900, "the endpoint check to finish")
+    serving = serving_status()
     assert serving["url"] == f"http://{NAME}-serve.{JOBS_NAMESPACE}.svc:8080/v1"
-    assert serving["model"] == NAME
-    service = kubectl_json(product, "get", "service", f"{NAME}-serve")
-    assert service is not None
-    # From this machine the Service answers at its cluster IP (kube-proxy's rules), as it does inside the cluster.
-    base_url = f"http://{service['spec']['clusterIP']}:8080/v1"
-
-    for key, value in product.s3.env.items():
-        monkeypatch.setenv(key, value)
-    job = FineTuneJob.model_validate(manifest | {"metadata": {"name": NAME, "namespace": JOBS_NAMESPACE}})
-    check = check_endpoint(job, base_url, NAME)
-
+    assert serving["model"] == NAME and serving["readyReplicas"] == 1
+    check = serving["check"]
+    assert check["state"] == "Succeeded", check
     tuned = done["status"]["metrics"]["eval.tuned.accuracy"]
     assert tuned >= 0.5, "24 steps teach SmolLM2 the four labels (chance is 0.25)"
-    assert check.rows == ROWS and check.cost.failed == 0
-    assert check.agreement >= 0.8, check.to_json()
-    assert abs(check.scores["accuracy"] - tuned) <= 0.15, check.to_json()
-    assert json.loads(product.s3_object(f"{output}/eval/endpoint.json"))["agreement"] == check.agreement
+    assert (check["job"], check["metric"], check["rows"], check["failedRequests"]) == (
+        f"{NAME}-check",
+        "accuracy",
+        ROWS,
+        0,
+    )
+    assert check["inProcessScore"] == tuned
+    assert check["agreement"] >= 0.8, check
+    assert abs(check["score"] - tuned) <= 0.15, check
+    assert check["latencyP50Seconds"] > 0 and check["promptTokensMean"] > 0
+    assert check["uri"] == f"{output}/eval/endpoint.json"
+
+    # The check's figures are in eval/endpoint.json and the report, whose new hashes manifest.json records.
+    endpoint = json.loads(product.s3_object(f"{output}/eval/endpoint.json"))
+    assert endpoint["agreement"] == check["agreement"] and endpoint["scores"]["accuracy"] == check["score"]
+    report_md = product.s3_object(f"{output}/eval/report.md")
+    assert f"| accuracy | {tuned:.4f} | {check['score']:.4f} |" in report_md.decode()
+    assert json.loads(product.s3_object(f"{output}/eval/report.json"))["endpoint"] == endpoint
+    hashes = json.loads(product.s3_object(f"{output}/manifest.json"))["artifacts"]
+    for name in ("report.md", "report.json", "endpoint.json"):
+        assert hashes[f"eval/{name}"] == hashlib.sha256(product.s3_object(f"{output}/eval/{name}")).hexdigest()
+    events = product.kube.kubectl(
+        "get", "events", "-n", JOBS_NAMESPACE, "--field-selector", f"involvedObject.name={NAME},reason=EndpointChecked"
+    )
+    assert "served vs" in events.stdout, events.stdout
 
     product.kube.kubectl("delete", "finetunejob", NAME, "-n", JOBS_NAMESPACE, check=True)
     wait_for(

@@ -22,8 +22,8 @@ from kubetune_trainer.main import run_job
 from kubetune_trainer.progress import Reporter
 from kubetune_trainer.registry_push import ADAPTER_CONFIG_MEDIA_TYPE
 
-from kubetune.api import FineTuneJob
-from kubetune.contract import ENV_REGISTRY_CONFIG
+from kubetune.api import EndpointCheckStatus, FineTuneJob
+from kubetune.contract import ENV_REGISTRY_CONFIG, ENV_TERMINATION_MESSAGE_PATH
 from tests.testbed.llama_server import LlamaServer
 from tests.testbed.registry import LocalRegistry, htpasswd_line
 from tests.testbed.shared_data import shared_sample
@@ -157,6 +157,9 @@ def test_the_gguf_export_answers_as_evaluated_and_the_pushed_adapter_pulls_back_
     manifest_file.write_text(yaml.safe_dump(job.model_dump(by_alias=True, exclude_none=True, mode="json")))
     server = LlamaServer(log_dir=tmp_path / "llama", model_path=gguf).start()
     monkeypatch.setenv("ENDPOINT_KEY", server.api_key)
+    # In the operator's check Job the result also goes to the termination message.
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv(ENV_TERMINATION_MESSAGE_PATH, str(termination))
     try:
         checked = CliRunner().invoke(
             cli,
@@ -182,6 +185,16 @@ def test_the_gguf_export_answers_as_evaluated_and_the_pushed_adapter_pulls_back_
     assert serving["requests"] == VALIDATION_ROWS and serving["failed"] == 0
     assert serving["promptTokensMean"] > 20 and serving["completionTokensMean"] >= 1
     assert serving["latencyP50Seconds"] > 0
+    # The report shows the check beside the in-process scores; manifest.json has the files' new hashes.
+    report_md = (output / "eval" / "report.md").read_text()
+    assert f"| accuracy | {tuned_accuracy:.4f} | {endpoint['scores']['accuracy']:.4f} |" in report_md
+    assert json.loads((output / "eval" / "report.json").read_text())["endpoint"] == endpoint
+    hashes = json.loads((output / "manifest.json").read_text())["artifacts"]
+    for name in ("report.md", "report.json", "endpoint.json"):
+        assert hashes[f"eval/{name}"] == sha256(output / "eval" / name)
+    status = EndpointCheckStatus.from_termination_message(termination.read_text())
+    assert status is not None and status.state == "Succeeded" and status.score == endpoint["scores"]["accuracy"]
+    assert (status.rows, status.agreement) == (VALIDATION_ROWS, endpoint["agreement"])
 
 
 def test_refused_registry_credentials_stop_the_run_before_any_data_is_read(

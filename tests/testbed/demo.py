@@ -213,11 +213,30 @@ def print_endpoint(plane: ControlPlane, s3: S3Server, name: str, timeout: float 
     except TimeoutError:
         print(f"  not ready after {timeout:.0f}s: kubectl get pods -n {JOB_NAMESPACE} -l kubetune.io/served-job={name}")
         return
+    print_endpoint_check(plane, name, timeout)
     service = json.loads(plane.kubectl("get", "service", f"{name}-serve", "-n", JOB_NAMESPACE, "-o", "json").stdout)
     row = json.loads(shared_sample("ag_news").read_text().splitlines()[0])
     labels = sorted({json.loads(line)["label"] for line in shared_sample("ag_news").read_text().splitlines()})
     say("Ask the tuned model through its endpoint (paste this; from a pod use the URL above)")
     print(f"  {ask_line(service['spec']['clusterIP'], serving['model'], labels, row['text'])}")
+
+
+def print_endpoint_check(plane: ControlPlane, name: str, timeout: float) -> None:
+    """Wait for the operator's endpoint check (the evaluated rows asked through the Service) and print its result."""
+
+    def check() -> dict[str, Any]:
+        return dict((job_status(plane, name).get("serving") or {}).get("check") or {})
+
+    say("Checking that the endpoint answers as evaluated (the operator's check Job asks it the held-out rows)")
+    try:
+        wait_for(lambda: check().get("state") in ("Succeeded", "Failed"), timeout, "the endpoint check")
+    except TimeoutError:
+        print(f"  still running after {timeout:.0f}s: kubectl logs -n {JOB_NAMESPACE} job/{name}-check")
+        return
+    result = check()
+    print(f"  {result['state']}: {result.get('message')}")
+    if result.get("uri"):
+        print(f"  the report shows it beside the in-process scores; details in {result['uri']}")
 
 
 def up(timeout: float) -> int:

@@ -147,6 +147,20 @@ def test_status_shows_evaluation_progress_while_and_after_evaluating(stage: str,
     assert progress == [f"Progress:    stage {stage}, step 40/40" + (f", {evaluated}" if shown else "")]
 
 
+def test_status_shows_the_endpoint_and_its_check_or_why_there_is_none() -> None:
+    check = {"state": "Succeeded", "message": "accuracy 0.8400 served vs 0.8500 in-process on 100 held-out rows"}
+    served = FineTuneJobStatus.model_validate(
+        {"serving": {"url": "http://news-serve.ml.svc:8080/v1", "model": "news", "readyReplicas": 1, "check": check}}
+    )
+    lines = describe_status("ml", "news", served)
+    assert lines[-2:] == [
+        "Serving:     http://news-serve.ml.svc:8080/v1 (model news, 1 ready)",
+        f"Check:       Succeeded: {check['message']}",
+    ]
+    gated = FineTuneJobStatus.model_validate({"serving": {"message": "not served: the evaluation gate failed"}})
+    assert describe_status("ml", "news", gated)[-1] == "Serving:     not served: the evaluation gate failed"
+
+
 def test_a_job_without_status_is_pending() -> None:
     assert describe_status("ml", "news", FineTuneJobStatus()) == ["FineTuneJob ml/news", "Phase:       Pending"]
 

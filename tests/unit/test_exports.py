@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubetune_trainer.exports import artifact_config, gguf_source, registry_credentials
@@ -184,6 +185,7 @@ def test_the_endpoint_check_scores_text_only_and_counts_alike_answers() -> None:
         base_url="http://llama:8080/v1",
         model="tuned",
         rows=3,
+        headline="accuracy",
         scores={"accuracy": 0.6667},
         in_process={"accuracy": 0.9},
         agreement=2 / 3,
@@ -196,3 +198,67 @@ def test_the_endpoint_check_scores_text_only_and_counts_alike_answers() -> None:
         "  no request answered",
     ]
     assert check.to_json()["inProcess"] == {"accuracy": 0.9}
+
+
+def answered_check(headline: str = "accuracy") -> Any:
+    from kubetune_trainer.contenders import ServingCost
+    from kubetune_trainer.endpoint_check import EndpointCheck
+
+    cost = ServingCost(
+        requests=20,
+        failed=1,
+        prompt_tokens_mean=118.2,
+        prompt_tokens_p95=130.0,
+        completion_tokens_mean=3.1,
+        completion_tokens_p95=4.0,
+        latency_p50_seconds=0.412,
+        latency_p95_seconds=0.9,
+    )
+    return EndpointCheck(
+        base_url="http://demo-serve.team.svc:8080/v1",
+        model="demo",
+        rows=20,
+        headline=headline,
+        scores={"accuracy": 0.85, "f1.macro": 0.8},
+        in_process={"accuracy": 0.9, "f1.macro": 0.82},
+        agreement=0.95,
+        cost=cost,
+    )
+
+
+def test_the_endpoint_check_becomes_status_through_the_termination_message() -> None:
+    from kubetune.api import EndpointCheckStatus
+
+    status = answered_check().status("s3://out/demo/eval/endpoint.json")
+    assert (status.state, status.metric, status.score, status.in_process_score) == ("Succeeded", "accuracy", 0.85, 0.9)
+    assert (status.rows, status.agreement, status.failed_requests) == (20, 0.95, 1)
+    assert (status.latency_p50_seconds, status.prompt_tokens_mean, status.completion_tokens_mean) == (0.412, 118.2, 3.1)
+    assert status.message == (
+        "accuracy 0.8500 served vs 0.9000 in-process on 20 held-out rows; answers alike on 95%; p50 0.41 s a request"
+    )
+    message = status.to_termination_message()
+    assert len(message.encode()) < 1024
+    assert EndpointCheckStatus.from_termination_message(message) == status
+    assert EndpointCheckStatus.from_termination_message("Traceback (most recent call last): ...") is None
+    # A headline the endpoint's text cannot be scored on (a judge score) shows the first text metric instead.
+    assert answered_check(headline="judge").status("s3://x").metric == "accuracy"
+
+
+def test_the_report_shows_the_endpoint_beside_the_in_process_model() -> None:
+    from kubetune_trainer.report import endpoint_table, render_markdown
+
+    report = {
+        "headlineMetric": "accuracy",
+        "samples": 20,
+        "models": {"tuned": {"metrics": {"accuracy": 0.9}}, "zero_shot": {"metrics": {"accuracy": 0.1}}},
+    }
+    assert endpoint_table(report) == []
+    lines = endpoint_table({**report, "endpoint": answered_check().to_json()})
+    assert lines[0] == (
+        "Served endpoint: model `demo` at http://demo-serve.team.svc:8080/v1, asked the same 20 held-out rows; "
+        "answers alike on 95% of rows."
+    )
+    assert "| accuracy | 0.9000 | 0.8500 |" in lines and "| f1.macro | 0.8200 | 0.8000 |" in lines
+    cost_line = "Endpoint per request: latency p50 0.41 s, 118 prompt + 3 completion tokens; 1 of 20 requests failed."
+    assert cost_line in lines
+    assert "| accuracy | 0.9000 | 0.8500 |" in render_markdown({**report, "endpoint": answered_check().to_json()})

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 import pytest
 from kubetune_operator import handlers
+from kubetune_operator.builders import build_trainer_job
 from kubetune_operator.handlers import (
-    CHILD_SELECTOR,
     HANDLER_THREADS,
     Children,
     NoDiffBase,
@@ -25,11 +27,12 @@ from kubetune_operator.handlers import (
     newer_body,
 )
 from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.serving import build_check_job, build_serving
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.trainer_identity import IDENTITY_SELECTOR
 from pydantic import ValidationError
 
-from kubetune.api import FineTuneJob
+from kubetune.api import ArtifactsStatus, FineTuneJob, FineTuneJobStatus
 
 pytestmark = pytest.mark.unit
 
@@ -54,18 +57,66 @@ def test_kopf_builds_no_diff_base_and_would_keep_any_state_in_kubetune_annotatio
     assert kopf_settings.persistence.finalizer.startswith("kubetune.io/")
 
 
-def test_kopf_watches_only_kubetune_children_and_scans_nothing() -> None:
-    kopf_settings = configured(OperatorSettings())
-    assert kopf_settings.scanning.disabled is True
+def selects(selector: str, labels: Mapping[str, str]) -> bool:
+    """Whether a label selector of the forms used here (`k=v`, `k`, `k in (a,b)`) selects these labels."""
+    for requirement in re.split(r",(?![^(]*\))", selector):
+        key, _, values = requirement.partition(" in ")
+        if values:
+            if labels.get(key) not in values.strip("()").split(","):
+                return False
+        elif "=" in requirement:
+            key, value = requirement.split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif requirement not in labels:
+            return False
+    return True
+
+
+def watched_selectors(kopf_settings: kopf.OperatorSettings) -> dict[tuple[str, str, str], str]:
     watched: list[tuple[Any, str]] = list(kopf_settings.watching.label_selectors.items())  # keys are kopf Selectors
-    selectors = {(key.group, key.version, key.any_name): value for key, value in watched}
-    assert selectors == {
-        ("batch", "v1", "jobs"): CHILD_SELECTOR,
-        ("", "v1", "pods"): CHILD_SELECTOR,
-        ("", "v1", "serviceaccounts"): IDENTITY_SELECTOR,
-        ("rbac.authorization.k8s.io", "v1", "rolebindings"): IDENTITY_SELECTOR,
-    }
-    assert CHILD_SELECTOR == "app.kubernetes.io/managed-by=kubetune,kubetune.io/job-name"
+    return {(key.group, key.version, key.any_name): value for key, value in watched}
+
+
+def test_kopf_watches_only_the_objects_kubetune_made_and_follows_and_scans_nothing() -> None:
+    settings = OperatorSettings(trainer_image="registry.example.com/kubetune/trainer:1")
+    kopf_settings = configured(settings)
+    assert kopf_settings.scanning.disabled is True
+    selectors = watched_selectors(kopf_settings)
+    jobs, pods = selectors["batch", "v1", "jobs"], selectors["", "v1", "pods"]
+    deployments = selectors["apps", "v1", "deployments"]
+    assert selectors["", "v1", "serviceaccounts"] == IDENTITY_SELECTOR
+    assert selectors["rbac.authorization.k8s.io", "v1", "rolebindings"] == IDENTITY_SELECTOR
+
+    ftj = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "news", "namespace": "ml"},
+            "spec": {
+                "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                "dataset": {"train": "s3://data/train.jsonl"},
+                "output": {"uri": "s3://out/news", "gguf": {"quantization": "q8_0"}},
+                "serving": {"runtime": "llamaCpp"},
+            },
+        }
+    )
+    trainer = build_trainer_job(ftj, settings)
+    check = build_check_job(ftj, settings, "http://10.96.0.12:8080/v1")
+    status = FineTuneJobStatus(phase="Succeeded", artifacts=ArtifactsStatus(gguf="s3://out/news/gguf/model-q8_0.gguf"))
+    deployment, _ = build_serving(ftj, status, settings)
+
+    def labels(obj: Mapping[str, Any]) -> dict[str, str]:
+        return dict(obj["metadata"]["labels"])
+
+    # What the operator follows: trainer Jobs and pods, check pods, endpoint Deployments.
+    assert selects(jobs, labels(trainer)) and selects(pods, labels(trainer["spec"]["template"]))
+    assert selects(pods, labels(check["spec"]["template"])) and selects(deployments, labels(deployment))
+    # Not its own objects' other parts (a check Job is not a trainer; servers are followed through their Deployment),
+    # nor another manager's pods.
+    assert not selects(jobs, labels(check))
+    assert not selects(pods, labels(deployment["spec"]["template"]))
+    assert not selects(pods, {**labels(trainer["spec"]["template"]), "app.kubernetes.io/managed-by": "someone-else"})
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,25 @@ from typing import Any
 import pytest
 from kubetune_operator.lifecycle import Observation, status_from_observation
 from kubetune_operator.serving import (
+    build_check_job,
     build_serving,
+    check_base_url,
+    check_result,
+    needs_check,
     serving_decision,
     serving_status,
 )
 from kubetune_operator.settings import OperatorSettings
 
-from kubetune.api import ArtifactsStatus, EvaluationStatus, FineTuneJob, FineTuneJobStatus, GateStatus, ServingStatus
+from kubetune.api import (
+    ArtifactsStatus,
+    EndpointCheckStatus,
+    EvaluationStatus,
+    FineTuneJob,
+    FineTuneJobStatus,
+    GateStatus,
+    ServingStatus,
+)
 
 SETTINGS = OperatorSettings(trainer_image="registry.example.com/kubetune/trainer:1")
 GGUF = "s3://out/demo/gguf/model-q8_0.gguf"
@@ -150,3 +162,81 @@ def test_vllm_loads_the_adapter_on_its_base_with_a_gpu_and_a_base_from_s3_is_fet
     ]
     assert pod["containers"][0]["command"][2] == "/models/base"
     assert pod["containers"][0]["image"] == "registry.example.com/vllm:pinned"
+
+
+def test_the_status_derivation_keeps_the_check_its_pod_reported() -> None:
+    check = EndpointCheckStatus(state="Succeeded", job="demo-check", metric="accuracy", score=0.8)
+    current = succeeded().model_copy(update={"serving": ServingStatus(url="x", ready_replicas=1, check=check)})
+    ftj = job({"runtime": "llamaCpp"}).model_copy(update={"status": current})
+    observation = Observation(phase="Succeeded", reason="Completed", message="done", conditions=())
+    status = status_from_observation(ftj, observation, None, "2026-12-05T00:00:00Z")
+    assert status.serving is not None and status.serving.check == check
+
+
+def with_check(state: str | None) -> FineTuneJobStatus:
+    check = EndpointCheckStatus(state=state) if state else None  # type: ignore[arg-type]
+    return succeeded().model_copy(update={"serving": ServingStatus(url="x", check=check)})
+
+
+@pytest.mark.parametrize(
+    ("serving", "status", "ready", "expected"),
+    [
+        ({"runtime": "llamaCpp"}, with_check(None), 1, True),
+        ({"runtime": "llamaCpp"}, succeeded(), 2, True),
+        ({"runtime": "llamaCpp"}, with_check(None), 0, False),
+        ({"runtime": "llamaCpp", "check": False}, with_check(None), 1, False),
+        ({"runtime": "llamaCpp"}, with_check("Running"), 1, False),
+        ({"runtime": "llamaCpp"}, with_check("Failed"), 1, False),
+        (None, with_check(None), 1, False),
+    ],
+)
+def test_the_check_starts_once_when_the_endpoint_is_ready_unless_turned_off(
+    serving: dict[str, Any] | None, status: FineTuneJobStatus, ready: int, expected: bool
+) -> None:
+    assert needs_check(job(serving).model_copy(update={"status": status}), ready) is expected
+
+
+def test_the_check_job_asks_the_service_from_the_trainer_image_with_no_api_access() -> None:
+    ftj = job({"runtime": "llamaCpp"})
+    service = {"spec": {"clusterIP": "10.96.0.12"}}
+    assert check_base_url(ftj, service) == "http://10.96.0.12:8080/v1"
+    assert check_base_url(ftj, {"spec": {"clusterIP": "fd00::12"}}) == "http://[fd00::12]:8080/v1"
+    assert check_base_url(ftj, None) == "http://demo-serve.team.svc:8080/v1"
+    check_job = build_check_job(ftj, SETTINGS, check_base_url(ftj, service))
+    assert check_job["metadata"]["name"] == "demo-check"
+    assert check_job["metadata"]["labels"]["app.kubernetes.io/component"] == "endpoint-check"
+    assert check_job["metadata"]["labels"]["kubetune.io/served-job"] == "demo"
+    assert "kubetune.io/job-name" not in check_job["metadata"]["labels"]
+    assert check_job["spec"]["backoffLimit"] == 0
+    pod = check_job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["image"] == SETTINGS.trainer_image
+    assert container["command"] == [
+        *("python", "-m", "kubetune_trainer", "check-endpoint"),
+        *("--base-url", "http://10.96.0.12:8080/v1", "--model", "demo"),
+    ]
+    env = {item["name"]: item for item in container["env"]}
+    assert '"name":"demo"' in env["KUBETUNE_JOB_MANIFEST"]["value"]
+    assert env["KUBETUNE_TERMINATION_MESSAGE_PATH"]["value"] == container["terminationMessagePath"]
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def check_pod(phase: str, terminated: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = {"terminated": terminated} if terminated is not None else {"running": {}}
+    return {"status": {"phase": phase, "containerStatuses": [{"name": "check", "state": state}]}}
+
+
+def test_a_finished_check_pod_gives_its_result_or_how_it_ended() -> None:
+    result = EndpointCheckStatus(state="Succeeded", metric="accuracy", score=0.84, in_process_score=0.85)
+    assert check_result(check_pod("Running")) is None
+    assert check_result(check_pod("Succeeded", {"exitCode": 0, "message": result.to_termination_message()})) == result
+    tail = check_result(check_pod("Failed", {"exitCode": 1, "reason": "Error", "message": "ConnectionError: refused"}))
+    assert tail == EndpointCheckStatus(
+        state="Failed", message="the check pod ended (Error) without a result: ConnectionError: refused"
+    )
+    killed = check_result(check_pod("Failed", {"exitCode": 137, "reason": "OOMKilled"}))
+    assert killed == EndpointCheckStatus(state="Failed", message="the check pod ended (OOMKilled) without a result")

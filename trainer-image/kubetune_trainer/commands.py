@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from kubetune.contract import ENV_JOB_MANIFEST
+from kubetune.api import EndpointCheckStatus
+from kubetune.contract import ENV_JOB_MANIFEST, ENV_TERMINATION_MESSAGE_PATH
 from kubetune_trainer.failures import ConfigError
 from kubetune_trainer.main import Launch, log_rank, run_in_process
 from kubetune_trainer.pipeline import load_job, refuse_config
@@ -77,8 +78,9 @@ def check_endpoint_command(
     config: Path | None, base_url: str, model: str, api_key_env: str | None, concurrency: int
 ) -> None:
     """Send the rows the evaluation scored to the served tuned model, score its answers the same way, and write
-    eval/endpoint.json beside the report; exits 1 when the check cannot run."""
-    from kubetune_trainer.endpoint_check import check_endpoint
+    eval/endpoint.json beside the report (which shows it); exits 1 when the check cannot run. In a pod (the
+    operator's check Job) the result also goes to the termination message, for status.serving.check."""
+    from kubetune_trainer.endpoint_check import check_endpoint, endpoint_uri
 
     env = dict(os.environ)
     try:
@@ -90,9 +92,19 @@ def check_endpoint_command(
         )
     except Exception as error:
         click.echo(f"endpoint check failed: {error}", err=True)
+        write_check_result(env, EndpointCheckStatus(state="Failed", message=f"endpoint check failed: {error}"))
         sys.exit(1)
+    write_check_result(env, check.status(endpoint_uri(job.spec.output.uri)))
     for line in check.lines():
         click.echo(line)
+
+
+def write_check_result(env: dict[str, str], status: EndpointCheckStatus) -> None:
+    """The check's result where the operator reads it, the pod's termination message (KUBETUNE_TERMINATION_MESSAGE_PATH,
+    set in the check Job); nothing outside a pod."""
+    path = env.get(ENV_TERMINATION_MESSAGE_PATH)
+    if path:
+        Path(path).write_text(status.to_termination_message(), encoding="utf-8")
 
 
 @cli.command()

@@ -4,28 +4,27 @@ A job's report measures the tuned model in-process; what users run is an endpoin
 with the adapter). The check rebuilds the same held-out rows from the spec (the split is seeded), asks the endpoint
 with the tuned model's own prompts, scores the answers with the evaluation's text metrics, and writes
 `eval/endpoint.json` beside the report: both scores, how often the two answered alike, and the endpoint's measured
-latency and tokens per request.
+latency and tokens per request. The report (report.json, report.md) gains the check, and manifest.json the new hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api import FineTuneJob
+from kubetune.api import EndpointCheckStatus, FineTuneJob
 from kubetune_trainer import storage
 from kubetune_trainer.chat_endpoint import ChatEndpoint
 from kubetune_trainer.contenders import ServingCost, serving_cost
 from kubetune_trainer.evaluation import add_text_scores, evaluation_metrics
 from kubetune_trainer.evaluation_results import TUNED, EvalSample, ModelResult
 from kubetune_trainer.failures import EvaluationError
-from kubetune_trainer.pipeline import data_stage
-from kubetune_trainer.progress import Reporter
-from kubetune_trainer.publish import EVAL_PREFIX
-from kubetune_trainer.report import PREDICTIONS_JSONL, REPORT_JSON
+from kubetune_trainer.publish import EVAL_PREFIX, MANIFEST_FILE
+from kubetune_trainer.report import PREDICTIONS_JSONL, REPORT_JSON, REPORT_MARKDOWN, render_markdown
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,7 @@ class EndpointCheck:
     base_url: str
     model: str
     rows: int
+    headline: str
     scores: dict[str, float]
     in_process: dict[str, float]
     agreement: float
@@ -53,11 +53,39 @@ class EndpointCheck:
             "baseUrl": self.base_url,
             "model": self.model,
             "rows": self.rows,
+            "headlineMetric": self.headline,
             "scores": self.scores,
             "inProcess": self.in_process,
             "agreement": self.agreement,
             "serving": self.cost.to_json(),
         }
+
+    def shown_metric(self) -> str:
+        """The metric status shows: the headline when the endpoint's text can be scored on it, else the first one."""
+        return self.headline if self.headline in self.scores else min(self.scores, default=self.headline)
+
+    def status(self, uri: str) -> EndpointCheckStatus:
+        """status.serving.check as the operator records it from the check pod's termination message."""
+        metric = self.shown_metric()
+        score, in_process = self.scores.get(metric), self.in_process.get(metric)
+        cost = self.cost
+        answered = cost.requests > cost.failed
+        summary = f"{metric} {score:.4f} served vs {in_process:.4f} in-process" if score is not None else "no score"
+        return EndpointCheckStatus(
+            state="Succeeded",
+            metric=metric,
+            score=score,
+            in_process_score=in_process,
+            agreement=self.agreement,
+            rows=self.rows,
+            latency_p50_seconds=cost.latency_p50_seconds if answered else None,
+            prompt_tokens_mean=cost.prompt_tokens_mean if answered else None,
+            completion_tokens_mean=cost.completion_tokens_mean if answered else None,
+            failed_requests=cost.failed,
+            uri=uri,
+            message=f"{summary} on {self.rows} held-out rows; answers alike on {self.agreement:.0%}"
+            + (f"; p50 {cost.latency_p50_seconds:.2f} s a request" if answered and cost.latency_p50_seconds else ""),
+        )
 
     def lines(self) -> list[str]:
         """The check as a short table for a terminal."""
@@ -112,9 +140,12 @@ def check_endpoint(
     max_tokens: int | None = None,
 ) -> EndpointCheck:
     """Ask the endpoint the evaluated rows, score its answers, write eval/endpoint.json under output.uri."""
+    from kubetune_trainer.data import prepare_data
+
     spec = job.spec
     report, predictions = read_evaluation(spec.output.uri)
-    data = data_stage(spec, Reporter([]))
+    # The data alone, as pre-flight splits it (seeded): no model, no contender keys, no output check.
+    data = prepare_data(spec.dataset, spec.training.seed)
     examples = data.validation[: len(predictions)]
     lines = [row["line"] for row in predictions]
     if [example.line for example in examples] != lines:
@@ -146,12 +177,36 @@ def check_endpoint(
         base_url=base_url,
         model=model,
         rows=len(examples),
+        headline=report["headlineMetric"],
         scores={name: value for name, value in result.metrics.items() if name in wanted},
         in_process={name: report["models"][TUNED]["metrics"][name] for name in wanted},
         agreement=agreement(outputs, [row["outputs"][TUNED] for row in predictions]),
         cost=serving_cost(records),
     )
-    uri = storage.join(spec.output.uri, EVAL_PREFIX, ENDPOINT_JSON)
-    storage.write_bytes(uri, (json.dumps(check.to_json(), indent=2) + "\n").encode())
-    log.info("endpoint check written to %s", uri)
+    record_check(spec.output.uri, report, check)
     return check
+
+
+def endpoint_uri(output_uri: str) -> str:
+    return storage.join(output_uri, EVAL_PREFIX, ENDPOINT_JSON)
+
+
+def record_check(output_uri: str, report: dict[str, Any], check: EndpointCheck) -> None:
+    """eval/endpoint.json, the check in report.json and report.md, and their new hashes in manifest.json."""
+    report = {**report, "endpoint": check.to_json()}
+    written = {
+        ENDPOINT_JSON: json.dumps(check.to_json(), indent=2) + "\n",
+        REPORT_JSON: json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+        REPORT_MARKDOWN: render_markdown(report),
+    }
+    hashes = {}
+    for name, text in written.items():
+        body = text.encode("utf-8")
+        storage.write_bytes(storage.join(output_uri, EVAL_PREFIX, name), body)
+        hashes[f"{EVAL_PREFIX}/{name}"] = hashlib.sha256(body).hexdigest()
+    manifest_uri = storage.join(output_uri, MANIFEST_FILE)
+    if storage.exists(manifest_uri):
+        manifest = json.loads(storage.read_bytes(manifest_uri))
+        manifest["artifacts"] = {**manifest.get("artifacts", {}), **hashes}
+        storage.write_bytes(manifest_uri, (json.dumps(manifest, indent=2) + "\n").encode())
+    log.info("endpoint check written to %s; report and manifest updated", endpoint_uri(output_uri))

@@ -177,6 +177,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join([name, *cells, lift]) + " |")
     lines.append("")
     lines.extend(serving_table(report))
+    lines.extend(endpoint_table(report))
     lower = sorted(LOWER_IS_BETTER & set(names))
     if lower:
         lines.append(f"Lower is better for: {', '.join(lower)}; higher for the rest.")
@@ -238,6 +239,34 @@ def serving_table(report: Mapping[str, Any]) -> list[str]:
             + " |"
         )
     lines.append("")
+    return lines
+
+
+def endpoint_table(report: Mapping[str, Any]) -> list[str]:
+    """The endpoint check (kubetune check-endpoint): the served model beside the in-process one on the same rows."""
+    endpoint = report.get("endpoint")
+    if not endpoint:
+        return []
+    cost = endpoint["serving"]
+    latency = cost.get("latencyP50Seconds")
+    lines = [
+        f"Served endpoint: model `{endpoint['model']}` at {endpoint['baseUrl']}, asked the same "
+        f"{endpoint['rows']} held-out rows; answers alike on {endpoint['agreement']:.0%} of rows.",
+        "",
+        "| metric | fine-tuned (in-process) | fine-tuned (endpoint) |",
+        "| --- | ---: | ---: |",
+    ]
+    for name in sorted(endpoint["scores"]):
+        lines.append(
+            f"| {name} | {format_cell(endpoint['inProcess'].get(name))} | {format_cell(endpoint['scores'][name])} |"
+        )
+    lines += [
+        "",
+        f"Endpoint per request: latency p50 {'—' if latency is None else f'{latency:.2f} s'}, "
+        f"{cost['promptTokensMean']:.0f} prompt + {cost['completionTokensMean']:.0f} completion tokens; "
+        f"{cost['failed']} of {cost['requests']} requests failed.",
+        "",
+    ]
     return lines
 
 
