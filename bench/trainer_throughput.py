@@ -208,9 +208,12 @@ def job_spec(model_dir: Path, train_file: Path, data_format: str, packing: bool,
 
 def run_ours(spec: Any, data: Any, model_dir: Path, work_dir: Path, meter: Any) -> None:
     """Our training stage, as the trainer's entry point calls it (progress tracker, guards, checkpoint callback)."""
+    from kubetune_trainer.progress import LogChannel, Reporter
     from kubetune_trainer.training import train
+    from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
 
-    train(spec, data, model_dir, work_dir, log_stream=sys.stderr, extra_callbacks=[meter])
+    reporter = Reporter([LogChannel(DEFAULT_PROGRESS_INTERVAL_SECONDS)])
+    train(spec, data, model_dir, work_dir, progress=reporter, on_step=reporter.report_step, extra_callbacks=[meter])
 
 
 def run_plain(spec: Any, data: Any, model_dir: Path, work_dir: Path, meter: Any) -> None:

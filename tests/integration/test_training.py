@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ from kubetune_trainer.training import (
     train,
 )
 from kubetune_trainer.training_callbacks import RunFlags
+from kubetune_trainer.training_progress import TrainingStep
 from transformers import TrainerCallback
 
 from kubetune.api import FineTuneJobSpec, ModelSpec, ProgressStatus
@@ -616,7 +616,7 @@ def test_progress_reaches_the_sink_at_a_bounded_rate_with_throughput_and_eta(
 ) -> None:
     spec = job_spec(tiny_model, train_file, f"s3://{bucket}/progress", training={"maxSteps": 6})
     reports: list[ProgressStatus] = []
-    log_lines = io.StringIO()
+    steps: list[TrainingStep] = []
 
     result = train(
         spec,
@@ -624,8 +624,8 @@ def test_progress_reaches_the_sink_at_a_bounded_rate_with_throughput_and_eta(
         tiny_model,
         tmp_path / "work",
         progress=reports.append,
+        on_step=steps.append,
         progress_interval_seconds=3600,
-        log_stream=log_lines,
     )
 
     # An hour between reports: the first step goes out, then nothing until the final state.
@@ -637,10 +637,9 @@ def test_progress_reaches_the_sink_at_a_bounded_rate_with_throughput_and_eta(
     assert first.learning_rate == pytest.approx(5e-3)
     assert final.percent == 100.0 and final.eta_seconds == 0 and final.loss is not None
     assert final.tokens_per_second is not None and final.tokens_per_second > 0
-    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
-    assert [line["event"] for line in lines] == ["progress", "progress"]
-    assert lines[-1]["step"] == 6 and lines[-1]["tokensPerSecond"] == final.tokens_per_second
-    assert result.trained_tokens > 0
+    # Every optimizer step reaches on_step (the gauges and the bar), the tokens growing with it.
+    assert [step.step for step in steps] == [1, 2, 3, 4, 5, 6] and all(step.total_steps == 6 for step in steps)
+    assert 0 < steps[0].trained_tokens < steps[-1].trained_tokens == result.trained_tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,13 @@ from kubetune_trainer.training import (
     sft_record,
     sft_records,
 )
-from kubetune_trainer.training_progress import ProgressTracker, RateLimit, eta_seconds, tokens_per_second
+from kubetune_trainer.training_progress import (
+    ProgressTracker,
+    RateLimit,
+    TrainingStep,
+    eta_seconds,
+    tokens_per_second,
+)
 
 from kubetune.api import FineTuneJobSpec, LoraSpec, ProgressStatus, QuantizationSpec, TrainingSpec
 from kubetune.contract import EXIT_CODE_PREEMPTED, trainer_command
@@ -97,21 +103,6 @@ class FakeClock:
         return self.now
 
 
-class NotATerminal:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.lines.extend(line for line in text.splitlines() if line)
-        return len(text)
-
-    def flush(self) -> None:
-        return None
-
-    def isatty(self) -> bool:
-        return False
-
-
 def test_rate_limit_lets_one_event_through_per_interval_and_forced_ones_always() -> None:
     limit = RateLimit(min_interval=5)
 
@@ -122,9 +113,10 @@ def test_rate_limit_lets_one_event_through_per_interval_and_forced_ones_always()
 
 
 def test_tracker_reports_at_a_bounded_rate_with_throughput_eta_and_the_final_state() -> None:
-    clock, state, stream = FakeClock(), FakeState(global_step=2, num_input_tokens_seen=500), NotATerminal()
+    clock, state = FakeClock(), FakeState(global_step=2, num_input_tokens_seen=500)
     reports: list[ProgressStatus] = []
-    tracker = ProgressTracker(sink=reports.append, min_interval=1.0, stream=stream, clock=clock)  # type: ignore[arg-type]
+    steps_seen: list[TrainingStep] = []
+    tracker = ProgressTracker(sink=reports.append, on_step=steps_seen.append, min_interval=1.0, clock=clock)
 
     tracker.begin(state)  # a resumed run: 2 steps and 500 tokens happened before this session
     for step in range(3, 11):
@@ -143,12 +135,15 @@ def test_tracker_reports_at_a_bounded_rate_with_throughput_eta_and_the_final_sta
     assert fifth.percent == 50.0 and fifth.total_steps == 10 and fifth.learning_rate == 1e-4
     assert fifth.loss == pytest.approx(1.5)
     assert reports[-1].percent == 100.0 and reports[-1].eta_seconds == 0
-    assert [json.loads(line)["step"] for line in stream.lines] == steps
+    # Every step reaches on_step (gauges, the bar), with the tokens seen and the loss logged by then.
+    assert [seen.step for seen in steps_seen] == list(range(3, 11))
+    assert steps_seen[2] == TrainingStep(step=5, total_steps=10, trained_tokens=800, loss=1.5, learning_rate=1e-4)
 
 
 def test_tracker_on_another_rank_reports_nothing() -> None:
     reports: list[ProgressStatus] = []
-    tracker = ProgressTracker(sink=reports.append, min_interval=0, stream=NotATerminal())  # type: ignore[arg-type]
+    steps_seen: list[TrainingStep] = []
+    tracker = ProgressTracker(sink=reports.append, on_step=steps_seen.append, min_interval=0)
     state = FakeState(is_world_process_zero=False)
 
     tracker.begin(state)
@@ -156,12 +151,12 @@ def test_tracker_on_another_rank_reports_nothing() -> None:
     tracker.step(state, learning_rate=None)
     tracker.end(state)
 
-    assert reports == []
+    assert reports == [] and steps_seen == []
 
 
 def test_non_finite_losses_are_left_out_of_the_status() -> None:
     reports: list[ProgressStatus] = []
-    tracker = ProgressTracker(sink=reports.append, min_interval=0, stream=NotATerminal())  # type: ignore[arg-type]
+    tracker = ProgressTracker(sink=reports.append, min_interval=0)
     state = FakeState(global_step=1)
     tracker.begin(state)
     tracker.observe_logs({"loss": float("nan")})

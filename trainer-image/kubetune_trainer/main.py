@@ -111,21 +111,17 @@ def train_stage(
     spec: FineTuneJobSpec, data: PreparedData, model_dir: Path, settings: RunSettings, reporter: Reporter
 ) -> TrainResult:
     """Train, checkpointing to output.uri and resuming from the newest complete checkpoint there."""
-    from kubetune_trainer.progress_callback import StepReportCallback
     from kubetune_trainer.training import train
 
-    # The reporter logs progress in the trainer's own JSON-lines schema; the tracker's lines would repeat it.
-    with open(os.devnull, "w", encoding="utf-8") as tracker_lines:
-        return train(
-            spec,
-            data,
-            model_dir,
-            settings.work_dir / "train",
-            progress=reporter,
-            progress_interval_seconds=reporter.interval,
-            log_stream=tracker_lines,
-            extra_callbacks=[StepReportCallback(reporter)],
-        )
+    return train(
+        spec,
+        data,
+        model_dir,
+        settings.work_dir / "train",
+        progress=reporter,
+        on_step=reporter.report_step,
+        progress_interval_seconds=reporter.interval,
+    )
 
 
 def evaluate_stage(

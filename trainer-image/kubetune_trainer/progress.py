@@ -11,13 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, EvaluationStatus, ProgressStatus, significant, utc_now
 from kubetune.contract import ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_METRICS_PORT, ENV_PROGRESS_INTERVAL
-from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, RateLimit
+from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, RateLimit, TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +40,6 @@ HTTP_CLIENT_LOGGERS = ("httpx", "httpx2")
 
 class ProgressSettingsError(ValueError):
     """A KUBETUNE_* progress setting in the environment is malformed; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class TrainingStep:
-    """One finished optimizer step as the trainer's state has it."""
-
-    step: int
-    total_steps: int
-    trained_tokens: int
-    loss: float | None
-    learning_rate: float | None
 
 
 def merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

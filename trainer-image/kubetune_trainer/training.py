@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal
 
 from kubetune.api import FineTuneJobSpec, QuantizationSpec, TrainingSpec
 from kubetune.conditions import TRAINER_REASON_TRAINING_DIVERGED
@@ -29,7 +29,12 @@ from kubetune_trainer.modeling import (
     load_model_for_training,
     torch_dtype,
 )
-from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS, ProgressSink, ProgressTracker
+from kubetune_trainer.training_progress import (
+    DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    ProgressSink,
+    ProgressTracker,
+    StepSink,
+)
 
 if TYPE_CHECKING:
     from kubetune_trainer.training_callbacks import RunFlags
@@ -391,8 +396,8 @@ def train(
     work_dir: Path,
     *,
     progress: ProgressSink | None = None,
+    on_step: StepSink | None = None,
     progress_interval_seconds: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
-    log_stream: TextIO | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train per the spec, checkpointing to <output.uri>/checkpoints and resuming from the newest complete one.
@@ -410,7 +415,7 @@ def train(
 
     flags = RunFlags()
     loaded = load_model_for_training(spec, model_dir, data.labels)
-    tracker = ProgressTracker(sink=progress, min_interval=progress_interval_seconds, stream=log_stream)
+    tracker = ProgressTracker(sink=progress, on_step=on_step, min_interval=progress_interval_seconds)
     guard = RunGuardCallback(flags)
     uploader = CheckpointUploadCallback(spec.output.uri)
     trainer = build_trainer(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 from kubetune.api import ProgressStatus, utc_now
 
@@ -20,6 +18,21 @@ class ProgressSink(Protocol):
     """Where progress goes (status.progress patches, metrics, a test's list); called on rank 0 only."""
 
     def __call__(self, progress: ProgressStatus, /) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """One finished optimizer step as the trainer's state has it."""
+
+    step: int
+    total_steps: int
+    trained_tokens: int
+    loss: float | None
+    learning_rate: float | None
+
+
+# Every optimizer step, for cheap consumers (gauges, a terminal bar); rank 0 only.
+StepSink = Callable[[TrainingStep], None]
 
 
 def tokens_per_second(tokens: int, seconds: float) -> float | None:
@@ -77,22 +90,22 @@ class SessionStart:
 
 @dataclass
 class ProgressTracker:
-    """Builds ProgressStatus from the trainer's state each step and sends it to the sink at a bounded rate.
+    """Follows one training run from the trainer's state: every step goes to `on_step`, and a ProgressStatus with
+    throughput and ETA to `sink` at most once per min_interval (the first step and the final state always).
 
-    Also writes each report as a JSON line to `stream` and shows a tqdm bar when `stream` is a terminal. Only the
-    world-rank-0 process reports; the trainer callback in training_callbacks feeds it.
+    Only the world-rank-0 process reports; ProgressCallback (training_callbacks) feeds it. It writes nothing itself:
+    the sinks (kubetune_trainer.progress.Reporter in a run) log, patch the status and draw the bar.
     """
 
     sink: ProgressSink | None = None
+    on_step: StepSink | None = None
     min_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS
-    stream: TextIO | None = None
     clock: Callable[[], float] = time.monotonic
     limit: RateLimit = field(init=False)
     start: SessionStart | None = field(default=None, init=False)
     loss: float | None = field(default=None, init=False)
     learning_rate: float | None = field(default=None, init=False)
     last_reported: ProgressStatus | None = field(default=None, init=False)
-    bar: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.limit = RateLimit(self.min_interval)
@@ -100,10 +113,6 @@ class ProgressTracker:
     def begin(self, state: Any) -> None:
         """Mark the start of this train() call (a resumed run starts past step 0 with tokens already counted)."""
         self.start = SessionStart(self.clock(), state.global_step, int(state.num_input_tokens_seen or 0))
-        if state.is_world_process_zero and self._stream().isatty():
-            from tqdm.auto import tqdm  # type: ignore[import-untyped]
-
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
 
     def observe_logs(self, logs: dict[str, Any]) -> None:
         """Keep the latest logged loss (averaged over training.loggingSteps by the trainer)."""
@@ -113,21 +122,27 @@ class ProgressTracker:
             self.learning_rate = float(logs["learning_rate"])
 
     def step(self, state: Any, learning_rate: float | None) -> None:
-        """After each optimizer step: update the bar, and report when min_interval has passed."""
+        """After each optimizer step: the step to `on_step`, and a report when min_interval has passed."""
         if learning_rate is not None:
             self.learning_rate = learning_rate
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-        if state.is_world_process_zero:
-            self.report(state, force=False)
+        if not state.is_world_process_zero:
+            return
+        if self.on_step is not None:
+            self.on_step(
+                TrainingStep(
+                    step=int(state.global_step),
+                    total_steps=int(state.max_steps or 0),
+                    trained_tokens=int(state.num_input_tokens_seen or 0),
+                    loss=self.loss,
+                    learning_rate=self.learning_rate,
+                )
+            )
+        self.report(state, force=False)
 
     def end(self, state: Any) -> None:
         """The final state, always reported."""
         if state.is_world_process_zero:
             self.report(state, force=True)
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
     def status(self, state: Any) -> ProgressStatus:
         """The progress at this point of training."""
@@ -149,18 +164,10 @@ class ProgressTracker:
         )
 
     def report(self, state: Any, force: bool) -> None:
-        """Send the current status to the sink and the log, unless one went out less than min_interval ago."""
+        """Send the current status to the sink, unless one went out less than min_interval ago."""
         if not self.limit.allow(self.clock(), force=force):
             return
         progress = self.status(state)
         self.last_reported = progress
-        line = json.dumps({"event": "progress", **progress.to_wire()}, separators=(",", ":"))
-        if self.bar is not None:
-            self.bar.write(line, file=self._stream())
-        else:
-            print(line, file=self._stream(), flush=True)
         if self.sink is not None:
             self.sink(progress)
-
-    def _stream(self) -> TextIO:
-        return self.stream if self.stream is not None else sys.stdout
