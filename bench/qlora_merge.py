@@ -23,7 +23,7 @@ from kubetune.api import FineTuneJob
 from kubetune.manifests import load_finetunejobs
 
 if TYPE_CHECKING:
-    from kubetune_trainer.endpoint_check import EndpointCheck
+    from kubetune_trainer.evaluate.endpoint_check import EndpointCheck
 
 # The two places an adapter can be merged into, by what the merge starts from.
 MERGES = {"original 16-bit checkpoint": False, "dequantized 4-bit base (kubetune's merge)": True}
@@ -31,9 +31,9 @@ MERGES = {"original 16-bit checkpoint": False, "dequantized 4-bit base (kubetune
 
 def merged_gguf(job: FineTuneJob, model_dir: Path, adapter_dir: Path, work: Path, dequantized: bool) -> Path:
     """The adapter merged one way and exported as the job's GGUF."""
-    from kubetune_trainer.gguf_export import export_gguf
     from kubetune_trainer.modeling import detect_mixed_precision, load_tokenizer
-    from kubetune_trainer.training import merge_adapter
+    from kubetune_trainer.publish.gguf_export import export_gguf
+    from kubetune_trainer.train.trainer import merge_adapter
 
     spec = job.spec
     # merge_adapter reads only these of the training's LoadedModel.
@@ -49,7 +49,7 @@ def merged_gguf(job: FineTuneJob, model_dir: Path, adapter_dir: Path, work: Path
 
 def served_check(job: FineTuneJob, gguf: Path, log_dir: Path) -> EndpointCheck:
     """The endpoint check of the GGUF served by llama.cpp's server on this machine."""
-    from kubetune_trainer.endpoint_check import check_endpoint
+    from kubetune_trainer.evaluate.endpoint_check import check_endpoint
 
     from tests.testbed.llama_server import LlamaServer
 

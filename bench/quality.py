@@ -4,11 +4,11 @@
     python -m bench.quality --dataset banking77 [--objective sequence-classification]
 
 SmolLM2-135M-Instruct, qLoRA, on this machine's CPU. Each run is our real trainer entry
-(`kubetune_trainer.main.run_job`, what `kubetune train -f` calls) on a FineTuneJob built here: the dataset's 2,000
-training rows, its 500-row test file as the held-out set, and the recipe below for the dataset and objective. The
-trainer scores the tuned adapter and the base model prompted zero-shot (the label list in the prompt) and 5-shot on
-the same rows; this bench reads the published report and manifest and prints one table: accuracy, macro-F1,
-training and evaluation time per model.
+(`kubetune_trainer.backends.local.run_job`, what `kubetune train -f` calls) on a FineTuneJob built here: the
+dataset's 2,000 training rows, its 500-row test file as the held-out set, and the recipe below for the dataset and
+objective. The trainer scores the tuned adapter and the base model prompted zero-shot (the label list in the prompt)
+and 5-shot on the same rows; this bench reads the published report and manifest and prints one table: accuracy,
+macro-F1, training and evaluation time per model.
 
 Targets (the issue): AG News tuned accuracy >= 0.90 with <= 15 minutes of training; Banking77 >= 0.80 with <= 30
 minutes, with either objective. A plain TRL script (completion-only loss, lr 3e-4 cosine, batch 8, one epoch)
@@ -81,7 +81,8 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     # The label is a word the base model already knows, so generating it is data-efficient; the prompt (4 labels and
     # the article, p50 118 tokens) fits 256. The lift over the naive script (0.88 at 3e-4) comes from the learning
     # rate: at 6e-4 the loss is down to the label format within 20 steps and the rest of the epoch learns topics
-    # (0.900 with dropout 0.05 and without). With the compact LM head (kubetune_trainer.cpu_speedups) and no dropout a
+    # (0.900 with dropout 0.05 and without). With the compact LM head (kubetune_trainer.train.cpu_speedups) and no
+    # dropout a
     # step of 8 took 3.3 s on the 2-core AMD machine (6.3 s before), so the epoch (250 steps) fits the 15 minutes.
     ("ag_news", "causal-lm"): {
         "dataset": {"maxLength": 256},
@@ -418,8 +419,8 @@ def main(
     """Train and evaluate one recipe with the real trainer; print the table and write bench/results/."""
     # Before anything imports torch: OpenMP reads it once, at start.
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-    from kubetune_trainer.main import run_job
-    from kubetune_trainer.progress import LogChannel, Reporter, json_logging
+    from kubetune_trainer.backends.local import run_job
+    from kubetune_trainer.progress.reporter import LogChannel, Reporter, json_logging
 
     from tests.testbed.smollm2 import convert_smollm2
 

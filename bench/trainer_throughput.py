@@ -208,9 +208,9 @@ def job_spec(model_dir: Path, train_file: Path, data_format: str, packing: bool,
 
 def run_ours(spec: Any, data: Any, model_dir: Path, work_dir: Path, meter: Any) -> None:
     """Our training stage, as the trainer's entry point calls it (progress tracker, guards, checkpoint callback)."""
-    from kubetune_trainer.progress import LogChannel, Reporter
-    from kubetune_trainer.training import train
-    from kubetune_trainer.training_progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
+    from kubetune_trainer.progress.reporter import LogChannel, Reporter
+    from kubetune_trainer.train.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
+    from kubetune_trainer.train.trainer import train
 
     reporter = Reporter([LogChannel(DEFAULT_PROGRESS_INTERVAL_SECONDS)])
     train(spec, data, model_dir, work_dir, progress=reporter, on_step=reporter.report_step, extra_callbacks=[meter])
@@ -220,7 +220,7 @@ def run_plain(spec: Any, data: Any, model_dir: Path, work_dir: Path, meter: Any)
     """What a user would write with TRL alone: a 4-bit base, a LoRA config handed to SFTTrainer, the same settings."""
     import torch
     from datasets import Dataset
-    from kubetune_trainer.training import sft_records
+    from kubetune_trainer.train.trainer import sft_records
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
@@ -274,7 +274,7 @@ def run_plain(spec: Any, data: Any, model_dir: Path, work_dir: Path, meter: Any)
 def run_child(configuration: Configuration, train_file: Path, data_format: str, settings: Settings, work: Path) -> dict:
     """Train one configuration and return its window's figures and this process's peak RSS."""
     import torch
-    from kubetune_trainer.data import prepare_data
+    from kubetune_trainer.data.prepare import prepare_data
 
     from bench.throughput_meter import ThroughputMeter
     from tests.testbed.smollm2 import convert_smollm2

@@ -22,7 +22,7 @@ POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 # The Job controller names a pod `<job>-` plus 5 random characters (the API server's generateName).
 GENERATED_SUFFIX_LENGTH = 5
 TRAINER_POD_INFIX = f"{TRAINER_JOB_SUFFIX}-"
-# What a trainer reports (kubetune_trainer.progress.StatusPatcher); every other status field is the operator's.
+# What a trainer reports (kubetune_trainer.progress.reporter.StatusPatcher); every other status field is the operator's.
 TRAINER_STATUS_FIELDS = ("progress", "dataset")
 DNS_LABEL_LENGTH = 63
 

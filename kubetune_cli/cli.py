@@ -202,7 +202,7 @@ def check_endpoint(file: Path, base_url: str, model: str, api_key_env: str | Non
     require_extra(TRAINER_MODULES, TRAINER_EXTRA, "check-endpoint")
     import os
 
-    from kubetune_trainer.endpoint_check import check_endpoint as run_check
+    from kubetune_trainer.evaluate.endpoint_check import check_endpoint as run_check
 
     jobs = load_or_exit(file)
     if len(jobs) != 1:
@@ -238,9 +238,9 @@ def require_extra(modules: Sequence[str], extra: str, command: str) -> None:
 
 def train_one(job: FineTuneJob, verbose: bool) -> TrainerSummary:
     """run_job with a terminal reporter and JSON-lines logs (warnings only unless verbose); exits 143 on SIGTERM."""
-    from kubetune_trainer.main import run_job
-    from kubetune_trainer.progress import json_logging, terminal_reporter
-    from kubetune_trainer.training import TrainingPreempted
+    from kubetune_trainer.backends.local import run_job
+    from kubetune_trainer.progress.reporter import json_logging, terminal_reporter
+    from kubetune_trainer.train.trainer import TrainingPreempted
 
     from kubetune.contract import EXIT_CODE_PREEMPTED
 

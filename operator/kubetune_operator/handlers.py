@@ -5,7 +5,8 @@ and Pods return None (a returned value would be patched into those objects). The
 finalizers: deleting a FineTuneJob never waits for the operator, and its children go by owner-reference GC.
 
 Backends: both run as the same trainer Job, so one set of handlers serves them. `local` trains in the pod; `openai`
-drives hosted fine-tuning from a pod without GPUs (kubetune_trainer.hosted), so the operator never reads the API key.
+drives hosted fine-tuning from a pod without GPUs (kubetune_trainer.backends.hosted), so the operator never reads the
+API key.
 """
 
 from __future__ import annotations

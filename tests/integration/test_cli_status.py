@@ -77,7 +77,7 @@ def test_evaluation_progress_reaches_the_status_kubectl_and_kubetune_status(
     kube: ControlPlane, crd: str, namespace: str
 ) -> None:
     from kubernetes import client
-    from kubetune_trainer.progress import Reporter, StatusPatcher
+    from kubetune_trainer.progress.reporter import Reporter, StatusPatcher
 
     kube.apply(
         {

@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer import evaluation
-from kubetune_trainer.evaluation import (
+from kubetune_trainer.data.formats import classification_instruction, few_shot_prompt
+from kubetune_trainer.data.rows import Example
+from kubetune_trainer.evaluate import runner as evaluation
+from kubetune_trainer.evaluate.gate import evaluate_gate
+from kubetune_trainer.evaluate.judge import LlmJudge
+from kubetune_trainer.evaluate.report import evaluation_status, write_report
+from kubetune_trainer.evaluate.retrieval import retrieved_shots
+from kubetune_trainer.evaluate.runner import (
     EvaluationInputError,
     completion_loss,
     completion_token_ids,
@@ -22,13 +28,7 @@ from kubetune_trainer.evaluation import (
     select_shots,
     shared_prefix_length,
 )
-from kubetune_trainer.examples import Example
-from kubetune_trainer.formats import classification_instruction, few_shot_prompt
-from kubetune_trainer.gate import evaluate_gate
-from kubetune_trainer.judge import LlmJudge
-from kubetune_trainer.metrics import parse_label
-from kubetune_trainer.report import evaluation_status, write_report
-from kubetune_trainer.retrieval import retrieved_shots
+from kubetune_trainer.evaluate.scoring import parse_label
 
 from kubetune.api import ContenderSpec, EvaluationSpec, GateSpec, JudgeSpec, SecretKeyRef, significant
 from kubetune.contract import contender_api_key_env
@@ -217,7 +217,7 @@ def test_the_shared_prompt_head_goes_through_the_model_once_and_changes_no_outpu
 
     cached_model = plain_llama(model_dir)
     cached_fed = counted_tokens(cached_model)
-    with caplog.at_level(logging.INFO, logger="kubetune_trainer.evaluation"):
+    with caplog.at_level(logging.INFO, logger="kubetune_trainer.evaluate.runner"):
         cached = generate_outputs(cached_model, tokenizer, prompts, batch_size=4, max_new_tokens=6)
     monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX_TOKENS", 10**9)
     plain_model = plain_llama(model_dir)

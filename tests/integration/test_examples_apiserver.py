@@ -81,7 +81,7 @@ def test_server_accepts_the_example_with_the_typed_defaults(
 def test_example_data_passes_preflight_from_s3_within_max_length(
     example: ExampleJob, example_data_in_s3: list[str], s3_env: dict[str, str], smollm2_tokenizer: Any
 ) -> None:
-    from kubetune_trainer.data import prepare_data
+    from kubetune_trainer.data.prepare import prepare_data
 
     job = load_example(example)
 

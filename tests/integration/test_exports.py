@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
+from kubetune_trainer.backends.local import run_job
 from kubetune_trainer.commands import cli
-from kubetune_trainer.gguf_export import ENV_CONVERTER_DIR
-from kubetune_trainer.main import run_job
-from kubetune_trainer.progress import Reporter
-from kubetune_trainer.registry_push import ADAPTER_CONFIG_MEDIA_TYPE
+from kubetune_trainer.progress.reporter import Reporter
+from kubetune_trainer.publish.gguf_export import ENV_CONVERTER_DIR
+from kubetune_trainer.publish.registry_push import ADAPTER_CONFIG_MEDIA_TYPE
 
 from kubetune.api import EndpointCheckStatus, FineTuneJob
 from kubetune.contract import ENV_REGISTRY_CONFIG, ENV_TERMINATION_MESSAGE_PATH
@@ -245,7 +245,7 @@ def test_a_missing_gguf_converter_stops_the_run_before_any_data_is_read(
 
 
 def test_the_endpoint_check_names_an_endpoint_that_does_not_answer(tmp_path: Path) -> None:
-    from kubetune_trainer.endpoint_check import check_endpoint
+    from kubetune_trainer.evaluate.endpoint_check import check_endpoint
     from kubetune_trainer.failures import EvaluationError
 
     from tests.testbed.processes import free_port

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 from kubetune_trainer import storage
-from kubetune_trainer.hosted import HostedPreempted, cancel_check_from_environment, run_hosted
-from kubetune_trainer.hosted_service import HostedSettings
-from kubetune_trainer.progress import ProgressChannel, Reporter, Stage
+from kubetune_trainer.backends.hosted.driver import HostedPreempted, cancel_check_from_environment, run_hosted
+from kubetune_trainer.backends.hosted.service import HostedSettings
+from kubetune_trainer.progress.reporter import ProgressChannel, Reporter, Stage
 
 from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, ProgressStatus, significant
 from kubetune.conditions import (

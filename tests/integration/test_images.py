@@ -119,7 +119,7 @@ def test_trainer_records_the_kubetune_version_of_pyproject() -> None:
 def test_trainer_stack_imports_and_quantizes_4bit_on_the_cpu_in_the_image() -> None:
     code = (
         "import torch, bitsandbytes as bnb, peft, trl, transformers, boto3, kubernetes\n"
-        "import kubetune_trainer.main\n"
+        "import kubetune_trainer.backends.local\n"
         "layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type='nf4')\n"
         "layer = layer.to('cpu')\n"
         "print(torch.__version__.split('+')[0], tuple(layer(torch.ones(2, 64)).shape))"

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from kubetune_trainer.judge import REDACTED, JudgeCase, LlmJudge, Verdict, judge_from_environment
+from kubetune_trainer.evaluate.judge import REDACTED, JudgeCase, LlmJudge, Verdict, judge_from_environment
 
 from kubetune.api import JudgeSpec, SecretKeyRef
 from kubetune.contract import ENV_JUDGE_API_KEY

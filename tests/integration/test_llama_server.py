@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+from kubetune_trainer.backends.hosted.evaluation import HostedModels, run_hosted_evaluation
 from kubetune_trainer.chat_endpoint import ChatEndpoint
-from kubetune_trainer.evaluation import EvaluationInputError
-from kubetune_trainer.examples import Example
-from kubetune_trainer.hosted_evaluation import HostedModels, run_hosted_evaluation
-from kubetune_trainer.judge import RESPONSE_FORMATS, JudgeCase, LlmJudge
+from kubetune_trainer.data.rows import Example
+from kubetune_trainer.evaluate.judge import RESPONSE_FORMATS, JudgeCase, LlmJudge
+from kubetune_trainer.evaluate.runner import EvaluationInputError
 
 from kubetune.api import EvaluationSpec, JudgeSpec, SecretKeyRef
 from tests.testbed.fault_proxy import Fault, FaultProxy
@@ -40,7 +40,7 @@ def judge_spec(server: LlamaServer, max_retries: int = 1) -> JudgeSpec:
 def test_the_judge_falls_back_from_json_schema_and_grades_with_real_tokens(
     llama_server: LlamaServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kubetune_trainer.judge")
+    caplog.set_level(logging.INFO, logger="kubetune_trainer.evaluate.judge")
     judge = LlmJudge(judge_spec(llama_server), llama_server.api_key, request_timeout=60)
     try:
         run = judge.judge_cases(CASES)

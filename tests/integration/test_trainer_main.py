@@ -20,8 +20,14 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune_trainer.main import RunSettings, run_job
-from kubetune_trainer.progress import ProgressChannel, Reporter, Stage, StatusPatcher, reporter_from_environment
+from kubetune_trainer.backends.local import RunSettings, run_job
+from kubetune_trainer.progress.reporter import (
+    ProgressChannel,
+    Reporter,
+    Stage,
+    StatusPatcher,
+    reporter_from_environment,
+)
 
 from kubetune.api import GROUP, PLURAL, VERSION, DatasetStatus, FineTuneJob, ProgressStatus
 from kubetune.contract import TrainerSummary, trainer_command

@@ -15,7 +15,11 @@ from typing import Any
 
 import pytest
 from kubetune_trainer import storage
-from kubetune_trainer.checkpoints import (
+from kubetune_trainer.data.prepare import prepare_data
+from kubetune_trainer.data.rows import DataError, PreparedData
+from kubetune_trainer.modeling import ModelError, detect_mixed_precision, load_model_for_training, resolve_model_dir
+from kubetune_trainer.train.callbacks import RunFlags
+from kubetune_trainer.train.checkpoints import (
     COMPLETE_MARKER,
     RemoteCheckpoint,
     checkpoint_uri,
@@ -23,17 +27,13 @@ from kubetune_trainer.checkpoints import (
     list_checkpoints,
     upload_checkpoint,
 )
-from kubetune_trainer.data import prepare_data
-from kubetune_trainer.examples import DataError, PreparedData
-from kubetune_trainer.modeling import ModelError, detect_mixed_precision, load_model_for_training, resolve_model_dir
-from kubetune_trainer.training import (
+from kubetune_trainer.train.progress import TrainingStep
+from kubetune_trainer.train.trainer import (
     TrainingDiverged,
     TrainResult,
     build_trainer,
     train,
 )
-from kubetune_trainer.training_callbacks import RunFlags
-from kubetune_trainer.training_progress import TrainingStep
 from transformers import TrainerCallback
 
 from kubetune.api import FineTuneJobSpec, ModelSpec, ProgressStatus

@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.data import prepare_data
-from kubetune_trainer.training import TrainingPreempted, train
+from kubetune_trainer.data.prepare import prepare_data
+from kubetune_trainer.train.trainer import TrainingPreempted, train
 from transformers import TrainerCallback
 
 from kubetune.api import FineTuneJobSpec, ProgressStatus

@@ -192,7 +192,7 @@ def print_look_around(plane: ControlPlane, s3: S3Server, prometheus: PrometheusS
 
 def ask_line(address: str, model: str, labels: list[str], text: str) -> str:
     """A curl command asking the served model to classify `text` the way it was tuned to."""
-    from kubetune_trainer.formats import classification_instruction
+    from kubetune_trainer.data.formats import classification_instruction
 
     body = {"model": model, "messages": [{"role": "user", "content": classification_instruction(labels, text)}]}
     return (

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from kubetune_trainer.contenders import ServingCost, token_cost
-from kubetune_trainer.evaluation_results import EvalSample, EvaluationResults, ModelResult
-from kubetune_trainer.report import build_report
+from kubetune_trainer.evaluate.contenders import ServingCost, token_cost
+from kubetune_trainer.evaluate.report import build_report
+from kubetune_trainer.evaluate.results import EvalSample, EvaluationResults, ModelResult
 
 from bench.quality import RECIPES, TARGETS, baselines_option, model_rows, recipe_job, table_lines, verdict_lines
 from bench.throughput_meter import fed_tokens, real_tokens

@@ -66,7 +66,7 @@ Threads:\t12
 PROC_STAT = "4242 (python (kopf) x) S 1 4242 4242 0 -1 4194560 5000 0 0 0 250 50 0 0 20 0 12 0 100 0 0"
 
 
-def log_line(time: str, message: str, logger: str = "kubetune_trainer.progress", **fields: object) -> str:
+def log_line(time: str, message: str, logger: str = "kubetune_trainer.progress.reporter", **fields: object) -> str:
     entry = {"time": time, "level": "info", "stage": None, "logger": logger, "message": message, "fields": fields}
     return json.dumps(entry)
 
@@ -382,7 +382,7 @@ TRAINER_LOG = "\n".join(
         log_line("2026-11-22T03:05:40.000+00:00", "progress", stage="train", step=0),
         log_line("2026-11-22T03:06:12.000+00:00", "progress", stage="train", step=1, totalSteps=3),
         log_line("2026-11-22T03:07:00.000+00:00", "progress", stage="train", step=2, totalSteps=3),
-        log_line("2026-11-22T03:08:00.000+00:00", "run finished: Succeeded", logger="kubetune_trainer.main"),
+        log_line("2026-11-22T03:08:00.000+00:00", "run finished: Succeeded", logger="kubetune_trainer.backends.local"),
     ]
 )
 T0 = datetime(2026, 11, 22, 3, 5, tzinfo=UTC).timestamp()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from kubetune_trainer.contenders import RequestRecord, contender_key, percentile, prompts_for, serving_cost
-from kubetune_trainer.examples import Example
-from kubetune_trainer.formats import few_shot_prompt
+from kubetune_trainer.data.formats import few_shot_prompt
+from kubetune_trainer.data.rows import Example
+from kubetune_trainer.evaluate.contenders import RequestRecord, contender_key, percentile, prompts_for, serving_cost
 
 from kubetune.api import ContenderSpec, SecretKeyRef
 from kubetune.contract import contender_api_key_env

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer.data import (
+from kubetune_trainer.data.files import first_oversized_line, read_rows
+from kubetune_trainer.data.formats import resolve_format
+from kubetune_trainer.data.prepare import (
     DataError,
     Example,
     PreparedData,
@@ -24,8 +26,6 @@ from kubetune_trainer.data import (
     split_indices,
     split_validation,
 )
-from kubetune_trainer.data_files import first_oversized_line, read_rows
-from kubetune_trainer.formats import resolve_format
 from pydantic import ValidationError
 
 from kubetune.api import DatasetSpec

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer.data import measure_tokens, prepare_data
-from kubetune_trainer.examples import Example
-from kubetune_trainer.main import RunSettings, model_stage
-from kubetune_trainer.progress import ProgressChannel, Reporter
+from kubetune_trainer.backends.local import RunSettings, model_stage
+from kubetune_trainer.data.prepare import measure_tokens, prepare_data
+from kubetune_trainer.data.rows import Example
+from kubetune_trainer.progress.reporter import ProgressChannel, Reporter
 
 from kubetune.api import DatasetSpec, DatasetStatus, FineTuneJobSpec
 from tests.testbed.shared_data import shared_sample

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from kubetune_trainer.formats import classification_instruction
+from kubetune_trainer.data.formats import classification_instruction
 
 from tests.testbed.demo import ask_line
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from kubetune_trainer.data import prepare_data
-from kubetune_trainer.metrics import default_metrics, json_fields
+from kubetune_trainer.data.prepare import prepare_data
+from kubetune_trainer.evaluate.scoring import default_metrics, json_fields
 
 from kubetune.manifests import load_finetunejobs_text
 from kubetune_cli.cli import main

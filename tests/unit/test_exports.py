@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer.exports import artifact_config, gguf_source, registry_credentials
-from kubetune_trainer.gguf_export import (
+from kubetune_trainer.publish.exports import artifact_config, gguf_source, registry_credentials
+from kubetune_trainer.publish.gguf_export import (
     LLAMA_CPP_DIR,
     GgufExportError,
     converter_command,
@@ -20,7 +20,7 @@ from kubetune_trainer.gguf_export import (
     gguf_file_name,
     member_target,
 )
-from kubetune_trainer.registry_push import (
+from kubetune_trainer.publish.registry_push import (
     Credentials,
     RegistryPushError,
     credentials_for,
@@ -174,8 +174,8 @@ def test_the_tag_defaults_to_the_jobs_name() -> None:
 
 
 def test_the_endpoint_check_scores_text_only_and_counts_alike_answers() -> None:
-    from kubetune_trainer.contenders import serving_cost
-    from kubetune_trainer.endpoint_check import EndpointCheck, agreement, text_metrics
+    from kubetune_trainer.evaluate.contenders import serving_cost
+    from kubetune_trainer.evaluate.endpoint_check import EndpointCheck, agreement, text_metrics
 
     report = {"models": {"tuned": {"metrics": {"loss": 0.4, "accuracy": 0.9, "f1.macro": 0.8, "judge": 70.0}}}}
     assert text_metrics(report) == ["accuracy", "f1.macro"]
@@ -201,8 +201,8 @@ def test_the_endpoint_check_scores_text_only_and_counts_alike_answers() -> None:
 
 
 def answered_check(headline: str = "accuracy") -> Any:
-    from kubetune_trainer.contenders import ServingCost
-    from kubetune_trainer.endpoint_check import EndpointCheck
+    from kubetune_trainer.evaluate.contenders import ServingCost
+    from kubetune_trainer.evaluate.endpoint_check import EndpointCheck
 
     cost = ServingCost(
         requests=20,
@@ -245,7 +245,7 @@ def test_the_endpoint_check_becomes_status_through_the_termination_message() -> 
 
 
 def test_the_report_shows_the_endpoint_beside_the_in_process_model() -> None:
-    from kubetune_trainer.report import endpoint_table, render_markdown
+    from kubetune_trainer.evaluate.report import endpoint_table, render_markdown
 
     report = {
         "headlineMetric": "accuracy",

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import trl.trainer.utils as trl_utils
-from kubetune_trainer.cpu_speedups import compact_on_eager_devices, score_labelled_positions_only
+from kubetune_trainer.train.cpu_speedups import compact_on_eager_devices, score_labelled_positions_only
 from trl.trainer.utils import add_fused_lm_head
 
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
@@ -87,6 +87,6 @@ def test_a_trl_without_the_hook_trains_uncompacted_and_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delattr(trl_utils, "_use_triton")
-    with caplog.at_level(logging.WARNING, logger="kubetune_trainer.cpu_speedups"):
+    with caplog.at_level(logging.WARNING, logger="kubetune_trainer.train.cpu_speedups"):
         assert not score_labelled_positions_only()
     assert "cannot make the fused LM head compact" in caplog.text

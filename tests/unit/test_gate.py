@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kubetune_trainer.gate import evaluate_gate
+from kubetune_trainer.evaluate.gate import evaluate_gate
 
 from kubetune.api import GateSpec
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubetune_trainer.failures import EXIT_CODE_PERMANENT, EXIT_CODE_RETRYABLE, ConfigError
-from kubetune_trainer.hosted import (
+from kubetune_trainer.backends.hosted.driver import (
     check_hosted_runnable,
     hosted_exit_code,
     hosted_settings_from_environment,
     is_stopped_by_user,
 )
-from kubetune_trainer.hosted_service import (
+from kubetune_trainer.backends.hosted.service import (
     HostedSettings,
     StepMetrics,
     backoff_seconds,
@@ -23,6 +22,7 @@ from kubetune_trainer.hosted_service import (
     next_poll_delay,
     progress_of,
 )
+from kubetune_trainer.failures import EXIT_CODE_PERMANENT, EXIT_CODE_RETRYABLE, ConfigError
 
 from kubetune.api import FineTuneJobSpec, OpenAISpec
 from kubetune.contract import TrainerSummary

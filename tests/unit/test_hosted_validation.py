@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kubetune_trainer.examples import DataError, Example
-from kubetune_trainer.hosted_validation import (
+from kubetune_trainer.backends.hosted.validation import (
     DEFAULT_EXAMPLE_TOKEN_LIMIT,
     HostedLimits,
     approximate_tokens,
@@ -15,6 +14,7 @@ from kubetune_trainer.hosted_validation import (
     hosted_file,
     message_problems,
 )
+from kubetune_trainer.data.rows import DataError, Example
 
 pytestmark = pytest.mark.unit
 

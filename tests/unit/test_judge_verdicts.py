@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kubetune_trainer.judge import MalformedVerdictError, parse_verdict
+from kubetune_trainer.evaluate.judge import MalformedVerdictError, parse_verdict
 
 pytestmark = pytest.mark.unit
 

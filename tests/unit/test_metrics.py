@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from kubetune_trainer.metrics import (
+from kubetune_trainer.evaluate.scoring import (
     UNPARSED,
     InvalidReferenceError,
     classification_scores,
@@ -222,7 +222,7 @@ def test_is_better_respects_the_direction_of_each_score() -> None:
 def test_every_metric_of_the_spec_is_scored_somewhere_and_reports_only_the_scores_it_declares() -> None:
     from typing import get_args
 
-    from kubetune_trainer.metrics import TEXT_SCORERS
+    from kubetune_trainer.evaluate.scoring import TEXT_SCORERS
 
     from kubetune.api import METRIC_SCORES, EvaluationMetric, scores_of
 
@@ -249,8 +249,8 @@ def test_every_metric_of_the_spec_is_scored_somewhere_and_reports_only_the_score
 def test_every_dataset_format_infers_only_metrics_the_spec_allows_for_it(references: list[str]) -> None:
     from typing import get_args
 
-    from kubetune_trainer.formats import FORMATS
-    from kubetune_trainer.metrics import default_metrics
+    from kubetune_trainer.data.formats import FORMATS
+    from kubetune_trainer.evaluate.scoring import default_metrics
 
     from kubetune.api import INFERABLE_METRICS, DatasetFormat
 

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import yaml
-from kubetune_trainer.model_card import CardFacts, card_metadata, render_model_card
-from kubetune_trainer.output_manifest import BaseModelRecord
+from kubetune_trainer.publish.manifest import BaseModelRecord
+from kubetune_trainer.publish.model_card import CardFacts, card_metadata, render_model_card
 
 from kubetune.api import DatasetStatus, EvaluationStatus, FineTuneJob, TokenLengths
 from tests.example_jobs import EXAMPLE_JOBS, load_example

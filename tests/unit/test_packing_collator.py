@@ -7,17 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer.cpu_speedups import (
+from kubetune_trainer.data.rows import Example, PreparedData
+from kubetune_trainer.modeling import LoadedModel
+from kubetune_trainer.train.callbacks import RunFlags
+from kubetune_trainer.train.cpu_speedups import (
     IGNORED_LABEL,
     REAL_TOKENS_PER_ROW,
     BlockDiagonalPackedCollator,
     block_diagonal_packed_sft_trainer,
     packed_position_ids,
 )
-from kubetune_trainer.examples import Example, PreparedData
-from kubetune_trainer.modeling import LoadedModel
-from kubetune_trainer.training import build_trainer
-from kubetune_trainer.training_callbacks import RunFlags
+from kubetune_trainer.train.trainer import build_trainer
 
 from kubetune.api import FineTuneJobSpec
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
@@ -200,7 +200,7 @@ def test_the_trainer_feeds_packed_batches_whole_and_counts_their_real_tokens(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
-    from kubetune_trainer import training
+    from kubetune_trainer.train import trainer as training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setattr(training, "cuda_available", lambda: False)

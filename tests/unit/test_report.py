@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from kubetune_trainer.contenders import token_cost
-from kubetune_trainer.evaluation_results import EvalSample, EvaluationResults, JudgeCost, ModelResult
-from kubetune_trainer.gate import GateOutcome
-from kubetune_trainer.metrics import ConfusionMatrix
-from kubetune_trainer.report import (
+from kubetune_trainer.evaluate.contenders import token_cost
+from kubetune_trainer.evaluate.gate import GateOutcome
+from kubetune_trainer.evaluate.report import (
     build_report,
     chart_scores,
     cost_figure,
@@ -21,6 +19,8 @@ from kubetune_trainer.report import (
     score_figure,
     write_report,
 )
+from kubetune_trainer.evaluate.results import EvalSample, EvaluationResults, JudgeCost, ModelResult
+from kubetune_trainer.evaluate.scoring import ConfusionMatrix
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from kubetune.api import EvaluationStatus, GateStatus

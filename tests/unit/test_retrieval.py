@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from kubetune_trainer.examples import Example
-from kubetune_trainer.retrieval import retrieved_shots
+from kubetune_trainer.data.rows import Example
+from kubetune_trainer.evaluate.retrieval import retrieved_shots
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune_trainer.metrics import classification_scores, json_scores
+from kubetune_trainer.evaluate.scoring import classification_scores, json_scores
 from pydantic import BaseModel, ConfigDict
 
 from kubetune.api import METRIC_SCORES, FineTuneJobSpec

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kubetune_trainer.checkpoints import CheckpointError
-from kubetune_trainer.examples import DataError
+from kubetune_trainer.data.rows import DataError
 from kubetune_trainer.failures import (
     EXIT_CODE_PERMANENT,
     EXIT_CODE_RETRYABLE,
@@ -21,7 +20,8 @@ from kubetune_trainer.failures import (
 )
 from kubetune_trainer.modeling import ModelError
 from kubetune_trainer.storage import REASON_NO_SUCH_BUCKET, StorageError
-from kubetune_trainer.training import TrainingDiverged
+from kubetune_trainer.train.checkpoints import CheckpointError
+from kubetune_trainer.train.trainer import TrainingDiverged
 
 from kubetune.api import DatasetStatus, UsageStatus
 from kubetune.contract import TERMINATION_MESSAGE_LIMIT_BYTES, TrainerSummary

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune_trainer.examples import Example, PreparedData
-from kubetune_trainer.failures import ConfigError
-from kubetune_trainer.main import (
+from kubetune_trainer.backends.local import (
     Launch,
     check_runnable,
     default_settings,
@@ -17,10 +15,12 @@ from kubetune_trainer.main import (
     shared_work_dir,
     success_message,
 )
+from kubetune_trainer.data.rows import Example, PreparedData
+from kubetune_trainer.evaluate.report import ReportFiles
+from kubetune_trainer.failures import ConfigError
 from kubetune_trainer.pipeline import EvaluationOutcome, RunRecord, check_gate_is_computed, load_job
-from kubetune_trainer.progress import Reporter
-from kubetune_trainer.report import ReportFiles
-from kubetune_trainer.training import TrainResult
+from kubetune_trainer.progress.reporter import Reporter
+from kubetune_trainer.train.trainer import TrainResult
 
 from kubetune.api import EvaluationStatus, FineTuneJobSpec
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client import ApiException
-from kubetune_trainer.progress import (
+from kubetune_trainer.progress.reporter import (
     STAGES,
     JsonLinesFormatter,
     LogChannel,
@@ -247,7 +247,7 @@ def test_the_log_channel_reports_evaluation_at_a_bounded_rate_and_always_the_end
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     channel = LogChannel(interval=3600)
-    caplog.set_level(logging.INFO, logger="kubetune_trainer.progress")
+    caplog.set_level(logging.INFO, logger="kubetune_trainer.progress.reporter")
 
     for done in range(1, 51):
         channel.evaluation_advanced(done, 50)
@@ -323,7 +323,7 @@ def test_stages_after_training_keep_the_evaluation_counts() -> None:
 
 
 def test_evaluation_percent_is_rounded_and_none_without_work() -> None:
-    from kubetune_trainer.progress import evaluation_progress
+    from kubetune_trainer.progress.reporter import evaluation_progress
 
     assert evaluation_progress(1, 3).eval_percent == 33.3
     assert evaluation_progress(0, 0).eval_percent is None
@@ -502,7 +502,7 @@ def test_the_json_log_leaves_out_each_http_request_of_the_openai_client_but_keep
     with json_logging(lambda: "evaluate", stream=stream):
         logging.getLogger("httpx").info('HTTP Request: POST http://judge/v1/chat/completions "HTTP/1.1 200 OK"')
         logging.getLogger("httpx").warning("connection pool is full")
-        logging.getLogger("kubetune_trainer.evaluation").info("judged tuned")
+        logging.getLogger("kubetune_trainer.evaluate.runner").info("judged tuned")
     messages = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
     assert messages == ["connection pool is full", "judged tuned"]
     assert logging.getLogger("httpx").level == logging.NOTSET  # put back afterwards

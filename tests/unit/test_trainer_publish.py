@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from kubetune_trainer.output_manifest import (
+from kubetune_trainer.evaluate.report import ReportFiles
+from kubetune_trainer.publish.manifest import (
     BaseModelRecord,
     DatasetRecord,
     JobReference,
@@ -18,8 +19,7 @@ from kubetune_trainer.output_manifest import (
     trainer_image,
     weight_files_sha256,
 )
-from kubetune_trainer.publish import MANIFEST_FILE, eval_uploads, publish
-from kubetune_trainer.report import ReportFiles
+from kubetune_trainer.publish.outputs import MANIFEST_FILE, eval_uploads, publish
 from kubetune_trainer.storage import StorageError
 
 from kubetune.api import DatasetStatus, FineTuneJob, ModelSpec, UsageStatus

@@ -7,14 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kubetune_trainer.checkpoints import (
-    CheckpointError,
-    RemoteCheckpoint,
-    complete_marker,
-    complete_steps,
-    parse_complete_marker,
-)
-from kubetune_trainer.examples import DataError, Example
+from kubetune_trainer.data.rows import DataError, Example
 from kubetune_trainer.modeling import (
     base_dtype_name,
     build_bnb_config,
@@ -26,7 +19,21 @@ from kubetune_trainer.modeling import (
     mixed_precision,
     upcasts_unquantized_weights,
 )
-from kubetune_trainer.training import (
+from kubetune_trainer.train.checkpoints import (
+    CheckpointError,
+    RemoteCheckpoint,
+    complete_marker,
+    complete_steps,
+    parse_complete_marker,
+)
+from kubetune_trainer.train.progress import (
+    ProgressTracker,
+    RateLimit,
+    TrainingStep,
+    eta_seconds,
+    tokens_per_second,
+)
+from kubetune_trainer.train.trainer import (
     build_sft_config,
     classification_records,
     common_arguments,
@@ -35,13 +42,6 @@ from kubetune_trainer.training import (
     sft_batch_shape,
     sft_record,
     sft_records,
-)
-from kubetune_trainer.training_progress import (
-    ProgressTracker,
-    RateLimit,
-    TrainingStep,
-    eta_seconds,
-    tokens_per_second,
 )
 
 from kubetune.api import FineTuneJobSpec, LoraSpec, ProgressStatus, QuantizationSpec, TrainingSpec

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.examples import ChatMessages
-from kubetune_trainer.judge import redact
+from kubetune_trainer.data.rows import ChatMessages
+from kubetune_trainer.evaluate.judge import redact
 
 if TYPE_CHECKING:
     from openai import OpenAI

@@ -1,5 +1,6 @@
-"""The trainer image's commands: `run` (the local backend, kubetune_trainer.main) and `hosted` (the hosted backend,
-kubetune_trainer.hosted), each running one FineTuneJob inside its pod."""
+"""The trainer image's commands: `run` (the local backend, kubetune_trainer.backends.local) and `hosted` (the hosted
+backend, kubetune_trainer.backends.hosted), each running one FineTuneJob inside its pod; `check-endpoint` and `fetch`
+for the operator's endpoint."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import click
 
 from kubetune.api import EndpointCheckStatus
 from kubetune.contract import ENV_JOB_MANIFEST, ENV_TERMINATION_MESSAGE_PATH
+from kubetune_trainer.backends.local import Launch, log_rank, run_in_process
 from kubetune_trainer.failures import ConfigError
-from kubetune_trainer.main import Launch, log_rank, run_in_process
 from kubetune_trainer.pipeline import load_job, refuse_config
-from kubetune_trainer.progress import ProgressSettingsError, Reporter, json_logging, reporter_from_environment
+from kubetune_trainer.progress.reporter import ProgressSettingsError, Reporter, json_logging, reporter_from_environment
 
 
 def config_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -58,8 +59,8 @@ def run(config: Path | None) -> None:
 @cli.command()
 @config_option("FineTuneJob manifest (YAML, backend openai)")
 def hosted(config: Path | None) -> None:
-    """Run a backend-openai job on the hosted service (see kubetune_trainer.hosted); exit codes as for run."""
-    from kubetune_trainer.hosted import hosted_main
+    """Run a backend-openai job on the hosted service (kubetune_trainer.backends.hosted); exit codes as for run."""
+    from kubetune_trainer.backends.hosted.driver import hosted_main
 
     sys.exit(hosted_main(config, dict(os.environ)))
 
@@ -80,7 +81,7 @@ def check_endpoint_command(
     """Send the rows the evaluation scored to the served tuned model, score its answers the same way, and write
     eval/endpoint.json beside the report (which shows it); exits 1 when the check cannot run. In a pod (the
     operator's check Job) the result also goes to the termination message, for status.serving.check."""
-    from kubetune_trainer.endpoint_check import check_endpoint, endpoint_uri
+    from kubetune_trainer.evaluate.endpoint_check import check_endpoint, endpoint_uri
 
     env = dict(os.environ)
     try:

@@ -28,7 +28,7 @@ from kubetune.conditions import (
 )
 from kubetune.contract import EXIT_CODE_PERMANENT, EXIT_CODE_RETRYABLE, TrainerSummary
 from kubetune.manifests import ManifestError
-from kubetune_trainer.examples import DataError
+from kubetune_trainer.data.rows import DataError
 from kubetune_trainer.storage import StorageError
 
 EXIT_CODE_SUCCEEDED = 0

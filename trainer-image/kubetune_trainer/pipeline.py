@@ -1,6 +1,7 @@
 """What both backends' runs share: the run record, the job and its pre-flight checks, the data stage, the judge,
 the evaluation's figures and sentences for the summary, and the termination message. The local backend
-(kubetune_trainer.main) and the hosted one (kubetune_trainer.hosted) supply how they train, predict and publish."""
+(kubetune_trainer.backends.local) and the hosted one (kubetune_trainer.backends.hosted) supply how they train,
+predict and publish."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from kubetune.contract import (
 from kubetune.manifests import ManifestError, load_finetunejobs, load_finetunejobs_text
 from kubetune_trainer import storage
 from kubetune_trainer.failures import ConfigError, EvaluationError, classify_failure, exit_code, failed_summary
-from kubetune_trainer.progress import Reporter, Stage
+from kubetune_trainer.progress.reporter import Reporter, Stage
 
 if TYPE_CHECKING:
-    from kubetune_trainer.evaluation_results import EvaluationResults
-    from kubetune_trainer.examples import PreparedData
-    from kubetune_trainer.report import ReportFiles
+    from kubetune_trainer.data.rows import PreparedData
+    from kubetune_trainer.evaluate.report import ReportFiles
+    from kubetune_trainer.evaluate.results import EvaluationResults
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def check_spec_uris(spec: FineTuneJobSpec, include_model: bool) -> None:
 
 def data_stage(spec: FineTuneJobSpec, reporter: Reporter) -> PreparedData:
     """Pre-flight: fetch, parse and validate every row, split, and check that output.uri is reachable; no model."""
-    from kubetune_trainer.data import prepare_data
+    from kubetune_trainer.data.prepare import prepare_data
 
     check_contender_keys(spec, os.environ)
     data = prepare_data(spec.dataset, spec.training.seed)
@@ -123,7 +124,7 @@ def data_stage(spec: FineTuneJobSpec, reporter: Reporter) -> PreparedData:
 
 def check_contender_keys(spec: FineTuneJobSpec, environ: Mapping[str, str]) -> None:
     """Every contender with an apiKeySecretRef has its key: found out before training, not after."""
-    from kubetune_trainer.contenders import contender_key
+    from kubetune_trainer.evaluate.contenders import contender_key
 
     if not spec.evaluation.enabled:
         return
@@ -137,8 +138,8 @@ def check_contender_keys(spec: FineTuneJobSpec, environ: Mapping[str, str]) -> N
 def check_gate_is_computed(spec: FineTuneJobSpec, data: PreparedData) -> None:
     """A gate on a metric the evaluation will not compute fails pre-flight, not after training (the API server
     refuses what it can tell from the spec; the metrics inferred from the data are known only now)."""
-    from kubetune_trainer.gate import uncomputed_gate_metric
-    from kubetune_trainer.metrics import default_metrics
+    from kubetune_trainer.evaluate.gate import uncomputed_gate_metric
+    from kubetune_trainer.evaluate.scoring import default_metrics
 
     evaluation = spec.evaluation
     if not evaluation.enabled or evaluation.gate is None or evaluation.metrics:
@@ -152,7 +153,7 @@ def check_gate_is_computed(spec: FineTuneJobSpec, data: PreparedData) -> None:
 
 def judge_for(spec: FineTuneJobSpec) -> Any:
     """The LLM judge when evaluation.metrics asks for it; EvaluationError when its API key is missing."""
-    from kubetune_trainer.judge import judge_from_environment
+    from kubetune_trainer.evaluate.judge import judge_from_environment
 
     judge_spec = spec.evaluation.judge
     if judge_spec is None or "judge" not in spec.evaluation.metrics:

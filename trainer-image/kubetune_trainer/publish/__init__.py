@@ -1,0 +1,1 @@
+"""The publish stage: adapter, merged model, GGUF, registry push, model card and manifest.json."""

@@ -1,0 +1,168 @@
+"""Trainer callbacks and trainer classes of the training stage: progress, divergence and preemption, checkpoint upload.
+
+This module imports transformers and trl at the top because it subclasses their classes; training.py imports it
+only inside the functions that train, so the trainer's entry point stays quick to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from trl import SFTTrainer
+
+from kubetune_trainer.train.checkpoints import upload_checkpoint
+from kubetune_trainer.train.progress import ProgressTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunFlags:
+    """What interrupts a run: a SIGTERM (preemption) or a non-finite loss, as seen by this process."""
+
+    preempt_requested: bool = False
+    diverged_step: int | None = None
+    diverged_loss: float | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_step is not None
+
+
+def distributed_world() -> int:
+    """Processes in the torch.distributed group, 1 when there is none."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    return 1
+
+
+def synchronize() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if distributed_world() > 1:
+        torch.distributed.barrier()
+
+
+def leave_process_group() -> None:
+    """Wait for every rank, then tear the torch.distributed group down (a no-op in a single process).
+
+    Left to the interpreter's exit, gloo's destructor raced the peer closing its sockets: a rank that exited while
+    rank 0 went on to evaluate was sometimes killed by std::terminate (SIGABRT, "terminate called without an active
+    exception") after a run that had succeeded.
+    """
+    if distributed_world() > 1:
+        synchronize()
+        torch.distributed.destroy_process_group()
+
+
+def any_rank(values: list[bool], device: Any) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks, so that every rank stops (or saves) at the same step."""
+    if distributed_world() == 1:
+        return values
+    tensor = torch.tensor([1 if value else 0 for value in values], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [bool(value) for value in tensor.tolist()]
+
+
+class LossWatch:
+    """Trainer mixin: notes a non-finite loss on every micro-step, which the logged (averaged) loss could hide."""
+
+    run_flags: RunFlags
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        if not self.run_flags.diverged:
+            # One host sync per micro-step: small next to an LLM step, and NaN must be caught before a save.
+            value = float(loss.detach().float().sum().item())
+            if not math.isfinite(value):
+                self.run_flags.diverged_step = self.state.global_step + 1  # type: ignore[attr-defined]
+                self.run_flags.diverged_loss = value
+        return loss
+
+
+class WatchedSFTTrainer(LossWatch, SFTTrainer):
+    """trl's SFTTrainer with the non-finite loss watch."""
+
+    def __init__(self, *args: Any, run_flags: RunFlags, **kwargs: Any) -> None:
+        self.run_flags = run_flags
+        super().__init__(*args, **kwargs)
+
+
+class WatchedTrainer(LossWatch, Trainer):
+    """transformers' Trainer (sequence classification) with the non-finite loss watch."""
+
+    def __init__(self, *args: Any, run_flags: RunFlags, **kwargs: Any) -> None:
+        self.run_flags = run_flags
+        super().__init__(*args, **kwargs)
+
+
+class RunGuardCallback(TrainerCallback):
+    """After each step: stop without saving on a non-finite loss; on SIGTERM save a checkpoint and stop.
+
+    Runs after transformers' DefaultFlowCallback (callbacks passed to the trainer come later), so its decision on
+    should_save is the last word for the step.
+    """
+
+    def __init__(self, flags: RunFlags) -> None:
+        self.flags = flags
+        self.stopped_for_preemption = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        preempt, diverged = any_rank([self.flags.preempt_requested, self.flags.diverged], args.device)
+        if diverged:
+            if self.flags.diverged_step is None:
+                # Another rank saw it; this rank's record says where, for the error message.
+                self.flags.diverged_step = state.global_step
+            control.should_save = False
+            control.should_training_stop = True
+        elif preempt:
+            self.flags.preempt_requested = True
+            self.stopped_for_preemption = True
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class CheckpointUploadCallback(TrainerCallback):
+    """After each checkpoint save: rank 0 uploads checkpoint-N with its COMPLETE marker; all ranks wait for it.
+
+    The first barrier lets every rank finish writing its own files (e.g. rng_state_<rank>.pth) before the upload;
+    the second keeps the other ranks from exiting (a preempted run) while rank 0 is still uploading.
+    """
+
+    def __init__(self, output_uri: str) -> None:
+        self.output_uri = output_uri
+        self.uploaded_steps: list[int] = []
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        synchronize()
+        if state.is_world_process_zero:
+            local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            upload_checkpoint(local_dir, self.output_uri, state.global_step)
+        self.uploaded_steps.append(state.global_step)
+        synchronize()
+
+
+class ProgressCallback(TrainerCallback):
+    """Feeds the trainer's state to a ProgressTracker."""
+
+    def __init__(self, tracker: ProgressTracker) -> None:
+        self.tracker = tracker
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.tracker.begin(state)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs:
+            self.tracker.observe_logs(logs)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        scheduler = kwargs.get("lr_scheduler")
+        self.tracker.step(state, float(scheduler.get_last_lr()[0]) if scheduler is not None else None)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.tracker.end(state)
