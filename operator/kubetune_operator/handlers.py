@@ -185,13 +185,14 @@ class OperatorContext:
             with self.status_queue.creating():
                 yield
 
-    def retry_later(self, namespace: str, name: str, uid: str) -> float:
-        """Handle the job again after a delay that doubles per failure (1 s to 60 s); returns the delay. Call on
-        kopf's event loop: the retry runs there, in the caller's context variables (kopf's client needs them)."""
+    def retry_later(self, namespace: str, name: str, uid: str, error: Exception | None = None) -> float:
+        """Handle the job again after a delay that doubles per failure (1 s to 60 s), or the delay a
+        kopf.TemporaryError asks for when longer; returns the delay. Call on kopf's event loop: the retry runs there,
+        in the caller's context variables (kopf's client needs them)."""
         with self._locks_guard:
             attempts = self._retries.get(uid, 0)
             self._retries[uid] = attempts + 1
-        delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2**attempts)
+        delay = max(retry_delay(attempts), requested_delay(error))
         asyncio.get_running_loop().call_later(
             delay, lambda: self.in_background(retry_finetunejob(self, namespace, name, uid))
         )
@@ -289,6 +290,19 @@ class OperatorContext:
                 self._children_ensured.add(uid)
             else:
                 self._children_ensured.discard(uid)
+
+
+def retry_delay(attempts: int) -> float:
+    """The backoff after `attempts` earlier failures of one job: 1 s, doubling, at most 60 s."""
+    return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2**attempts)
+
+
+def requested_delay(error: Exception | None) -> float:
+    """The delay a kopf.TemporaryError names (e.g. a child owned by a deleted job, waiting for garbage collection);
+    0 for any other error. Event handlers are not retried by kopf, so the operator honours it itself."""
+    if isinstance(error, kopf.TemporaryError) and error.delay:
+        return float(error.delay)
+    return 0.0
 
 
 def operator_context(memo: Any) -> OperatorContext:
@@ -570,7 +584,10 @@ async def create_child(context: OperatorContext, manifest: dict[str, Any], owner
     kind, namespace, name = manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     existing = await read_object(context, f"{collection_url(kind, namespace)}/{name}")
     if existing is None:
-        raise kopf.TemporaryError(f"{kind} {namespace}/{name} was deleted while being created")
+        # Deleted between the refused create and the read: creating it again can work at once.
+        raise kopf.TemporaryError(
+            f"{kind} {namespace}/{name} was deleted while being created", delay=RETRY_FIRST_SECONDS
+        )
     if not is_owned_by(existing, owner_uid):
         raise kopf.TemporaryError(
             f"{kind} {namespace}/{name} exists but is not owned by this FineTuneJob (uid {owner_uid}); waiting for "
@@ -891,7 +908,7 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
             created = await ensure_trainer(context, job, raw, logger)
         except Exception as error:
             context.metrics.record_handler_error("ensure_trainer")
-            delay = context.retry_later(namespace, name, metadata["uid"])
+            delay = context.retry_later(namespace, name, metadata["uid"], error)
             logger.warning("cannot create the trainer Job (retrying in %.0f s): %s", delay, describe_error(error))
             return
         context.retry_done(metadata["uid"])
@@ -901,7 +918,7 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
             await apply_suspend(context, job, logger)
         except Exception as error:
             context.metrics.record_handler_error("apply_suspend")
-            delay = context.retry_later(namespace, name, metadata["uid"])
+            delay = context.retry_later(namespace, name, metadata["uid"], error)
             logger.warning("cannot suspend or resume the trainer Job (retrying in %.0f s): %s", delay, error)
     await request_status_from_loop(context, namespace, name)
 
@@ -1160,7 +1177,7 @@ async def endpoint_check_event(*, type: str, body: kopf.Body, namespace: str | N
     if result is None:
         return
     raw = await read_object(context, finetunejob_url(namespace, job_name))
-    check = ((raw or {}).get("status") or {}).get("serving", {}).get("check") or {}
+    check = (((raw or {}).get("status") or {}).get("serving") or {}).get("check") or {}
     if raw is None or check.get("state") != "Running":
         return  # the job is gone, or this result is recorded already
     result = result.model_copy(update={"job": check.get("job")})

@@ -302,3 +302,21 @@ def test_a_failing_handler_is_counted_and_still_raises_and_an_unknown_name_is_re
     assert registry.get_sample_value("kubetune_handler_errors_total", {"handler": "trainer_pod_event"}) == 1
     with pytest.raises(ValueError, match="'no_such_handler' is missing"):
         handlers.counted("no_such_handler")
+
+
+def test_a_failed_job_is_retried_with_a_doubling_delay_or_the_longer_one_a_temporary_error_asks_for() -> None:
+    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+    waiting = kopf.TemporaryError("owned by a deleted FineTuneJob; waiting for garbage collection", delay=10)
+
+    async def failures() -> list[float]:
+        delays = [context.retry_later("team", "demo", "uid-1") for _ in range(3)]
+        delays.append(context.retry_later("team", "demo", "uid-1", waiting))  # the 4th failure alone would wait 8 s
+        delays.append(context.retry_later("team", "other", "uid-2", RuntimeError("HTTP 500")))
+        delays.append(context.retry_later("team", "third", "uid-3", kopf.TemporaryError("no delay", delay=0)))
+        for _ in range(5):
+            delays.append(context.retry_later("team", "demo", "uid-1"))
+        return delays
+
+    delays = asyncio.run(failures())
+    assert delays[:6] == [1.0, 2.0, 4.0, 10.0, 1.0, 1.0]
+    assert delays[6:] == [16.0, 32.0, 60.0, 60.0, 60.0], "doubling, at most a minute"
