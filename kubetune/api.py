@@ -1026,19 +1026,6 @@ class EndpointCheckStatus(ApiModel):
     uri: str | None = Field(default=None, description="eval/endpoint.json: every score and the serving cost.")
     message: str | None = Field(default=None, description="The check in one line, or why it failed.")
 
-    def to_termination_message(self) -> str:
-        """Compact JSON for the check pod's termination message (a few hundred bytes; the message is cut first)."""
-        short = self.model_copy(update={"message": (self.message or "")[:1024] or None})
-        return short.model_dump_json(by_alias=True, exclude_none=True)
-
-    @classmethod
-    def from_termination_message(cls, text: str) -> EndpointCheckStatus | None:
-        """The check's result; None when the message is not one (e.g. the log tail of a crash)."""
-        try:
-            return cls.model_validate_json(text)
-        except ValueError:
-            return None
-
 
 class ServingStatus(ApiModel):
     """The endpoint of spec.serving."""

@@ -1,14 +1,17 @@
-"""The contract between the operator and the trainer pod: environment variables and the final summary."""
+"""The contract between the operator and the trainer image's pods: environment variables, the trainer's final summary
+and the endpoint check's result, both in the pod's termination message."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune.api import ArtifactsStatus, DatasetStatus, EvaluationStatus, UsageStatus
+from kubetune.api import ArtifactsStatus, DatasetStatus, EndpointCheckStatus, EvaluationStatus, UsageStatus
+
+Message = TypeVar("Message", bound=BaseModel)
 
 # The trainer Job is `<FineTuneJob name>-trainer`; its pods `<FineTuneJob name>-trainer-xxxxx`.
 TRAINER_JOB_SUFFIX = "-trainer"
@@ -75,10 +78,23 @@ class TrainerSummary(BaseModel):
     @classmethod
     def from_termination_message(cls, text: str) -> TrainerSummary | None:
         """Parse a termination message; None when it is not a summary (e.g. the log tail of a crash)."""
-        try:
-            return cls.model_validate_json(text)
-        except ValueError:
-            return None
+        return parse_termination_message(cls, text)
+
+
+def parse_termination_message(model: type[Message], text: str) -> Message | None:
+    """A termination message as the model it was written from; None when it is not one (e.g. the log tail of a
+    crash, which the kubelet puts there under FallbackToLogsOnError)."""
+    try:
+        return model.model_validate_json(text)
+    except ValueError:
+        return None
+
+
+def check_termination_message(check: EndpointCheckStatus) -> str:
+    """The endpoint check pod's result as its termination message: compact JSON of status.serving.check, a few
+    hundred bytes (the message is cut first)."""
+    short = check.model_copy(update={"message": (check.message or "")[:1024] or None})
+    return short.model_dump_json(by_alias=True, exclude_none=True)
 
 
 # The trainer pod's command. One process per GPU above one GPU, started by accelerate's launcher.

@@ -524,6 +524,13 @@ async def api_request(
     )
 
 
+async def merge_patch(context: OperatorContext, url: str, body: Mapping[str, Any]) -> None:
+    """A JSON merge patch with kopf's client; the answer is read, not parsed (the watches bring the object)."""
+    response = await api_request(context, "patch", url, body, headers={"Content-Type": MERGE_PATCH})
+    async with response:
+        await response.read()
+
+
 async def post_object(context: OperatorContext, manifest: Mapping[str, Any]) -> bool:
     """Create the object with kopf's client; True when created, False when it exists (409). The answer is read
     but not parsed: nothing here needs the created object (the Job watch brings it), and decoding it was a tenth of the
@@ -1002,15 +1009,7 @@ async def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any)
     if desired is None:
         return
     trainer_name = trainer_resource_name(name)
-    response = await api_request(
-        context,
-        "patch",
-        f"{collection_url('Job', namespace)}/{trainer_name}",
-        {"spec": {"suspend": desired}},
-        headers={"Content-Type": MERGE_PATCH},
-    )
-    async with response:
-        await response.read()
+    await merge_patch(context, f"{collection_url('Job', namespace)}/{trainer_name}", {"spec": {"suspend": desired}})
     logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
 
 
@@ -1124,15 +1123,7 @@ async def serving_event(*, type: str, body: kopf.Body, namespace: str | None, me
 
 async def patch_serving(context: OperatorContext, namespace: str, job_name: str, serving: dict[str, Any]) -> None:
     """Merge fields into status.serving (ready replicas, the endpoint check) through the status subresource."""
-    response = await api_request(
-        context,
-        "patch",
-        f"{finetunejob_url(namespace, job_name)}/status",
-        {"status": {"serving": serving}},
-        headers={"Content-Type": MERGE_PATCH},
-    )
-    async with response:
-        await response.read()
+    await merge_patch(context, f"{finetunejob_url(namespace, job_name)}/status", {"status": {"serving": serving}})
 
 
 async def ensure_check(context: OperatorContext, raw: dict[str, Any], ready: int, logger: Any) -> None:

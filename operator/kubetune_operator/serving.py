@@ -310,7 +310,7 @@ def check_result(pod: Mapping[str, Any]) -> EndpointCheckStatus | None:
         ((s.get("state") or {}).get("terminated") for s in statuses if s.get("name") == CHECK_CONTAINER), None
     )
     message = str((terminated or {}).get("message") or "").strip()
-    parsed = EndpointCheckStatus.from_termination_message(message) if message else None
+    parsed = contract.parse_termination_message(EndpointCheckStatus, message) if message else None
     if parsed is not None:
         return parsed
     reason = (terminated or {}).get("reason") or (pod.get("status") or {}).get("reason") or phase

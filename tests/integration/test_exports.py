@@ -23,7 +23,7 @@ from kubetune_trainer.publish.gguf_export import ENV_CONVERTER_DIR
 from kubetune_trainer.publish.registry_push import ADAPTER_CONFIG_MEDIA_TYPE
 
 from kubetune.api import EndpointCheckStatus, FineTuneJob
-from kubetune.contract import ENV_REGISTRY_CONFIG, ENV_TERMINATION_MESSAGE_PATH
+from kubetune.contract import ENV_REGISTRY_CONFIG, ENV_TERMINATION_MESSAGE_PATH, parse_termination_message
 from tests.testbed.llama_server import LlamaServer
 from tests.testbed.registry import LocalRegistry, htpasswd_line
 from tests.testbed.shared_data import shared_sample
@@ -192,7 +192,7 @@ def test_the_gguf_export_answers_as_evaluated_and_the_pushed_adapter_pulls_back_
     hashes = json.loads((output / "manifest.json").read_text())["artifacts"]
     for name in ("report.md", "report.json", "endpoint.json"):
         assert hashes[f"eval/{name}"] == sha256(output / "eval" / name)
-    status = EndpointCheckStatus.from_termination_message(termination.read_text())
+    status = parse_termination_message(EndpointCheckStatus, termination.read_text())
     assert status is not None and status.state == "Succeeded" and status.score == endpoint["scores"]["accuracy"]
     assert (status.rows, status.agreement) == (VALIDATION_ROWS, endpoint["agreement"])
 

@@ -228,6 +228,7 @@ def answered_check(headline: str = "accuracy") -> Any:
 
 def test_the_endpoint_check_becomes_status_through_the_termination_message() -> None:
     from kubetune.api import EndpointCheckStatus
+    from kubetune.contract import check_termination_message, parse_termination_message
 
     status = answered_check().status("s3://out/demo/eval/endpoint.json")
     assert (status.state, status.metric, status.score, status.in_process_score) == ("Succeeded", "accuracy", 0.85, 0.9)
@@ -236,10 +237,10 @@ def test_the_endpoint_check_becomes_status_through_the_termination_message() -> 
     assert status.message == (
         "accuracy 0.8500 served vs 0.9000 in-process on 20 held-out rows; answers alike on 95%; p50 0.41 s a request"
     )
-    message = status.to_termination_message()
+    message = check_termination_message(status)
     assert len(message.encode()) < 1024
-    assert EndpointCheckStatus.from_termination_message(message) == status
-    assert EndpointCheckStatus.from_termination_message("Traceback (most recent call last): ...") is None
+    assert parse_termination_message(EndpointCheckStatus, message) == status
+    assert parse_termination_message(EndpointCheckStatus, "Traceback (most recent call last): ...") is None
     # A headline the endpoint's text cannot be scored on (a judge score) shows the first text metric instead.
     assert answered_check(headline="judge").status("s3://x").metric == "accuracy"
 

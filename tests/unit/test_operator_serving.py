@@ -27,6 +27,7 @@ from kubetune.api import (
     GateStatus,
     ServingStatus,
 )
+from kubetune.contract import check_termination_message
 
 SETTINGS = OperatorSettings(trainer_image="registry.example.com/kubetune/trainer:1")
 GGUF = "s3://out/demo/gguf/model-q8_0.gguf"
@@ -233,7 +234,7 @@ def check_pod(phase: str, terminated: dict[str, Any] | None = None) -> dict[str,
 def test_a_finished_check_pod_gives_its_result_or_how_it_ended() -> None:
     result = EndpointCheckStatus(state="Succeeded", metric="accuracy", score=0.84, in_process_score=0.85)
     assert check_result(check_pod("Running")) is None
-    assert check_result(check_pod("Succeeded", {"exitCode": 0, "message": result.to_termination_message()})) == result
+    assert check_result(check_pod("Succeeded", {"exitCode": 0, "message": check_termination_message(result)})) == result
     tail = check_result(check_pod("Failed", {"exitCode": 1, "reason": "Error", "message": "ConnectionError: refused"}))
     assert tail == EndpointCheckStatus(
         state="Failed", message="the check pod ended (Error) without a result: ConnectionError: refused"

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from kubetune.api import EndpointCheckStatus
-from kubetune.contract import ENV_JOB_MANIFEST, ENV_TERMINATION_MESSAGE_PATH
+from kubetune.contract import ENV_JOB_MANIFEST, ENV_TERMINATION_MESSAGE_PATH, check_termination_message
 from kubetune_trainer.backends.local import Launch, log_rank, run_in_process
 from kubetune_trainer.failures import ConfigError
 from kubetune_trainer.pipeline import load_job, refuse_config
@@ -105,7 +105,7 @@ def write_check_result(env: dict[str, str], status: EndpointCheckStatus) -> None
     set in the check Job); nothing outside a pod."""
     path = env.get(ENV_TERMINATION_MESSAGE_PATH)
     if path:
-        Path(path).write_text(status.to_termination_message(), encoding="utf-8")
+        Path(path).write_text(check_termination_message(status), encoding="utf-8")
 
 
 @cli.command()
