@@ -208,10 +208,10 @@ def publish_stage(
     """Upload every artifact, then manifest.json; (ArtifactsStatus, usage)."""
     from kubetune_trainer.publish.manifest import (
         BaseModelRecord,
-        DatasetRecord,
-        JobReference,
         RunManifest,
         TrainingRecord,
+        dataset_record,
+        job_reference,
         library_versions,
         model_revision,
         trainer_image,
@@ -231,15 +231,10 @@ def publish_stage(
     def manifest_for(hashes: dict[str, str]) -> RunManifest:
         return RunManifest(
             created_at=utc_now(),
-            job=JobReference(name=job.metadata.name, namespace=job.metadata.namespace),
+            job=job_reference(job),
             spec=spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
             base_model=base_model,
-            dataset=DatasetRecord(
-                train=spec.dataset.train,
-                validation=spec.dataset.validation,
-                sha256=data.sha256,
-                stats=data.dataset_status(),
-            ),
+            dataset=dataset_record(spec.dataset, data),
             image=trainer_image(job),
             libraries=library_versions(),
             training=TrainingRecord(

@@ -13,6 +13,7 @@ from kubetune import contract
 from kubetune.api import (
     API_VERSION,
     ApiModel,
+    DatasetSpec,
     DatasetStatus,
     EvaluationStatus,
     FineTuneJob,
@@ -20,6 +21,7 @@ from kubetune.api import (
     UsageStatus,
 )
 from kubetune_trainer import storage
+from kubetune_trainer.data.rows import PreparedData
 from kubetune_trainer.modeling import WEIGHT_SUFFIXES
 
 MANIFEST_KIND = "FineTuneRunManifest"
@@ -85,6 +87,15 @@ class RunManifest(ApiModel):
     )
     timings: dict[str, float] = Field(description="Seconds spent in each stage.")
     usage: UsageStatus
+
+
+def job_reference(job: FineTuneJob) -> JobReference:
+    return JobReference(name=job.metadata.name, namespace=job.metadata.namespace)
+
+
+def dataset_record(spec: DatasetSpec, data: PreparedData) -> DatasetRecord:
+    """The data a run used, as both backends record it: its URIs, the hash of its bytes and what pre-flight found."""
+    return DatasetRecord(train=spec.train, validation=spec.validation, sha256=data.sha256, stats=data.dataset_status())
 
 
 def library_versions(names: Sequence[str] = LIBRARIES, env: Mapping[str, str] | None = None) -> dict[str, str | None]:

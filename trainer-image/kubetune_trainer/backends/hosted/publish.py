@@ -17,10 +17,10 @@ from kubetune_trainer.backends.hosted.service import HostedOutcome, StepMetrics,
 from kubetune_trainer.pipeline import EvaluationOutcome, RunRecord, evaluation_figures, outcome_sentences
 from kubetune_trainer.publish.manifest import (
     BaseModelRecord,
-    DatasetRecord,
-    JobReference,
     RunManifest,
     TrainingRecord,
+    dataset_record,
+    job_reference,
     library_versions,
     trainer_image,
 )
@@ -127,15 +127,10 @@ def hosted_publish_stage(
     metrics = outcome.metrics
     manifest = HostedRunManifest(
         created_at=utc_now(),
-        job=JobReference(name=job.metadata.name, namespace=job.metadata.namespace),
+        job=job_reference(job),
         spec=spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
         base_model=BaseModelRecord(name=spec.openai.model, weights_sha256={}),
-        dataset=DatasetRecord(
-            train=spec.dataset.train,
-            validation=spec.dataset.validation,
-            sha256=data.sha256,
-            stats=data.dataset_status(),
-        ),
+        dataset=dataset_record(spec.dataset, data),
         image=trainer_image(job),
         libraries=library_versions(HOSTED_LIBRARIES),
         training=TrainingRecord(
