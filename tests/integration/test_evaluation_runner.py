@@ -10,14 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer.data.formats import classification_instruction, few_shot_prompt
+from kubetune_trainer.data.formats import classification_instruction, few_shot_prompt, select_shots
 from kubetune_trainer.data.rows import Example
-from kubetune_trainer.evaluate import runner as evaluation
+from kubetune_trainer.evaluate import in_process as evaluation
 from kubetune_trainer.evaluate.gate import evaluate_gate
-from kubetune_trainer.evaluate.judge import LlmJudge
-from kubetune_trainer.evaluate.report import evaluation_status, write_report
-from kubetune_trainer.evaluate.retrieval import retrieved_shots
-from kubetune_trainer.evaluate.runner import (
+from kubetune_trainer.evaluate.in_process import (
     EvaluationInputError,
     completion_loss,
     completion_token_ids,
@@ -25,9 +22,12 @@ from kubetune_trainer.evaluate.runner import (
     pad_id,
     prompt_token_ids,
     run_evaluation,
-    select_shots,
     shared_prefix_length,
 )
+from kubetune_trainer.evaluate.judge import LlmJudge
+from kubetune_trainer.evaluate.report import evaluation_status, write_report
+from kubetune_trainer.evaluate.retrieval import retrieved_shots
+from kubetune_trainer.evaluate.runner import styled_prompts
 from kubetune_trainer.evaluate.scoring import parse_label
 
 from kubetune.api import ContenderSpec, EvaluationSpec, GateSpec, JudgeSpec, SecretKeyRef, significant
@@ -163,14 +163,12 @@ def test_retrieval_few_shot_prompts_each_row_with_its_nearest_train_rows(peft_mo
     assert len(retrieval.outputs) == 5 and "accuracy" in retrieval.metrics
     # Rows 3-5 are also train rows: each gets two shots, never itself, and its prompt holds them before the question.
     nearest = retrieved_shots(TRAIN, VALIDATION[:5], 2)
-    plan, _ = evaluation.plan_models(
-        peft_model, None, VALIDATION[:5], shots=[], baselines=["retrievalFewShot"], loss=False, retrieved=nearest
-    )
-    for example, shots, prompt in zip(VALIDATION[:5], nearest, plan[-1].prompts, strict=True):
+    prompts = styled_prompts("retrievalFewShot", VALIDATION[:5], TRAIN, spec, seed=42)
+    for example, shots, prompt in zip(VALIDATION[:5], nearest, prompts, strict=True):
         assert len(shots) == 2
         assert all(shot.input_text != example.input_text for shot in shots)
         assert prompt == few_shot_prompt(example, shots)
-    assert len({str(prompt) for prompt in plan[-1].prompts}) == 5
+    assert len({str(prompt) for prompt in prompts}) == 5
 
 
 def test_baselines_with_the_adapter_disabled_equal_a_model_without_adapter(
@@ -217,7 +215,7 @@ def test_the_shared_prompt_head_goes_through_the_model_once_and_changes_no_outpu
 
     cached_model = plain_llama(model_dir)
     cached_fed = counted_tokens(cached_model)
-    with caplog.at_level(logging.INFO, logger="kubetune_trainer.evaluate.runner"):
+    with caplog.at_level(logging.INFO, logger="kubetune_trainer.evaluate.in_process"):
         cached = generate_outputs(cached_model, tokenizer, prompts, batch_size=4, max_new_tokens=6)
     monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX_TOKENS", 10**9)
     plain_model = plain_llama(model_dir)

@@ -134,8 +134,9 @@ def evaluate_stage(
 ) -> EvaluationOutcome:
     """Score the tuned adapter against the prompting baselines on the same held-out rows; write the report."""
     from kubetune_trainer.evaluate.gate import evaluate_gate
+    from kubetune_trainer.evaluate.in_process import run_evaluation
     from kubetune_trainer.evaluate.report import evaluation_status, write_report
-    from kubetune_trainer.evaluate.runner import EvaluationInputError, run_evaluation
+    from kubetune_trainer.evaluate.runner import EvaluationInputError
     from kubetune_trainer.evaluate.tuned_model import load_tuned_model, release_memory
 
     release_memory()

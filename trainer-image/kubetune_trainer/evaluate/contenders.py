@@ -1,19 +1,19 @@
-"""Contenders: models behind any OpenAI-compatible endpoint answering the evaluation's rows with the prompts people
-use, and what every arm's answers cost: tokens, latency and price per request."""
+"""What every arm's answers cost (tokens, latency, price per request), the prompts each prompting style gives the rows,
+and a contender's API key."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from kubetune.api import ContenderSpec, EvaluationSpec
+from kubetune.api import ContenderSpec
 from kubetune.contract import contender_api_key_env
-from kubetune_trainer.chat_endpoint import ChatEndpoint, RequestRecord
-from kubetune_trainer.data.formats import few_shot_prompt, select_shots
+from kubetune_trainer.chat_endpoint import RequestRecord
+from kubetune_trainer.data.formats import few_shot_prompt
 from kubetune_trainer.data.rows import ChatMessages, Example
 from kubetune_trainer.evaluate.retrieval import retrieved_shots
 
@@ -117,41 +117,6 @@ def prompts_for(
         return [few_shot_prompt(example, list(shots)) for example in examples]
     nearest = retrieved_shots(train, examples, k)
     return [few_shot_prompt(example, own) for example, own in zip(examples, nearest, strict=True)]
-
-
-def ask_contender(
-    index: int,
-    contender: ContenderSpec,
-    examples: Sequence[Example],
-    train: Sequence[Example],
-    spec: EvaluationSpec,
-    *,
-    max_tokens: int,
-    seed: int,
-    environ: Mapping[str, str] | None,
-    on_done: Callable[[int], None],
-) -> tuple[list[str], list[RequestRecord]]:
-    """The contender's answers to the rows, prompted its way; a request that failed is an empty answer (scored as
-    wrong) and counted in its record."""
-    endpoint = ChatEndpoint.connect(
-        contender.base_url,
-        contender_key(index, contender, environ),
-        max_retries=contender.max_retries,
-        concurrency=contender.concurrency,
-        max_tokens=max_tokens,
-        seed=seed,
-    )
-    # Random shots are drawn with the seed exactly as for the fewShot baseline: the same shots, the same prompts.
-    shots = select_shots(train, spec.few_shot_k, seed) if contender.prompting == "fewShot" else []
-    prompts = prompts_for(contender.prompting, examples, train, shots, spec.few_shot_k)
-    try:
-        outputs, records = endpoint.answer_all(contender.model, prompts, on_done)
-    finally:
-        endpoint.close()
-    failed = [record.error for record in records if record.error]
-    if failed:
-        log.warning("contender %s: %d of %d requests failed: %s", contender.name, len(failed), len(records), failed[0])
-    return outputs, records
 
 
 def contender_key(index: int, spec: ContenderSpec, environ: Mapping[str, str] | None = None) -> str:

@@ -12,9 +12,11 @@ ZERO_SHOT = "zeroShot"
 FEW_SHOT = "fewShot"
 RETRIEVAL_FEW_SHOT = "retrievalFewShot"
 MODEL_ORDER = (ZERO_SHOT, FEW_SHOT, RETRIEVAL_FEW_SHOT, TUNED)
+"""How the models are listed in reports: the baselines first, then the fine-tuned adapter."""
+BASELINES = (ZERO_SHOT, FEW_SHOT, RETRIEVAL_FEW_SHOT)
+"""The prompting baselines of the base model, each named for its prompting style."""
 MIN_JUDGED_SHARE = 0.5
 """The share of outputs the judge must grade for its mean to stand as the model's judge score."""
-"""How the models are listed in reports: the baselines first, then the fine-tuned adapter."""
 
 
 @dataclass(frozen=True)
