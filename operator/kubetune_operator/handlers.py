@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import logging
 import os
 import threading
@@ -24,12 +25,8 @@ from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar, cast
 
 import kopf
-
-# kopf's own API client (aiohttp on its event loop, authenticated from its credentials vault): the creates of a burst
-# go through it instead of the kubernetes package's client in handler threads. Private modules of a pinned kopf;
-# tests/unit/test_operator_handlers.py fails if a kopf bump moves them.
-from kopf._cogs.clients import api as kopf_api
-from kopf._cogs.clients import errors as kopf_errors
+from kubernetes_asyncio.client import ApiClient as AsyncApiClient
+from kubernetes_asyncio.client.exceptions import ApiException as AsyncApiException
 from pydantic import ValidationError
 
 from kubetune.api import (
@@ -48,32 +45,27 @@ from kubetune_operator.builders import (
     LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
     MANAGER,
-    build_children,
     trainer_resource_name,
 )
 from kubetune_operator.lifecycle import (
     PhaseTransition,
     StatusChange,
-    derive_status,
     invalid_spec_status,
     is_owned_by,
     job_condition,
-    needs_trainer,
-    suspend_change,
 )
 from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
+from kubetune_operator.reconcile import Observed, child_changes, status_change
 from kubetune_operator.serving import (
     COMPONENT_ENDPOINT_CHECK,
     COMPONENT_SERVING,
     LABEL_SERVED_JOB,
     build_check_job,
-    build_serving,
     check_base_url,
     check_name,
     check_result,
     needs_check,
-    serving_decision,
     serving_name,
 )
 from kubetune_operator.settings import OperatorSettings, SettingsError
@@ -108,8 +100,7 @@ API_RETRIES = 2
 API_RETRY_BACKOFF_SECONDS = 1.0
 TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
 CONFLICT_RETRY_SECONDS = 10
-# The logger kopf's client writes its request failures to: the operator's log, never an Event on a FineTuneJob.
-API_LOGGER = logging.getLogger("kubetune_operator.api")
+JSON = "application/json"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -134,8 +125,9 @@ class OperatorContext:
     _identities_ensured: set[str] = field(default_factory=set)
     # One lock per namespace around creating its trainer identity: the first jobs of a burst wait for one create.
     _identity_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    # kopf's settings (its API client takes them) and a cap on creates in flight (both set by the startup handler).
-    kopf_settings: kopf.OperatorSettings = field(default_factory=kopf.OperatorSettings)
+    # The asynchronous API client of the writes on kopf's event loop (made by the startup handler, on the loop).
+    async_api: AsyncApiClient | None = None
+    # A cap on creates in flight.
     create_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CREATES_IN_FLIGHT))
     # Retries waiting on the event loop (a reference keeps each task alive until it ends).
     _background: set[asyncio.Future[None]] = field(default_factory=set)
@@ -188,7 +180,7 @@ class OperatorContext:
     def retry_later(self, namespace: str, name: str, uid: str, error: Exception | None = None) -> float:
         """Handle the job again after a delay that doubles per failure (1 s to 60 s), or the delay a
         kopf.TemporaryError asks for when longer; returns the delay. Call on kopf's event loop: the retry runs there,
-        in the caller's context variables (kopf's client needs them)."""
+        in the caller's context variables (kopf.event needs them)."""
         with self._locks_guard:
             attempts = self._retries.get(uid, 0)
             self._retries[uid] = attempts + 1
@@ -260,6 +252,14 @@ class OperatorContext:
         """The newest FineTuneJob body seen for the job, if any."""
         with self._locks_guard:
             return self._bodies.get((namespace, name))
+
+    def observed(self, namespace: str, name: str, uid: str) -> Observed:
+        """What this replica knows of the job's children: its trainer Job (kopf's index), whether this replica has
+        created or found it, whether its endpoint exists."""
+        trainer_job = self.children().trainer_job(namespace, name)
+        if trainer_job is not None and is_owned_by(trainer_job, uid):
+            self.set_children_ensured(uid, True)
+        return Observed(trainer_job, trainer_created=self.children_ensured(uid), serving=self.serving_ensured(uid))
 
     def children_ensured(self, uid: str) -> bool:
         """Whether this replica has already created or found every child of the FineTuneJob with this uid."""
@@ -440,12 +440,22 @@ def as_kopf_body(raw: Mapping[str, Any]) -> kopf.Body:
 
 
 def api_error_status(error: Exception) -> int | None:
-    """The HTTP status of a kubernetes ApiException or a kopf API error, None for anything else."""
+    """The HTTP status of an ApiException of either kubernetes client, None for anything else."""
     from kubernetes.client.exceptions import ApiException
 
-    if isinstance(error, ApiException | kopf_errors.APIError):
-        return error.status
+    if isinstance(error, ApiException | AsyncApiException):
+        return int(error.status)
     return None
+
+
+def api_error_message(error: Exception) -> str:
+    """What the API server said in its Status answer (what was refused and why), else the HTTP reason."""
+    body = getattr(error, "body", None)
+    try:
+        message = json.loads(body).get("message") if body else None
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or getattr(error, "reason", "") or "")
 
 
 def read_finetunejob(api_client: Any, namespace: str, name: str) -> dict[str, Any] | None:
@@ -507,54 +517,60 @@ def collection_url(kind: str, namespace: str) -> str:
 
 
 async def api_request(
-    context: OperatorContext, method: str, url: str, payload: object = None, headers: dict[str, str] | None = None
-) -> Any:
-    """One request with kopf's client, once: a failure goes back to the caller at once, whose job is handled again
-    with a growing delay (OperatorContext.retry_later). kopf's own retries would sleep inside a create, holding back
-    every status derivation meanwhile (status_queue), and would retry a 403 (a terminating namespace, a quota) that
-    waiting seconds does not mend. Its log lines go to the operator's log only, not to Events on the FineTuneJob."""
-    return await kopf_api.request(
-        method,
+    context: OperatorContext, method: str, url: str, body: object = None, content_type: str = JSON
+) -> bytes:
+    """One request with the asynchronous client, once, its answer's body unparsed; an ApiException for any answer but
+    2xx. A failure goes back to the caller at once, whose job is handled again with a growing delay
+    (OperatorContext.retry_later): retrying inside a create would hold back every status derivation meanwhile
+    (status_queue), and would retry a 403 (a terminating namespace, a quota) that waiting seconds does not mend.
+    Nothing here needs a created or patched object (the watches bring them), and decoding each answer into the
+    client's models was a tenth of the operator's CPU in a burst."""
+    if context.async_api is None:
+        raise RuntimeError("the startup handler has not made the API client")
+    response = await context.async_api.call_api(
         url,
-        payload=payload,
-        headers=headers,
-        settings=context.kopf_settings,
-        backoffs=(),
-        logger=API_LOGGER,
+        method,
+        header_params={"Accept": JSON, "Content-Type": content_type},
+        body=body,
+        auth_settings=["BearerToken"],
+        _preload_content=False,
     )
+    async with response:
+        data = await response.read()
+    if not 200 <= response.status <= 299:
+        error = AsyncApiException(status=response.status, reason=response.reason)
+        error.body = data.decode("utf-8", errors="replace")
+        raise error
+    return bytes(data)
 
 
 async def merge_patch(context: OperatorContext, url: str, body: Mapping[str, Any]) -> None:
-    """A JSON merge patch with kopf's client; the answer is read, not parsed (the watches bring the object)."""
-    response = await api_request(context, "patch", url, body, headers={"Content-Type": MERGE_PATCH})
-    async with response:
-        await response.read()
+    """A JSON merge patch."""
+    await api_request(context, "PATCH", url, body, content_type=MERGE_PATCH)
 
 
 async def post_object(context: OperatorContext, manifest: Mapping[str, Any]) -> bool:
-    """Create the object with kopf's client; True when created, False when it exists (409). The answer is read
-    but not parsed: nothing here needs the created object (the Job watch brings it), and decoding it was a tenth of the
-    operator's CPU in a burst."""
+    """Create the object; True when created, False when it exists (409)."""
+    url = collection_url(manifest["kind"], manifest["metadata"]["namespace"])
     try:
         async with context.create_slots:
-            response = await api_request(
-                context, "post", collection_url(manifest["kind"], manifest["metadata"]["namespace"]), manifest
-            )
-            async with response:
-                await response.read()
-    except kopf_errors.APIConflictError:
-        return False
+            await api_request(context, "POST", url, manifest)
+    except AsyncApiException as error:
+        if error.status == 409:
+            return False
+        raise
     return True
 
 
 async def read_object(context: OperatorContext, url: str) -> dict[str, Any] | None:
-    """GET with kopf's client; None when the object is gone (404)."""
+    """GET; None when the object is gone (404)."""
     try:
-        response = await api_request(context, "get", url)
-        async with response:
-            found: dict[str, Any] = await response.json()
-    except kopf_errors.APINotFoundError:
-        return None
+        data = await api_request(context, "GET", url)
+    except AsyncApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    found: dict[str, Any] = json.loads(data)
     return found
 
 
@@ -676,8 +692,8 @@ def reconcile_status(
             job = FineTuneJob.model_validate(body)
         except ValidationError:
             return  # the create handler has reported it as InvalidSpec
-        pods = children.trainer_pods(namespace, name, trainer_job)
-        change = derive_status(job, trainer_job, pods, utc_now())
+        observed = Observed(trainer_job, children.trainer_pods(namespace, name, trainer_job))
+        change = status_change(job, observed, utc_now())
         if change.transitions:
             logger.info(
                 "phase %s -> %s (%s)",
@@ -796,21 +812,39 @@ def api_retries() -> Any:
     )
 
 
+async def new_async_api_client() -> AsyncApiClient:
+    """The asynchronous client, from the in-cluster service account, else from KUBECONFIG / ~/.kube/config; made on
+    kopf's event loop (its aiohttp session belongs to it)."""
+    from kubernetes_asyncio import config
+    from kubernetes_asyncio.client import Configuration
+
+    configuration = Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        await config.load_kube_config(client_configuration=configuration)
+    # One keep-alive connection per create in flight, and a few for the reads and patches beside them.
+    configuration.connection_pool_maxsize = CREATES_IN_FLIGHT + 4
+    return AsyncApiClient(configuration)
+
+
 @kopf.on.startup()
-def start_operator(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def start_operator(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Read and check the settings, configure kopf, serve metrics, make sure peering can work."""
     try:
         ours = memo.get("operator_settings") or OperatorSettings.from_env(os.environ)
     except SettingsError as error:
         raise kopf.PermanentError(str(error)) from error
     configure_kopf(settings, ours)
-    api_client = new_api_client()
-    context = OperatorContext(settings=ours, api_client=api_client, metrics=OperatorMetrics(), kopf_settings=settings)
+    api_client = await asyncio.to_thread(new_api_client)
+    context = OperatorContext(
+        settings=ours, api_client=api_client, metrics=OperatorMetrics(), async_api=await new_async_api_client()
+    )
     if ours.metrics_port:
         context.metrics_server = context.metrics.serve(ours.metrics_port, ours.listen_address)
         logger.info("metrics on %s:%d/metrics", ours.listen_address, context.metrics_server.port)
     if not settings.peering.standalone:
-        ensure_peering_object(api_client, ours, logger)
+        await asyncio.to_thread(ensure_peering_object, api_client, ours, logger)
     context.status_queue = DeferredQueue(
         lambda key: reconcile_status(context, key[0], key[1], job_logger(*key), context.children()),
         workers=STATUS_THREADS,
@@ -820,13 +854,17 @@ def start_operator(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: 
 
 
 @kopf.on.cleanup()
-def stop_operator(*, memo: kopf.Memo, **_: Any) -> None:
-    """Stop the status workers and the metrics endpoint."""
+async def stop_operator(*, memo: kopf.Memo, **_: Any) -> None:
+    """Stop the status workers, the metrics endpoint and the asynchronous client."""
     context = memo.get(MEMO_KEY)
-    if isinstance(context, OperatorContext) and context.status_queue is not None:
-        context.status_queue.stop()
-    if isinstance(context, OperatorContext) and context.metrics_server is not None:
+    if not isinstance(context, OperatorContext):
+        return
+    if context.status_queue is not None:
+        await asyncio.to_thread(context.status_queue.stop)
+    if context.metrics_server is not None:
         context.metrics_server.stop()
+    if context.async_api is not None:
+        await context.async_api.close()
 
 
 @kopf.on.probe(id="trackedJobs")
@@ -896,37 +934,40 @@ async def finetunejob_event(
 
 
 async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], logger: Any) -> None:
-    """Bring the trainer Job in line with the FineTuneJob, then queue a status derivation."""
+    """Create what the job lacks and mirror its suspend (reconcile.child_changes), then queue a status derivation."""
     metadata = raw["metadata"]
-    namespace, name = metadata["namespace"], metadata["name"]
+    namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
     context.remember_body(raw)
-    phase = (raw.get("status") or {}).get("phase")
-    finished = phase in TERMINAL_PHASES or metadata.get("deletionTimestamp")
-    if phase == "Succeeded" and not metadata.get("deletionTimestamp"):
-        await ensure_serving(context, raw, logger)
-    if not finished:
-        # A finished run is never restarted (its Job may be gone after ttlSecondsAfterFinished), nor a deleted one.
-        try:
-            job = FineTuneJob.model_validate(raw)
-        except ValidationError as error:
+    try:
+        job = FineTuneJob.model_validate(raw)
+    except ValidationError as error:
+        phase = (raw.get("status") or {}).get("phase")
+        if phase not in TERMINAL_PHASES and not metadata.get("deletionTimestamp"):
             await asyncio.to_thread(refuse_invalid_spec, context, raw, format_validation_error(error))
-            return
+        return
+    changes = child_changes(job, context.observed(namespace, name, uid), context.settings)
+    if changes.creates_trainer:
         try:
-            created = await ensure_trainer(context, job, raw, logger)
+            created = await create_trainer(context, changes.create, raw, logger)
         except Exception as error:
             context.metrics.record_handler_error("ensure_trainer")
-            delay = context.retry_later(namespace, name, metadata["uid"], error)
+            delay = context.retry_later(namespace, name, uid, error)
             logger.warning("cannot create the trainer Job (retrying in %.0f s): %s", delay, describe_error(error))
             return
-        context.retry_done(metadata["uid"])
+        context.retry_done(uid)
         if created:
             return  # the Job watch's ADDED event derives the first status
+    elif changes.create:
+        await create_serving(context, changes.create, raw, logger)
+    if changes.suspend is not None:
         try:
-            await apply_suspend(context, job, logger)
+            await apply_suspend(context, namespace, name, changes.suspend, logger)
         except Exception as error:
             context.metrics.record_handler_error("apply_suspend")
-            delay = context.retry_later(namespace, name, metadata["uid"], error)
+            delay = context.retry_later(namespace, name, uid, error)
             logger.warning("cannot suspend or resume the trainer Job (retrying in %.0f s): %s", delay, error)
+        else:
+            context.retry_done(uid)
     await request_status_from_loop(context, namespace, name)
 
 
@@ -935,27 +976,22 @@ def describe_error(error: Exception) -> str:
     status = api_error_status(error)
     if status is None:
         return str(error)
-    # kopf's errors carry the API server's message (what was refused and why); the kubernetes client's its reason.
-    return f"HTTP {status}: {getattr(error, 'message', None) or getattr(error, 'reason', '')}"
+    return f"HTTP {status}: {api_error_message(error)}"
 
 
-async def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[str, Any], logger: Any) -> bool:
-    """Create the trainer Job (and, once per namespace, the trainer identity) unless it exists; True when created.
+async def create_trainer(
+    context: OperatorContext, children: Iterable[dict[str, Any]], raw: dict[str, Any], logger: Any
+) -> bool:
+    """Create the trainer Job (and, once per namespace, the trainer identity); True when something was created.
 
     The Job index is filled from the watch before any handler runs, so a job whose Job exists (an operator restart,
-    a repeated event) costs no API call. A Job that exists but is not in the index yet answers 409, which is success.
+    a repeated event) never gets here. A Job that exists but is not in the index yet answers 409, which is success.
     """
     metadata = raw["metadata"]
-    namespace, name = metadata["namespace"], metadata["name"]
-    if context.children_ensured(metadata["uid"]):
-        return False
-    if not needs_trainer(metadata["uid"], context.children().trainer_job(namespace, name)):
-        context.set_children_ensured(metadata["uid"], True)
-        return False
     with context.status_queue_creating():
-        await ensure_namespace_identity(context, namespace, logger)
+        await ensure_namespace_identity(context, metadata["namespace"], logger)
         created_any = False
-        for child in build_children(job, context.settings):
+        for child in children:
             kopf.adopt(child, owner=as_kopf_body(raw))
             if await create_child(context, child, metadata["uid"], logger):
                 logger.info("created %s %s", child["kind"], child["metadata"]["name"])
@@ -964,24 +1000,16 @@ async def ensure_trainer(context: OperatorContext, job: FineTuneJob, raw: dict[s
     return created_any
 
 
-async def ensure_serving(context: OperatorContext, raw: dict[str, Any], logger: Any) -> None:
-    """Create the endpoint of a succeeded job that asks for one (and whose gate allows it) unless it exists.
+async def create_serving(
+    context: OperatorContext, children: Iterable[dict[str, Any]], raw: dict[str, Any], logger: Any
+) -> None:
+    """Create the endpoint of a succeeded job (its Deployment and Service).
 
     A failure is logged and counted; the next event of the job (its status write, a Deployment event) tries again.
     """
     uid = raw["metadata"]["uid"]
-    if context.serving_ensured(uid) or raw["metadata"].get("deletionTimestamp"):
-        return  # a job being deleted takes its endpoint with it: nothing is created for it any more
     try:
-        job = FineTuneJob.model_validate(raw)
-    except ValidationError:
-        return
-    status = job.status or FineTuneJobStatus()
-    serve, _ = serving_decision(job, status)
-    if not serve:
-        return
-    try:
-        for child in build_serving(job, status, context.settings):
+        for child in children:
             kopf.adopt(child, owner=as_kopf_body(raw))
             if await create_child(context, child, uid, logger):
                 logger.info("created %s %s", child["kind"], child["metadata"]["name"])
@@ -1002,15 +1030,11 @@ def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: 
     apply_status_change(context, raw, change, gpus=0)
 
 
-async def apply_suspend(context: OperatorContext, job: FineTuneJob, logger: Any) -> None:
-    """Mirror spec.runPolicy.suspend onto the trainer Job's spec.suspend when it differs (lifecycle.suspend_change)."""
-    namespace, name = job.metadata.namespace or "", job.metadata.name
-    desired = suspend_change(job, context.children().trainer_job(namespace, name))
-    if desired is None:
-        return
+async def apply_suspend(context: OperatorContext, namespace: str, name: str, suspend: bool, logger: Any) -> None:
+    """Set the trainer Job's spec.suspend (reconcile.child_changes decides when it must mirror runPolicy.suspend)."""
     trainer_name = trainer_resource_name(name)
-    await merge_patch(context, f"{collection_url('Job', namespace)}/{trainer_name}", {"spec": {"suspend": desired}})
-    logger.info("trainer Job %s %s", trainer_name, "suspended" if desired else "resumed")
+    await merge_patch(context, f"{collection_url('Job', namespace)}/{trainer_name}", {"spec": {"suspend": suspend}})
+    logger.info("trainer Job %s %s", trainer_name, "suspended" if suspend else "resumed")
 
 
 def finetunejob_url(namespace: str, name: str) -> str:
@@ -1113,7 +1137,7 @@ async def serving_event(*, type: str, body: kopf.Body, namespace: str | None, me
         return  # the job is gone (garbage collection follows) or this Deployment is another job's
     if type == "DELETED":
         context.set_serving_ensured(raw["metadata"]["uid"], False)
-        await ensure_serving(context, compact(raw), logger)
+        await reconcile_finetunejob(context, compact(raw), logger)
         return
     ready = int((body.get("status") or {}).get("readyReplicas") or 0)
     if ((raw.get("status") or {}).get("serving") or {}).get("readyReplicas") != ready:

@@ -634,7 +634,7 @@ def test_a_trainer_job_the_api_server_refuses_is_created_once_it_is_allowed(jobs
     wait_for(refusals, 60, "a refused create")
     refusal = refusals()[0]
     assert "HTTP 403" in refusal and "quota" in refusal, refusal
-    # Each attempt is one request: kopf's client does not sleep and retry inside the create (which would hold every
+    # Each attempt is one request: the client does not sleep and retry inside the create (which would hold every
     # other job's status back meanwhile); the operator's own backoff retries the job.
     assert not [line for line in operator.log().splitlines() if "will retry" in line and jobs.namespace in line]
     assert jobs.child("job", "held-trainer") is None

@@ -4,7 +4,6 @@ the in-memory view of trainer Jobs and pods, and which of two FineTuneJob bodies
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -270,14 +269,6 @@ def test_the_first_jobs_of_a_burst_create_the_namespace_identity_once(monkeypatc
         ("ServiceAccount", "team-b"),
     ]
     assert context.identity_ensured("team-a") and context.identity_ensured("team-b")
-
-
-def test_kopfs_api_client_is_where_the_operator_expects_it() -> None:
-    # The creates use kopf's private client modules (pinned kopf): a kopf bump that moves them must fail here.
-    parameters = inspect.signature(handlers.kopf_api.request).parameters
-    assert {"method", "url", "payload", "headers", "settings", "backoffs", "logger"} <= set(parameters)
-    assert issubclass(handlers.kopf_errors.APIConflictError, handlers.kopf_errors.APIError)
-    assert issubclass(handlers.kopf_errors.APINotFoundError, handlers.kopf_errors.APIError)
 
 
 def test_children_are_created_in_their_kinds_collections() -> None:
