@@ -23,8 +23,9 @@ at each concurrency, then round 2, ...):
 2. floor, Jobs as the operator: the same creates with the operator's ServiceAccount token instead of the admin's
    (system:masters skips authorization);
 3. bare controller: the client creates N FineTuneJobs from T threads; a process of its own watches them and, for each
-   new one, creates its trainer Job, built before the run, from as many threads as the operator's handlers have (no
-   validation, no building, no kopf, no status): the least any controller does per job, measured on the same bed.
+   new one, creates its trainer Job, built before the run, from as many threads as the operator has creates in
+   flight (no validation, no building, no kopf, no status): the least any controller does per job, measured on the
+   same bed.
    Its FineTuneJobs and Jobs are deleted before the next run;
 4. operator: the client creates N FineTuneJobs from T threads; a new operator process creates the trainer Jobs (and,
    once for the namespace, the trainer ServiceAccount and its RoleBinding).
@@ -759,15 +760,15 @@ def operator_run(
 
 def bare_run(bed: Bed, count: int, threads: int, timeout: float, work: Path) -> RunFigures:
     """The client creates FineTuneJobs from `threads` threads; the bare controller (its own process) creates their
-    prebuilt Jobs from as many threads as the operator's handlers have, whatever the client's concurrency."""
-    from kubetune_operator.handlers import HANDLER_THREADS
+    prebuilt Jobs from as many threads as the operator has creates in flight, whatever the client's concurrency."""
+    from kubetune_operator.handlers import CREATES_IN_FLIGHT
 
     def submit(api_client: Any, namespace: str, name: str) -> None:
         create_finetunejob(api_client, finetunejob_manifest(name, namespace))
 
     return measure(
         bed, BARE_LABEL, f"{count} FineTuneJobs", 1, count, threads, timeout, submit,
-        controller=lambda namespace: bare_controller_process(bed, namespace, count, HANDLER_THREADS, timeout, work),
+        controller=lambda namespace: bare_controller_process(bed, namespace, count, CREATES_IN_FLIGHT, timeout, work),
     )  # fmt: skip
 
 
@@ -1119,7 +1120,7 @@ def render_report(
             f"on this machine's {cores} shared cores keep every process waiting for CPU. The floors act as the admin "
             "(system:masters, which skips authorization) except the second, which uses the operator's ServiceAccount "
             "token like the operator. The bare controller (a process of its own, with the operator's token, "
-            "creating from as many threads as the operator's handlers have) watches the FineTuneJobs and creates "
+            "creating from as many threads as the operator has creates in flight) watches the FineTuneJobs and creates "
             "each one's trainer Job, built before the run and owned by it: no validation, no building, no kopf, no "
             "status. It is the least any controller does, so its ratio to the floor is this bed's bound for any "
             "operator at that concurrency. create→Job: from the client sending a job's first create to a watch (a "

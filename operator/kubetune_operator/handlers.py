@@ -12,14 +12,13 @@ API key.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import json
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar, cast
@@ -83,22 +82,15 @@ CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
 POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT} in ({COMPONENT_TRAINER},{COMPONENT_ENDPOINT_CHECK})"
 SERVING_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT}={COMPONENT_SERVING}"
 MERGE_PATCH = "application/merge-patch+json"
-# kopf's executor (the few sync handlers: start-up, clean-up, probes) and the kubernetes client's connection pool, which
-# the status workers and the rare blocking calls moved off the loop (asyncio.to_thread) share; sized together, so a
-# thread never waits for a connection. Every watch event is handled on kopf's loop.
-HANDLER_THREADS = 16
+# kopf's executor, for its few sync handlers (the probe); every watch event is handled on kopf's loop.
+HANDLER_THREADS = 4
 # Creates in flight at once on kopf's loop (each holds one keep-alive connection): as many as a 16-thread client's.
 CREATES_IN_FLIGHT = 16
-# Status derivations run on their own threads, behind the creates (status_queue.DeferredQueue).
-STATUS_THREADS = 8
+# Status derivations in progress at once (status_queue.DeferredQueue), behind the creates: each waits on its patch.
+STATUS_WORKERS = 8
 # Backoff of a failed create or suspend (kopf does not retry event handlers).
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
-# Transient API failures of the status path (the kubernetes client, on the status threads) are retried briefly by
-# urllib3: its reads and status merge patches, both safe to repeat.
-API_RETRIES = 2
-API_RETRY_BACKOFF_SECONDS = 1.0
-TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
 CONFLICT_RETRY_SECONDS = 10
 JSON = "application/json"
 
@@ -111,10 +103,9 @@ class OperatorContext:
     """What the handlers share: settings, an API client, metrics, and one lock per FineTuneJob."""
 
     settings: OperatorSettings
-    api_client: Any
     metrics: OperatorMetrics
     metrics_server: MetricsServer | None = None
-    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     # The newest FineTuneJob each job's status derivation has seen: a watch event's body or a status patch's answer.
     _bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -137,23 +128,18 @@ class OperatorContext:
     _children: Children | None = None
     # Failed creates or suspends waiting for their retry: uid -> attempts so far.
     _retries: dict[str, int] = field(default_factory=dict)
-    # The context variables of kopf's handlers (kopf.event needs them), for the threads this module starts.
-    kopf_context: contextvars.Context | None = None
+    # Failed status derivations waiting for their retry: (namespace, name) -> attempts so far.
+    _status_retries: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def attach_children(self, children: Children) -> None:
-        """Called by every handler first: keep kopf's indexes and its handlers' context variables for the status
-        derivations done outside the handlers, and start the status workers in that context.
-
-        kopf.event needs variables kopf sets for its handlers only (not yet for the startup handler), and a new
-        thread starts without any: the workers run in copies of a handler's context.
-        """
+        """Called by every handler first: keep kopf's indexes for the status derivations, and start the status
+        workers from the first handler, so that they run in a copy of its context (kopf.event needs the context
+        variables kopf sets for its handlers, not yet set for the startup handler)."""
         with self._locks_guard:
-            if self._children is not None:
-                return
-            self._children = children
-            self.kopf_context = contextvars.copy_context()
-            if self.status_queue is not None:
-                self.status_queue.start(self.kopf_context)
+            if self._children is None:
+                self._children = children
+        if self.status_queue is not None and not self.status_queue.started:
+            self.status_queue.start()
 
     def children(self) -> Children:
         """kopf's indexes of trainer Jobs and pods."""
@@ -161,12 +147,27 @@ class OperatorContext:
             raise RuntimeError("no handler has run yet: kopf's indexes are unknown")
         return self._children
 
-    def request_status(self, namespace: str, name: str) -> None:
+    async def request_status(self, namespace: str, name: str) -> None:
         """Derive and write the job's status soon (at once when no queue runs, e.g. in unit tests)."""
         if self.status_queue is None:
-            reconcile_status(self, namespace, name, job_logger(namespace, name), self.children())
+            await reconcile_status(self, namespace, name, job_logger(namespace, name), self.children())
         else:
             self.status_queue.put((namespace, name))
+
+    async def derive_status_of(self, key: tuple[str, str]) -> None:
+        """One queued status derivation; a success ends the job's status retries."""
+        await reconcile_status(self, key[0], key[1], job_logger(*key), self.children())
+        self._status_retries.pop(key, None)
+
+    def retry_status_later(self, key: tuple[str, str]) -> None:
+        """A status derivation failed (the API server refused or did not answer its reads or patch): queue it again
+        after the doubling backoff, as for a failed create. Level-triggered: the retry derives from what is current
+        then."""
+        self.metrics.record_handler_error("reconcile_status")
+        attempts = self._status_retries.get(key, 0)
+        self._status_retries[key] = attempts + 1
+        if self.status_queue is not None:
+            asyncio.get_running_loop().call_later(retry_delay(attempts), self.status_queue.put, key)
 
     @contextmanager
     def status_queue_creating(self) -> Iterator[None]:
@@ -201,12 +202,12 @@ class OperatorContext:
         with self._locks_guard:
             self._retries.pop(uid, None)
 
-    @contextmanager
-    def job_lock(self, namespace: str, name: str) -> Iterator[None]:
-        """Serialise status derivations of one job: Job, Pod and FineTuneJob events arrive on different threads."""
+    @asynccontextmanager
+    async def job_lock(self, namespace: str, name: str) -> AsyncIterator[None]:
+        """Serialise status derivations of one job: a derivation waits on its patch while the next event comes."""
         with self._locks_guard:
-            lock = self._locks.setdefault((namespace, name), threading.Lock())
-        with lock:
+            lock = self._locks.setdefault((namespace, name), asyncio.Lock())
+        async with lock:
             yield
 
     @property
@@ -222,6 +223,7 @@ class OperatorContext:
             self._bodies.pop((namespace, name), None)
             self._children_ensured.discard(uid or "")
             self._serving_ensured.discard(uid or "")
+            self._status_retries.pop((namespace, name), None)
 
     def serving_ensured(self, uid: str) -> bool:
         """Whether this replica has created or found the endpoint (spec.serving) of the job with this uid."""
@@ -436,14 +438,12 @@ def as_kopf_body(raw: Mapping[str, Any]) -> kopf.Body:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# API access (kubernetes sync client; kopf runs sync handlers in threads).
+# API access: kubernetes_asyncio on kopf's event loop, one request per call, answers unparsed unless read.
 
 
 def api_error_status(error: Exception) -> int | None:
-    """The HTTP status of an ApiException of either kubernetes client, None for anything else."""
-    from kubernetes.client.exceptions import ApiException
-
-    if isinstance(error, ApiException | AsyncApiException):
+    """The HTTP status of an API error, None for anything else."""
+    if isinstance(error, AsyncApiException):
         return int(error.status)
     return None
 
@@ -458,21 +458,6 @@ def api_error_message(error: Exception) -> str:
     return str(message or getattr(error, "reason", "") or "")
 
 
-def read_finetunejob(api_client: Any, namespace: str, name: str) -> dict[str, Any] | None:
-    """The FineTuneJob, or None when it is gone."""
-    from kubernetes import client
-
-    try:
-        found: dict[str, Any] = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
-        )
-    except Exception as error:
-        if api_error_status(error) == 404:
-            return None
-        raise
-    return found
-
-
 def pods_of(pods: list[dict[str, Any]], trainer_job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The pods owned by this trainer Job (all of them when the Job is unknown)."""
     owner_uid = (trainer_job or {}).get("metadata", {}).get("uid")
@@ -483,20 +468,17 @@ def pods_of(pods: list[dict[str, Any]], trainer_job: Mapping[str, Any] | None) -
     ]
 
 
-def patch_finetunejob_status(
-    api_client: Any, namespace: str, name: str, patch: dict[str, Any]
+async def patch_finetunejob_status(
+    context: OperatorContext, namespace: str, name: str, patch: dict[str, Any]
 ) -> dict[str, Any] | None:
     """A merge patch through the status subresource; the patched object, None when it is gone meanwhile."""
-    from kubernetes import client
-
     try:
-        patched: dict[str, Any] = client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, patch
-        )
-    except Exception as error:
-        if api_error_status(error) == 404:
+        data = await api_request(context, "PATCH", f"{finetunejob_url(namespace, name)}/status", patch, MERGE_PATCH)
+    except AsyncApiException as error:
+        if error.status == 404:
             return None
         raise
+    patched: dict[str, Any] = json.loads(data)
     return patched
 
 
@@ -635,11 +617,13 @@ def post_transition_events(body: Mapping[str, Any], transitions: tuple[PhaseTran
         )
 
 
-def apply_status_change(context: OperatorContext, body: Mapping[str, Any], change: StatusChange, gpus: int) -> None:
+async def apply_status_change(
+    context: OperatorContext, body: Mapping[str, Any], change: StatusChange, gpus: int
+) -> None:
     """Write the patch (once), post Events and count transitions, refresh the job's metrics."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     if not change.is_empty:
-        patched = patch_finetunejob_status(context.api_client, namespace, name, change.patch)
+        patched = await patch_finetunejob_status(context, namespace, name, change.patch)
         if patched is None:
             return
         context.remember_body(compact(patched))
@@ -649,7 +633,7 @@ def apply_status_change(context: OperatorContext, body: Mapping[str, Any], chang
     context.metrics.observe_job(namespace, name, change.status, gpus, datetime.now(UTC))
 
 
-def current_finetunejob(
+async def current_finetunejob(
     context: OperatorContext, namespace: str, name: str, seen: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """The newest FineTuneJob known: `seen` (an event's body) or the last status patch's answer, whichever is newer;
@@ -657,51 +641,45 @@ def current_finetunejob(
     newest = context.remember_body(seen) if seen is not None else context.known_body(namespace, name)
     if newest is not None:
         return newest
-    body = read_finetunejob(context.api_client, namespace, name)
+    body = await read_object(context, finetunejob_url(namespace, name))
     if body is not None:
         body = compact(body)
         context.remember_body(body)
     return body
 
 
-def reconcile_status(
+async def reconcile_status(
     context: OperatorContext,
     namespace: str,
     name: str,
     logger: kopf.Logger,
     children: Children,
     seen: dict[str, Any] | None = None,
-    created_job: dict[str, Any] | None = None,
 ) -> None:
-    """Derive the status from the newest FineTuneJob and its trainer Job and pods (all in memory); write what changed.
-
-    `created_job` is a trainer Job this pass has just created or found, which the Job watch may not have brought yet.
-    """
-    with context.job_lock(namespace, name), context.metrics.timed_reconcile():
-        body = current_finetunejob(context, namespace, name, seen)
-        if body is None:
-            return
-        trainer_job = children.trainer_job(namespace, name)
-        if created_job is not None and (
-            trainer_job is None or trainer_job["metadata"]["uid"] != created_job["metadata"]["uid"]
-        ):
-            trainer_job = created_job
-        if trainer_job is None and not (body.get("status") or {}).get("phase"):
-            return  # nothing created yet: the create handler is at work and writes the first status itself
-        try:
-            job = FineTuneJob.model_validate(body)
-        except ValidationError:
-            return  # the create handler has reported it as InvalidSpec
-        observed = Observed(trainer_job, children.trainer_pods(namespace, name, trainer_job))
-        change = status_change(job, observed, utc_now())
-        if change.transitions:
-            logger.info(
-                "phase %s -> %s (%s)",
-                job.status.phase if job.status else None,
-                change.status.phase,
-                change.transitions[0].reason,
-            )
-        apply_status_change(context, body, change, job.spec.resources.gpus)
+    """Derive the status from the newest FineTuneJob and its trainer Job and pods (all in memory); write what
+    changed."""
+    async with context.job_lock(namespace, name):
+        with context.metrics.timed_reconcile():
+            body = await current_finetunejob(context, namespace, name, seen)
+            if body is None:
+                return
+            trainer_job = children.trainer_job(namespace, name)
+            if trainer_job is None and not (body.get("status") or {}).get("phase"):
+                return  # nothing created yet: the create handler is at work and writes the first status itself
+            try:
+                job = FineTuneJob.model_validate(body)
+            except ValidationError:
+                return  # the create handler has reported it as InvalidSpec
+            observed = Observed(trainer_job, children.trainer_pods(namespace, name, trainer_job))
+            change = status_change(job, observed, utc_now())
+            if change.transitions:
+                logger.info(
+                    "phase %s -> %s (%s)",
+                    job.status.phase if job.status else None,
+                    change.status.phase,
+                    change.transitions[0].reason,
+                )
+            await apply_status_change(context, body, change, job.spec.resources.gpus)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -750,66 +728,30 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.peering.priority = settings.peering_priority
 
 
-def ensure_peering_object(api_client: Any, settings: OperatorSettings, logger: kopf.Logger) -> None:
+async def ensure_peering_object(context: OperatorContext, settings: OperatorSettings, logger: kopf.Logger) -> None:
     """Create the peering object(s) kopf keeps alive in, when the chart has not (409 is success)."""
-    from kubernetes import client
-
-    api = client.CustomObjectsApi(api_client)
-    targets: list[tuple[str | None, str]] = (
-        [(None, "ClusterKopfPeering")] if settings.clusterwide else [(ns, "KopfPeering") for ns in settings.namespaces]
+    targets: list[tuple[str, str]] = (
+        [(f"/apis/{KOPF_PEERING_GROUP}/v1/clusterkopfpeerings", "ClusterKopfPeering")]
+        if settings.clusterwide
+        else [
+            (f"/apis/{KOPF_PEERING_GROUP}/v1/namespaces/{namespace}/kopfpeerings", "KopfPeering")
+            for namespace in settings.namespaces
+        ]
     )
-    for namespace, kind in targets:
-        body: dict[str, Any] = {
-            "apiVersion": f"{KOPF_PEERING_GROUP}/v1",
-            "kind": kind,
-            "metadata": {"name": settings.peering_name},
-        }
+    for url, kind in targets:
+        body = {"apiVersion": f"{KOPF_PEERING_GROUP}/v1", "kind": kind, "metadata": {"name": settings.peering_name}}
         try:
-            if namespace is None:
-                api.create_cluster_custom_object(KOPF_PEERING_GROUP, "v1", "clusterkopfpeerings", body)
-            else:
-                api.create_namespaced_custom_object(KOPF_PEERING_GROUP, "v1", namespace, "kopfpeerings", body)
-        except Exception as error:
-            status = api_error_status(error)
-            if status == 409:
+            await api_request(context, "POST", url, body)
+        except AsyncApiException as error:
+            if error.status == 409:
                 continue
-            if status == 404:
+            if error.status == 404:
                 raise kopf.PermanentError(
                     "the kopf peering CRDs are not installed: apply operator/kubetune_operator/peering.yaml "
                     "(the Helm chart does), or run a single replica with KUBETUNE_STANDALONE=true"
                 ) from error
             raise
         logger.info("created %s %s", kind, settings.peering_name)
-
-
-def new_api_client() -> Any:
-    """A kubernetes ApiClient from the in-cluster service account, else from KUBECONFIG / ~/.kube/config."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
-    # One connection per handler thread: a full pool would open (and drop) a TLS connection per request.
-    configuration.connection_pool_maxsize = HANDLER_THREADS
-    configuration.retries = api_retries()
-    return client.ApiClient(configuration)
-
-
-def api_retries() -> Any:
-    """urllib3's retries for the kubernetes client: 429, 5xx and broken connections, with backoff and Retry-After,
-    for GETs and PATCHes (status merge patches) only. Events (POST) are not retried: a duplicate would mislead."""
-    from urllib3.util.retry import Retry
-
-    return Retry(
-        total=API_RETRIES,
-        status_forcelist=TRANSIENT_STATUSES,
-        allowed_methods=frozenset({"GET", "PATCH"}),
-        backoff_factor=API_RETRY_BACKOFF_SECONDS,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-    )
 
 
 async def new_async_api_client() -> AsyncApiClient:
@@ -836,19 +778,16 @@ async def start_operator(*, settings: kopf.OperatorSettings, memo: kopf.Memo, lo
     except SettingsError as error:
         raise kopf.PermanentError(str(error)) from error
     configure_kopf(settings, ours)
-    api_client = await asyncio.to_thread(new_api_client)
-    context = OperatorContext(
-        settings=ours, api_client=api_client, metrics=OperatorMetrics(), async_api=await new_async_api_client()
-    )
+    context = OperatorContext(settings=ours, metrics=OperatorMetrics(), async_api=await new_async_api_client())
     if ours.metrics_port:
         context.metrics_server = context.metrics.serve(ours.metrics_port, ours.listen_address)
         logger.info("metrics on %s:%d/metrics", ours.listen_address, context.metrics_server.port)
     if not settings.peering.standalone:
-        await asyncio.to_thread(ensure_peering_object, api_client, ours, logger)
+        await ensure_peering_object(context, ours, logger)
     context.status_queue = DeferredQueue(
-        lambda key: reconcile_status(context, key[0], key[1], job_logger(*key), context.children()),
-        workers=STATUS_THREADS,
-        on_error=lambda _key, _error: context.metrics.record_handler_error("reconcile_status"),
+        context.derive_status_of,
+        workers=STATUS_WORKERS,
+        on_error=lambda key, _error: context.retry_status_later(key),
     )  # started by the first handler (OperatorContext.attach_children)
     memo[MEMO_KEY] = context
 
@@ -860,7 +799,7 @@ async def stop_operator(*, memo: kopf.Memo, **_: Any) -> None:
     if not isinstance(context, OperatorContext):
         return
     if context.status_queue is not None:
-        await asyncio.to_thread(context.status_queue.stop)
+        await context.status_queue.stop()
     if context.metrics_server is not None:
         context.metrics_server.stop()
     if context.async_api is not None:
@@ -919,9 +858,9 @@ async def finetunejob_event(
 ) -> None:
     """A FineTuneJob appeared (or was listed at start), changed, or went.
 
-    A coroutine: the checks and builders are pure and quick, and the creates go through kopf's client on its loop.
-    Handler threads and the kubernetes client's urllib3 requests cost a burst more CPU than the creates themselves, and
-    the threads took the GIL from the event loop that reads the watches.
+    A coroutine: the checks and builders are pure and quick, and the creates go through the asynchronous client on
+    kopf's loop. Handler threads and a synchronous client's urllib3 requests cost a burst more CPU than the creates
+    themselves, and the threads took the GIL from the event loop that reads the watches.
     """
     context = operator_context(memo)
     namespace = in_namespace(namespace)
@@ -943,7 +882,7 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
     except ValidationError as error:
         phase = (raw.get("status") or {}).get("phase")
         if phase not in TERMINAL_PHASES and not metadata.get("deletionTimestamp"):
-            await asyncio.to_thread(refuse_invalid_spec, context, raw, format_validation_error(error))
+            await refuse_invalid_spec(context, raw, format_validation_error(error))
         return
     changes = child_changes(job, context.observed(namespace, name, uid), context.settings)
     if changes.creates_trainer:
@@ -968,7 +907,7 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
             logger.warning("cannot suspend or resume the trainer Job (retrying in %.0f s): %s", delay, error)
         else:
             context.retry_done(uid)
-    await request_status_from_loop(context, namespace, name)
+    await context.request_status(namespace, name)
 
 
 def describe_error(error: Exception) -> str:
@@ -1020,14 +959,14 @@ async def create_serving(
     context.set_serving_ensured(uid, True)
 
 
-def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> None:
+async def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], message: str) -> None:
     """Mark the job Failed/InvalidSpec (what the CRD schema and CEL could not refuse); it is never handled again."""
     try:
         current = FineTuneJobStatus.model_validate(raw.get("status") or {})
     except ValidationError:
         current = FineTuneJobStatus()
     change = invalid_spec_status(current, raw["metadata"].get("generation"), message, utc_now())
-    apply_status_change(context, raw, change, gpus=0)
+    await apply_status_change(context, raw, change, gpus=0)
 
 
 async def apply_suspend(context: OperatorContext, namespace: str, name: str, suspend: bool, logger: Any) -> None:
@@ -1091,7 +1030,7 @@ async def trainer_job_event(
     if type == "DELETED":
         await restore_trainer_job(context, namespace, name, job_logger(namespace, name))
         return
-    await request_status_from_loop(context, namespace, name)
+    await context.request_status(namespace, name)
 
 
 async def restore_trainer_job(context: OperatorContext, namespace: str, name: str, logger: Any) -> None:
@@ -1111,7 +1050,7 @@ async def trainer_pod_event(
     """A trainer pod changed (scheduled, image pull, running, terminated with its summary)."""
     context = operator_context(memo)
     context.attach_children(Children.from_kwargs(kwargs))
-    await request_status_from_loop(context, in_namespace(namespace), labels[LABEL_JOB_NAME])
+    await context.request_status(in_namespace(namespace), labels[LABEL_JOB_NAME])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1245,12 +1184,3 @@ async def on_identity_event(
     except Exception as error:  # a terminating namespace refuses creates; its next job tries again
         context.metrics.record_handler_error("trainer_identity_event")
         logger.warning("cannot create the namespace's trainer identity again: %s", describe_error(error))
-
-
-async def request_status_from_loop(context: OperatorContext, namespace: str, name: str) -> None:
-    """request_status from kopf's event loop: a queue put at once (it only takes a lock for a moment); without a
-    queue (unit tests) the derivation's API calls run in a thread."""
-    if context.status_queue is None:
-        await asyncio.to_thread(context.request_status, namespace, name)
-    else:
-        context.request_status(namespace, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ from kubetune_operator.handlers import (
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.serving import build_check_job, build_serving
 from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.status_queue import DeferredQueue
 from kubetune_operator.trainer_identity import IDENTITY_SELECTOR
 from pydantic import ValidationError
 
@@ -168,7 +170,7 @@ def test_the_newer_body_wins_by_resource_version_and_unordered_versions_give_non
 
 
 def test_the_context_keeps_the_newest_body_per_job_until_it_is_deleted() -> None:
-    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
     patched = body("10", "Pending")
     assert context.remember_body(patched) is patched
     assert context.remember_body(body("9")) is patched
@@ -252,7 +254,7 @@ def test_the_first_jobs_of_a_burst_create_the_namespace_identity_once(monkeypatc
         return True
 
     monkeypatch.setattr(handlers, "post_object", post_object)
-    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
     logger = logging.getLogger("test")
 
     async def burst() -> None:
@@ -281,7 +283,7 @@ def test_children_are_created_in_their_kinds_collections() -> None:
 
 
 def test_a_failing_handler_is_counted_and_still_raises_and_an_unknown_name_is_refused() -> None:
-    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
 
     @handlers.counted("trainer_pod_event")
     async def failing(**_: Any) -> None:
@@ -296,7 +298,7 @@ def test_a_failing_handler_is_counted_and_still_raises_and_an_unknown_name_is_re
 
 
 def test_a_failed_job_is_retried_with_a_doubling_delay_or_the_longer_one_a_temporary_error_asks_for() -> None:
-    context = OperatorContext(settings=OperatorSettings(), api_client=None, metrics=OperatorMetrics())
+    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
     waiting = kopf.TemporaryError("owned by a deleted FineTuneJob; waiting for garbage collection", delay=10)
 
     async def failures() -> list[float]:
@@ -311,3 +313,30 @@ def test_a_failed_job_is_retried_with_a_doubling_delay_or_the_longer_one_a_tempo
     delays = asyncio.run(failures())
     assert delays[:6] == [1.0, 2.0, 4.0, 10.0, 1.0, 1.0]
     assert delays[6:] == [16.0, 32.0, 60.0, 60.0, 60.0], "doubling, at most a minute"
+
+
+def test_a_failed_status_derivation_is_queued_again_after_the_backoff_and_counted() -> None:
+    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
+    attempts: list[float] = []
+
+    async def flaky(_key: tuple[str, str]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise RuntimeError("HTTP 503: the API server is busy")
+
+    async def scenario() -> None:
+        context.status_queue = DeferredQueue(
+            flaky, workers=1, quiet_seconds=0.0, on_error=lambda key, _error: context.retry_status_later(key)
+        ).start()
+        context.status_queue.put(("team", "demo"))
+        deadline = time.monotonic() + 10
+        while len(attempts) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await context.status_queue.stop()
+
+    asyncio.run(scenario())
+
+    assert len(attempts) == 2
+    assert attempts[1] - attempts[0] >= handlers.RETRY_FIRST_SECONDS
+    registry = context.metrics.registry
+    assert registry.get_sample_value("kubetune_handler_errors_total", {"handler": "reconcile_status"}) == 1

@@ -141,7 +141,7 @@ def test_every_operator_dependency_is_pinned(pinning: ModuleType) -> None:
     roots = pinning.operator_root_requirements(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text()))
     needed = set(pinning.dependency_closure(roots))
 
-    assert {"kopf", "kubernetes", "prometheus-client", "pydantic", "pyyaml", "click"} <= needed
+    assert {"kopf", "kubernetes-asyncio", "prometheus-client", "pydantic", "pyyaml", "click"} <= needed
     assert "boto3" not in needed and "botocore" not in needed
     assert needed <= requirement_pins().keys()
 
@@ -205,7 +205,7 @@ def test_every_module_the_operator_can_import_comes_from_a_pinned_distribution()
         if not {canonicalize_name(d) for d in providers.get(module, [])} & requirement_pins().keys()
     }
 
-    assert {"kopf", "kubernetes", "prometheus_client", "pydantic"} <= imported
+    assert {"kopf", "kubernetes_asyncio", "prometheus_client", "pydantic"} <= imported
     assert not unpinned, f"imported by the operator but not in operator/requirements.txt: {unpinned}"
 
 
