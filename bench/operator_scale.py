@@ -45,6 +45,7 @@ Results: a markdown table on stdout and in bench/results/operator_scale.md, with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -603,6 +604,25 @@ def control_plane(work: Path) -> Iterator[Bed]:
         plane.stop()
 
 
+def operator_python() -> str:
+    """A Python with exactly the operator image's requirements (operator/requirements.txt, installed --no-deps as the
+    Dockerfile does), made once per requirements file under the cache. The development environment also holds the
+    CLI's and the trainer's libraries, and kopf imports every API client library it finds for its login: measured
+    there, the operator would carry libraries its image does not have."""
+    from tests.testbed.processes import cache_dir
+
+    requirements = REPO_ROOT / "operator" / "requirements.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
+    venv = cache_dir() / f"operator-venv-{digest}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        uv = cache_dir() / "uv" / "bin" / "uv"
+        subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+        install = [str(uv), "pip", "install", "-q", "--no-deps", "-r", str(requirements)]
+        subprocess.run(install, check=True, env={**os.environ, "VIRTUAL_ENV": str(venv)})
+    return str(python)
+
+
 @contextmanager
 def operator_process(bed: Bed, log_dir: Path) -> Iterator[Any]:
     """`python -m kubetune_operator` with the chart's environment and ServiceAccount; yields its ManagedProcess once
@@ -620,8 +640,12 @@ def operator_process(bed: Bed, log_dir: Path) -> Iterator[Any]:
         KUBETUNE_LISTEN_ADDRESS="127.0.0.1",
         KUBETUNE_METRICS_PORT=str(metrics_port),
         KUBETUNE_HEALTH_PORT=str(health_port),
+        # The image's layout: the spec package and the operator package, nothing else of the repository.
+        PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'operator'}",
     )
-    process = ManagedProcess("operator", [sys.executable, "-m", "kubetune_operator"], log_dir, env=env).start()
+    env.pop("VIRTUAL_ENV", None)
+    command = [operator_python(), "-m", "kubetune_operator"]
+    process = ManagedProcess("operator", command, log_dir, env=env).start()
     try:
         wait_for(
             lambda: process.alive() and http_ok(f"http://127.0.0.1:{health_port}/healthz"),
@@ -1158,7 +1182,9 @@ def render_report(
             f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
             f"- CPU: {cpu_line()}",
             f"- Kubernetes {server_version} (etcd with --unsafe-no-fsync, API priority and fairness off); "
-            f"kopf {version('kopf')}, kubernetes (Python) {version('kubernetes')}",
+            f"the operator in a Python environment of exactly operator/requirements.txt (kopf {version('kopf')}, "
+            f"kubernetes_asyncio {version('kubernetes-asyncio')}); the clients' kubernetes (Python) "
+            f"{version('kubernetes')}",
             f"- {load_line(loads, cores)}",
             "",
         ]
