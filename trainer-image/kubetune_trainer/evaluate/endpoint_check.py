@@ -19,7 +19,8 @@ from typing import Any
 from kubetune.api import EndpointCheckStatus, FineTuneJob
 from kubetune_trainer import storage
 from kubetune_trainer.chat_endpoint import ChatEndpoint
-from kubetune_trainer.evaluate.contenders import ServingCost, serving_cost
+from kubetune_trainer.evaluate.contenders import ServingCost
+from kubetune_trainer.evaluate.predictors import EndpointPredictor
 from kubetune_trainer.evaluate.report import PREDICTIONS_JSONL, REPORT_JSON, REPORT_MARKDOWN, render_markdown
 from kubetune_trainer.evaluate.results import TUNED, EvalSample, ModelResult
 from kubetune_trainer.evaluate.runner import add_text_scores, evaluation_metrics
@@ -163,13 +164,18 @@ def check_endpoint(
         max_tokens=max_tokens or spec.evaluation.max_new_tokens or DEFAULT_MAX_TOKENS,
         seed=spec.training.seed,
     )
+    # The served model answers through the same predictor as a hosted model; a failed request is a wrong answer
+    # counted in the cost, so that one bad row does not hide the endpoint's score.
+    predictor = EndpointPredictor(endpoint, model, fail_on_error=False)
     try:
-        outputs, records = endpoint.answer_all(model, [example.prompt for example in examples])
+        prediction = predictor.predict(
+            [example.prompt for example in examples], examples, text=True, loss=False, on_done=lambda rows: None
+        )
     finally:
         endpoint.close()
-    failed = [record.error for record in records if record.error]
-    if len(failed) == len(records):
-        raise EvaluationError(f"{base_url} answered none of the {len(records)} requests: {failed[0]}")
+    outputs, cost = prediction.outputs or [], prediction.cost
+    if cost.failed == cost.requests:
+        raise EvaluationError(f"{base_url} answered none of the {cost.requests} requests: {cost.first_error}")
     result = ModelResult(outputs=outputs)
     add_text_scores(result, samples, [m for m in metrics if m not in NOT_FROM_TEXT], data.labels)
     wanted = text_metrics(report)
@@ -181,7 +187,7 @@ def check_endpoint(
         scores={name: value for name, value in result.metrics.items() if name in wanted},
         in_process={name: report["models"][TUNED]["metrics"][name] for name in wanted},
         agreement=agreement(outputs, [row["outputs"][TUNED] for row in predictions]),
-        cost=serving_cost(records),
+        cost=cost,
     )
     record_check(spec.output.uri, report, check)
     return check
