@@ -392,7 +392,8 @@ def compact_job(body: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Children:
     """The trainer Jobs and pods kopf's indexes hold in memory (filled from the watches before any handler runs):
-    a status derivation reads them here instead of a GET of the Job and a LIST of pods."""
+    a status derivation reads them here instead of a GET of the Job and a LIST of pods. Read on kopf's loop only,
+    which is also where kopf changes them."""
 
     jobs: Mapping[tuple[str, str], Iterable[dict[str, Any]]]
     pods: Mapping[tuple[str, str], Iterable[dict[str, Any]]]
@@ -405,8 +406,7 @@ class Children:
     def trainer_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The job's trainer Job, None when the Job watch has not seen one (or saw it deleted)."""
         job_name = trainer_resource_name(name)
-        # tuple(): one C-level pass over the store, which the event loop's thread may change meanwhile.
-        found = [job for job in tuple(self.jobs.get((namespace, name), ())) if job["metadata"]["name"] == job_name]
+        found = [job for job in self.jobs.get((namespace, name), ()) if job["metadata"]["name"] == job_name]
         # Two of that name only while a Job deleted and created again waits for its DELETED event: the index holds
         # them in the order the watch brought them.
         return found[-1] if found else None
@@ -415,14 +415,14 @@ class Children:
         """Whether a trainer Job of the namespace has neither completed nor failed (its pods may yet be created)."""
         return any(
             not (job_condition(job, "Complete") or job_condition(job, "Failed"))
-            for (job_namespace, _), jobs in tuple(self.jobs.items())
+            for (job_namespace, _), jobs in self.jobs.items()
             if job_namespace == namespace
-            for job in tuple(jobs)
+            for job in jobs
         )
 
     def trainer_pods(self, namespace: str, name: str, trainer_job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
         """The pods of this job's current trainer Job (not of an earlier Job of the same name)."""
-        return pods_of(list(tuple(self.pods.get((namespace, name), ()))), trainer_job)
+        return pods_of(list(self.pods.get((namespace, name), ())), trainer_job)
 
 
 def in_namespace(namespace: str | None) -> str:
