@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -93,8 +92,6 @@ STATUS_WORKERS = 8
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 CONFLICT_RETRY_SECONDS = 10
-# How long a status patch's answer outranks watch events that do not bring its version (a relisting watch may not).
-AWAIT_SECONDS = 30.0
 JSON = "application/json"
 
 P = ParamSpec("P")
@@ -112,8 +109,6 @@ class OperatorContext:
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     # The newest FineTuneJob each job's status derivation has seen: a watch event's body or a status patch's answer.
     _bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    # Per job, the resourceVersion of this replica's last status patch, and when, until the watch brings it.
-    _awaited: dict[tuple[str, str], tuple[str | None, float]] = field(default_factory=dict)
     # uids of FineTuneJobs whose children this replica has created or found: a repeated create pass is skipped.
     _children_ensured: set[str] = field(default_factory=set)
     _serving_ensured: set[str] = field(default_factory=set)
@@ -226,7 +221,6 @@ class OperatorContext:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
             self._bodies.pop((namespace, name), None)
-            self._awaited.pop((namespace, name), None)
             self._children_ensured.discard(uid or "")
             self._serving_ensured.discard(uid or "")
             self._status_retries.pop((namespace, name), None)
@@ -244,33 +238,17 @@ class OperatorContext:
             else:
                 self._serving_ensured.discard(uid)
 
-    def remember_patched(self, body: dict[str, Any], now: float | None = None) -> None:
-        """Keep a status patch's answer as the job's newest body, and wait for the watch to bring its version."""
+    def remember_body(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Keep the newer of `body` and the one known for its job and return it; None when the two cannot be
+        ordered (then only a GET tells which is current)."""
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         with self._locks_guard:
-            self._bodies[key] = body
-            self._awaited[key] = (resource_version(body), time.monotonic() if now is None else now)
-
-    def remember_seen(self, body: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-        """Keep a watch event's body as the job's newest and return it, unless it comes from before this replica's
-        own status patch: then the patch's answer stays and is returned.
-
-        resourceVersions are opaque (compared for equality only), but a watch brings an object's versions in the
-        order they were written: until the event of our patch's version arrives, every event is older than the
-        patch's answer, and deriving from it would write and announce a transition twice. A relisting watch may
-        never bring that version: after AWAIT_SECONDS the events are trusted again.
-        """
-        key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        now = time.monotonic() if now is None else now
-        with self._locks_guard:
-            awaited = self._awaited.get(key)
-            if awaited is not None and key in self._bodies:
-                version, since = awaited
-                if resource_version(body) != version and now - since < AWAIT_SECONDS:
-                    return self._bodies[key]
-            self._awaited.pop(key, None)
-            self._bodies[key] = body
-            return body
+            newest = newer_body(body, self._bodies.get(key))
+            if newest is None:
+                self._bodies.pop(key, None)
+            else:
+                self._bodies[key] = newest
+            return newest
 
     def known_body(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The newest FineTuneJob body seen for the job, if any."""
@@ -359,10 +337,25 @@ def counted(handler: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, A
     return decorate
 
 
-def resource_version(body: Mapping[str, Any]) -> str | None:
-    """metadata.resourceVersion: opaque, compared for equality only."""
+def resource_version(body: Mapping[str, Any]) -> int | None:
+    """metadata.resourceVersion as an integer, None when it is not one."""
     value = (body.get("metadata") or {}).get("resourceVersion")
-    return value if isinstance(value, str) else None
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def newer_body(seen: dict[str, Any], known: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newer of two bodies of one object; None when they cannot be ordered.
+
+    Kubernetes calls resourceVersions opaque, but kube-apiserver's are etcd revisions: integers that grow with every
+    write. A watch event can be older than a status patch's answer (the event for the patch is still on its way), and
+    deriving from it would write and announce a transition twice. A non-integer version sends the caller to a GET.
+    """
+    if known is None:
+        return seen
+    seen_version, known_version = resource_version(seen), resource_version(known)
+    if seen_version is None or known_version is None:
+        return None
+    return seen if seen_version >= known_version else known
 
 
 def compact(body: Mapping[str, Any], drop_from_spec: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -635,23 +628,25 @@ async def apply_status_change(
         patched = await patch_finetunejob_status(context, namespace, name, change.patch)
         if patched is None:
             return
-        context.remember_patched(compact(patched))
+        context.remember_body(compact(patched))
     post_transition_events(body, change.transitions)
     for transition in change.transitions:
         context.metrics.record_transition(transition.from_phase, transition.to_phase)
     context.metrics.observe_job(namespace, name, change.status, gpus, datetime.now(UTC))
 
 
-async def current_finetunejob(context: OperatorContext, namespace: str, name: str) -> dict[str, Any] | None:
-    """The newest FineTuneJob known (a watch event's body or the last status patch's answer); a GET only when
-    neither is known. None when it is gone."""
-    newest = context.known_body(namespace, name)
+async def current_finetunejob(
+    context: OperatorContext, namespace: str, name: str, seen: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The newest FineTuneJob known: `seen` (an event's body) or the last status patch's answer, whichever is newer;
+    a GET only when neither is known or they cannot be ordered. None when it is gone."""
+    newest = context.remember_body(seen) if seen is not None else context.known_body(namespace, name)
     if newest is not None:
         return newest
     body = await read_object(context, finetunejob_url(namespace, name))
     if body is not None:
         body = compact(body)
-        context.remember_seen(body)
+        context.remember_body(body)
     return body
 
 
@@ -661,12 +656,13 @@ async def reconcile_status(
     name: str,
     logger: kopf.Logger,
     children: Children,
+    seen: dict[str, Any] | None = None,
 ) -> None:
     """Derive the status from the newest FineTuneJob and its trainer Job and pods (all in memory); write what
     changed."""
     async with context.job_lock(namespace, name):
         with context.metrics.timed_reconcile():
-            body = await current_finetunejob(context, namespace, name)
+            body = await current_finetunejob(context, namespace, name, seen)
             if body is None:
                 return
             trainer_job = children.trainer_job(namespace, name)
@@ -882,7 +878,7 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
     """Create what the job lacks and mirror its suspend (reconcile.child_changes), then queue a status derivation."""
     metadata = raw["metadata"]
     namespace, name, uid = metadata["namespace"], metadata["name"], metadata["uid"]
-    context.remember_seen(raw)
+    context.remember_body(raw)
     try:
         job = FineTuneJob.model_validate(raw)
     except ValidationError as error:

@@ -24,6 +24,7 @@ from kubetune_operator.handlers import (
     configure_kopf,
     ensure_namespace_identity,
     format_validation_error,
+    newer_body,
 )
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.serving import build_check_job, build_serving
@@ -159,32 +160,23 @@ def body(version: str, phase: str | None = None, name: str = "demo") -> dict[str
     return {"metadata": {"name": name, "namespace": "team", "resourceVersion": version}, "status": status}
 
 
-def test_events_from_before_our_own_status_patch_do_not_replace_its_answer() -> None:
-    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
-    created, patched, later = body("a1", None), body("p2", "Pending"), body("x3", "Pending")
-    assert context.remember_seen(created, now=0.0) is created
-    context.remember_patched(patched, now=1.0)
+def test_the_newer_body_wins_by_resource_version_and_unordered_versions_give_none() -> None:
+    older, newer = body("99", "Pending"), body("100", "Running")
+    assert newer_body(older, newer) is newer  # an event still on its way after our patch's answer
+    assert newer_body(newer, older) is newer
+    assert newer_body(older, None) is older
+    assert newer_body(body("abc"), newer) is None
+    assert newer_body(newer, body("")) is None
 
-    # Versions are compared for equality only: the watch brings them in order, so until our patch's version
-    # arrives an event is older than the answer (here the creation's MODIFIED, still on its way).
-    assert context.remember_seen(body("a1b", None), now=1.1) is patched
+
+def test_the_context_keeps_the_newest_body_per_job_until_it_is_deleted() -> None:
+    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
+    patched = body("10", "Pending")
+    assert context.remember_body(patched) is patched
+    assert context.remember_body(body("9")) is patched
     assert context.known_body("team", "demo") is patched
-    echo = body("p2", "Pending")
-    assert context.remember_seen(echo, now=1.2) is echo  # our patch's own event: the watch has caught up
-    assert context.remember_seen(later, now=1.3) is later  # everything after it is newer
-
-
-def test_a_patch_whose_version_the_watch_never_brings_is_outranked_after_a_while() -> None:
-    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
-    context.remember_patched(body("p2", "Pending"), now=0.0)
-    relisted = body("r9", "Running")
-
-    assert context.remember_seen(relisted, now=handlers.AWAIT_SECONDS) is relisted
-
-
-def test_the_context_forgets_a_deleted_job() -> None:
-    context = OperatorContext(settings=OperatorSettings(), metrics=OperatorMetrics())
-    context.remember_patched(body("10", "Pending"))
+    assert context.remember_body(body("x")) is None and context.known_body("team", "demo") is None
+    context.remember_body(patched)
     context.set_children_ensured("uid-1", True)
     assert context.children_ensured("uid-1")
     context.forget_job("team", "demo", "uid-1")
@@ -200,11 +192,9 @@ def pod(name: str, owner_uid: str) -> dict[str, Any]:
 
 
 def test_children_are_read_from_the_indexes_by_job_name_and_owner() -> None:
-    # A Job deleted and created again under the same name: the index holds the new one after the old, until the old
-    # one's DELETED event; resourceVersions are opaque, so the watch's order decides.
-    current, stray = job("demo-trainer", "u2", "b"), job("other-name", "u9", "c")
+    current, stray = job("demo-trainer", "u2", "20"), job("other-name", "u9", "30")
     children = Children(
-        jobs={("team", "demo"): [job("demo-trainer", "u1", "a"), current, stray]},
+        jobs={("team", "demo"): [job("demo-trainer", "u1", "5"), current, stray]},
         pods={("team", "demo"): [pod("a", "u1"), pod("b", "u2")]},
     )
     assert children.trainer_job("team", "demo") is current
