@@ -74,6 +74,7 @@ class EndpointPredictor:
     endpoint: ChatEndpoint
     model: str
     fail_on_error: bool = True
+    prices: ContenderSpec | None = None  # a contender's token prices, for its cost per request
 
     @property
     def measures_loss(self) -> bool:
@@ -96,7 +97,10 @@ class EndpointPredictor:
         if failure is not None:
             index, why = failure
             raise RowFailedError(index, f"model {self.model}: {why}")
-        return Prediction(outputs, serving_cost(records))
+        failed = [record.error for record in records if record.error]
+        if failed:
+            log.warning("model %s: %d of %d requests failed: %s", self.model, len(failed), len(records), failed[0])
+        return Prediction(outputs, serving_cost(records, self.prices))
 
 
 @dataclass(frozen=True)
@@ -136,12 +140,7 @@ class ContenderPredictor:
             seed=self.seed,
         )
         try:
-            outputs, records = endpoint.answer_all(contender.model, prompts, on_done)
+            answering = EndpointPredictor(endpoint, contender.model, fail_on_error=False, prices=contender)
+            return answering.predict(prompts, examples, text=text, loss=loss, on_done=on_done)
         finally:
             endpoint.close()
-        failed = [record.error for record in records if record.error]
-        if failed:
-            log.warning(
-                "contender %s: %d of %d requests failed: %s", contender.name, len(failed), len(records), failed[0]
-            )
-        return Prediction(outputs, serving_cost(records, contender))
