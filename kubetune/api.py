@@ -49,6 +49,13 @@ IMAGE_REFERENCE_PATTERN = (
 # which must fit a 63-character DNS label uncut: the admission policy that keeps each trainer to its own job's status
 # recognises the trainer pod by that exact name (kubetune_operator.trainer_identity).
 MAX_JOB_NAME_LENGTH = 49
+# A multi-node trainer's pods are <name>-trainer-node-0-<node index>-<5 characters>: 24 more, within 63.
+MAX_MULTI_NODE_JOB_NAME_LENGTH = 39
+MAX_NODES = 32
+MULTI_NODE_NAME_MESSAGE = (
+    f"metadata.name: at most {MAX_MULTI_NODE_JOB_NAME_LENGTH} characters when resources.nodes > 1: the trainer pods "
+    "are named <name>-trainer-node-0-<node index>-<5 characters>, which must fit 63"
+)
 
 ShortText = Annotated[str, Field(max_length=253)]
 LongText = Annotated[str, Field(max_length=8192)]
@@ -601,7 +608,18 @@ class ResourcesSpec(ApiModel):
     """What the trainer pod asks for and where it may run."""
 
     gpus: int = Field(
-        default=1, ge=0, le=64, description="GPUs (nvidia.com/gpu). Above 1 the trainer runs one process per GPU."
+        default=1,
+        ge=0,
+        le=64,
+        description="GPUs (nvidia.com/gpu) per node. Above 1 the trainer runs one process per GPU.",
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_NODES,
+        description="Nodes the trainer spans, one pod each with `gpus` GPUs. Above 1 the pods form one distributed "
+        "job through JobSet (jobset.x-k8s.io), which the cluster must run; rank 0 writes every result.",
+        json_schema_extra={"x-kubernetes-validations": [immutable("resources.nodes")]},
     )
     cpu: str | None = Field(default=None, max_length=64, pattern=QUANTITY_PATTERN, description="CPU request, e.g. 4.")
     memory: str | None = Field(default=None, max_length=64, pattern=QUANTITY_PATTERN, description="Memory, e.g. 32Gi.")
@@ -699,6 +717,11 @@ def _spec_rules(schema: dict[str, Any], spec_class: type[BaseModel]) -> None:
         ),
         cel("self.backend != 'openai' || has(self.openai)", "backend openai requires spec.openai", ".openai"),
         cel("self.backend == 'openai' || !has(self.openai)", "spec.openai requires backend openai", ".openai"),
+        cel(
+            "self.backend != 'openai' || self.resources.nodes == 1",
+            "backend openai trains with the provider: resources.nodes must be 1",
+            ".resources.nodes",
+        ),
         cel(
             "self.training.objective != 'sequence-classification' || self.dataset.format in ['classification', 'auto']",
             "training.objective sequence-classification requires dataset.format classification (or auto)",
@@ -1095,3 +1118,9 @@ class FineTuneJob(BaseModel):
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None
+
+    @model_validator(mode="after")
+    def _name_fits_every_node(self) -> FineTuneJob:
+        if self.spec.resources.nodes > 1 and len(self.metadata.name) > MAX_MULTI_NODE_JOB_NAME_LENGTH:
+            raise ValueError(MULTI_NODE_NAME_MESSAGE + f" ({len(self.metadata.name)} given)")
+        return self

@@ -31,6 +31,7 @@ REASON_GATE_PASSED = "GatePassed"
 REASON_GATE_FAILED = "GateFailed"
 REASON_TOO_FEW_SCORED = "TooFewScored"
 REASON_TRAINER_JOB_MISSING = "TrainerJobMissing"
+REASON_JOBSET_MISSING = "JobSetMissing"  # resources.nodes > 1 on a cluster that does not serve JobSet
 REASON_RESUMING = "Resuming"
 REASON_JOB_FAILED = "JobFailed"
 REASON_POD_FAILURE_POLICY = "PodFailurePolicy"

@@ -35,6 +35,10 @@ def contender_api_key_env(index: int) -> str:
 ENV_OPENAI_API_KEY = "OPENAI_API_KEY"  # from openai.apiKeySecretRef
 ENV_PROGRESS_INTERVAL = "KUBETUNE_PROGRESS_INTERVAL_SECONDS"  # least seconds between status.progress patches
 ENV_IMAGE = "KUBETUNE_IMAGE"  # the trainer container's image, recorded in manifest.json
+# Multi-node runs: this pod's node rank (its Job completion index) and where rank 0's pod listens for the rendezvous.
+ENV_NODE_RANK = "KUBETUNE_NODE_RANK"
+ENV_MAIN_ADDRESS = "KUBETUNE_MAIN_ADDRESS"
+MAIN_PORT = 29500
 # output.registry.credentialsSecretRef: the Secret's .dockerconfigjson, mounted read-only as a docker config.json.
 ENV_REGISTRY_CONFIG = "KUBETUNE_REGISTRY_CONFIG"
 REGISTRY_CONFIG_DIR = "/var/run/kubetune/registry"
@@ -110,32 +114,55 @@ EXIT_CODE_PERMANENT = 65  # sysexits EX_DATAERR: the inputs cannot work; the Job
 EXIT_CODE_RETRYABLE = 75  # sysexits EX_TEMPFAIL: a fault that may pass; the Job retries
 
 
-def trainer_command(gpus: int, python: str = "python", entry: Sequence[str] = TRAINER_ENTRY) -> list[str]:
-    """The trainer container's argv: `python -m kubetune_trainer run`, under `accelerate launch` when gpus > 1.
+def trainer_command(
+    gpus: int,
+    python: str = "python",
+    entry: Sequence[str] = TRAINER_ENTRY,
+    nodes: int = 1,
+    node_rank: str = f"$({ENV_NODE_RANK})",
+    main_address: str = f"$({ENV_MAIN_ADDRESS})",
+    main_port: int = MAIN_PORT,
+) -> list[str]:
+    """The trainer container's argv: `python -m kubetune_trainer run`, under `accelerate launch` when it runs more
+    than one process (gpus > 1, or nodes > 1).
 
     `entry` is what python (or accelerate) runs: `-m module args...` or `script.py args...`; tests swap in a script.
     accelerate's `--multi_gpu` launcher is torch.distributed.run underneath: it starts one process per GPU and sets
     RANK/WORLD_SIZE for each. The same flags start real processes on a CPU-only machine too (gloo), whereas `--cpu`
     picks accelerate's simple launcher, which starts a single process unless MPI is configured.
+
+    Across nodes each pod runs one launcher with its node rank; they meet at rank 0's address (static rendezvous).
+    The defaults are `$(VAR)` references, which the kubelet expands from the container's environment.
     """
-    if gpus <= 1:
+    if gpus <= 1 and nodes == 1:
         return [python, *entry]
+    per_node = max(gpus, 1)
+    if nodes == 1:
+        # 0 = a free port: nothing else in the pod listens, and tests on one host do not collide.
+        machines = ["--num_machines", "1", "--main_process_port", "0"]
+    else:
+        machines = [
+            "--num_machines",
+            str(nodes),
+            "--machine_rank",
+            node_rank,
+            "--main_process_ip",
+            main_address,
+            "--main_process_port",
+            str(main_port),
+        ]
     return [
         python,
         "-m",
         "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
-        str(gpus),
-        "--num_machines",
-        "1",
+        str(per_node * nodes),
+        *machines,
         # The trainer sets bf16/fp16 itself (TrainingArguments override this); passing it silences a warning.
         "--mixed_precision",
         "no",
         "--dynamo_backend",
         "no",
-        # 0 = a free port: nothing else in the pod listens, and tests on one host do not collide.
-        "--main_process_port",
-        "0",
         *entry,
     ]

@@ -12,6 +12,8 @@ from pydantic_core import core_schema
 from kubetune.api import (
     GROUP,
     KIND,
+    MAX_MULTI_NODE_JOB_NAME_LENGTH,
+    MULTI_NODE_NAME_MESSAGE,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -263,6 +265,14 @@ def root_schema() -> dict[str, Any]:
             "spec": model_schema(FineTuneJobSpec, "spec", with_defaults=True),
             "status": status_schema(),
         },
+        VALIDATIONS: [
+            {
+                "rule": f"!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes "
+                f"== 1 || size(self.metadata.name) <= {MAX_MULTI_NODE_JOB_NAME_LENGTH}",
+                "message": MULTI_NODE_NAME_MESSAGE,
+                "fieldPath": ".metadata.name",
+            }
+        ],
     }
 
 

@@ -17,6 +17,7 @@ from tests.testbed.cluster import start_node_parts
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.hostnet import ensure_host_address
 from tests.testbed.images import ProductImages
+from tests.testbed.batch_engines import start_batch_engines
 from tests.testbed.kwok import KWOK_NODE, gpu_node_manifest
 from tests.testbed.llama_server import LlamaServer
 from tests.testbed.node import RealNode, footprint_left, machine_footprint
@@ -96,9 +97,16 @@ def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
         return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
     wait_for(kwok_node_ready, 60, f"kwok to mark {KWOK_NODE} Ready")
-    parts = start_node_parts(kube)
+    # Before any operator starts: it finds the JobSet and Kueue APIs at its start.
+    engines = start_batch_engines(kube)
+    try:
+        parts = start_node_parts(kube)
+    except BaseException:
+        engines.stop()
+        raise
     yield KwokCluster(kube=kube, node=parts.node, registry=parts.registry, images=parts.images)
     parts.stop()
+    engines.stop()
     left = footprint_left(parts.node.clean_footprint, machine_footprint())
     assert not left, f"the stopped node left something behind on this machine: {left}"
 

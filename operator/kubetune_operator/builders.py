@@ -16,6 +16,11 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB_NAME = contract.LABEL_JOB_NAME
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# Set by the Job controller on every pod of an Indexed Job: the multi-node trainer's node rank.
+LABEL_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+# The JobSet's one replicated Job: its pods are <job>-trainer-node-0-<node index>-xxxxx.
+JOBSET_REPLICATED_JOB = "node"
 APP_NAME = "kubetune"
 COMPONENT_TRAINER = "trainer"
 MANAGER = "kubetune"
@@ -141,6 +146,8 @@ def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, 
         # Libraries that cache under ~ (torch, triton) need a writable place on a read-only root filesystem.
         _value("XDG_CACHE_HOME", f"{TMP_DIR}/.cache"),
     ]
+    # Before anything that refers to them: the kubelet expands $(VAR) in the command from the variables listed.
+    env.extend(rendezvous_env(job))
     env.extend(s3_env(job, settings))
     judge = job.spec.evaluation.judge
     if judge is not None:
@@ -162,10 +169,37 @@ def trainer_gpus(job: FineTuneJob) -> int:
 
 
 def trainer_command(job: FineTuneJob) -> list[str]:
-    """The trainer's argv: local training (one process per GPU), or the hosted-job driver."""
+    """The trainer's argv: local training (one process per GPU, on every node), or the hosted-job driver."""
     if job.spec.backend == "openai":
         return contract.trainer_command(0, entry=contract.HOSTED_TRAINER_ENTRY)
-    return contract.trainer_command(job.spec.resources.gpus)
+    return contract.trainer_command(job.spec.resources.gpus, nodes=job.spec.resources.nodes)
+
+
+def is_multi_node(job: FineTuneJob) -> bool:
+    """Whether the trainer spans several pods (a JobSet) rather than one (a batch/v1 Job)."""
+    return job.spec.resources.nodes > 1
+
+
+def trainer_kind(job: FineTuneJob) -> str:
+    """The kind of the trainer object: JobSet for several nodes, else Job."""
+    return "JobSet" if is_multi_node(job) else "Job"
+
+
+def main_address(job: FineTuneJob) -> str:
+    """Rank 0's pod by name: the hostname JobSet gives it within the JobSet's headless Service (its subdomain)."""
+    name = trainer_resource_name(job.metadata.name)
+    return f"{name}-{JOBSET_REPLICATED_JOB}-0-0.{name}"
+
+
+def rendezvous_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """A multi-node pod's rank (from its completion index) and rank 0's address; none for a single node."""
+    if not is_multi_node(job):
+        return []
+    rank_source = {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_COMPLETION_INDEX}']"}}
+    return [
+        {"name": contract.ENV_NODE_RANK, "valueFrom": rank_source},
+        _value(contract.ENV_MAIN_ADDRESS, main_address(job)),
+    ]
 
 
 def container_resources(job: FineTuneJob) -> dict[str, Any]:
@@ -306,31 +340,40 @@ def build_trainer_pod_spec(job: FineTuneJob, settings: OperatorSettings) -> dict
     return spec
 
 
+def queue_labels(job: FineTuneJob) -> dict[str, str]:
+    """The LocalQueue label Kueue admits the trainer by, when the job names one."""
+    return {LABEL_KUEUE_QUEUE: job.spec.queue_name} if job.spec.queue_name else {}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Which pod failures count: not the cluster's disruptions, and a permanent failure ends the run at once."""
+    return {
+        "rules": [
+            # Preemption and node drains are not the trainer's fault: they must not use up its retries.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            # A permanent failure (bad data, bad config, a hosted job the service refused) fails the same way
+            # on every retry; for backend openai a retry could even start a second paid hosted job.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": [contract.EXIT_CODE_PERMANENT],
+                },
+            },
+        ]
+    }
+
+
 def build_trainer_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """The batch/v1 Job running the trainer once (retried up to backoffLimit, resuming from checkpoints)."""
     policy = job.spec.run_policy
-    queue_labels = {LABEL_KUEUE_QUEUE: job.spec.queue_name} if job.spec.queue_name else {}
     spec: dict[str, Any] = {
         "completions": 1,
         "parallelism": 1,
         "backoffLimit": policy.backoff_limit,
         "suspend": is_created_suspended(job),
-        "podFailurePolicy": {
-            "rules": [
-                # Preemption and node drains are not the trainer's fault: they must not use up its retries.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                # A permanent failure (bad data, bad config, a hosted job the service refused) fails the same way
-                # on every retry; for backend openai a retry could even start a second paid hosted job.
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": CONTAINER_NAME,
-                        "operator": "In",
-                        "values": [contract.EXIT_CODE_PERMANENT],
-                    },
-                },
-            ]
-        },
+        "podFailurePolicy": pod_failure_policy(),
         "template": {
             "metadata": {"labels": trainer_labels(job.metadata.name)},
             "spec": build_trainer_pod_spec(job, settings),
@@ -340,10 +383,60 @@ def build_trainer_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
         spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
     if policy.ttl_seconds_after_finished is not None:
         spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": child_metadata(job, queue_labels), "spec": spec}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": child_metadata(job, queue_labels(job)), "spec": spec}
+
+
+def build_trainer_jobset(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The JobSet running a multi-node trainer: one Indexed Job of `nodes` pods that start together and find rank 0
+    by its hostname. Any pod's failure fails that Job, and JobSet restarts the whole group (up to backoffLimit times)
+    from the newest checkpoint: a distributed run cannot go on without one of its ranks. Kueue admits it as one unit.
+    """
+    policy = job.spec.run_policy
+    nodes = job.spec.resources.nodes
+    name = trainer_resource_name(job.metadata.name)
+    node_job: dict[str, Any] = {
+        "completions": nodes,
+        "parallelism": nodes,
+        "completionMode": "Indexed",
+        "backoffLimit": 0,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {
+            "metadata": {"labels": trainer_labels(job.metadata.name)},
+            "spec": build_trainer_pod_spec(job, settings),
+        },
+    }
+    spec: dict[str, Any] = {
+        "suspend": is_created_suspended(job),
+        # Every pod is reachable as <pod hostname>.<subdomain> from its start: rank 0 listens before it is Ready.
+        "network": {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True},
+        "failurePolicy": {
+            "maxRestarts": policy.backoff_limit,
+            # A permanent failure (bad data, bad config) fails the same way on every restart.
+            "rules": [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+        },
+        "successPolicy": {"operator": "All", "targetReplicatedJobs": [JOBSET_REPLICATED_JOB]},
+        "replicatedJobs": [
+            {
+                "name": JOBSET_REPLICATED_JOB,
+                "replicas": 1,
+                "template": {"metadata": {"labels": trainer_labels(job.metadata.name)}, "spec": node_job},
+            }
+        ],
+    }
+    if policy.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    if policy.active_deadline_seconds is not None:
+        node_job["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    metadata = child_metadata(job, queue_labels(job))
+    return {"apiVersion": JOBSET_API_VERSION, "kind": "JobSet", "metadata": metadata, "spec": spec}
+
+
+def build_trainer(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The trainer object: a JobSet across several nodes, else a batch/v1 Job."""
+    return build_trainer_jobset(job, settings) if is_multi_node(job) else build_trainer_job(job, settings)
 
 
 def build_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Every object owned by the FineTuneJob, in creation order: the trainer Job alone (the manifest travels in its
+    """Every object owned by the FineTuneJob, in creation order: the trainer alone (the manifest travels in its
     environment; the trainer's identity is per namespace, kubetune_operator.trainer_identity)."""
-    return [build_trainer_job(job, settings)]
+    return [build_trainer(job, settings)]

@@ -40,10 +40,13 @@ from kubetune.api import (
 )
 from kubetune_operator.builders import (
     COMPONENT_TRAINER,
+    JOBSET_API_VERSION,
     LABEL_COMPONENT,
     LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
     MANAGER,
+    is_multi_node,
+    trainer_kind,
     trainer_resource_name,
 )
 from kubetune_operator.lifecycle import (
@@ -51,9 +54,13 @@ from kubetune_operator.lifecycle import (
     StatusChange,
     invalid_spec_status,
     is_owned_by,
+    is_pod_of,
     job_condition,
+    jobset_as_job,
+    jobset_missing_status,
 )
 from kubetune_operator.metrics import HANDLERS, MetricsServer, OperatorMetrics
+from kubetune_operator.queueing import KUEUE_GROUP, KUEUE_VERSION, QueueState, queue_state_of, trainer_owner
 from kubetune_operator.rbac import KOPF_PEERING_GROUP
 from kubetune_operator.reconcile import Observed, child_changes, status_change
 from kubetune_operator.serving import (
@@ -76,6 +83,7 @@ from kubetune_operator.trainer_identity import (
 )
 
 MEMO_KEY = "kubetune"
+JOBSET_RESOURCE = (*JOBSET_API_VERSION.split("/"), "jobsets")
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_JOB_NAME}"
 # Pods of both kinds the operator reads: trainers and endpoint checks (not the endpoint's servers, which it follows
 # through their Deployment).
@@ -390,25 +398,47 @@ class Children:
 
     jobs: Mapping[tuple[str, str], Iterable[dict[str, Any]]]
     pods: Mapping[tuple[str, str], Iterable[dict[str, Any]]]
+    # Multi-node trainers' JobSets, each as the Job view the status derivation reads (lifecycle.jobset_as_job).
+    jobsets: Mapping[tuple[str, str], Iterable[dict[str, Any]]] = field(default_factory=dict)
+    # Kueue's word on each queued trainer (queueing.queue_state_of its Workload).
+    queue_states: Mapping[tuple[str, str], Iterable[QueueState]] = field(default_factory=dict)
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Children:
         """The indexes kopf passes to every handler under their ids (the index functions' names)."""
-        return cls(jobs=kwargs["trainer_jobs_index"], pods=kwargs["trainer_pods_index"])
+        return cls(
+            jobs=kwargs["trainer_jobs_index"],
+            pods=kwargs["trainer_pods_index"],
+            jobsets=kwargs.get("trainer_jobsets_index", {}),
+            queue_states=kwargs.get("trainer_workloads_index", {}),
+        )
 
     def trainer_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The job's trainer Job, None when the Job watch has not seen one (or saw it deleted)."""
+        """The job's trainer (its Job, or its JobSet's Job view), None when no watch has seen one (or saw it
+        deleted)."""
         job_name = trainer_resource_name(name)
-        found = [job for job in self.jobs.get((namespace, name), ()) if job["metadata"]["name"] == job_name]
+        found = [
+            job
+            for index in (self.jobs, self.jobsets)
+            for job in index.get((namespace, name), ())
+            if job["metadata"]["name"] == job_name
+        ]
         # Two of that name only while a Job deleted and created again waits for its DELETED event: the index holds
         # them in the order the watch brought them.
         return found[-1] if found else None
 
+    def queue_state(self, namespace: str, name: str, trainer_job: Mapping[str, Any] | None) -> QueueState | None:
+        """What Kueue says of this trainer's Workload, None when it has none (not queued, or not seen yet)."""
+        uid = (trainer_job or {}).get("metadata", {}).get("uid")
+        found = [state for state in self.queue_states.get((namespace, name), ()) if state.owner_uid == uid]
+        return found[-1] if uid and found else None
+
     def unfinished_in(self, namespace: str) -> bool:
-        """Whether a trainer Job of the namespace has neither completed nor failed (its pods may yet be created)."""
+        """Whether a trainer of the namespace has neither completed nor failed (its pods may yet be created)."""
         return any(
             not (job_condition(job, "Complete") or job_condition(job, "Failed"))
-            for (job_namespace, _), jobs in self.jobs.items()
+            for index in (self.jobs, self.jobsets)
+            for (job_namespace, _), jobs in index.items()
             if job_namespace == namespace
             for job in jobs
         )
@@ -461,13 +491,10 @@ def api_error_message(error: Exception) -> str:
 
 
 def pods_of(pods: list[dict[str, Any]], trainer_job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The pods owned by this trainer Job (all of them when the Job is unknown)."""
-    owner_uid = (trainer_job or {}).get("metadata", {}).get("uid")
-    if owner_uid is None:
+    """The pods of this trainer (all of them when the trainer is unknown)."""
+    if trainer_job is None or not (trainer_job.get("metadata") or {}).get("uid"):
         return pods
-    return [
-        pod for pod in pods if any(ref.get("uid") == owner_uid for ref in pod["metadata"].get("ownerReferences") or [])
-    ]
+    return [pod for pod in pods if is_pod_of(pod, trainer_job)]
 
 
 async def patch_finetunejob_status(
@@ -489,6 +516,7 @@ CHILD_PATHS: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("api/v1", "serviceaccounts"),
     "RoleBinding": ("apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("apis/batch/v1", "jobs"),
+    "JobSet": (f"apis/{JOBSET_API_VERSION}", "jobsets"),
     "Deployment": ("apis/apps/v1", "deployments"),
     "Service": ("api/v1", "services"),
 }
@@ -672,7 +700,11 @@ async def reconcile_status(
                 job = FineTuneJob.model_validate(body)
             except ValidationError:
                 return  # the create handler has reported it as InvalidSpec
-            observed = Observed(trainer_job, children.trainer_pods(namespace, name, trainer_job))
+            observed = Observed(
+                trainer_job,
+                children.trainer_pods(namespace, name, trainer_job),
+                queue=children.queue_state(namespace, name, trainer_job),
+            )
             change = status_change(job, observed, utc_now())
             if change.transitions:
                 logger.info(
@@ -716,6 +748,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     # Server-side filtering: watch only kubetune's trainer Jobs, its pods and endpoints, not every Job, pod and
     # Deployment in the cluster. Each handler's own label filter must fall within its resource's selector.
     kopf_settings.watching.label_selectors["batch/v1", "jobs"] = CHILD_SELECTOR
+    kopf_settings.watching.label_selectors[JOBSET_API_VERSION, "jobsets"] = CHILD_SELECTOR
     kopf_settings.watching.label_selectors["v1", "pods"] = POD_SELECTOR
     kopf_settings.watching.label_selectors["apps/v1", "deployments"] = SERVING_SELECTOR
     kopf_settings.watching.label_selectors["v1", "serviceaccounts"] = IDENTITY_SELECTOR
@@ -828,6 +861,27 @@ async def trainer_jobs_index(
     return {(in_namespace(namespace), labels[LABEL_JOB_NAME]): compact_job(body)}
 
 
+@kopf.index(*JOBSET_RESOURCE, labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
+async def trainer_jobsets_index(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each multi-node trainer's JobSet under its FineTuneJob, as the Job view the status derivation reads."""
+    return {(in_namespace(namespace), labels[LABEL_JOB_NAME]): jobset_as_job(body)}
+
+
+@kopf.index(KUEUE_GROUP, KUEUE_VERSION, "workloads")
+async def trainer_workloads_index(
+    *, namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], QueueState] | None:
+    """Kueue's word on each trainer it queues (its Workload's conditions), under the trainer's FineTuneJob. Workloads
+    carry none of the trainer's labels: the owner reference says whose it is."""
+    owner = trainer_owner(body)
+    if owner is None:
+        return None
+    job_name, owner_uid = owner
+    return {(in_namespace(namespace), job_name): queue_state_of(body, owner_uid)}
+
+
 @kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
 async def trainer_pods_index(
     *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
@@ -893,7 +947,10 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
         except Exception as error:
             context.metrics.record_handler_error("ensure_trainer")
             delay = context.retry_later(namespace, name, uid, error)
-            logger.warning("cannot create the trainer Job (retrying in %.0f s): %s", delay, describe_error(error))
+            logger.warning("cannot create the trainer (retrying in %.0f s): %s", delay, describe_error(error))
+            if is_multi_node(job) and api_error_status(error) == 404:
+                # The API server does not know the JobSet kind: say so on the job rather than only in this log.
+                await apply_status_change(context, raw, jobset_missing_status(job, utc_now()), gpus=0)
             return
         context.retry_done(uid)
         if created:
@@ -902,7 +959,7 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
         await create_serving(context, changes.create, raw, logger)
     if changes.suspend is not None:
         try:
-            await apply_suspend(context, namespace, name, changes.suspend, logger)
+            await apply_suspend(context, namespace, name, trainer_kind(job), changes.suspend, logger)
         except Exception as error:
             context.metrics.record_handler_error("apply_suspend")
             delay = context.retry_later(namespace, name, uid, error)
@@ -971,11 +1028,13 @@ async def refuse_invalid_spec(context: OperatorContext, raw: dict[str, Any], mes
     await apply_status_change(context, raw, change, gpus=0)
 
 
-async def apply_suspend(context: OperatorContext, namespace: str, name: str, suspend: bool, logger: Any) -> None:
-    """Set the trainer Job's spec.suspend (reconcile.child_changes decides when it must mirror runPolicy.suspend)."""
+async def apply_suspend(
+    context: OperatorContext, namespace: str, name: str, kind: str, suspend: bool, logger: Any
+) -> None:
+    """Set the trainer's spec.suspend (reconcile.child_changes decides when it must mirror runPolicy.suspend)."""
     trainer_name = trainer_resource_name(name)
-    await merge_patch(context, f"{collection_url('Job', namespace)}/{trainer_name}", {"spec": {"suspend": suspend}})
-    logger.info("trainer Job %s %s", trainer_name, "suspended" if suspend else "resumed")
+    await merge_patch(context, f"{collection_url(kind, namespace)}/{trainer_name}", {"spec": {"suspend": suspend}})
+    logger.info("trainer %s %s %s", kind, trainer_name, "suspended" if suspend else "resumed")
 
 
 def finetunejob_url(namespace: str, name: str) -> str:
@@ -1026,8 +1085,14 @@ async def trainer_job_event(
     **kwargs: Any,
 ) -> None:
     """A trainer Job changed (started, suspended, completed, failed) or was deleted."""
-    context = operator_context(memo)
-    context.attach_children(Children.from_kwargs(kwargs))
+    await on_trainer_event(operator_context(memo), Children.from_kwargs(kwargs), type, namespace, labels)
+
+
+async def on_trainer_event(
+    context: OperatorContext, children: Children, type: str, namespace: str | None, labels: Mapping[str, str]
+) -> None:
+    """A trainer (Job or JobSet) changed: derive the status again; put it back if it was deleted."""
+    context.attach_children(children)
     namespace, name = in_namespace(namespace), labels[LABEL_JOB_NAME]
     if type == "DELETED":
         await restore_trainer_job(context, namespace, name, job_logger(namespace, name))
@@ -1042,6 +1107,32 @@ async def restore_trainer_job(context: OperatorContext, namespace: str, name: st
     if body is not None:
         context.set_children_ensured(body["metadata"]["uid"], False)
         await reconcile_finetunejob(context, compact(body), logger)
+
+
+@kopf.on.event(*JOBSET_RESOURCE, labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})
+@counted("trainer_job_event")
+async def trainer_jobset_event(
+    *,
+    type: str,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """A multi-node trainer's JobSet changed (started, suspended, restarted, completed, failed) or was deleted."""
+    await on_trainer_event(operator_context(memo), Children.from_kwargs(kwargs), type, namespace, labels)
+
+
+@kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads")
+@counted("workload_event")
+async def trainer_workload_event(*, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Kueue queued, admitted or evicted a trainer: its FineTuneJob's Queued condition says so."""
+    owner = trainer_owner(body)
+    if owner is None:
+        return
+    context = operator_context(memo)
+    context.attach_children(Children.from_kwargs(kwargs))
+    await context.request_status(in_namespace(namespace), owner[0])
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_NAME: kopf.PRESENT})

@@ -20,6 +20,7 @@ from kubetune.api import (
 )
 from kubetune.contract import TrainerSummary
 from kubetune_operator.builders import CONTAINER_NAME, desired_job_suspend, trainer_resource_name
+from kubetune_operator.queueing import QueueState
 from kubetune_operator.serving import serving_status
 
 # Conditions whose True status describes where the run is now; one that no longer holds is turned False.
@@ -100,6 +101,40 @@ def job_condition(trainer_job: Mapping[str, Any], condition_type: str) -> Mappin
         if condition.get("type") == condition_type and condition.get("status") == "True":
             return condition
     return None
+
+
+# JobSet's Failed reasons → the Job's (the status derivation reads a Job's); the others are kept as they are.
+JOBSET_FAILURE_REASONS = {"ReachedMaxRestarts": c.REASON_BACKOFF_LIMIT_EXCEEDED}
+LABEL_JOBSET_UID = "jobset.sigs.k8s.io/jobset-uid"
+
+
+def jobset_as_job(jobset: Mapping[str, Any]) -> dict[str, Any]:
+    """A multi-node trainer's JobSet as the trainer Job the status derivation reads: its metadata and suspend, and its
+    Completed and Failed conditions under a Job's names (Complete, Failed with a Job's reasons)."""
+    conditions = []
+    for condition in (jobset.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Completed":
+            conditions.append({**condition, "type": "Complete"})
+        elif condition.get("type") == "Failed":
+            reason = str(condition.get("reason") or "")
+            conditions.append({**condition, "reason": JOBSET_FAILURE_REASONS.get(reason, reason)})
+    return {
+        "apiVersion": jobset.get("apiVersion"),
+        "kind": "JobSet",
+        "metadata": jobset.get("metadata") or {},
+        "spec": {"suspend": bool((jobset.get("spec") or {}).get("suspend"))},
+        "status": {"conditions": conditions},
+    }
+
+
+def is_pod_of(pod: Mapping[str, Any], trainer: Mapping[str, Any]) -> bool:
+    """Whether the pod belongs to this trainer: owned by its Job, or labelled with its JobSet's uid (a JobSet's pods
+    are owned by its child Jobs)."""
+    uid = (trainer.get("metadata") or {}).get("uid")
+    metadata = pod.get("metadata") or {}
+    if trainer.get("kind") == "JobSet":
+        return bool(uid) and (metadata.get("labels") or {}).get(LABEL_JOBSET_UID) == uid
+    return any(ref.get("uid") == uid for ref in metadata.get("ownerReferences") or [])
 
 
 def is_owned_by(child: Mapping[str, Any], owner_uid: str) -> bool:
@@ -251,8 +286,13 @@ def condition_reason(reason: str, fallback: str = c.TRAINER_REASON_INTERNAL_ERRO
 # Observations, one per situation of the trainer Job.
 
 
-def observe(job: FineTuneJob, trainer_job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> Observation:
-    """Where the run is, from the trainer Job and its pods."""
+def observe(
+    job: FineTuneJob,
+    trainer_job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    queue: QueueState | None = None,
+) -> Observation:
+    """Where the run is, from the trainer Job and its pods (and Kueue's word, while it queues the Job)."""
     job_name = trainer_resource_name(job.metadata.name)
     if trainer_job is None:
         message = f"trainer Job {job_name} does not exist"
@@ -271,7 +311,7 @@ def observe(job: FineTuneJob, trainer_job: Mapping[str, Any] | None, pods: Seque
     elif failed := job_condition(trainer_job, "Failed"):
         observation = observe_failed(job, failed, ordered)
     elif (trainer_job.get("spec") or {}).get("suspend"):
-        observation = observe_suspended(job)
+        observation = observe_suspended(job, queue)
     elif ordered and failed_permanently(ordered[0]):
         # The Job controller is about to fail the Job (podFailurePolicy FailJob): say so now rather than "Pending".
         observation = observe_failed(job, {"reason": c.REASON_POD_FAILURE_POLICY}, ordered)
@@ -427,7 +467,7 @@ def observe_failed(
     )
 
 
-def observe_suspended(job: FineTuneJob) -> Observation:
+def observe_suspended(job: FineTuneJob, queue: QueueState | None = None) -> Observation:
     """The Job is suspended: by the user (runPolicy.suspend), or waiting for Kueue to admit it."""
     if job.spec.run_policy.suspend:
         message = "suspended by spec.runPolicy.suspend; the trainer resumes from its newest checkpoint when unset"
@@ -441,14 +481,14 @@ def observe_suspended(job: FineTuneJob) -> Observation:
             ),
         )
     if job.spec.queue_name:
-        message = f"waiting for Kueue to admit the trainer Job from LocalQueue {job.spec.queue_name}"
+        reason, message = queued_reason(job.spec.queue_name, queue)
         return Observation(
             "Queued",
-            c.REASON_WAITING_FOR_QUEUE,
+            reason,
             message,
             (
-                DesiredCondition(c.CONDITION_QUEUED, "True", c.REASON_WAITING_FOR_QUEUE, message),
-                DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_WAITING_FOR_QUEUE, message),
+                DesiredCondition(c.CONDITION_QUEUED, "True", reason, message),
+                DesiredCondition(c.CONDITION_RUNNING, "False", reason, message),
             ),
         )
     message = "spec.runPolicy.suspend was unset; resuming the trainer Job"
@@ -458,6 +498,19 @@ def observe_suspended(job: FineTuneJob) -> Observation:
         message,
         (DesiredCondition(c.CONDITION_RUNNING, "False", c.REASON_RESUMING, message),),
     )
+
+
+def queued_reason(queue_name: str, queue: QueueState | None) -> tuple[str, str]:
+    """Why a queued trainer waits, in Kueue's words when its Workload has some: still waiting for quota, or evicted
+    (preempted by a job of higher priority) and waiting to be admitted again."""
+    waiting = f"waiting for Kueue to admit the trainer from LocalQueue {queue_name}"
+    if queue is None or queue.admitted or not queue.message:
+        return c.REASON_WAITING_FOR_QUEUE, waiting
+    if queue.evicted:
+        reason = c.REASON_PREEMPTED if queue.reason == "Preempted" else c.REASON_WAITING_FOR_QUEUE
+        message = f"Kueue evicted the trainer ({queue.reason}: {queue.message}); it resumes from its newest checkpoint "
+        return reason, shorten(message + f"once admitted again from LocalQueue {queue_name}")
+    return c.REASON_WAITING_FOR_QUEUE, shorten(f"{waiting}; Kueue: {queue.message}")
 
 
 def _pending(reason: str, message: str) -> Observation:
@@ -694,6 +747,7 @@ def derive_status(
     trainer_job: Mapping[str, Any] | None,
     pods: Sequence[Mapping[str, Any]],
     now: str,
+    queue: QueueState | None = None,
 ) -> StatusChange:
     """The status change one look at the trainer Job and its pods calls for.
 
@@ -711,9 +765,36 @@ def derive_status(
     if trainer_job is None and current.phase is None:
         # Nothing created yet: the create handler is at work and writes the first status itself.
         return StatusChange({}, (), current)
-    observation = observe(job, trainer_job, pods)
+    observation = observe(job, trainer_job, pods, queue)
     trainer = trainer_status(job_name, trainer_job, pods, current.trainer) if trainer_job is not None else None
     return change_between(job.status, status_from_observation(job, observation, trainer, now))
+
+
+def jobset_missing_message(job: FineTuneJob) -> str:
+    """What to do when a multi-node job meets a cluster without JobSet."""
+    return (
+        f"resources.nodes is {job.spec.resources.nodes}: a multi-node trainer runs as a JobSet "
+        "(jobset.x-k8s.io/v1alpha2), which this cluster does not serve. Install JobSet "
+        "(https://jobset.sigs.k8s.io), then restart the kubetune operator so that it watches JobSets; until then the "
+        "job waits"
+    )
+
+
+def jobset_missing_status(job: FineTuneJob, now: str) -> StatusChange:
+    """Pending with Running=False/JobSetMissing: the job waits, and says what the cluster lacks."""
+    previous = job.status or FineTuneJobStatus()
+    generation = (job.metadata.model_extra or {}).get("generation")
+    message = jobset_missing_message(job)
+    observation = _pending(c.REASON_JOBSET_MISSING, message)
+    new = previous.model_copy(
+        update={
+            "phase": "Pending",
+            "message": observation.message,
+            "observed_generation": generation,
+            "conditions": merge_conditions(previous.conditions, observation.conditions, observation, now, generation),
+        }
+    )
+    return change_between(job.status, new)
 
 
 def invalid_spec_status(

@@ -70,6 +70,7 @@ HANDLERS = (
     "finetunejob_event",
     "trainer_job_event",
     "trainer_pod_event",
+    "workload_event",
     "trainer_identity_event",
     "ensure_trainer",
     "apply_suspend",

@@ -10,20 +10,24 @@ from typing import Any
 from kubetune.api import TERMINAL_PHASES, FineTuneJob, FineTuneJobStatus
 from kubetune_operator.builders import build_children
 from kubetune_operator.lifecycle import StatusChange, derive_status, needs_trainer, suspend_change
+from kubetune_operator.queueing import QueueState
 from kubetune_operator.serving import build_serving, serving_decision
 from kubetune_operator.settings import OperatorSettings
+
+TRAINER_KINDS = ("Job", "JobSet")
 
 
 @dataclass(frozen=True)
 class Observed:
-    """What the operator knows of a FineTuneJob's children: its trainer Job and that Job's pods (kopf's indexes),
-    whether this replica has created the trainer Job (its watch event may not have come yet), and whether its
-    endpoint exists."""
+    """What the operator knows of a FineTuneJob's children: its trainer Job (or a multi-node trainer's JobSet, as a
+    Job view) and its pods (kopf's indexes), whether this replica has created the trainer (its watch event may not
+    have come yet), whether its endpoint exists, and what Kueue says of a queued trainer."""
 
     trainer_job: Mapping[str, Any] | None = None
     pods: Sequence[Mapping[str, Any]] = ()
     trainer_created: bool = False
     serving: bool = False
+    queue: QueueState | None = None
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class ChildChanges:
     @property
     def creates_trainer(self) -> bool:
         """Whether the trainer Job is among the objects to create."""
-        return any(child["kind"] == "Job" for child in self.create)
+        return any(child["kind"] in TRAINER_KINDS for child in self.create)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ def status_change(job: FineTuneJob, observed: Observed, now: str) -> StatusChang
     """The status the job's own trainer Job and its pods call for; a Job of the same name that another FineTuneJob
     left behind is no trainer of this one."""
     own = None if needs_trainer(job_uid(job), observed.trainer_job) else observed.trainer_job
-    return derive_status(job, own, observed.pods if own is not None else (), now)
+    if own is None:
+        return derive_status(job, None, (), now)
+    return derive_status(job, own, observed.pods, now, observed.queue)
 
 
 def reconcile(job: FineTuneJob, observed: Observed, settings: OperatorSettings, now: str) -> Reconciliation:

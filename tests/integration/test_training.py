@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 
 from kubetune.api import FineTuneJobSpec, ModelSpec, ProgressStatus
 from kubetune.contract import EXIT_CODE_PREEMPTED, trainer_command
+from tests.testbed.processes import free_port
 from tests.testbed.shared_data import shared_sample
 from tests.testbed.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
@@ -715,6 +716,119 @@ def test_two_process_run_preempted_by_sigterm_resumes_on_both_ranks(
     )
 
     assert process.wait(timeout=600) == 0, log_tail(tmp_path, "second")
+    assert recorded_steps(second, 0) == recorded_steps(second, 1) == list(range(stopped_at + 1, 13))
+    result = json.loads((second / "result-rank0.json").read_text())
+    assert result["resumed_from_step"] == stopped_at and result["steps"] == 12
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several nodes: one launcher per pod, each with its node rank, meeting at rank 0's address (as JobSet runs them)
+
+
+def launch_nodes(
+    config: dict[str, Any], tmp_path: Path, env: dict[str, str], name: str, nodes: int = 2
+) -> list[subprocess.Popen[bytes]]:
+    """One launcher per node, started with trainer_command() as the operator renders it for a JobSet, each with a
+    work directory of its own (pods share no disk); the node rank and rank 0's address are what the kubelet would
+    substitute for $(KUBETUNE_NODE_RANK) and $(KUBETUNE_MAIN_ADDRESS)."""
+    port = free_port()
+    launchers = []
+    for node in range(nodes):
+        node_config = {**config, "work_dir": f"{config['work_dir']}-node{node}"}
+        config_path = tmp_path / f"{name}-node{node}.json"
+        config_path.write_text(json.dumps(node_config))
+        command = trainer_command(
+            1,
+            python=sys.executable,
+            entry=[str(DRIVER), str(config_path)],
+            nodes=nodes,
+            node_rank=str(node),
+            main_address="127.0.0.1",
+            main_port=port,
+        )
+        with (tmp_path / f"{name}-node{node}.log").open("wb") as log_file:
+            launchers.append(subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+    return launchers
+
+
+def node_logs(tmp_path: Path, name: str, nodes: int = 2) -> str:
+    return "\n".join(log_tail(tmp_path, f"{name}-node{node}") for node in range(nodes))
+
+
+def logged_losses(progress_file: Path) -> list[float]:
+    """The training loss of each progress report that carried one."""
+    reports = [json.loads(line) for line in progress_file.read_text().splitlines()]
+    return [report["loss"] for report in reports if report.get("loss") is not None]
+
+
+def test_two_nodes_train_in_lockstep_the_loss_falls_and_only_rank_zero_writes(
+    tiny_model: Path, train_file: Path, bucket: str, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    output = f"s3://{bucket}/two-nodes"
+    spec = job_spec(tiny_model, train_file, output, training={"maxSteps": 8, "checkpointEvery": 4})
+    config = {
+        "spec": spec.to_wire(),
+        "model_dir": str(tiny_model),
+        "work_dir": str(tmp_path / "work"),
+        "record_dir": str(tmp_path),
+        "progress_interval": 0,
+    }
+
+    launchers = launch_nodes(config, tmp_path, driver_env(s3_env), "nodes")
+
+    assert [launcher.wait(timeout=600) for launcher in launchers] == [0, 0], node_logs(tmp_path, "nodes")
+    worlds = [json.loads((tmp_path / f"world-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(world["rank"], world["world_size"], world["backend"]) for world in worlds] == [
+        (0, 2, "gloo"),
+        (1, 2, "gloo"),
+    ]
+    assert recorded_steps(tmp_path, 0) == recorded_steps(tmp_path, 1) == list(range(1, 9))
+    losses = logged_losses(tmp_path / "progress-rank0.jsonl")
+    assert len(losses) >= 2 and losses[-1] < losses[0], f"the loss did not fall: {losses}"
+    assert not (tmp_path / "progress-rank1.jsonl").exists(), "only rank 0 reports progress"
+    assert [checkpoint.step for checkpoint in list_checkpoints(output)] == [8, 4]
+    assert_checkpoint_verifies(output, 8)
+    assert (Path(f"{config['work_dir']}-node0") / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (Path(f"{config['work_dir']}-node1") / "adapter").exists(), "only rank 0 writes the adapter"
+    result = json.loads((tmp_path / "result-rank0.json").read_text())
+    assert result["steps"] == 8
+
+
+@pytest.mark.parametrize("signalled_node", [0, 1])
+def test_sigterm_to_either_node_checkpoints_and_the_group_resumes(
+    signalled_node: int, tiny_model: Path, train_file: Path, bucket: str, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    output = f"s3://{bucket}/two-nodes-preempted-{signalled_node}"
+    spec = job_spec(tiny_model, train_file, output, training={"maxSteps": 12, "checkpointEvery": 3})
+    base = {"spec": spec.to_wire(), "model_dir": str(tiny_model), "progress_interval": 0}
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    env = driver_env(s3_env)
+
+    launchers = launch_nodes(
+        {**base, "work_dir": str(first / "work"), "record_dir": str(first), "step_delay": 0.5}, tmp_path, env, "first"
+    )
+    # The kubelet stops one pod (its node drained, the pod evicted): only that node's launcher gets SIGTERM. The ranks
+    # agree on the step to stop at, rank 0 uploads the checkpoint, and every node exits.
+    sigterm_after_checkpoint(launchers[signalled_node], output, 3, tmp_path / f"first-node{signalled_node}.log")
+    other = launchers[1 - signalled_node]
+    other.wait(timeout=120)
+
+    stopped_at = recorded_steps(first, 0)[-1]
+    assert recorded_steps(first, 1) == recorded_steps(first, 0) == list(range(1, stopped_at + 1)), node_logs(
+        tmp_path, "first"
+    )
+    assert 3 <= stopped_at < 12
+    assert list_checkpoints(output)[0].step == stopped_at
+    assert_checkpoint_verifies(output, stopped_at)
+
+    # JobSet restarts the whole group: every node starts again and resumes from the newest complete checkpoint.
+    launchers = launch_nodes(
+        {**base, "work_dir": str(second / "work"), "record_dir": str(second)}, tmp_path, env, "second"
+    )
+
+    assert [launcher.wait(timeout=600) for launcher in launchers] == [0, 0], node_logs(tmp_path, "second")
     assert recorded_steps(second, 0) == recorded_steps(second, 1) == list(range(stopped_at + 1, 13))
     result = json.loads((second / "result-rank0.json").read_text())
     assert result["resumed_from_step"] == stopped_at and result["steps"] == 12

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the test-bed binaries from Go modules: etcd, the control plane, kubelet, kube-proxy, kwok, helm and the CNCF
-# distribution registry, plus the pause binary (Kubernetes' own pause.c) of the real node's pod sandboxes.
+# distribution registry, the JobSet and Kueue controllers (with their CRDs and webhook manifests), plus the pause
+# binary (Kubernetes' own pause.c) of the real node's pod sandboxes.
 # Usage: build-binaries.sh CACHE_DIR. Rebuilds only when the pinned versions change (a stamp file decides).
 set -euo pipefail
 
@@ -9,13 +10,18 @@ ETCD_VERSION=${ETCD_VERSION:-v3.5.21}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
 REGISTRY_VERSION=${REGISTRY_VERSION:-v3.1.2}
+# Kueue v0.17.0 is built against JobSet v0.11.1's API: the pair a cluster would run together.
+JOBSET_VERSION=${JOBSET_VERSION:-v0.11.1}
+KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}
 
 cache=$(realpath -m "${1:?usage: build-binaries.sh CACHE_DIR}")
 bin="$cache/bin"
 stamp="$bin/.versions"
 want="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION registry=$REGISTRY_VERSION"
+want="$want jobset=$JOBSET_VERSION kueue=$KUEUE_VERSION"
 tools="etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy pause kwok kwokctl helm registry"
-files="kwok-stages.yaml"
+tools="$tools jobset kueue"
+files="kwok-stages.yaml jobset-crds.yaml jobset-webhooks.yaml kueue-crds.yaml kueue-webhooks.yaml"
 
 all_present() { for t in $tools; do [ -x "$bin/$t" ] || return 1; done; for f in $files; do [ -s "$bin/$f" ] || return 1; done; }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && all_present; then
@@ -102,8 +108,37 @@ build_registry() {
     "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
 }
 
+concatenated() {
+  # Every YAML file of the given paths as one multi-document stream.
+  for f in "$@"; do printf -- '---\n'; cat "$f"; done
+}
+
+build_jobset() {
+  # `go install sigs.k8s.io/jobset@V` asks the proxy for the module's version list, which it refuses: a wrapper module
+  # pins the exact version instead.
+  local src="$cache/src/jobset" dir
+  rm -rf "$src"; mkdir -p "$src"; cd "$src"
+  go mod init kubetune.local/jobsetbin >/dev/null 2>&1
+  printf '//go:build tools\n\npackage tools\n\nimport _ "sigs.k8s.io/jobset"\n' >tools.go
+  go mod edit -require="sigs.k8s.io/jobset@$JOBSET_VERSION"
+  go mod tidy
+  go build -trimpath -ldflags "-s -w" -o "$bin/jobset" sigs.k8s.io/jobset
+  dir=$(go mod download -json "sigs.k8s.io/jobset@$JOBSET_VERSION" | jq -r .Dir)
+  concatenated "$dir"/config/components/crd/bases/*.yaml >"$bin/jobset-crds.yaml"
+  cp "$dir/config/components/webhook/manifests.yaml" "$bin/jobset-webhooks.yaml"
+}
+
+build_kueue() {
+  local dir
+  GOBIN="$bin" go install -trimpath -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+    "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  dir=$(go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | jq -r .Dir)
+  concatenated "$dir"/config/components/crd/bases/*.yaml >"$bin/kueue-crds.yaml"
+  cp "$dir/config/components/webhook/manifests.yaml" "$bin/kueue-webhooks.yaml"
+}
+
 start=$(date +%s)
-for part in etcd kwok helm registry kubernetes; do
+for part in etcd kwok helm registry jobset kueue kubernetes; do
   log "building $part"; t0=$(date +%s)
   "build_$part"
   log "$part built in $(( $(date +%s) - t0 ))s"
