@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from kubetune.rules import rule_violations
+from kubetune.rules import broken_rules, class_rules, rule_violations
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -53,7 +53,7 @@ MAX_JOB_NAME_LENGTH = 49
 MAX_MULTI_NODE_JOB_NAME_LENGTH = 39
 MAX_NODES = 32
 MULTI_NODE_NAME_MESSAGE = (
-    f"metadata.name: at most {MAX_MULTI_NODE_JOB_NAME_LENGTH} characters when resources.nodes > 1: the trainer pods "
+    f"at most {MAX_MULTI_NODE_JOB_NAME_LENGTH} characters when resources.nodes > 1: the trainer pods "
     "are named <name>-trainer-node-0-<node index>-<5 characters>, which must fit 63"
 )
 
@@ -1111,7 +1111,20 @@ class ObjectMeta(BaseModel):
 class FineTuneJob(BaseModel):
     """A whole FineTuneJob manifest."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes == 1 "
+                    f"|| size(self.metadata.name) <= {MAX_MULTI_NODE_JOB_NAME_LENGTH}",
+                    MULTI_NODE_NAME_MESSAGE,
+                    ".metadata.name",
+                )
+            ]
+        },
+    )
 
     api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["FineTuneJob"]
@@ -1120,7 +1133,17 @@ class FineTuneJob(BaseModel):
     status: FineTuneJobStatus | None = None
 
     @model_validator(mode="after")
-    def _name_fits_every_node(self) -> FineTuneJob:
-        if self.spec.resources.nodes > 1 and len(self.metadata.name) > MAX_MULTI_NODE_JOB_NAME_LENGTH:
-            raise ValueError(MULTI_NODE_NAME_MESSAGE + f" ({len(self.metadata.name)} given)")
+    def _check_rules(self) -> FineTuneJob:
+        # The CRD's rules on the whole object (the spec checked its own): refused here as by the API server.
+        wire = {"metadata": {"name": self.metadata.name}, "spec": self.spec.to_wire()}
+        violations = list(broken_rules(class_rules(FineTuneJob), wire, ()))
+        if violations:
+            raise PydanticCustomError(
+                RULES_ERROR,
+                "{summary}",
+                {
+                    "summary": "; ".join(str(v) for v in violations),
+                    "violations": [(v.path, v.message) for v in violations],
+                },
+            )
         return self

@@ -12,16 +12,16 @@ from pydantic_core import core_schema
 from kubetune.api import (
     GROUP,
     KIND,
-    MAX_MULTI_NODE_JOB_NAME_LENGTH,
-    MULTI_NODE_NAME_MESSAGE,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
+    FineTuneJob,
     FineTuneJobSpec,
     FineTuneJobStatus,
     ObjectMeta,
 )
+from kubetune.rules import model_rules
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 HEADER = (
@@ -265,14 +265,7 @@ def root_schema() -> dict[str, Any]:
             "spec": model_schema(FineTuneJobSpec, "spec", with_defaults=True),
             "status": status_schema(),
         },
-        VALIDATIONS: [
-            {
-                "rule": f"!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes "
-                f"== 1 || size(self.metadata.name) <= {MAX_MULTI_NODE_JOB_NAME_LENGTH}",
-                "message": MULTI_NODE_NAME_MESSAGE,
-                "fieldPath": ".metadata.name",
-            }
-        ],
+        VALIDATIONS: model_rules(FineTuneJob),
     }
 
 

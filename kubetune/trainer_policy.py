@@ -2,7 +2,8 @@
 
 Trainer pods run as one ServiceAccount per namespace (kubetune_operator.trainer_identity), bound to a ClusterRole that
 may `patch` any FineTuneJob's status there. This ValidatingAdmissionPolicy narrows that per pod: a status update by
-that ServiceAccount is refused unless its token is bound to the job's own trainer pod (`<job>-trainer-xxxxx`, read
+that ServiceAccount is refused unless its token is bound to the job's own trainer pod (`<job>-trainer-xxxxx`, or rank
+0's `<job>-trainer-node-0-0-xxxxx` of a multi-node trainer, read
 from the token's `authentication.kubernetes.io/pod-name`, which the API server sets for every pod-bound token, the
 kubelet's projected ones included) and every status field but `progress` and `dataset` stays as it was. A trainer can
 neither touch another job nor forge its phase, conditions, results or artifacts.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api import GROUP, MAX_JOB_NAME_LENGTH, PLURAL
+from kubetune.api import GROUP, MAX_JOB_NAME_LENGTH, MAX_MULTI_NODE_JOB_NAME_LENGTH, PLURAL
 from kubetune.contract import TRAINER_JOB_SUFFIX
 from kubetune.crd import status_schema
 
@@ -22,6 +23,8 @@ POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 # The Job controller names a pod `<job>-` plus 5 random characters (the API server's generateName).
 GENERATED_SUFFIX_LENGTH = 5
 TRAINER_POD_INFIX = f"{TRAINER_JOB_SUFFIX}-"
+# Rank 0 of a multi-node trainer: pod 0 of the JobSet's Job <job>-trainer-node-0 (kubetune_operator.builders).
+MULTI_NODE_RANK_ZERO_INFIX = f"{TRAINER_JOB_SUFFIX}-node-0-0-"
 # What a trainer reports (kubetune_trainer.progress.reporter.StatusPatcher); every other status field is the operator's.
 TRAINER_STATUS_FIELDS = ("progress", "dataset")
 DNS_LABEL_LENGTH = 63
@@ -55,9 +58,15 @@ def policy_rules() -> dict[str, Any]:
         f" && size(request.userInfo.extra['{POD_NAME_EXTRA}']) == 1"
         f" ? request.userInfo.extra['{POD_NAME_EXTRA}'][0] : ''"
     )
+    # A multi-node trainer's rank 0 (node 0 of the JobSet's Indexed Job) reports for all nodes; the others may not.
+    rank_zero_length = len(MULTI_NODE_RANK_ZERO_INFIX) + GENERATED_SUFFIX_LENGTH
+    if MAX_MULTI_NODE_JOB_NAME_LENGTH + rank_zero_length > DNS_LABEL_LENGTH:
+        raise AssertionError("multi-node trainer pod names would be cut by generateName; the policy relies on them")
     own_pod = (
-        f"variables.podName.startsWith(object.metadata.name + '{TRAINER_POD_INFIX}')"
-        f" && size(variables.podName) == size(object.metadata.name) + {infix_length}"
+        f"(variables.podName.startsWith(object.metadata.name + '{TRAINER_POD_INFIX}')"
+        f" && size(variables.podName) == size(object.metadata.name) + {infix_length})"
+        f" || (variables.podName.startsWith(object.metadata.name + '{MULTI_NODE_RANK_ZERO_INFIX}')"
+        f" && size(variables.podName) == size(object.metadata.name) + {rank_zero_length})"
     )
     own_pod_message = (
         "'the trainer ServiceAccount may patch only its own FineTuneJob\\'s status, from that job\\'s trainer pod: '"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.testbed.batch_engines import start_batch_engines
 from tests.testbed.cluster import start_node_parts
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.hostnet import ensure_host_address
 from tests.testbed.images import ProductImages
-from tests.testbed.batch_engines import start_batch_engines
 from tests.testbed.kwok import KWOK_NODE, gpu_node_manifest
 from tests.testbed.llama_server import LlamaServer
 from tests.testbed.node import RealNode, footprint_left, machine_footprint

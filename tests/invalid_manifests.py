@@ -465,6 +465,34 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         'Invalid value: "Bad_Name": a lowercase RFC 1123',
     ),
     InvalidManifest(
+        "multi-node-name-too-long-for-its-trainer-pods",
+        job(BASE_SPEC + "resources:\n  nodes: 2", name="a" * 40 + f"  {ERROR_MARK}"),
+        "metadata.name",
+        "at most 39 characters when resources.nodes > 1",
+        "metadata.name",
+        "at most 39 characters when resources.nodes > 1",
+    ),
+    InvalidManifest(
+        "multi-node-hosted-job",
+        job(
+            BASE_SPEC
+            + "backend: openai\nopenai:\n  model: gpt-4o-mini-2024-07-18\n  apiKeySecretRef: {name: openai, key: k}\n"
+            + f"resources:\n  nodes: 2  {ERROR_MARK}"
+        ),
+        "spec.resources.nodes",
+        "backend openai trains with the provider: resources.nodes must be 1",
+        "spec.resources.nodes",
+        "backend openai trains with the provider: resources.nodes must be 1",
+    ),
+    InvalidManifest(
+        "too-many-nodes",
+        job(BASE_SPEC + f"resources:\n  nodes: 33  {ERROR_MARK}"),
+        "spec.resources.nodes",
+        "less than or equal to 32",
+        "spec.resources.nodes",
+        "should be less than or equal to 32",
+    ),
+    InvalidManifest(
         "name-too-long-for-its-trainer-pods",
         job(BASE_SPEC, name="a" * 50 + f"  {ERROR_MARK}"),
         "metadata.name",

@@ -419,7 +419,8 @@ def build_trainer_jobset(job: FineTuneJob, settings: OperatorSettings) -> dict[s
             {
                 "name": JOBSET_REPLICATED_JOB,
                 "replicas": 1,
-                "template": {"metadata": {"labels": trainer_labels(job.metadata.name)}, "spec": node_job},
+                # No trainer labels on the child Job: the operator's Job watch would read it as a trainer Job.
+                "template": {"metadata": {}, "spec": node_job},
             }
         ],
     }

@@ -26,6 +26,14 @@ def operator_rbac_rules() -> list[dict[str, Any]]:
         {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
         # The trainer Job: created once, watched for its conditions, patched for spec.suspend.
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+        # A multi-node trainer's JobSet, the same way (JobSet itself creates its Jobs and pods).
+        {
+            "apiGroups": ["jobset.x-k8s.io"],
+            "resources": ["jobsets"],
+            "verbs": ["get", "list", "watch", "create", "patch"],
+        },
+        # Kueue's Workloads are only read: why a queued trainer waits, or that it was preempted.
+        {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "watch"]},
         # Trainer pods are only read (kopf's index keeps them in memory): scheduling, image-pull and OOM failures, and
         # the termination-message summary.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},

@@ -9,6 +9,7 @@ what the webhooks do (default a JobSet, suspend a queued Job, validate Kueue's o
 from __future__ import annotations
 
 import base64
+import functools
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,7 @@ def install_crds(kube: ControlPlane, file_name: str) -> list[str]:
         return kube.kubectl("get", f"crd/{name}", "-o", f"jsonpath={query}").stdout.strip() == "True"
 
     for name in names:
-        wait_for(lambda name=name: established(name), 60, f"CRD {name} from {file_name} to be established")
+        wait_for(functools.partial(established, name), 60, f"CRD {name} from {file_name} to be established")
     return names
 
 

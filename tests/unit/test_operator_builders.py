@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 from kubetune_operator.builders import (
+    JOBSET_API_VERSION,
     LABEL_JOB_NAME,
     LABEL_KUEUE_QUEUE,
     build_children,
@@ -19,9 +20,10 @@ from kubetune_operator.builders import (
 from kubetune_operator.rbac import operator_rbac_rules
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.trainer_identity import build_namespace_identity
+from pydantic import ValidationError
 
 from kubetune import contract
-from kubetune.api import MAX_JOB_NAME_LENGTH, FineTuneJob, Toleration
+from kubetune.api import MAX_JOB_NAME_LENGTH, MAX_MULTI_NODE_JOB_NAME_LENGTH, MAX_NODES, FineTuneJob, Toleration
 from kubetune.trainer_policy import trainer_rbac_rules
 
 pytestmark = pytest.mark.unit
@@ -473,6 +475,8 @@ def rules_by_resource() -> dict[tuple[str, str], set[str]]:
         ("", "events", {"create"}),
         ("kopf.dev", "clusterkopfpeerings", {"get", "list", "watch", "patch", "create"}),
         ("kopf.dev", "kopfpeerings", {"get", "list", "watch", "patch", "create"}),
+        ("jobset.x-k8s.io", "jobsets", {"get", "list", "watch", "create", "patch"}),
+        ("kueue.x-k8s.io", "workloads", {"list", "watch"}),
     ],
 )
 def test_operator_rbac_grants_exactly(group: str, resource: str, verbs: set[str]) -> None:
@@ -481,7 +485,7 @@ def test_operator_rbac_grants_exactly(group: str, resource: str, verbs: set[str]
 
 def test_operator_rbac_has_no_secrets_deletes_or_wildcards() -> None:
     table = rules_by_resource()
-    assert len(table) == 12
+    assert len(table) == 14
     assert not any(resource == "secrets" for _, resource in table)
     assert not any({"delete", "deletecollection", "*", "escalate", "bind"} & verbs for verbs in table.values())
     assert not any("*" in (group, resource) for group, resource in table)
@@ -549,3 +553,64 @@ def test_registry_credentials_are_mounted_as_a_docker_config_only_when_named() -
     assert all(
         "registry" not in name.lower() for name in env_of(build_trainer_job(finetunejob(output=output), SETTINGS))
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several nodes: a JobSet
+
+
+def test_a_multi_node_job_runs_as_one_jobset_of_an_indexed_job_with_a_pod_per_node() -> None:
+    job = finetunejob(resources={"nodes": 3, "gpus": 2}, queueName="gpu-queue", runPolicy={"backoffLimit": 4})
+
+    (jobset,) = build_children(job, SETTINGS)
+
+    assert (jobset["apiVersion"], jobset["kind"], jobset["metadata"]["name"]) == (
+        JOBSET_API_VERSION,
+        "JobSet",
+        "demo-trainer",
+    )
+    assert jobset["metadata"]["labels"][LABEL_KUEUE_QUEUE] == "gpu-queue"
+    spec = jobset["spec"]
+    assert spec["suspend"] is True, "Kueue admits it as one unit"
+    assert spec["failurePolicy"]["maxRestarts"] == 4
+    network = {"enableDNSHostnames": True, "subdomain": "demo-trainer", "publishNotReadyAddresses": True}
+    assert spec["network"] == network
+    (replicated,) = spec["replicatedJobs"]
+    assert (replicated["name"], replicated["replicas"]) == ("node", 1)
+    node_job = replicated["template"]["spec"]
+    assert (node_job["completions"], node_job["parallelism"], node_job["completionMode"]) == (3, 3, "Indexed")
+    assert node_job["backoffLimit"] == 0, "one rank failing restarts the whole group, through JobSet"
+    assert not replicated["template"]["metadata"].get("labels"), "JobSet's child Jobs must not read as trainer Jobs"
+    assert node_job["template"]["metadata"]["labels"][LABEL_JOB_NAME] == "demo"
+    container = node_job["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2", "gpus is per node"
+    command = container["command"]
+    assert command[command.index("--num_processes") + 1] == "6"
+    assert command[command.index("--num_machines") + 1] == "3"
+    assert command[command.index("--machine_rank") + 1] == "$(KUBETUNE_NODE_RANK)"
+    assert command[command.index("--main_process_ip") + 1] == "$(KUBETUNE_MAIN_ADDRESS)"
+    env = env_of(replicated["template"])
+    assert env[contract.ENV_NODE_RANK] == {
+        "fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-completion-index']"}
+    }
+    assert env[contract.ENV_MAIN_ADDRESS] == "demo-trainer-node-0-0.demo-trainer"
+
+
+def test_a_single_node_job_stays_a_plain_batch_job_without_rendezvous() -> None:
+    (trainer,) = build_children(finetunejob(resources={"nodes": 1, "gpus": 2}), SETTINGS)
+
+    assert trainer["kind"] == "Job"
+    env = env_of(trainer)
+    assert contract.ENV_NODE_RANK not in env and contract.ENV_MAIN_ADDRESS not in env
+    assert "--machine_rank" not in trainer["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_a_multi_node_name_leaves_room_for_the_node_index_in_pod_names() -> None:
+    longest = "a" * MAX_MULTI_NODE_JOB_NAME_LENGTH
+    finetunejob(longest, resources={"nodes": MAX_NODES})
+    with pytest.raises(ValidationError, match=r"at most 39 characters when resources\.nodes > 1"):
+        finetunejob(longest + "a", resources={"nodes": 2})
+    finetunejob(longest + "a", resources={"nodes": 1})
+
+    pod_name = f"{longest}-trainer-node-0-{MAX_NODES - 1}-xxxxx"
+    assert len(pod_name) <= 63

@@ -26,7 +26,9 @@ from kubetune_operator.handlers import (
     format_validation_error,
     newer_body,
 )
+from kubetune_operator.lifecycle import job_condition, jobset_as_job
 from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.queueing import QueueState, queue_state_of, trainer_owner
 from kubetune_operator.serving import build_check_job, build_serving
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.status_queue import DeferredQueue
@@ -202,6 +204,73 @@ def test_children_are_read_from_the_indexes_by_job_name_and_owner() -> None:
     assert [p["metadata"]["name"] for p in children.trainer_pods("team", "demo", current)] == ["b"]
     assert len(children.trainer_pods("team", "demo", None)) == 2
     assert children.trainer_pods("other", "demo", current) == []
+
+
+def jobset_pod(name: str, jobset_uid: str) -> dict[str, Any]:
+    labels = {"jobset.sigs.k8s.io/jobset-uid": jobset_uid}
+    return {"metadata": {"name": name, "labels": labels, "ownerReferences": [{"kind": "Job", "uid": "child-job"}]}}
+
+
+def workload(owner_kind: str, owner_name: str, owner_uid: str, *conditions: dict[str, str]) -> dict[str, Any]:
+    api = {"Job": "batch/v1", "JobSet": "jobset.x-k8s.io/v1alpha2"}.get(owner_kind, "example.com/v1")
+    owner = {"apiVersion": api, "kind": owner_kind, "name": owner_name, "uid": owner_uid}
+    return {"metadata": {"name": "job-x", "ownerReferences": [owner]}, "status": {"conditions": list(conditions)}}
+
+
+def test_a_multi_node_trainer_is_its_jobset_and_its_pods_are_the_jobset_s() -> None:
+    raw = {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": "demo-trainer", "uid": "js-2"},
+        "spec": {"suspend": False, "replicatedJobs": [{"name": "node"}]},
+        "status": {"conditions": [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted"}]},
+    }
+    children = Children(
+        jobs={},
+        pods={("team", "demo"): [jobset_pod("earlier", "js-1"), jobset_pod("n0", "js-2"), jobset_pod("n1", "js-2")]},
+        jobsets={("team", "demo"): [jobset_as_job(raw)]},
+    )
+
+    trainer = children.trainer_job("team", "demo")
+
+    assert trainer is not None and trainer["kind"] == "JobSet"
+    assert job_condition(trainer, "Complete") is not None, "JobSet's Completed reads as a Job's Complete"
+    assert [p["metadata"]["name"] for p in children.trainer_pods("team", "demo", trainer)] == ["n0", "n1"]
+    assert children.unfinished_in("team") is False
+
+
+def test_kueue_s_word_is_read_for_the_current_trainer_only() -> None:
+    waiting = {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": "insufficient quota"}
+    admitted = {"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""}
+    states = {}
+    for body in (
+        workload("Job", "demo-trainer", "u1", admitted),
+        workload("Job", "demo-trainer", "u2", waiting),
+        workload("Deployment", "demo-trainer", "u3", waiting),
+    ):
+        owner = trainer_owner(body)
+        if owner is not None:
+            states.setdefault(("team", owner[0]), []).append(queue_state_of(body, owner[1]))
+    children = Children(jobs={}, pods={}, queue_states=states)
+
+    assert len(states[("team", "demo")]) == 2, "a Workload of another kind of owner is not a trainer's"
+    assert children.queue_state("team", "demo", job("demo-trainer", "u2", "1")) == QueueState(
+        "u2", False, "Pending", "insufficient quota"
+    )
+    assert children.queue_state("team", "demo", job("demo-trainer", "u1", "1")) == QueueState("u1", True)
+    assert children.queue_state("team", "demo", job("demo-trainer", "u9", "1")) is None
+    assert children.queue_state("team", "demo", None) is None
+
+
+def test_an_eviction_outranks_the_quota_kueue_could_not_reserve() -> None:
+    evicted = {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate"}
+    unreserved = {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": "insufficient quota"}
+
+    state = queue_state_of(workload("JobSet", "demo-trainer", "u1", unreserved, evicted), "u1")
+
+    assert state == QueueState("u1", False, "Preempted", "Preempted to accommodate", evicted=True)
+    assert trainer_owner(workload("JobSet", "demo-trainer", "u1")) == ("demo", "u1")
+    assert trainer_owner(workload("Job", "demo-server", "u1")) is None
 
 
 def test_an_indexed_job_keeps_no_pod_template_and_no_managed_fields() -> None:

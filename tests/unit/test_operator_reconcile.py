@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from kubetune_operator.lifecycle import jobset_as_job
+from kubetune_operator.queueing import QueueState
 from kubetune_operator.reconcile import Observed, reconcile
 from kubetune_operator.settings import OperatorSettings
 
+from kubetune import conditions as c
 from kubetune.api import FineTuneJob
 
 pytestmark = pytest.mark.unit
@@ -53,6 +56,29 @@ def trainer_job(owner: str | None = UID, suspend: bool = False, condition: str |
         metadata["ownerReferences"] = [{"uid": owner, "kind": "FineTuneJob"}]
     conditions = [{"type": condition, "status": "True", "reason": condition}] if condition else []
     return {"metadata": metadata, "spec": {"suspend": suspend}, "status": {"conditions": conditions}}
+
+
+def jobset(owner: str = UID, suspend: bool = False, condition: str | None = None, reason: str = "") -> dict[str, Any]:
+    """A multi-node trainer's JobSet as the API server holds it."""
+    metadata = {"name": "demo-trainer", "namespace": "team", "uid": "jobset-uid", "ownerReferences": [{"uid": owner}]}
+    conditions = [{"type": condition, "status": "True", "reason": reason or condition}] if condition else []
+    return jobset_as_job(
+        {
+            "apiVersion": "jobset.x-k8s.io/v1alpha2",
+            "kind": "JobSet",
+            "metadata": metadata,
+            "spec": {"suspend": suspend, "replicatedJobs": [{"name": "node", "replicas": 1}]},
+            "status": {"conditions": conditions, "restarts": 0},
+        }
+    )
+
+
+QUEUED = QueueState(
+    "job-uid", False, "Pending", "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu"
+)
+PREEMPTED = QueueState(
+    "job-uid", False, "Preempted", "Preempted to accommodate a workload due to prioritization in the ClusterQueue", True
+)
 
 
 def running_pod() -> dict[str, Any]:
@@ -125,6 +151,54 @@ CASES = [
         "Kueue decides when a queued job runs",
         finetunejob({"phase": "Queued"}, queueName="gpu-queue"),
         Observed(trainer_job(suspend=True)),
+        (),
+        None,
+        "Queued",
+    ),
+    Case(
+        "multi-node job: its JobSet",
+        finetunejob(resources={"nodes": 2}),
+        Observed(),
+        ("JobSet/demo-trainer",),
+        None,
+        None,
+    ),
+    Case(
+        "multi-node job suspended by the user: the JobSet is suspended",
+        finetunejob({"phase": "Running"}, resources={"nodes": 2}, runPolicy={"suspend": True}),
+        Observed(jobset()),
+        (),
+        True,
+        "Pending",
+    ),
+    Case(
+        "multi-node JobSet completed: Succeeded",
+        finetunejob({"phase": "Running"}, resources={"nodes": 2}),
+        Observed(jobset(condition="Completed")),
+        (),
+        None,
+        "Succeeded",
+    ),
+    Case(
+        "multi-node JobSet out of restarts: Failed",
+        finetunejob({"phase": "Running"}, resources={"nodes": 2}),
+        Observed(jobset(condition="Failed", reason="ReachedMaxRestarts")),
+        (),
+        None,
+        "Failed",
+    ),
+    Case(
+        "queued with Kueue's reason",
+        finetunejob({"phase": "Queued"}, queueName="gpu-queue"),
+        Observed(trainer_job(suspend=True), queue=QUEUED),
+        (),
+        None,
+        "Queued",
+    ),
+    Case(
+        "preempted by Kueue: Queued again, nothing created",
+        finetunejob({"phase": "Running"}, queueName="gpu-queue"),
+        Observed(trainer_job(suspend=True), queue=PREEMPTED),
         (),
         None,
         "Queued",
@@ -228,3 +302,38 @@ def test_reconciling_again_after_the_status_is_written_asks_for_nothing_new() ->
     again = reconcile(written, observed, SETTINGS, NOW)
 
     assert (again.children.create, again.children.suspend, again.status.patch) == ((), None, {})
+
+
+def condition(result: Any, condition_type: str) -> Any:
+    return next(cond for cond in result.status.status.conditions if cond.type == condition_type)
+
+
+def test_a_queued_job_says_why_in_kueue_s_words() -> None:
+    result = reconcile(
+        finetunejob({"phase": "Queued"}, queueName="gpu-queue"),
+        Observed(trainer_job(suspend=True), queue=QUEUED),
+        SETTINGS,
+        NOW,
+    )
+
+    queued = condition(result, c.CONDITION_QUEUED)
+    assert (queued.status, queued.reason) == ("True", c.REASON_WAITING_FOR_QUEUE)
+    assert queued.message == (
+        "waiting for Kueue to admit the trainer from LocalQueue gpu-queue; Kueue: couldn't assign flavors to pod set "
+        "main: insufficient unused quota for nvidia.com/gpu"
+    )
+
+
+def test_a_preempted_job_says_it_was_preempted_and_resumes_from_its_checkpoint() -> None:
+    result = reconcile(
+        finetunejob({"phase": "Running"}, queueName="gpu-queue"),
+        Observed(trainer_job(suspend=True), queue=PREEMPTED),
+        SETTINGS,
+        NOW,
+    )
+
+    queued = condition(result, c.CONDITION_QUEUED)
+    assert (queued.status, queued.reason) == ("True", c.REASON_PREEMPTED)
+    assert "Preempted to accommodate a workload" in queued.message
+    assert "resumes from its newest checkpoint" in queued.message
+    assert [(t.from_phase, t.to_phase) for t in result.status.transitions] == [("Running", "Queued")]

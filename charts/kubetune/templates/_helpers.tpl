@@ -111,6 +111,14 @@ go by owner-reference garbage collection).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# A multi-node trainer's JobSet (resources.nodes > 1), the same way; JobSet itself creates its Jobs and pods.
+- apiGroups: ["jobset.x-k8s.io"]
+  resources: ["jobsets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Kueue's Workloads are only read: why a queued trainer waits, or that it was preempted.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "watch"]
 # Trainer pods are only read: scheduling, image-pull and OOM failures, and the termination-message summary.
 - apiGroups: [""]
   resources: ["pods"]
