@@ -2,11 +2,11 @@
 
     python -m bench.run_all [--quick] [--only operator_scale ...] [--results-dir bench/results] [--collect-only]
 
-Runs operator scale, trainer throughput, time to first step and quality (AG News and Banking77), each as its own
-process, one after the other (they would only slow each other down on a shared machine). A failing benchmark does
-not stop the others; the exit code says whether all passed. --quick (BENCH_QUICK=1 in make) runs the short variants
-and writes to bench/results/quick/, so a quick check never overwrites the full results. --collect-only runs nothing
-and rewrites the README from the files already there.
+Runs operator scale, trainer throughput, multi-node scaling, time to first step and quality (AG News and Banking77),
+each as its own process, one after the other (they would only slow each other down on a shared machine). A failing
+benchmark does not stop the others; the exit code says whether all passed. --quick (BENCH_QUICK=1 in make) runs the
+short variants and writes to bench/results/quick/, so a quick check never overwrites the full results.
+--collect-only runs nothing and rewrites the README from the files already there.
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ BENCHMARKS = (
         "trainer_throughput", "bench.trainer_throughput", "trainer_throughput.md", (),
         ("--steps", "4", "--warmup", "1", "--rounds", "1", "--rows", "160"),
         "real tokens/s of our trainer vs a plain TRL script, with and without packing",
+    ),
+    Benchmark(
+        "multinode_scaling", "bench.multinode_scaling", "multinode_scaling.md", (), ("--steps", "4", "--rounds", "1"),
+        "the same job on 2 nodes (one process each, gloo) vs 1: tokens/s and scaling efficiency, with the core count",
     ),
     Benchmark(
         "image_builds", "bench.image_builds", "image_builds.md", (), ("--skip-base",),

@@ -83,7 +83,8 @@ class KwokCluster:
 
 @pytest.fixture(scope="session")
 def kwok_cluster(kube: ControlPlane) -> Iterator[KwokCluster]:
-    """Jobs get Pods on GPU nodes: `kwok-gpu-0` (kwok fakes its pods) and the real node (pods run in containers)."""
+    """Jobs get Pods on GPU nodes: `kwok-gpu-0` (kwok fakes its pods) and the real node (pods run in containers);
+    the JobSet and Kueue controllers run beside them."""
     from kubernetes import client
 
     # Node lifecycle is on, as in a cluster: a node whose kubelet stops is tainted and its pods are evicted.

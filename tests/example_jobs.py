@@ -43,6 +43,7 @@ class ExampleJob:
 
 EXAMPLE_JOBS: list[ExampleJob] = [
     ExampleJob("agnews-qlora.yaml", "classification", "causal-lm", 2000, 500, labels=4),
+    ExampleJob("agnews-multinode-queued.yaml", "classification", "causal-lm", 2000, 500, labels=4),
     ExampleJob("banking77-seqcls.yaml", "classification", "sequence-classification", 2000, 500, labels=77),
     ExampleJob("chat-messages.yaml", "messages", "causal-lm", 24, 6),
     ExampleJob("alpaca-instruction.yaml", "instruction", "causal-lm", 24, 6),

@@ -168,6 +168,11 @@ def trainer_gpus(job: FineTuneJob) -> int:
     return 0 if job.spec.backend == "openai" else job.spec.resources.gpus
 
 
+def total_gpus(job: FineTuneJob) -> int:
+    """GPUs the whole trainer holds: per node times nodes (what the GPU-seconds metric counts)."""
+    return trainer_gpus(job) * job.spec.resources.nodes
+
+
 def trainer_command(job: FineTuneJob) -> list[str]:
     """The trainer's argv: local training (one process per GPU, on every node), or the hosted-job driver."""
     if job.spec.backend == "openai":

@@ -46,6 +46,7 @@ from kubetune_operator.builders import (
     LABEL_MANAGED_BY,
     MANAGER,
     is_multi_node,
+    total_gpus,
     trainer_kind,
     trainer_resource_name,
 )
@@ -713,7 +714,7 @@ async def reconcile_status(
                     change.status.phase,
                     change.transitions[0].reason,
                 )
-            await apply_status_change(context, body, change, job.spec.resources.gpus)
+            await apply_status_change(context, body, change, total_gpus(job))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from kubetune import conditions as c
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_NAME, render_crd_yaml
 from tests.conftest import KwokCluster
+from tests.testbed.batch_engines import KUEUE_API
 from tests.testbed.controlplane import ControlPlane
+from tests.testbed.kwok import gpu_node_manifest
 from tests.testbed.node import NODE_KIND_LABEL
 from tests.testbed.processes import ManagedProcess, free_port, http_ok, wait_for
 from tests.testbed.trainer_credentials import SETTINGS as TRAINER_SETTINGS
@@ -430,25 +432,181 @@ def test_a_trainer_over_its_memory_limit_is_oom_killed_and_the_job_fails_saying_
     assert jobs.get("hungry")["status"]["phase"] == "Failed"
 
 
-def test_a_queued_job_waits_for_kueue_to_admit_it_then_runs(jobs: Jobs, operator: Operator) -> None:
-    jobs.create(finetunejob("queued", ON_KWOK, queueName="gpu-queue"))
-    jobs.wait_condition("queued", c.CONDITION_QUEUED, "True", c.REASON_WAITING_FOR_QUEUE, operator=operator)
-    trainer = jobs.child("job", "queued-trainer")
-    assert trainer is not None
-    assert trainer["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    assert trainer["spec"]["suspend"] is True
-    assert jobs.get("queued")["status"]["phase"] == "Queued"
+# ---------------------------------------------------------------------------------------------------------------------
+# Kueue (its real controller: quota, admission order, preemption) and JobSet (multi-node trainers).
 
-    # What Kueue does on admission: unsuspend the Job. The operator leaves a queued Job's suspend to Kueue.
-    jobs.kube.kubectl(
-        "patch", "job", "queued-trainer", "-n", jobs.namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}',
-        check=True,
-    )  # fmt: skip
 
-    done = jobs.wait_phase("queued", "Succeeded", operator=operator)
-    assert any(
-        cond["type"] == c.CONDITION_QUEUED and cond["status"] == "False" for cond in done["status"]["conditions"]
+@dataclass(frozen=True)
+class GpuQueue:
+    """A ClusterQueue of `gpus` nvidia.com/gpu (preempting lower priorities within it) and the namespace's LocalQueue
+    pointing at it. The pools are node labels no node has until the test adds a kwok node with them: an admitted
+    trainer's pod waits there, holding its quota, until the test lets it run (and kwok complete it)."""
+
+    name: str
+    namespace: str
+
+    @property
+    def local_queue(self) -> str:
+        return "gpu-queue"
+
+    def pool(self, label: str) -> dict[str, str]:
+        return {"pool": f"{self.name}-{label}"}
+
+
+@pytest.fixture
+def gpu_queue(cluster: ControlPlane, namespace: str) -> Iterator[GpuQueue]:
+    queue = GpuQueue(f"gpus-{namespace}", namespace)
+    cluster.apply({"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": "gpu"}})
+    cluster.apply(
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "ClusterQueue",
+            "metadata": {"name": queue.name},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "preemption": {"withinClusterQueue": "LowerPriority"},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["nvidia.com/gpu"],
+                        "flavors": [{"name": "gpu", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 2}]}],
+                    }
+                ],
+            },
+        }
     )
+    cluster.apply(
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "LocalQueue",
+            "metadata": {"name": queue.local_queue, "namespace": namespace},
+            "spec": {"clusterQueue": queue.name},
+        }
+    )
+    yield queue
+    cluster.kubectl("delete", "node", "-l", f"pool-of={queue.name}", "--wait=false")
+    cluster.kubectl("delete", "clusterqueue", queue.name, "--wait=false")
+
+
+def open_pool(kube: ControlPlane, queue: GpuQueue, label: str) -> None:
+    """A kwok GPU node in the pool: the trainers waiting there get scheduled, and kwok completes their pods."""
+    node = gpu_node_manifest(f"{queue.name}-{label}")
+    node["metadata"]["labels"].update({**queue.pool(label), "pool-of": queue.name})
+    kube.apply(node)
+
+
+def trainer_suspended(jobs: Jobs, kind: str, name: str) -> bool | None:
+    """spec.suspend of the job's trainer (Job or JobSet); None while it does not exist."""
+    trainer = jobs.child(kind, f"{name}-trainer")
+    return None if trainer is None else bool(trainer["spec"].get("suspend"))
+
+
+def wait_admitted(jobs: Jobs, name: str, *, operator: Operator, kind: str = "job") -> None:
+    """Kueue admitted the job's trainer: it unsuspended it, and the FineTuneJob is not (or no longer) Queued."""
+    try:
+        wait_for(lambda: trainer_suspended(jobs, kind, name) is False, 60, f"Kueue to admit {name}'s trainer")
+        wait_for(
+            lambda: (
+                (jobs.get(name).get("status") or {}).get("phase") not in (None, "Queued")
+                and (jobs.condition(name, c.CONDITION_QUEUED) or {}).get("status") != "True"
+            ),
+            60,
+            f"{name} to leave Queued",
+        )
+    except TimeoutError as error:
+        raise AssertionError(f"{error}; status: {jobs.get(name).get('status')}\n{operator.log()}") from None
+
+
+def test_three_one_gpu_jobs_share_a_two_gpu_queue_the_third_waits_until_one_finishes(
+    jobs: Jobs, operator: Operator, gpu_queue: GpuQueue
+) -> None:
+    queued = {"queueName": gpu_queue.local_queue}
+    for name in ("first", "second"):
+        jobs.create(finetunejob(name, gpu_queue.pool("a"), **queued))
+        wait_admitted(jobs, name, operator=operator)
+    jobs.create(finetunejob("third", gpu_queue.pool("b"), **queued))
+
+    waiting = jobs.wait_condition("third", c.CONDITION_QUEUED, "True", c.REASON_WAITING_FOR_QUEUE, operator=operator)
+    wait_for(
+        lambda: (
+            "insufficient unused quota for nvidia.com/gpu"
+            in (jobs.condition("third", c.CONDITION_QUEUED) or {})["message"]
+        ),
+        30,
+        "Kueue's reason on the third job",
+    )
+    waiting = jobs.condition("third", c.CONDITION_QUEUED) or {}
+    assert waiting["message"].startswith(
+        f"waiting for Kueue to admit the trainer from LocalQueue {gpu_queue.local_queue}; Kueue: "
+    )
+    assert jobs.get("third")["status"]["phase"] == "Queued"
+    assert trainer_suspended(jobs, "job", "third") is True
+    time.sleep(3)  # the first two hold the quota while their pods wait: the third stays queued
+    assert trainer_suspended(jobs, "job", "third") is True
+
+    open_pool(jobs.kube, gpu_queue, "a")  # the first two run and finish
+    for name in ("first", "second"):
+        jobs.wait_phase(name, "Succeeded", operator=operator)
+    wait_admitted(jobs, "third", operator=operator)
+    open_pool(jobs.kube, gpu_queue, "b")
+    jobs.wait_phase("third", "Succeeded", operator=operator)
+
+
+def test_a_higher_priority_job_preempts_a_lower_one_which_is_admitted_again_later(
+    jobs: Jobs, operator: Operator, gpu_queue: GpuQueue
+) -> None:
+    for name, value in (("low", 100), ("high", 1000)):
+        priority_class = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "value": value}
+        jobs.kube.apply({**priority_class, "metadata": {"name": f"kubetune-test-{name}"}})
+    low = {"queueName": gpu_queue.local_queue, "resources": {"priorityClassName": "kubetune-test-low"}}
+    high = {"queueName": gpu_queue.local_queue, "resources": {"priorityClassName": "kubetune-test-high"}}
+    for name in ("low-a", "low-b"):
+        jobs.create(finetunejob(name, gpu_queue.pool("low"), **low))
+        wait_admitted(jobs, name, operator=operator)
+
+    jobs.create(finetunejob("urgent", gpu_queue.pool("high"), **high))
+
+    wait_admitted(jobs, "urgent", operator=operator)
+    preempted = [name for name in ("low-a", "low-b") if trainer_suspended(jobs, "job", name)]
+    assert len(preempted) == 1, "one 1-GPU job makes room for the 1-GPU urgent one"
+    (victim,) = preempted
+    condition = jobs.wait_condition(victim, c.CONDITION_QUEUED, "True", c.REASON_PREEMPTED, operator=operator)
+    assert "Preempted" in condition["message"] and "resumes from its newest checkpoint" in condition["message"]
+    assert jobs.get(victim)["status"]["phase"] == "Queued"
+    assert jobs.children_of(victim, "pods") == [], "a suspended trainer's pod is stopped (SIGTERM: it checkpoints)"
+
+    open_pool(jobs.kube, gpu_queue, "high")  # the urgent job runs and finishes: its quota comes back
+    jobs.wait_phase("urgent", "Succeeded", operator=operator)
+    wait_admitted(jobs, victim, operator=operator)
+
+
+def test_a_two_node_job_runs_as_a_jobset_admitted_by_kueue_as_one_unit(
+    jobs: Jobs, operator: Operator, gpu_queue: GpuQueue
+) -> None:
+    created = jobs.create(
+        finetunejob("wide", gpu_queue.pool("wide"), queueName=gpu_queue.local_queue, resources={"nodes": 2})
+    )
+    # Two nodes of one GPU: the whole 2-GPU quota, admitted at once; a 1-GPU job behind it waits for all of it.
+    wait_admitted(jobs, "wide", operator=operator, kind="jobset")
+    jobs.create(finetunejob("narrow", gpu_queue.pool("wide"), queueName=gpu_queue.local_queue))
+    jobs.wait_condition("narrow", c.CONDITION_QUEUED, "True", c.REASON_WAITING_FOR_QUEUE, operator=operator)
+
+    jobset = jobs.child("jobset", "wide-trainer")
+    assert jobset is not None
+    assert [(o["kind"], o["name"], o["uid"]) for o in jobset["metadata"]["ownerReferences"]] == [
+        ("FineTuneJob", "wide", created["metadata"]["uid"])
+    ]
+    wait_for(lambda: len(jobs.children_of("wide", "pods")) == 2, 60, "JobSet's two trainer pods")
+    pods = sorted(jobs.children_of("wide", "pods"), key=lambda pod: pod["metadata"]["name"])
+    assert [pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for pod in pods] == ["0", "1"]
+    assert [pod["spec"]["hostname"] for pod in pods] == ["wide-trainer-node-0-0", "wide-trainer-node-0-1"]
+    assert {pod["spec"]["subdomain"] for pod in pods} == {"wide-trainer"}
+    assert all(pod["metadata"]["name"].startswith("wide-trainer-node-0-") for pod in pods)
+    assert jobs.child("job", "wide-trainer") is None, "a multi-node trainer is no batch Job of that name"
+
+    open_pool(jobs.kube, gpu_queue, "wide")
+    done = jobs.wait_phase("wide", "Succeeded", operator=operator)
+    assert done["status"]["trainer"]["jobName"] == "wide-trainer"
+    jobs.wait_phase("narrow", "Succeeded", operator=operator)
 
 
 def test_unschedulable_then_deadline_exceeded(jobs: Jobs, operator: Operator) -> None:

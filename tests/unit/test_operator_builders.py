@@ -14,6 +14,7 @@ from kubetune_operator.builders import (
     build_children,
     build_trainer_job,
     desired_job_suspend,
+    total_gpus,
     trainer_labels,
     trainer_resource_name,
 )
@@ -594,6 +595,15 @@ def test_a_multi_node_job_runs_as_one_jobset_of_an_indexed_job_with_a_pod_per_no
         "fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-completion-index']"}
     }
     assert env[contract.ENV_MAIN_ADDRESS] == "demo-trainer-node-0-0.demo-trainer"
+
+
+def test_gpus_are_per_node_and_a_hosted_job_holds_none() -> None:
+    assert total_gpus(finetunejob(resources={"nodes": 3, "gpus": 2})) == 6
+    assert total_gpus(finetunejob(resources={"gpus": 2})) == 2
+    hosted = finetunejob(
+        backend="openai", openai={"model": "gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "api-key"}}
+    )
+    assert total_gpus(hosted) == 0
 
 
 def test_a_single_node_job_stays_a_plain_batch_job_without_rendezvous() -> None:
