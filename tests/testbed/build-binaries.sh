@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test-bed binaries from Go modules: etcd, the control plane, kubelet, kube-proxy, kwok, helm and the CNCF
-# distribution registry, the JobSet and Kueue controllers (with their CRDs and webhook manifests), plus the pause
-# binary (Kubernetes' own pause.c) of the real node's pod sandboxes.
+# Builds the test-bed binaries from Go modules: etcd, the control plane, kubelet, kube-proxy, kwok, helm, the CNCF
+# distribution registry, the JobSet and Kueue controllers (with their CRDs and webhook manifests) and CoreDNS, plus
+# the pause binary (Kubernetes' own pause.c) of the real node's pod sandboxes.
 # Usage: build-binaries.sh CACHE_DIR. Rebuilds only when the pinned versions change (a stamp file decides).
 set -euo pipefail
 
@@ -13,14 +13,15 @@ REGISTRY_VERSION=${REGISTRY_VERSION:-v3.1.2}
 # Kueue v0.17.0 is built against JobSet v0.11.1's API: the pair a cluster would run together.
 JOBSET_VERSION=${JOBSET_VERSION:-v0.11.1}
 KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.12.4}
 
 cache=$(realpath -m "${1:?usage: build-binaries.sh CACHE_DIR}")
 bin="$cache/bin"
 stamp="$bin/.versions"
 want="k8s=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION registry=$REGISTRY_VERSION"
-want="$want jobset=$JOBSET_VERSION kueue=$KUEUE_VERSION"
+want="$want jobset=$JOBSET_VERSION kueue=$KUEUE_VERSION coredns=$COREDNS_VERSION"
 tools="etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy pause kwok kwokctl helm registry"
-tools="$tools jobset kueue"
+tools="$tools jobset kueue coredns"
 files="kwok-stages.yaml jobset-crds.yaml jobset-webhooks.yaml kueue-crds.yaml kueue-webhooks.yaml"
 
 all_present() { for t in $tools; do [ -x "$bin/$t" ] || return 1; done; for f in $files; do [ -s "$bin/$f" ] || return 1; done; }
@@ -137,8 +138,34 @@ build_kueue() {
   cp "$dir/config/components/webhook/manifests.yaml" "$bin/kueue-webhooks.yaml"
 }
 
+build_coredns() {
+  # The cluster's DNS (pod hostnames, Services) with the plugins a test cluster needs, built the way CoreDNS documents
+  # for a custom plugin set: a main package that sets the directive list (in CoreDNS's own order) and runs coremain.
+  local src="$cache/src/coredns"
+  rm -rf "$src"; mkdir -p "$src"; cd "$src"
+  go mod init kubetune.local/coredns >/dev/null 2>&1
+  cat >main.go <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+)
+
+func init() { dnsserver.Directives = []string{"bind", "errors", "kubernetes"} }
+
+func main() { coremain.Run() }
+GO
+  go mod edit -require="github.com/coredns/coredns@$COREDNS_VERSION"
+  go mod tidy
+  go build -trimpath -ldflags "-s -w" -o "$bin/coredns" .
+}
+
 start=$(date +%s)
-for part in etcd kwok helm registry jobset kueue kubernetes; do
+for part in etcd kwok helm registry jobset kueue coredns kubernetes; do
   log "building $part"; t0=$(date +%s)
   "build_$part"
   log "$part built in $(( $(date +%s) - t0 ))s"

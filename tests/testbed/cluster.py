@@ -1,11 +1,12 @@
 """The parts that turn a control plane into a cluster that runs what kubetune ships: node lifecycle, the local registry
-holding the product's images, and a real node pulling from it."""
+holding the product's images, the cluster's DNS, and a real node pulling from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from tests.testbed.cluster_dns import ClusterDns
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.images import ProductImages, publish_images
 from tests.testbed.node import NODE_KIND_LABEL, RealNode
@@ -23,9 +24,11 @@ class NodeParts:
     registry: LocalRegistry
     node: RealNode
     images: ProductImages
+    dns: ClusterDns
 
     def stop(self) -> None:
         self.node.stop()
+        self.dns.stop()
         self.registry.stop()
 
 
@@ -33,16 +36,19 @@ def start_node_parts(kube: ControlPlane) -> NodeParts:
     """The registry (with the images `make images` built pushed to it) and a real node; node lifecycle must be on
     (ControlPlane.start_controllers(node_lifecycle=True)) for the node's failures to reach its pods."""
     registry = LocalRegistry(log_dir=kube.log_dir).start()
-    node = RealNode(kube, registry_endpoint=registry.endpoint)
+    dns = ClusterDns(kube)
+    node = RealNode(kube, registry_endpoint=registry.endpoint, cluster_dns=dns.address)
     try:
+        dns.start()
         images = publish_images(registry)
         node.start()
         node.keep_only_images([images.operator, images.trainer, images.llama_server])
     except BaseException:
         node.stop()
+        dns.stop()
         registry.stop()
         raise
-    return NodeParts(registry, node, images)
+    return NodeParts(registry, node, images, dns)
 
 
 def pod_discovery(kube: ControlPlane) -> PodDiscovery:

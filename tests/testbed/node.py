@@ -24,6 +24,7 @@ from typing import IO, Any
 import yaml
 
 from tests.testbed.controlplane import ControlPlane
+from tests.testbed.cluster_dns import CLUSTER_DOMAIN
 from tests.testbed.hostnet import POD_CIDR
 from tests.testbed.processes import ManagedProcess, cache_dir, free_port, http_ok, machine_dir, testbed_binary, wait_for
 from tests.testbed.registry import REGISTRY_NAME, ImageFile, write_oci_layout
@@ -177,9 +178,12 @@ def kubelet_config(
     runtime_socket: Path,
     client_ca: Path,
     pod_logs_dir: Path,
+    cluster_dns: str | None = None,
 ) -> dict[str, Any]:
     """The KubeletConfiguration of a test-bed node: cgroupfs, cgroup v1 allowed, no swap check, API server clients
-    authenticated by the client CA and authorized by the API server, no image GC and near-zero disk eviction."""
+    authenticated by the client CA and authorized by the API server, no image GC and near-zero disk eviction; pods
+    resolve cluster names at `cluster_dns` (CoreDNS) when the test bed runs one."""
+    dns = {"clusterDNS": [cluster_dns], "clusterDomain": CLUSTER_DOMAIN} if cluster_dns else {}
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -210,9 +214,10 @@ def kubelet_config(
             "imagefs.available": "1%",
         },
         "serializeImagePulls": False,
-        # No cluster DNS here: pods get an empty resolv.conf, so a lookup fails at once instead of timing out on
-        # the machine's resolver, which pod traffic cannot reach.
+        # No upstream resolver: pods get the cluster DNS alone (or nothing), so a lookup outside the cluster fails at
+        # once instead of timing out on the machine's resolver, which pod traffic cannot reach.
         "resolvConf": "",
+        **dns,
         "nodeStatusUpdateFrequency": "5s",
     }
 
@@ -323,6 +328,8 @@ class RealNode:
     pod_cidr: str = POD_CIDR
     ready_timeout: float = 120
     registry_endpoint: str | None = None
+    # The nameserver of the node's pods (ClusterDns on the host address); None: pods resolve nothing.
+    cluster_dns: str | None = None
     containerd: ManagedProcess | None = None
     kubelet: ManagedProcess | None = None
     kube_proxy: ManagedProcess | None = None
@@ -527,7 +534,13 @@ class RealNode:
         pod_logs = self.log_dir / "pods"
         pod_logs.mkdir(parents=True, exist_ok=True)
         kubelet = kubelet_config(
-            self.address, free_port(self.address), free_port(), self.socket, plane.client_ca[0], pod_logs
+            self.address,
+            free_port(self.address),
+            free_port(),
+            self.socket,
+            plane.client_ca[0],
+            pod_logs,
+            cluster_dns=self.cluster_dns,
         )
         (self.run_dir / "kubelet-config.yaml").write_text(yaml.safe_dump(kubelet))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.testbed.cluster_dns import corefile, dns_query
 from tests.testbed.controlplane import certificate_subject, kubeconfig_document
 from tests.testbed.hostnet import HostAddress
 from tests.testbed.node import (
@@ -101,6 +102,32 @@ def test_kubelet_config_uses_cgroupfs_allows_cgroup_v1_and_trusts_the_client_ca(
     assert config["authorization"]["mode"] == "Webhook"
     assert (config["address"], config["port"], config["readOnlyPort"]) == ("10.201.0.1", 10250, 0)
     assert config["imageGCHighThresholdPercent"] == 100  # the persistent image store is never collected
+
+
+def test_pods_resolve_cluster_names_at_the_cluster_dns_and_nothing_else() -> None:
+    paths = (Path("/run/n/c.sock"), Path("/pki/ca.crt"), Path("/logs"))
+    without = kubelet_config("10.201.0.1", 10250, 10248, *paths)
+    with_dns = kubelet_config("10.201.0.1", 10250, 10248, *paths, cluster_dns="10.201.0.1")
+
+    assert "clusterDNS" not in without and without["resolvConf"] == ""
+    assert (with_dns["clusterDNS"], with_dns["clusterDomain"]) == (["10.201.0.1"], "cluster.local")
+    assert with_dns["resolvConf"] == "", "no upstream: the machine's resolver is not reachable from pods"
+
+
+def test_coredns_answers_cluster_local_from_the_api_on_the_host_address_only() -> None:
+    text = corefile("10.201.0.1", "/cp/admin.kubeconfig")
+
+    assert text.startswith("cluster.local:53 {")
+    assert "    bind 10.201.0.1\n" in text
+    assert "    kubernetes cluster.local {\n        kubeconfig /cp/admin.kubeconfig\n" in text
+
+
+def test_a_dns_query_names_the_record_label_by_label() -> None:
+    query = dns_query("a-trainer-node-0-0.a-trainer.team.svc.cluster.local", query_id=7)
+
+    assert query[:12] == bytes([0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0])  # id 7, recursion desired, one question
+    assert query[12:31] == b"\x12a-trainer-node-0-0"
+    assert query.endswith(b"\x05local\x00\x00\x01\x00\x01")  # the root label, type A, class IN
 
 
 def test_kube_proxy_config_is_iptables_mode_for_the_pod_cidr() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from kubetune_operator.lifecycle import jobset_as_job
+from kubetune_operator.lifecycle import jobset_as_job, jobset_missing_status
 from kubetune_operator.queueing import QueueState
 from kubetune_operator.reconcile import Observed, reconcile
 from kubetune_operator.settings import OperatorSettings
@@ -337,3 +337,16 @@ def test_a_preempted_job_says_it_was_preempted_and_resumes_from_its_checkpoint()
     assert "Preempted to accommodate a workload" in queued.message
     assert "resumes from its newest checkpoint" in queued.message
     assert [(t.from_phase, t.to_phase) for t in result.status.transitions] == [("Running", "Queued")]
+
+
+def test_a_multi_node_job_on_a_cluster_without_jobset_waits_and_says_what_to_install() -> None:
+    change = jobset_missing_status(finetunejob(resources={"nodes": 2}), NOW)
+
+    assert change.status.phase == "Pending"
+    running = next(cond for cond in change.status.conditions if cond.type == c.CONDITION_RUNNING)
+    assert (running.status, running.reason) == ("False", c.REASON_JOBSET_MISSING)
+    assert running.message.startswith("resources.nodes is 2: a multi-node trainer runs as a JobSet")
+    assert "restart the kubetune operator" in running.message
+    assert [(t.from_phase, t.to_phase, t.reason) for t in change.transitions] == [
+        (None, "Pending", c.REASON_JOBSET_MISSING)
+    ]
