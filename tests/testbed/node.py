@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import yaml
 
-from tests.testbed.controlplane import ControlPlane
 from tests.testbed.cluster_dns import CLUSTER_DOMAIN
+from tests.testbed.controlplane import ControlPlane
 from tests.testbed.hostnet import POD_CIDR
 from tests.testbed.processes import ManagedProcess, cache_dir, free_port, http_ok, machine_dir, testbed_binary, wait_for
 from tests.testbed.registry import REGISTRY_NAME, ImageFile, write_oci_layout
