@@ -123,7 +123,7 @@ def jobset_as_job(jobset: Mapping[str, Any]) -> dict[str, Any]:
         "kind": "JobSet",
         "metadata": jobset.get("metadata") or {},
         "spec": {"suspend": bool((jobset.get("spec") or {}).get("suspend"))},
-        "status": {"conditions": conditions},
+        "status": {"conditions": conditions, "restarts": int((jobset.get("status") or {}).get("restarts") or 0)},
     }
 
 
@@ -639,8 +639,16 @@ def trainer_status(
     still_active = sum(
         1 for pod in disrupted if not is_pod_finished(pod) and not pod["metadata"].get("deletionTimestamp")
     )
-    counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded"))
-    attempts = max(counted + disruptions - still_active, len(pods), previous.attempts or 0)
+    start = job_status.get("startTime")
+    if (trainer_job or {}).get("kind") == "JobSet":
+        # A JobSet's attempt is the whole group: its first start, then one more per restart.
+        attempts = max(int(job_status.get("restarts") or 0) + 1, previous.attempts or 0)
+        start = min(
+            (str(p["status"]["startTime"]) for p in pods if (p.get("status") or {}).get("startTime")), default=None
+        )
+    else:
+        counted = sum(int(job_status.get(key) or 0) for key in ("active", "failed", "succeeded"))
+        attempts = max(counted + disruptions - still_active, len(pods), previous.attempts or 0)
     completion = job_status.get("completionTime")
     if completion is None and trainer_job is not None:
         failed = job_condition(trainer_job, "Failed")
@@ -650,7 +658,7 @@ def trainer_status(
         attempts=attempts or None,
         disruptions=disruptions or None,
         disrupted_pods=[*(previous.disrupted_pods or ()), *new][-RECORDED_DISRUPTED_PODS:] or None,
-        start_time=job_status.get("startTime") or previous.start_time,
+        start_time=start,
         completion_time=completion or previous.completion_time,
     )
 

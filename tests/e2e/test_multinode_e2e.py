@@ -83,7 +83,7 @@ def test_two_nodes_meet_at_rank_zero_and_after_sigterm_to_one_the_group_resumes(
     assert UPLOADED.search(pod_log(product, pods[(1, 0)]))
     assert not UPLOADED.search(pod_log(product, pods[(1, 1)]))
     assert job["status"]["progress"]["step"] == MAX_STEPS
-    assert job["status"]["trainer"]["jobName"] == "pair-trainer"
+    assert (job["status"]["trainer"]["jobName"], job["status"]["trainer"]["attempts"]) == ("pair-trainer", 2)
     jobset = json.loads(
         product.kube.kubectl("get", "jobset", "pair-trainer", "-n", JOBS_NAMESPACE, "-o", "json", check=True).stdout
     )

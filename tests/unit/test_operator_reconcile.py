@@ -350,3 +350,29 @@ def test_a_multi_node_job_on_a_cluster_without_jobset_waits_and_says_what_to_ins
     assert [(t.from_phase, t.to_phase, t.reason) for t in change.transitions] == [
         (None, "Pending", c.REASON_JOBSET_MISSING)
     ]
+
+
+def test_a_jobset_s_attempts_are_its_restarts_and_its_start_its_first_pod_s() -> None:
+    view = jobset_as_job(
+        {
+            "apiVersion": "jobset.x-k8s.io/v1alpha2",
+            "kind": "JobSet",
+            "metadata": {"name": "demo-trainer", "uid": "jobset-uid", "ownerReferences": [{"uid": UID}]},
+            "spec": {"suspend": False},
+            "status": {"restarts": 1},
+        }
+    )
+    pods = []
+    for name, started in (("demo-trainer-node-0-0-aaaaa", "2026-01-01T00:05:00Z"), ("b", "2026-01-01T00:04:00Z")):
+        pod = running_pod()
+        pod["metadata"].update(name=name, labels={"jobset.sigs.k8s.io/jobset-uid": "jobset-uid"})
+        pod["status"]["startTime"] = started
+        pods.append(pod)
+
+    result = reconcile(
+        finetunejob({"phase": "Running"}, resources={"nodes": 2}), Observed(view, tuple(pods)), SETTINGS, NOW
+    )
+
+    trainer = result.status.status.trainer
+    assert trainer is not None
+    assert (trainer.job_name, trainer.attempts, trainer.start_time) == ("demo-trainer", 2, "2026-01-01T00:04:00Z")
