@@ -948,7 +948,8 @@ async def reconcile_finetunejob(context: OperatorContext, raw: dict[str, Any], l
         except Exception as error:
             context.metrics.record_handler_error("ensure_trainer")
             delay = context.retry_later(namespace, name, uid, error)
-            logger.warning("cannot create the trainer (retrying in %.0f s): %s", delay, describe_error(error))
+            kind = trainer_kind(job)
+            logger.warning("cannot create the trainer %s (retrying in %.0f s): %s", kind, delay, describe_error(error))
             if is_multi_node(job) and api_error_status(error) == 404:
                 # The API server does not know the JobSet kind: say so on the job rather than only in this log.
                 await apply_status_change(context, raw, jobset_missing_status(job, utc_now()), gpus=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,11 +42,15 @@ def crd_install(kube: ControlPlane, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def job_namespace(kube: ControlPlane, crd_install: str) -> str:
-    """One namespace for this module's FineTuneJobs (no namespace controller runs to delete it)."""
+def job_namespace(kube: ControlPlane, crd_install: str) -> Iterator[str]:
+    """One namespace for this module's FineTuneJobs. They go with it: an operator started later in the session (the
+    chart's, in the e2e tests) would otherwise run their trainers on the real node. Deleted by name first, as no
+    namespace controller may be running to empty the namespace."""
     name = f"crd-{uuid.uuid4().hex[:8]}"
     kube.kubectl("create", "namespace", name, check=True)
-    return name
+    yield name
+    kube.kubectl("delete", "finetunejobs", "--all", "-n", name, "--wait=false")
+    kube.kubectl("delete", "namespace", name, "--wait=false")
 
 
 @pytest.fixture(scope="module")
