@@ -154,7 +154,8 @@ def main(steps: int, rounds: int, gpus_per_node: int, output: Path) -> None:
         ],
     )
     fits = (
-        ": they fit the cores, so the figure is the cost of the gradient all-reduce and the lockstep"
+        ": they fit the cores, so the figure is mostly the cost of the gradient all-reduce and the lockstep (the two "
+        "processes also share the memory bandwidth)"
         if cores >= 2
         else ": more processes than cores, so the figure measures the machine"
     )
