@@ -14,11 +14,13 @@ from tests.e2e.test_faults import (
     MAX_STEPS,
     PREEMPTED,
     PodRecorder,
+    checkpoint_steps,
     exit_code,
     fault_job,
     resumed_step,
     running_pod,
     succeeded,
+    trainer_pods,
     wait_for_checkpoint,
 )
 from tests.testbed.batch_engines import KUEUE_API
@@ -110,3 +112,77 @@ def test_a_preempted_trainer_checkpoints_waits_and_resumes_without_repeating_a_s
     assert preempted is not None and int(preempted.group(1)) >= first_complete
     assert resumed_step(product, second) == int(preempted.group(1))
     assert job["status"]["progress"]["step"] == MAX_STEPS
+
+
+@pytest.fixture(scope="module")
+def two_gpu_queue(product: Product, one_gpu_queue: str) -> Iterator[str]:
+    """A second ClusterQueue, of two GPUs (the priority classes come with the first), and its LocalQueue."""
+    kube = product.kube
+    name, local = "e2e-two-gpus", "two-gpus"
+    kube.apply(
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "ClusterQueue",
+            "metadata": {"name": name},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": JOBS_NAMESPACE}},
+                "preemption": {"withinClusterQueue": "LowerPriority"},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["nvidia.com/gpu"],
+                        "flavors": [{"name": "gpu", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 2}]}],
+                    }
+                ],
+            },
+        }
+    )
+    kube.apply(
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "LocalQueue",
+            "metadata": {"name": local, "namespace": JOBS_NAMESPACE},
+            "spec": {"clusterQueue": name},
+        }
+    )
+    yield local
+    kube.kubectl("delete", "localqueue", local, "-n", JOBS_NAMESPACE, "--wait=false")
+    kube.kubectl("delete", "clusterqueue", name, "--wait=false")
+
+
+def test_a_preempted_two_node_trainer_stops_as_one_unit_and_both_nodes_resume_from_one_step(
+    product: Product, inputs: dict[str, str], two_gpu_queue: str
+) -> None:
+    wide = fault_job("wide", inputs, product.bucket, queueName=two_gpu_queue)
+    wide["spec"]["resources"] = {"gpus": 1, "nodes": 2, "priorityClassName": "e2e-low"}
+    product.apply(wide)
+    with PodRecorder(product, "wide") as recorder:
+        wait_for(lambda: len(running_pods(product, "wide")) == 2, 240, "both nodes of the wide job running")
+        first_complete = wait_for_checkpoint(product, "wide")
+
+        urgent = fault_job("urgent-two", inputs, product.bucket, queueName=two_gpu_queue)
+        urgent["spec"]["training"]["maxSteps"] = 4
+        urgent["spec"]["resources"] = {"gpus": 1, "priorityClassName": "e2e-high"}
+        product.apply(urgent)
+
+        # Kueue evicts the whole group (one Workload) though one GPU would do: both nodes stop, checkpoint once.
+        wait_for(
+            lambda: queued_condition(product, "wide").get("reason") == "Preempted",
+            180,
+            "the two-node job to be preempted by Kueue",
+        )
+        wait_for(lambda: not trainer_pods(product, "wide"), 180, "the suspended group's pods to be gone")
+        stopped_at = max(checkpoint_steps(product, "wide")[0])
+        assert product.get("wide")["status"]["phase"] == "Queued"
+        assert product.wait_for_phase("urgent-two", {"Succeeded", "Failed"}, 600)["status"]["phase"] == "Succeeded"
+        job = succeeded(product, "wide", timeout=900)
+
+    pods = recorder.pods()
+    assert len(pods) == 4, "two nodes, stopped and resumed as one group"
+    resumed = pods[2:]
+    assert stopped_at >= first_complete
+    assert [resumed_step(product, pod) for pod in resumed] == [stopped_at, stopped_at]
+    assert job["status"]["progress"]["step"] == MAX_STEPS
+
+
+def running_pods(product: Product, name: str) -> list[dict[str, Any]]:
+    return [pod for pod in trainer_pods(product, name) if pod["status"].get("phase") == "Running"]

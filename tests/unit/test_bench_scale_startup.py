@@ -506,7 +506,8 @@ def test_readme_collects_every_results_file_with_its_headings_nested() -> None:
     assert "(`BENCH_QUICK=1`, `python -m bench.run_all --quick`)" in render_readme(results, {}, [], quick=True)
     assert "| [operator_scale.md](operator_scale.md) |" in readme and "| ran now (2.0 min) |" in readme
     assert "| [extra.md](extra.md) | — | from an earlier run |" in readme
-    assert "No results yet: trainer_throughput.md, image_builds.md, time_to_first_step.md" in readme
+    missing = "No results yet: trainer_throughput.md, multinode_scaling.md, image_builds.md, time_to_first_step.md"
+    assert missing in readme
     assert "\n## Operator scale\n" in readme and "\n### Machine\n" in readme
     assert "- CPU: test" in readme
     assert demoted("# a\n```\n# b\n```\n## c") == "## a\n```\n# b\n```\n### c"
