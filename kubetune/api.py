@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from kubetune.rules import broken_rules, class_rules, rule_violations
+from kubetune.rules import RuleViolation, broken_rules, class_rules, rule_violations
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -789,6 +789,19 @@ def _spec_rules(schema: dict[str, Any], spec_class: type[BaseModel]) -> None:
     ]
 
 
+def refuse_violations(violations: Sequence[RuleViolation]) -> None:
+    """The broken CEL rules as one validation error that keeps each rule's path (the manifest loader points at it)."""
+    if violations:
+        raise PydanticCustomError(
+            RULES_ERROR,
+            "{summary}",
+            {
+                "summary": "; ".join(str(v) for v in violations),
+                "violations": [(v.path, v.message) for v in violations],
+            },
+        )
+
+
 def _immutable_field(description: str, name: str, **kwargs: Any) -> Any:
     return Field(description=description, json_schema_extra={"x-kubernetes-validations": [immutable(name)]}, **kwargs)
 
@@ -847,16 +860,7 @@ class FineTuneJobSpec(ApiModel):
     def _check_rules(self) -> FineTuneJobSpec:
         # The CRD's own CEL rules, evaluated here too: `kubetune validate`, `kubetune train`, the trainer and the
         # operator refuse what the API server refuses.
-        violations = rule_violations(self)
-        if violations:
-            raise PydanticCustomError(
-                RULES_ERROR,
-                "{summary}",
-                {
-                    "summary": "; ".join(str(v) for v in violations),
-                    "violations": [(v.path, v.message) for v in violations],
-                },
-            )
+        refuse_violations(rule_violations(self))
         return self
 
     def resolved_quantization(self) -> QuantizationSpec | None:
@@ -1136,14 +1140,5 @@ class FineTuneJob(BaseModel):
     def _check_rules(self) -> FineTuneJob:
         # The CRD's rules on the whole object (the spec checked its own): refused here as by the API server.
         wire = {"metadata": {"name": self.metadata.name}, "spec": self.spec.to_wire()}
-        violations = list(broken_rules(class_rules(FineTuneJob), wire, ()))
-        if violations:
-            raise PydanticCustomError(
-                RULES_ERROR,
-                "{summary}",
-                {
-                    "summary": "; ".join(str(v) for v in violations),
-                    "violations": [(v.path, v.message) for v in violations],
-                },
-            )
+        refuse_violations(list(broken_rules(class_rules(FineTuneJob), wire, ())))
         return self

@@ -23,7 +23,7 @@ from tests.e2e.test_faults import (
     trainer_pods,
     wait_for_checkpoint,
 )
-from tests.testbed.batch_engines import KUEUE_API
+from tests.testbed.batch_engines import install_gpu_queue, install_priority_classes
 from tests.testbed.processes import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -36,40 +36,11 @@ PRIORITIES = {"e2e-low": 100, "e2e-high": 1000}
 @pytest.fixture(scope="module")
 def one_gpu_queue(product: Product) -> Iterator[str]:
     """A ClusterQueue of one GPU for the jobs' namespace, preempting lower priorities, and its LocalQueue."""
-    kube = product.kube
-    for name, value in PRIORITIES.items():
-        kube.apply(
-            {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": value}
-        )
-    kube.apply({"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": "gpu"}})
-    kube.apply(
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "ClusterQueue",
-            "metadata": {"name": CLUSTER_QUEUE},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": JOBS_NAMESPACE}},
-                "preemption": {"withinClusterQueue": "LowerPriority"},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["nvidia.com/gpu"],
-                        "flavors": [{"name": "gpu", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 1}]}],
-                    }
-                ],
-            },
-        }
-    )
-    kube.apply(
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "LocalQueue",
-            "metadata": {"name": LOCAL_QUEUE, "namespace": JOBS_NAMESPACE},
-            "spec": {"clusterQueue": CLUSTER_QUEUE},
-        }
-    )
+    install_priority_classes(product.kube, PRIORITIES)
+    install_gpu_queue(product.kube, CLUSTER_QUEUE, LOCAL_QUEUE, JOBS_NAMESPACE, gpus=1)
     yield LOCAL_QUEUE
-    kube.kubectl("delete", "localqueue", LOCAL_QUEUE, "-n", JOBS_NAMESPACE, "--wait=false")
-    kube.kubectl("delete", "clusterqueue", CLUSTER_QUEUE, "--wait=false")
+    product.kube.kubectl("delete", "localqueue", LOCAL_QUEUE, "-n", JOBS_NAMESPACE, "--wait=false")
+    product.kube.kubectl("delete", "clusterqueue", CLUSTER_QUEUE, "--wait=false")
 
 
 def queued_condition(product: Product, name: str) -> dict[str, Any]:
@@ -119,31 +90,7 @@ def two_gpu_queue(product: Product, one_gpu_queue: str) -> Iterator[str]:
     """A second ClusterQueue, of two GPUs (the priority classes come with the first), and its LocalQueue."""
     kube = product.kube
     name, local = "e2e-two-gpus", "two-gpus"
-    kube.apply(
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "ClusterQueue",
-            "metadata": {"name": name},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": JOBS_NAMESPACE}},
-                "preemption": {"withinClusterQueue": "LowerPriority"},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["nvidia.com/gpu"],
-                        "flavors": [{"name": "gpu", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 2}]}],
-                    }
-                ],
-            },
-        }
-    )
-    kube.apply(
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "LocalQueue",
-            "metadata": {"name": local, "namespace": JOBS_NAMESPACE},
-            "spec": {"clusterQueue": name},
-        }
-    )
+    install_gpu_queue(kube, name, local, JOBS_NAMESPACE, gpus=2)
     yield local
     kube.kubectl("delete", "localqueue", local, "-n", JOBS_NAMESPACE, "--wait=false")
     kube.kubectl("delete", "clusterqueue", name, "--wait=false")

@@ -26,7 +26,7 @@ from kubetune import conditions as c
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.crd import CRD_NAME, render_crd_yaml
 from tests.conftest import KwokCluster
-from tests.testbed.batch_engines import KUEUE_API
+from tests.testbed.batch_engines import install_gpu_queue, install_priority_classes
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.kwok import gpu_node_manifest
 from tests.testbed.node import NODE_KIND_LABEL
@@ -456,32 +456,7 @@ class GpuQueue:
 @pytest.fixture
 def gpu_queue(cluster: ControlPlane, namespace: str) -> Iterator[GpuQueue]:
     queue = GpuQueue(f"gpus-{namespace}", namespace)
-    cluster.apply({"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": "gpu"}})
-    cluster.apply(
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "ClusterQueue",
-            "metadata": {"name": queue.name},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-                "preemption": {"withinClusterQueue": "LowerPriority"},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["nvidia.com/gpu"],
-                        "flavors": [{"name": "gpu", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 2}]}],
-                    }
-                ],
-            },
-        }
-    )
-    cluster.apply(
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "LocalQueue",
-            "metadata": {"name": queue.local_queue, "namespace": namespace},
-            "spec": {"clusterQueue": queue.name},
-        }
-    )
+    install_gpu_queue(cluster, queue.name, queue.local_queue, namespace, gpus=2)
     yield queue
     cluster.kubectl("delete", "node", "-l", f"pool-of={queue.name}", "--wait=false")
     cluster.kubectl("delete", "clusterqueue", queue.name, "--wait=false")
@@ -554,9 +529,7 @@ def test_three_one_gpu_jobs_share_a_two_gpu_queue_the_third_waits_until_one_fini
 def test_a_higher_priority_job_preempts_a_lower_one_which_is_admitted_again_later(
     jobs: Jobs, operator: Operator, gpu_queue: GpuQueue
 ) -> None:
-    for name, value in (("low", 100), ("high", 1000)):
-        priority_class = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "value": value}
-        jobs.kube.apply({**priority_class, "metadata": {"name": f"kubetune-test-{name}"}})
+    install_priority_classes(jobs.kube, {"kubetune-test-low": 100, "kubetune-test-high": 1000})
     low = {"queueName": gpu_queue.local_queue, "resources": {"priorityClassName": "kubetune-test-low"}}
     high = {"queueName": gpu_queue.local_queue, "resources": {"priorityClassName": "kubetune-test-high"}}
     for name in ("low-a", "low-b"):

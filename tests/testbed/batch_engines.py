@@ -215,3 +215,44 @@ def start_batch_engines(kube: ControlPlane) -> BatchEngines:
         jobset.stop()
         raise
     return BatchEngines(kube, (jobset, kueue))
+
+
+def gpu_cluster_queue(name: str, namespace: str, gpus: int) -> dict[str, Any]:
+    """A ClusterQueue of `gpus` nvidia.com/gpu (flavor `gpu`) for one namespace, preempting lower priorities."""
+    return {
+        "apiVersion": KUEUE_API,
+        "kind": "ClusterQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "preemption": {"withinClusterQueue": "LowerPriority"},
+            "resourceGroups": [
+                {
+                    "coveredResources": ["nvidia.com/gpu"],
+                    "flavors": [{"name": "gpu", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": gpus}]}],
+                }
+            ],
+        },
+    }
+
+
+def install_gpu_queue(kube: ControlPlane, cluster_queue: str, local_queue: str, namespace: str, gpus: int) -> None:
+    """The `gpu` ResourceFlavor, a ClusterQueue of `gpus` GPUs and the namespace's LocalQueue pointing at it."""
+    kube.apply({"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": "gpu"}})
+    kube.apply(gpu_cluster_queue(cluster_queue, namespace, gpus))
+    kube.apply(
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "LocalQueue",
+            "metadata": {"name": local_queue, "namespace": namespace},
+            "spec": {"clusterQueue": cluster_queue},
+        }
+    )
+
+
+def install_priority_classes(kube: ControlPlane, values: dict[str, int]) -> None:
+    """PriorityClasses by name and value (a pod's is its Workload's priority in Kueue)."""
+    for name, value in values.items():
+        kube.apply(
+            {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": value}
+        )
