@@ -2,11 +2,11 @@
 
 Trainer pods run as one ServiceAccount per namespace (kubetune_operator.trainer_identity), bound to a ClusterRole that
 may `patch` any FineTuneJob's status there. This ValidatingAdmissionPolicy narrows that per pod: a status update by
-that ServiceAccount is refused unless its token is bound to the job's own trainer pod (`<job>-trainer-xxxxx`, or rank
-0's `<job>-trainer-node-0-0-xxxxx` of a multi-node trainer, read
-from the token's `authentication.kubernetes.io/pod-name`, which the API server sets for every pod-bound token, the
-kubelet's projected ones included) and every status field but `progress` and `dataset` stays as it was. A trainer can
-neither touch another job nor forge its phase, conditions, results or artifacts.
+that ServiceAccount is refused unless its token is bound to the job's own trainer pod (`<job>-trainer-xxxxx`, or a
+multi-node trainer's rank 0, `<job>-trainer-node-0-0-xxxxx`; read from the token's
+`authentication.kubernetes.io/pod-name`, which the API server sets for every pod-bound token, the kubelet's projected
+ones included) and every status field but `progress` and `dataset` stays as it was. A trainer can neither touch
+another job nor forge its phase, conditions, results or artifacts.
 
 `make crds` writes the rules into the chart (files/trainer-policy.yaml); the chart adds the ServiceAccount match.
 """
