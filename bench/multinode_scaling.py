@@ -108,8 +108,9 @@ def run_nodes(nodes: int, model_dir: Path, train_file: Path, steps: int, gpus_pe
             main_address="127.0.0.1",
             main_port=port,
         )
-        log = (work / f"node{node}.log").open("wb")
-        launchers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
+        # The child holds its own copy of the descriptor: ours closes once the launcher has started.
+        with (work / f"node{node}.log").open("wb") as log:
+            launchers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
     codes = [launcher.wait(timeout=3600) for launcher in launchers]
     if any(codes):
         logs = "\n".join((work / f"node{node}.log").read_text(errors="replace")[-3000:] for node in range(nodes))
