@@ -68,6 +68,25 @@ class Product:
         logs = self.kube.log_dir / "pods"
         raise TimeoutError(f"{name} stayed in {seen} for {timeout}s; pod logs in {logs}")
 
+    def describe(self, log_lines: int = 25) -> str:
+        """What a failed e2e test leaves to read once the test bed is gone (CI keeps only the output): the pods of
+        both namespaces, the trainer Jobs and JobSets, the newest events, and the tail of every live pod's log."""
+        parts = []
+        for title, args in (
+            ("pods", ["get", "pods", "-A", "-o", "wide"]),
+            ("jobs, jobsets, deployments", ["get", "jobs,jobsets,deployments", "-A", "-o", "wide"]),
+            ("events", ["get", "events", "-A", "--sort-by=.lastTimestamp"]),
+        ):
+            result = self.kube.kubectl(*args)
+            text = (result.stdout or result.stderr).splitlines()
+            parts.append(f"--- {title}\n" + "\n".join(text[-40:] if title == "events" else text))
+        for namespace in (OPERATOR_NAMESPACE, JOBS_NAMESPACE):
+            names = self.kube.kubectl("get", "pods", "-n", namespace, "-o", "jsonpath={.items[*].metadata.name}")
+            for pod in names.stdout.split():
+                logs = self.kube.kubectl("logs", "-n", namespace, pod, "--all-containers", f"--tail={log_lines}")
+                parts.append(f"--- log of {namespace}/{pod}\n{logs.stdout or logs.stderr}")
+        return "\n".join(parts)
+
     def s3_object(self, uri: str) -> bytes:
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         return bytes(self.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
@@ -110,6 +129,19 @@ def finetunejob(name: str, model_uri: str, train_uri: str, output_uri: str) -> d
             "s3": {"credentialsSecretRef": "kubetune-s3"},
         },
     }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed e2e test (a timeout included) reports the test bed's state with it."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    product = getattr(item, "funcargs", {}).get("product")
+    if report.when == "call" and report.failed and isinstance(product, Product):
+        try:
+            report.sections.append(("test bed at the failure", product.describe()))
+        except Exception as error:  # the state is a help to read the failure, never a second one
+            report.sections.append(("test bed at the failure", f"could not be read: {error!r}"))
 
 
 @pytest.fixture(scope="package")

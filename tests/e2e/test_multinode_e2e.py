@@ -68,7 +68,7 @@ def test_two_nodes_meet_at_rank_zero_and_after_sigterm_to_one_the_group_resumes(
         )
         # Nothing is written between the group stopping and the new pods loading their model.
         newest_complete = max(checkpoint_steps(product, "pair")[0])
-        job = succeeded(product, "pair", timeout=900)
+        job = succeeded(product, "pair", timeout=600)
 
     pods = {attempt_and_rank(pod): pod for pod in recorder.pods()}
     assert set(pods) == {(0, 0), (0, 1), (1, 0), (1, 1)}, "two pods, restarted once as a group"

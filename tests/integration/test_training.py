@@ -681,6 +681,49 @@ def test_two_process_run_trains_in_step_and_only_rank_zero_writes(
     assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
 
 
+# Two ranks of a real gloo group; rank 0 comes to the teardown `late` seconds after rank 1, which waits at most 2 s.
+TEARDOWN_SCRIPT = """
+import json, sys, time
+import torch.distributed as dist
+from kubetune_trainer.commands import leave_launch
+from kubetune_trainer.train.callbacks import leave_process_group
+dist.init_process_group("gloo")
+if dist.get_rank() == 0:
+    time.sleep(float(sys.argv[1]))
+started = time.monotonic()
+left = leave_process_group(timeout=2.0)
+print(json.dumps({"left": left, "seconds": time.monotonic() - started}))
+leave_launch(0)
+"""
+
+
+@pytest.mark.parametrize(("late", "leaves_together"), [(0.0, True), (10.0, False)])
+def test_a_rank_waits_for_the_teardown_of_the_process_group_only_so_long(late: float, leaves_together: bool) -> None:
+    port = str(free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", TEARDOWN_SCRIPT, str(late)],
+            env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    rank1_out, rank1_err = ranks[1].communicate(timeout=60)
+    rank0_finished_first = ranks[0].poll() is not None
+    ranks[0].communicate(timeout=120)
+
+    assert ranks[1].returncode == 0, rank1_err
+    outcome = json.loads(rank1_out)
+    assert outcome["left"] is leaves_together
+    if not leaves_together:
+        # Rank 1 gave up after its 2 s and went on while rank 0 was still away, and said why.
+        assert 2 <= outcome["seconds"] < 10 and not rank0_finished_first
+        assert "did not leave the process group together (still waiting after 2 s)" in rank1_err
+    assert ranks[0].returncode == 0
+
+
 @pytest.mark.slow
 def test_two_process_run_preempted_by_sigterm_resumes_on_both_ranks(
     tiny_model: Path, train_file: Path, bucket: str, s3_env: dict[str, str], tmp_path: Path

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.commands import leave_launch
 from kubetune_trainer.data.prepare import prepare_data
 from kubetune_trainer.train.trainer import TrainingPreempted, train
 from transformers import TrainerCallback
@@ -80,4 +81,7 @@ def main(config_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_launch(code)  # as the trainer's `run` leaves a launch
+    sys.exit(code)

@@ -4,11 +4,12 @@ for the operator's endpoint."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -53,7 +54,23 @@ def run(config: Path | None) -> None:
             job = load_job(config, env)
         except (ConfigError, ProgressSettingsError) as error:
             sys.exit(refuse_config(error, env, reporters))
-        sys.exit(run_in_process(job, reporters[0], env))
+        code = run_in_process(job, reporters[0], env)
+        if launch.distributed:
+            leave_launch(code)
+    sys.exit(code)
+
+
+def leave_launch(code: int) -> NoReturn:
+    """Exit a process of a multi-process launch with `code`, its logs flushed, skipping the interpreter's teardown.
+
+    Its result is written by now (termination message, S3). What the teardown would still do is destroy what is left
+    of the torch.distributed group, where gloo's destructors race a peer that already left (std::terminate) or hang
+    (docs/decisions/0013); a run that succeeded must not end as a crash or a pod that never finishes.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @cli.command()

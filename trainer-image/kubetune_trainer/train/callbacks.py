@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ from kubetune_trainer.train.checkpoints import upload_checkpoint
 from kubetune_trainer.train.progress import ProgressTracker
 
 log = logging.getLogger(__name__)
+
+# How long a rank waits for the others to leave the process group after training. Past it the rank goes on (rank 0 to
+# evaluate and publish) and the group is left to the process's exit: the run has saved everything it needs.
+TEARDOWN_TIMEOUT_SECONDS = 300.0
 
 
 @dataclass
@@ -48,16 +54,47 @@ def synchronize() -> None:
         torch.distributed.barrier()
 
 
-def leave_process_group() -> None:
-    """Wait for every rank, then tear the torch.distributed group down (a no-op in a single process).
+def leave_process_group(timeout: float = TEARDOWN_TIMEOUT_SECONDS) -> bool:
+    """Wait for every rank, then tear the torch.distributed group down; whether that finished within `timeout` (True
+    in a single process).
 
     Left to the interpreter's exit, gloo's destructor raced the peer closing its sockets: a rank that exited while
     rank 0 went on to evaluate was sometimes killed by std::terminate (SIGABRT, "terminate called without an active
-    exception") after a run that had succeeded.
+    exception") after a run that had succeeded. The teardown itself is known to hang now and then
+    (pytorch/pytorch#75097), and a rank may not come at all, so it runs on a helper thread that this one waits for at
+    most `timeout`, not gloo's 30 minutes; a process of a launch leaves with os._exit either way (commands.run).
     """
-    if distributed_world() > 1:
+    if distributed_world() == 1:
+        return True
+
+    def teardown() -> None:
         synchronize()
         torch.distributed.destroy_process_group()
+
+    error = finishes_within(teardown, timeout)
+    if error is None:
+        return True
+    log.warning("the ranks did not leave the process group together (%s); this rank goes on without it", error)
+    return False
+
+
+def finishes_within(action: Callable[[], None], timeout: float) -> str | None:
+    """Run `action` on a daemon thread, waiting at most `timeout` seconds: None when it returned, else what went
+    wrong (its exception, or that it still runs; a daemon thread does not keep the process from exiting)."""
+    outcome: list[str | None] = []
+
+    def run() -> None:
+        try:
+            action()
+        except Exception as error:
+            outcome.append(f"{type(error).__name__}: {error}")
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="kubetune-bounded", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"still waiting after {timeout:.0f} s"
 
 
 def any_rank(values: list[bool], device: Any) -> list[bool]:
