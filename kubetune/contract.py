@@ -109,6 +109,8 @@ HOSTED_TRAINER_ENTRY = ("-m", "kubetune_trainer", "hosted")
 # reports it): non-zero, so the Job retries the pod, which resumes from that checkpoint. Under `accelerate launch`
 # (gpus > 1) the launcher receives the SIGTERM, passes it to every rank, gives them 30 s (torch elastic's shutdown
 # timeout) to finish the step, save and upload, and itself exits 1.
+# `accelerate launch` that exits with the trainer's code (trainer-image/kubetune_trainer/launch.py).
+LAUNCHER_MODULE = "kubetune_trainer.launch"
 EXIT_CODE_PREEMPTED = 143  # SIGTERM: checkpoint saved, the Job retries and resumes
 EXIT_CODE_PERMANENT = 65  # sysexits EX_DATAERR: the inputs cannot work; the Job must not retry (podFailurePolicy)
 EXIT_CODE_RETRYABLE = 75  # sysexits EX_TEMPFAIL: a fault that may pass; the Job retries
@@ -129,7 +131,9 @@ def trainer_command(
     `entry` is what python (or accelerate) runs: `-m module args...` or `script.py args...`; tests swap in a script.
     accelerate's `--multi_gpu` launcher is torch.distributed.run underneath: it starts one process per GPU and sets
     RANK/WORLD_SIZE for each. The same flags start real processes on a CPU-only machine too (gloo), whereas `--cpu`
-    picks accelerate's simple launcher, which starts a single process unless MPI is configured.
+    picks accelerate's simple launcher, which starts a single process unless MPI is configured. It runs through
+    `kubetune_trainer.launch`, which ends with the trainer's exit code (accelerate's own ends with 1 whatever the
+    processes said), so that podFailurePolicy and the operator read a launch as they read one process.
 
     Across nodes each pod runs one launcher with its node rank; they meet at rank 0's address (static rendezvous).
     The defaults are `$(VAR)` references, which the kubelet expands from the container's environment.
@@ -154,7 +158,7 @@ def trainer_command(
     return [
         python,
         "-m",
-        "accelerate.commands.launch",
+        LAUNCHER_MODULE,
         "--multi_gpu",
         "--num_processes",
         str(per_node * nodes),

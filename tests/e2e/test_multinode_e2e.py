@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import KwokCluster
 from tests.e2e.conftest import JOBS_NAMESPACE, Product
 from tests.e2e.test_faults import (
     MAX_STEPS,
     PodRecorder,
     checkpoint_steps,
+    container_id,
+    exit_code,
     fault_job,
     pod_log,
     resumed_step,
@@ -89,3 +92,32 @@ def test_two_nodes_meet_at_rank_zero_and_after_sigterm_to_one_the_group_resumes(
     )
     assert jobset["status"]["restarts"] == 1
     assert MAX_STEPS in checkpoint_steps(product, "pair")[0]
+
+
+def test_a_node_killed_without_warning_restarts_the_group_from_the_newest_complete_checkpoint(
+    product: Product, inputs: dict[str, str], kwok_cluster: KwokCluster
+) -> None:
+    product.apply(fault_job("lost-rank", inputs, product.bucket, resources={"nodes": 2, "gpus": 1}))
+    with PodRecorder(product, "lost-rank") as recorder:
+        _, rank1 = running_pods(product, "lost-rank", 2)
+        wait_for_checkpoint(product, "lost-rank")
+        # Rank 1's container dies at once (SIGKILL, as when it runs out of memory): no checkpoint of its own, no word
+        # to rank 0, whose next collective finds the peer gone; JobSet restarts the group.
+        kwok_cluster.node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id(rank1))
+        wait_for(
+            lambda: any(attempt_and_rank(pod)[0] == 1 for pod in trainer_pods(product, "lost-rank")),
+            240,
+            "JobSet to restart the group",
+        )
+        # Rank 0 of the first group may still finish an upload it began before the kill: at least this one.
+        complete_at_restart = max(checkpoint_steps(product, "lost-rank")[0])
+        job = succeeded(product, "lost-rank", timeout=600)
+
+    pods = {attempt_and_rank(pod): pod for pod in recorder.pods()}
+    assert set(pods) == {(0, 0), (0, 1), (1, 0), (1, 1)}, "two pods, restarted once as a group"
+    assert exit_code(pods[(0, 1)]) == 137
+    resumed = resumed_step(product, pods[(1, 0)])
+    assert resumed is not None and resumed >= complete_at_restart
+    assert resumed_step(product, pods[(1, 1)]) == resumed, "every node resumes from the same step"
+    assert job["status"]["progress"]["step"] == MAX_STEPS
+    assert job["status"]["trainer"]["attempts"] == 2

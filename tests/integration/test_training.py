@@ -26,9 +26,11 @@ from kubetune_trainer.train.checkpoints import (
     fetch_latest_checkpoint,
     list_checkpoints,
     upload_checkpoint,
+    upload_node_files,
 )
 from kubetune_trainer.train.progress import TrainingStep
 from kubetune_trainer.train.trainer import (
+    RESUME_SUBDIR,
     TrainingDiverged,
     TrainResult,
     build_trainer,
@@ -451,6 +453,33 @@ def test_checkpoints_without_complete_marker_or_with_wrong_hashes_are_not_resume
     assert fetch_latest_checkpoint(f"s3://{bucket}/elsewhere", tmp_path / "none") is None
 
 
+def test_the_files_of_another_node_are_in_the_checkpoint_and_its_marker_and_never_rewritten(
+    bucket: str, tmp_path: Path
+) -> None:
+    output = f"s3://{bucket}/nodes"
+    rank0, node1 = tmp_path / "node0" / "checkpoint-2", tmp_path / "node1" / "checkpoint-2"
+    rank0.mkdir(parents=True)
+    node1.mkdir(parents=True)
+    (rank0 / "adapter_model.safetensors").write_bytes(b"weights")
+    (rank0 / "rng_state_0.pth").write_bytes(b"rng of rank 0")
+    (node1 / "rng_state_1.pth").write_bytes(b"rng of rank 1")
+
+    node_files = upload_node_files(node1, output, 2)
+    upload_checkpoint(rank0, output, 2, node_files)
+    found = fetch_latest_checkpoint(output, tmp_path / "resume")
+
+    assert set(node_files) == {"rng_state_1.pth"}
+    assert found is not None
+    assert (found[1] / "rng_state_1.pth").read_bytes() == b"rng of rank 1"
+    # The marker checks node 1's file like rank 0's: a changed copy is refused.
+    storage.write_bytes(storage.join(checkpoint_uri(output, 2), "rng_state_1.pth"), b"tampered")
+    assert fetch_latest_checkpoint(output, tmp_path / "again") is None
+    # A step already complete is final: a node that saves it again (a retry) uploads nothing over it.
+    (node1 / "rng_state_1.pth").write_bytes(b"rng of a later attempt")
+    assert upload_node_files(node1, output, 2) == {}
+    assert object_bytes(storage.join(checkpoint_uri(output, 2), "rng_state_1.pth")) == b"tampered"
+
+
 def launch_driver(
     config: dict[str, Any], tmp_path: Path, env: dict[str, str], name: str, processes: int = 1
 ) -> subprocess.Popen[bytes]:
@@ -830,7 +859,8 @@ def test_two_nodes_train_in_lockstep_the_loss_falls_and_only_rank_zero_writes(
     assert len(losses) >= 2 and losses[-1] < losses[0], f"the loss did not fall: {losses}"
     assert not (tmp_path / "progress-rank1.jsonl").exists(), "only rank 0 reports progress"
     assert [checkpoint.step for checkpoint in list_checkpoints(output)] == [8, 4]
-    assert_checkpoint_verifies(output, 8)
+    # Node 1 shares no disk with rank 0: it uploads its rank's RNG state, and rank 0's marker covers it.
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(assert_checkpoint_verifies(output, 8))
     assert (Path(f"{config['work_dir']}-node0") / "adapter" / "adapter_model.safetensors").is_file()
     assert not (Path(f"{config['work_dir']}-node1") / "adapter").exists(), "only rank 0 writes the adapter"
     result = json.loads((tmp_path / "result-rank0.json").read_text())
@@ -875,3 +905,6 @@ def test_sigterm_to_either_node_checkpoints_and_the_group_resumes(
     assert recorded_steps(second, 0) == recorded_steps(second, 1) == list(range(stopped_at + 1, 13))
     result = json.loads((second / "result-rank0.json").read_text())
     assert result["resumed_from_step"] == stopped_at and result["steps"] == 12
+    # Node 1 resumed from a copy that holds its rank's RNG state (uploaded by node 1, verified against the marker).
+    resumed_on_node1 = Path(f"{second / 'work'}-node1") / RESUME_SUBDIR / f"step-{stopped_at}"
+    assert (resumed_on_node1 / "rng_state_1.pth").is_file()

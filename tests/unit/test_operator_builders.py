@@ -255,7 +255,7 @@ def test_trainer_is_told_the_image_it_runs_in(spec: dict[str, Any], image: str) 
 def test_command_comes_from_the_contract(gpus: int) -> None:
     container = pod_spec(build_trainer_job(finetunejob(resources={"gpus": gpus}), SETTINGS))["containers"][0]
     assert container["command"] == contract.trainer_command(gpus)
-    launcher = "kubetune_trainer" if gpus <= 1 else "accelerate.commands.launch"
+    launcher = "kubetune_trainer" if gpus <= 1 else "kubetune_trainer.launch"
     assert container["command"][:3] == ["python", "-m", launcher]
 
 

@@ -30,6 +30,10 @@ from kubetune.manifests import ManifestError, ManifestProblem
 pytestmark = pytest.mark.unit
 
 
+class DistBackendError(RuntimeError):
+    """Named like torch.distributed.DistBackendError, which a collective raises when a peer is gone."""
+
+
 class OutOfMemoryError(RuntimeError):
     """Named like torch.OutOfMemoryError (torch.cuda.OutOfMemoryError), which the classifier matches by name."""
 
@@ -49,6 +53,12 @@ class OutOfMemoryError(RuntimeError):
         (MemoryError(), "OutOfMemory", "out of memory"),
         (RuntimeError("CUDA error: out of memory"), "OutOfMemory", "CUDA error"),
         (KeyError("input_ids"), "InternalError", "KeyError"),
+        (
+            RuntimeError("[gloo/transport/tcp/pair.cc:538] Read error [10.200.0.6]:4321: Connection reset by peer"),
+            "InternalError",
+            "lost another process of this run ([gloo",
+        ),
+        (DistBackendError("NCCL communicator was aborted on rank 0"), "InternalError", "restart together"),
         (ZeroDivisionError("division by zero\n  more detail"), "InternalError", "ZeroDivisionError: division"),
     ],
 )

@@ -64,7 +64,7 @@ def test_one_gpu_runs_the_trainer_module_directly() -> None:
 def test_several_gpus_run_one_process_each_under_accelerate_launch() -> None:
     command = trainer_command(4)
 
-    assert command[:3] == ["python", "-m", "accelerate.commands.launch"]
+    assert command[:3] == ["python", "-m", "kubetune_trainer.launch"]
     assert command[command.index("--num_processes") + 1] == "4"
     assert "--multi_gpu" in command and "--cpu" not in command
     assert command[-3:] == ["-m", "kubetune_trainer", "run"]

@@ -35,6 +35,8 @@ EXIT_CODE_SUCCEEDED = 0
 RETRYABLE_REASONS = frozenset({TRAINER_REASON_STORAGE_ERROR, TRAINER_REASON_INTERNAL_ERROR})
 # Summary messages stay short: the termination message holds 4 KB in all, and the log has the details.
 MESSAGE_LIMIT = 2048
+# Retryable: a multi-process run restarts as a whole and resumes from its newest complete checkpoint.
+PEER_LOST_HINT = "the processes restart together from the newest complete checkpoint while retries remain"
 OUT_OF_MEMORY_HINT = (
     "lower training.batchSize (raising gradientAccumulationSteps keeps the effective batch), lower "
     "dataset.maxLength, set training.gradientCheckpointing, or ask for more memory (resources.memory, a larger GPU)"
@@ -82,6 +84,15 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
+def is_peer_lost(error: BaseException) -> bool:
+    """A collective that failed because another process of the launch is gone (killed, its node lost): torch's
+    DistBackendError (matched by name: classifying never imports torch), or a socket the peer closed."""
+    if any(cls.__name__ == "DistBackendError" for cls in type(error).__mro__):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type when it has none."""
     text = str(error).strip()
@@ -100,6 +111,9 @@ def classify_failure(error: BaseException) -> Failure:
         return Failure(TRAINER_REASON_STORAGE_ERROR, shortened(str(error)))
     if isinstance(error, ManifestError):
         return Failure(TRAINER_REASON_CONFIG_ERROR, shortened(str(error)))
+    if is_peer_lost(error):
+        message = f"lost another process of this run ({first_line(error)}); {PEER_LOST_HINT}"
+        return Failure(TRAINER_REASON_INTERNAL_ERROR, shortened(message))
     reason = getattr(error, "reason", None)
     if isinstance(reason, str) and reason in TRAINER_FAILURE_REASONS:
         # ModelError, CheckpointError (StorageError), TrainingDiverged, ConfigError, EvaluationError carry their own.

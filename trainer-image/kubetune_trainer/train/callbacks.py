@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from kubetune_trainer.train.checkpoints import upload_checkpoint
+from kubetune_trainer.train.checkpoints import upload_checkpoint, upload_node_files
 from kubetune_trainer.train.progress import ProgressTracker
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,9 @@ class CheckpointUploadCallback(TrainerCallback):
     """After each checkpoint save: rank 0 uploads checkpoint-N with its COMPLETE marker; all ranks wait for it.
 
     The first barrier lets every rank finish writing its own files (e.g. rng_state_<rank>.pth) before the upload;
-    the second keeps the other ranks from exiting (a preempted run) while rank 0 is still uploading.
+    the second keeps the other ranks from exiting (a preempted run) while rank 0 is still uploading. Across nodes
+    (no shared disk) the first process of every other node uploads what its node wrote first, and rank 0's marker
+    covers those files too, so that every rank resumes with its own state.
     """
 
     def __init__(self, output_uri: str) -> None:
@@ -176,12 +179,30 @@ class CheckpointUploadCallback(TrainerCallback):
         self.uploaded_steps: list[int] = []
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         synchronize()
+        node_files: dict[str, str] = {}
+        if state.is_local_process_zero and not state.is_world_process_zero:
+            node_files = upload_node_files(local_dir, self.output_uri, state.global_step)
+        every_node = gather_to_all(node_files) if spans_nodes() else [node_files]
         if state.is_world_process_zero:
-            local_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            upload_checkpoint(local_dir, self.output_uri, state.global_step)
+            other_nodes = {path: sha for files in every_node for path, sha in files.items()}
+            upload_checkpoint(local_dir, self.output_uri, state.global_step, other_nodes)
         self.uploaded_steps.append(state.global_step)
         synchronize()
+
+
+def spans_nodes() -> bool:
+    """Whether the processes of this run sit on more than one node (torchrun's LOCAL_WORLD_SIZE below WORLD_SIZE)."""
+    world = distributed_world()
+    return world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world
+
+
+def gather_to_all(value: dict[str, str]) -> list[dict[str, str]]:
+    """Every rank's value, on every rank (a collective: all ranks call it)."""
+    gathered: list[Any] = [None] * distributed_world()
+    torch.distributed.all_gather_object(gathered, value)
+    return [dict(item or {}) for item in gathered]
 
 
 class ProgressCallback(TrainerCallback):

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,24 +94,42 @@ def verify_files(local_dir: Path, hashes: dict[str, str]) -> list[str]:
     return problems
 
 
-def upload_checkpoint(local_dir: Path, output_uri: str, step: int) -> RemoteCheckpoint:
+def upload_checkpoint(
+    local_dir: Path, output_uri: str, step: int, other_nodes: Mapping[str, str] | None = None
+) -> RemoteCheckpoint:
     """Upload checkpoint-N to <output>/checkpoints/step-N, then the COMPLETE marker with every file's sha256.
 
-    The marker goes last, so a run killed mid-upload leaves a prefix that list_checkpoints ignores. A step that is
-    already complete is left alone: the first finished upload of a step wins.
+    `other_nodes`: {path: sha256} of the files the other nodes of a multi-node run uploaded there already
+    (upload_node_files); the marker covers them too. The marker goes last, so a run killed mid-upload leaves a prefix
+    that list_checkpoints ignores. A step that is already complete is left alone: the first finished upload wins.
     """
     uri = checkpoint_uri(output_uri, step)
     marker_uri = storage.join(uri, COMPLETE_MARKER)
     if storage.exists(marker_uri):
         log.info("checkpoint step %d is already complete at %s", step, uri)
         return RemoteCheckpoint(step=step, uri=uri)
-    stray = [path.name for path in local_dir.iterdir() if path.name in (COMPLETE_MARKER, VERIFIED_MARKER)]
-    if stray:
-        raise CheckpointError(f"{local_dir}: a fresh checkpoint must not contain {', '.join(stray)}")
-    hashes = storage.upload_dir(local_dir, uri)
+    check_fresh(local_dir)
+    hashes = {**(other_nodes or {}), **storage.upload_dir(local_dir, uri)}
     storage.write_bytes(marker_uri, complete_marker(step, hashes))
     log.info("checkpoint step %d uploaded to %s (%d files)", step, uri, len(hashes))
     return RemoteCheckpoint(step=step, uri=uri)
+
+
+def upload_node_files(local_dir: Path, output_uri: str, step: int) -> dict[str, str]:
+    """Upload what this node (not rank 0's) wrote of checkpoint-N, e.g. its ranks' rng_state_<rank>.pth, before rank
+    0 writes the marker; {path: sha256} for it. Nothing once the step is complete: its files are final."""
+    uri = checkpoint_uri(output_uri, step)
+    if not local_dir.is_dir() or storage.exists(storage.join(uri, COMPLETE_MARKER)):
+        return {}
+    check_fresh(local_dir)
+    return storage.upload_dir(local_dir, uri)
+
+
+def check_fresh(local_dir: Path) -> None:
+    """A checkpoint written by this run: no marker in it (a downloaded one has both)."""
+    stray = [path.name for path in local_dir.iterdir() if path.name in (COMPLETE_MARKER, VERIFIED_MARKER)]
+    if stray:
+        raise CheckpointError(f"{local_dir}: a fresh checkpoint must not contain {', '.join(stray)}")
 
 
 def list_checkpoints(output_uri: str) -> list[RemoteCheckpoint]:
