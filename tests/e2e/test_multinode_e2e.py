@@ -52,6 +52,17 @@ def attempt_and_rank(pod: dict[str, Any]) -> tuple[int, int]:
     return int(labels[RESTART_ATTEMPT]), int(labels[COMPLETION_INDEX])
 
 
+def wait_for_group_restart(product: Product, name: str) -> int:
+    """Wait until JobSet restarts the job's group (its second attempt's pods exist); the newest complete checkpoint
+    step then."""
+    wait_for(
+        lambda: any(attempt_and_rank(pod)[0] == 1 for pod in trainer_pods(product, name)),
+        240,
+        "JobSet to restart the group",
+    )
+    return max(checkpoint_steps(product, name)[0])
+
+
 def test_two_nodes_meet_at_rank_zero_and_after_sigterm_to_one_the_group_resumes(
     product: Product, inputs: dict[str, str]
 ) -> None:
@@ -64,19 +75,15 @@ def test_two_nodes_meet_at_rank_zero_and_after_sigterm_to_one_the_group_resumes(
         # exit, and JobSet restarts the group, which resumes from that checkpoint.
         deleted = product.kube.kubectl("delete", "pod", "-n", JOBS_NAMESPACE, rank1["metadata"]["name"], "--wait=false")
         assert deleted.returncode == 0, deleted.stderr
-        wait_for(
-            lambda: any(attempt_and_rank(pod)[0] == 1 for pod in trainer_pods(product, "pair")),
-            240,
-            "JobSet to restart the group",
-        )
         # Nothing is written between the group stopping and the new pods loading their model.
-        newest_complete = max(checkpoint_steps(product, "pair")[0])
+        newest_complete = wait_for_group_restart(product, "pair")
         job = succeeded(product, "pair", timeout=600)
 
     pods = {attempt_and_rank(pod): pod for pod in recorder.pods()}
     assert set(pods) == {(0, 0), (0, 1), (1, 0), (1, 1)}, "two pods, restarted once as a group"
-    # Rank 0 was not signalled, yet stopped as preempted: its launcher reports the worker's exit 143, the trainer's
+    # Rank 0 was not signalled, yet stopped as preempted: its launcher ends with the worker's exit 143, the trainer's
     # code for "stopped by SIGTERM after saving" (rank 1's pod, deleted, may be gone before it could be read).
+    assert exit_code(pods[(0, 0)]) == 143
     message = pods[(0, 0)]["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
     assert WORKER_PREEMPTED.search(message), message
     assert newest_complete >= first_complete
@@ -104,13 +111,8 @@ def test_a_node_killed_without_warning_restarts_the_group_from_the_newest_comple
         # Rank 1's container dies at once (SIGKILL, as when it runs out of memory): no checkpoint of its own, no word
         # to rank 0, whose next collective finds the peer gone; JobSet restarts the group.
         kwok_cluster.node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id(rank1))
-        wait_for(
-            lambda: any(attempt_and_rank(pod)[0] == 1 for pod in trainer_pods(product, "lost-rank")),
-            240,
-            "JobSet to restart the group",
-        )
         # Rank 0 of the first group may still finish an upload it began before the kill: at least this one.
-        complete_at_restart = max(checkpoint_steps(product, "lost-rank")[0])
+        complete_at_restart = wait_for_group_restart(product, "lost-rank")
         job = succeeded(product, "lost-rank", timeout=600)
 
     pods = {attempt_and_rank(pod): pod for pod in recorder.pods()}

@@ -48,6 +48,19 @@ def queued_condition(product: Product, name: str) -> dict[str, Any]:
     return next((dict(c) for c in conditions if c["type"] == "Queued"), {})
 
 
+def preempt_by_an_urgent_job(product: Product, inputs: dict[str, str], victim: str, urgent: str, queue: str) -> None:
+    """Submit a short 1-GPU job of high priority to `queue` and wait until Kueue has preempted `victim` for it."""
+    manifest = fault_job(urgent, inputs, product.bucket, queueName=queue)
+    manifest["spec"]["training"]["maxSteps"] = 4
+    manifest["spec"]["resources"] = {"gpus": 1, "priorityClassName": "e2e-high"}
+    product.apply(manifest)
+    wait_for(
+        lambda: queued_condition(product, victim).get("reason") == "Preempted",
+        180,
+        f"{victim} to be preempted by Kueue",
+    )
+
+
 def test_a_preempted_trainer_checkpoints_waits_and_resumes_without_repeating_a_step(
     product: Product, inputs: dict[str, str], one_gpu_queue: str
 ) -> None:
@@ -58,16 +71,7 @@ def test_a_preempted_trainer_checkpoints_waits_and_resumes_without_repeating_a_s
         running_pod(product, "patient")
         first_complete = wait_for_checkpoint(product, "patient")
 
-        urgent = fault_job("urgent", inputs, product.bucket, queueName=one_gpu_queue)
-        urgent["spec"]["training"]["maxSteps"] = 4
-        urgent["spec"]["resources"] = {"gpus": 1, "priorityClassName": "e2e-high"}
-        product.apply(urgent)
-
-        wait_for(
-            lambda: queued_condition(product, "patient").get("reason") == "Preempted",
-            180,
-            "the low-priority job to be preempted by Kueue",
-        )
+        preempt_by_an_urgent_job(product, inputs, "patient", "urgent", one_gpu_queue)
         queued = queued_condition(product, "patient")
         assert queued["status"] == "True" and "resumes from its newest checkpoint" in queued["message"]
         assert product.get("patient")["status"]["phase"] == "Queued"
@@ -106,22 +110,13 @@ def test_a_preempted_two_node_trainer_stops_as_one_unit_and_both_nodes_resume_fr
         wait_for(lambda: len(running_pods(product, "wide")) == 2, 240, "both nodes of the wide job running")
         first_complete = wait_for_checkpoint(product, "wide")
 
-        urgent = fault_job("urgent-two", inputs, product.bucket, queueName=two_gpu_queue)
-        urgent["spec"]["training"]["maxSteps"] = 4
-        urgent["spec"]["resources"] = {"gpus": 1, "priorityClassName": "e2e-high"}
-        product.apply(urgent)
-
         # Kueue evicts the whole group (one Workload) though one GPU would do: both nodes stop, checkpoint once.
-        wait_for(
-            lambda: queued_condition(product, "wide").get("reason") == "Preempted",
-            180,
-            "the two-node job to be preempted by Kueue",
-        )
+        preempt_by_an_urgent_job(product, inputs, "wide", "urgent-two", two_gpu_queue)
         wait_for(lambda: not trainer_pods(product, "wide"), 180, "the suspended group's pods to be gone")
         stopped_at = max(checkpoint_steps(product, "wide")[0])
         assert product.get("wide")["status"]["phase"] == "Queued"
         assert product.wait_for_phase("urgent-two", {"Succeeded", "Failed"}, 600)["status"]["phase"] == "Succeeded"
-        job = succeeded(product, "wide", timeout=900)
+        job = succeeded(product, "wide", timeout=600)
 
     pods = recorder.pods()
     assert len(pods) == 4, "two nodes, stopped and resumed as one group"
