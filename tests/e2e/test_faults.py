@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 from typing import Any
 
@@ -46,8 +47,10 @@ def trainer_pods(product: Product, name: str) -> list[dict[str, Any]]:
 
 
 class PodRecorder:
-    """Every version of the job's trainer pods seen while recording (every 0.2 s): a pod the cluster deletes once it
-    ends (an evicted one, a lost node's) is still there to read afterwards."""
+    """Every version of the job's trainer pods seen while recording: a pod the cluster deletes once it ends (an evicted
+    one, a suspended Job's, a lost node's) is still there to read afterwards. A watch sees each change, the last
+    status before the deletion included; a list every 0.2 s covers the gaps while the watch reconnects (the API server
+    restarted)."""
 
     def __init__(self, product: Product, name: str) -> None:
         self.product, self.name = product, name
@@ -55,15 +58,23 @@ class PodRecorder:
         self.last_error: Exception | None = None
         self.lock = threading.Lock()
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._record, daemon=True)
+        self.watcher: subprocess.Popen[str] | None = None
+        self.threads = [
+            threading.Thread(target=self._record, daemon=True),
+            threading.Thread(target=self._watch, daemon=True),
+        ]
 
     def __enter__(self) -> PodRecorder:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stopped.set()
-        self.thread.join(10)
+        if self.watcher is not None:
+            self.watcher.terminate()
+        for thread in self.threads:
+            thread.join(10)
 
     def _record(self) -> None:
         while not self.stopped.wait(0.2):
@@ -72,8 +83,39 @@ class PodRecorder:
             except Exception as error:  # the API server may be restarting: the next round reads again
                 self.last_error = error
                 continue
-            with self.lock:
-                self.latest.update((pod["metadata"]["name"], pod) for pod in pods)
+            self._keep(pods)
+
+    def _watch(self) -> None:
+        kube = self.product.kube
+        selector = f"kubetune.io/job-name={self.name}"
+        while not self.stopped.is_set():
+            argv = ["kubectl", f"--kubeconfig={kube.kubeconfig}", "get", "pods", "-n", JOBS_NAMESPACE]
+            self.watcher = subprocess.Popen(
+                [*argv, "-l", selector, "-o", "json", "--watch"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            document: list[str] = []
+            assert self.watcher.stdout is not None
+            for line in self.watcher.stdout:
+                document.append(line)
+                if line.rstrip("\n") == "}":  # kubectl ends each object it prints with a closing brace alone
+                    self._keep([json.loads("".join(document))])
+                    document = []
+            self.watcher.wait()
+            self.stopped.wait(0.5)
+
+    def _keep(self, pods: list[dict[str, Any]]) -> None:
+        """Record each pod's newest version (by resourceVersion: the list and the watch may cross)."""
+        with self.lock:
+            for pod in pods:
+                name = pod["metadata"]["name"]
+                known = self.latest.get(name)
+                if known is None or int(pod["metadata"]["resourceVersion"]) >= int(
+                    known["metadata"]["resourceVersion"]
+                ):
+                    self.latest[name] = pod
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod seen, oldest first, as last seen."""
